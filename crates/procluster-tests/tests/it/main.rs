@@ -1,0 +1,14 @@
+//! Integration tests: real worker processes on real sockets. One test binary
+//! for fast linking; one module per area.
+
+mod core;
+
+/// The test worker program, built by cargo for this test binary.
+pub fn test_worker() -> &'static str {
+    env!("CARGO_BIN_EXE_test-worker")
+}
+
+/// A cluster builder running the test worker in `mode`.
+pub fn builder(mode: &str) -> procluster::primary::ClusterBuilder {
+    procluster_tests::builder_for(test_worker(), mode)
+}

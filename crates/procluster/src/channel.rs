@@ -1,0 +1,389 @@
+//! The primary–worker channel: a Unix stream socket carrying the frames of
+//! [`crate::protocol`], with file descriptors attached.
+//!
+//! Sending never blocks a caller on the socket: a sender appends its frame to
+//! a shared, bounded buffer and a writer task flushes the buffer with as few
+//! `sendmsg` calls as it can. This batches small messages (one system call for
+//! thousands of them under load) while keeping their order, and the bound on
+//! the buffer gives backpressure: when the peer stops reading, senders wait.
+//!
+//! Receiving goes through `recvmsg` only (a plain `read` would silently drop
+//! attached descriptors), with `MSG_CMSG_CLOEXEC` so received descriptors are
+//! close-on-exec from the first moment.
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice, IoSliceMut};
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use rustix::net::{
+    RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags, SendAncillaryBuffer,
+    SendAncillaryMessage, SendFlags,
+};
+use tokio::io::Interest;
+use tokio::net::UnixStream;
+use tokio::sync::Notify;
+
+use crate::protocol::{Format, Frame, FrameDecoder, FrameKind, HEADER_LEN, Header, MAX_FDS_PER_FRAME, ProtocolError};
+
+/// Above this many buffered bytes, senders wait for the writer to catch up.
+/// A single frame larger than this is still accepted when the buffer is empty.
+const HIGH_WATER: usize = 4 * 1024 * 1024;
+/// Bytes read per `recvmsg`.
+const READ_CHUNK: usize = 256 * 1024;
+
+/// Why a channel operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ChannelError {
+    /// The peer closed the channel, or it was closed locally.
+    #[error("the channel is closed")]
+    Closed,
+    /// The peer sent bytes that are not a valid frame stream.
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+    /// The operating system refused the operation.
+    #[error("channel I/O failed: {0}")]
+    Io(#[from] io::Error),
+    /// A message to send is larger than the channel's limit.
+    #[error("message of {len} bytes exceeds the channel's limit of {max} bytes")]
+    TooLarge {
+        /// Payload size.
+        len: usize,
+        /// The limit in force.
+        max: usize,
+    },
+    /// More descriptors than one frame can carry.
+    #[error("{0} file descriptors in one message, at most {MAX_FDS_PER_FRAME} are allowed")]
+    TooManyFds(usize),
+}
+
+/// Creates a connected pair of channel sockets, both close-on-exec. The first
+/// is non-blocking (for this process's runtime); the second is left blocking,
+/// as a new process expects of an inherited descriptor.
+pub(crate) fn socket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    use rustix::net::{AddressFamily, SocketFlags, SocketType};
+    let (ours, theirs) =
+        rustix::net::socketpair(AddressFamily::UNIX, SocketType::STREAM, SocketFlags::CLOEXEC, None)?;
+    rustix::io::ioctl_fionbio(&ours, true)?;
+    Ok((ours, theirs))
+}
+
+/// Opens a channel on a connected Unix stream socket and starts its writer.
+///
+/// Must be called inside a Tokio runtime.
+pub(crate) fn open(socket: OwnedFd, max_frame: usize) -> io::Result<(ChannelSender, ChannelReader)> {
+    rustix::io::ioctl_fionbio(&socket, true)?;
+    let fd = Arc::new(UnixStream::from_std(std::os::unix::net::UnixStream::from(socket))?);
+    let shared = Arc::new(SendShared {
+        state: Mutex::new(SendState::default()),
+        flush_wanted: Notify::new(),
+        space_freed: Notify::new(),
+        max_frame,
+    });
+    tokio::spawn(write_loop(fd.clone(), shared.clone()));
+    let reader = ChannelReader {
+        fd,
+        decoder: FrameDecoder::new(max_frame),
+        scratch: vec![0; READ_CHUNK].into_boxed_slice(),
+    };
+    Ok((ChannelSender { shared }, reader))
+}
+
+#[derive(Default)]
+struct SendState {
+    buf: Vec<u8>,
+    /// Offsets in `buf` of frames that carry descriptors, with them.
+    fds: VecDeque<(usize, Vec<OwnedFd>)>,
+    /// Set once the channel can no longer send.
+    closed: bool,
+    /// Ask the writer to shut down the socket's sending side once drained.
+    close_requested: bool,
+}
+
+struct SendShared {
+    state: Mutex<SendState>,
+    flush_wanted: Notify,
+    space_freed: Notify,
+    max_frame: usize,
+}
+
+impl SendShared {
+    fn lock(&self) -> MutexGuard<'_, SendState> {
+        // A panic while holding the lock cannot leave the buffer half-written
+        // in a way that matters more than losing the channel; keep going.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The sending half of a channel. Cheap to clone; all clones feed one
+/// ordered stream.
+#[derive(Clone)]
+pub(crate) struct ChannelSender {
+    shared: Arc<SendShared>,
+}
+
+impl std::fmt::Debug for ChannelSender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChannelSender").finish_non_exhaustive()
+    }
+}
+
+impl ChannelSender {
+    /// Queues one frame whose payload is written by `write_payload`, waiting
+    /// while the buffer is over its high-water mark.
+    ///
+    /// # Cancel safety
+    /// Cancelling before the frame is queued queues nothing; once queued (the
+    /// future has returned) the frame is sent in order.
+    pub(crate) async fn send_with(
+        &self,
+        kind: FrameKind,
+        format: Format,
+        fds: Vec<OwnedFd>,
+        write_payload: impl FnOnce(&mut Vec<u8>) -> io::Result<()>,
+    ) -> Result<(), ChannelError> {
+        if fds.len() > MAX_FDS_PER_FRAME {
+            return Err(ChannelError::TooManyFds(fds.len()));
+        }
+        loop {
+            let space = self.shared.space_freed.notified();
+            tokio::pin!(space);
+            space.as_mut().enable();
+            {
+                let mut state = self.shared.lock();
+                if state.closed || state.close_requested {
+                    return Err(ChannelError::Closed);
+                }
+                if state.buf.is_empty() || state.buf.len() < HIGH_WATER {
+                    self.append(&mut state, kind, format, fds, write_payload)?;
+                    drop(state);
+                    self.shared.flush_wanted.notify_one();
+                    return Ok(());
+                }
+            }
+            space.await;
+        }
+    }
+
+    /// Queues a frame without waiting, ignoring the high-water mark. For
+    /// small internal replies that must not wait behind user traffic.
+    pub(crate) fn send_now(&self, kind: FrameKind, payload: &[u8], fds: Vec<OwnedFd>) -> Result<(), ChannelError> {
+        if fds.len() > MAX_FDS_PER_FRAME {
+            return Err(ChannelError::TooManyFds(fds.len()));
+        }
+        let mut state = self.shared.lock();
+        if state.closed || state.close_requested {
+            return Err(ChannelError::Closed);
+        }
+        self.append(&mut state, kind, Format::Binary, fds, |buf| {
+            buf.extend_from_slice(payload);
+            Ok(())
+        })?;
+        drop(state);
+        self.shared.flush_wanted.notify_one();
+        Ok(())
+    }
+
+    fn append(
+        &self,
+        state: &mut SendState,
+        kind: FrameKind,
+        format: Format,
+        fds: Vec<OwnedFd>,
+        write_payload: impl FnOnce(&mut Vec<u8>) -> io::Result<()>,
+    ) -> Result<(), ChannelError> {
+        let start = state.buf.len();
+        state.buf.extend_from_slice(&[0; HEADER_LEN]);
+        let written = write_payload(&mut state.buf);
+        let len = state.buf.len() - start - HEADER_LEN;
+        if let Err(e) = written {
+            state.buf.truncate(start);
+            return Err(ChannelError::Io(e));
+        }
+        if len > self.shared.max_frame {
+            state.buf.truncate(start);
+            return Err(ChannelError::TooLarge { len, max: self.shared.max_frame });
+        }
+        let header = Header {
+            kind,
+            format,
+            fds: fds.len() as u8,
+            len: len as u32,
+        };
+        state.buf[start..start + HEADER_LEN].copy_from_slice(&header.to_bytes());
+        if !fds.is_empty() {
+            state.fds.push_back((start, fds));
+        }
+        Ok(())
+    }
+
+    /// Stops accepting frames; the writer flushes what is queued, then shuts
+    /// the socket's sending side down so the peer reads end-of-stream.
+    pub(crate) fn close(&self) {
+        self.shared.lock().close_requested = true;
+        self.shared.flush_wanted.notify_one();
+    }
+
+    /// Whether the channel can still send.
+    pub(crate) fn is_open(&self) -> bool {
+        let state = self.shared.lock();
+        !state.closed && !state.close_requested
+    }
+}
+
+/// Flushes the shared buffer whenever senders add to it.
+async fn write_loop(fd: Arc<UnixStream>, shared: Arc<SendShared>) {
+    let mut spare = Vec::new();
+    loop {
+        let taken = {
+            let mut state = shared.lock();
+            if state.buf.is_empty() && !state.close_requested {
+                None
+            } else {
+                let buf = std::mem::replace(&mut state.buf, std::mem::take(&mut spare));
+                Some((buf, std::mem::take(&mut state.fds), state.close_requested))
+            }
+        };
+        let Some((mut buf, fds, close)) = taken else {
+            shared.flush_wanted.notified().await;
+            continue;
+        };
+        let result = write_all(&fd, &buf, fds).await;
+        shared.space_freed.notify_waiters();
+        if let Err(error) = result {
+            tracing::debug!(%error, "channel write failed; closing the sending side");
+            shared.lock().closed = true;
+            shared.space_freed.notify_waiters();
+            return;
+        }
+        if close && shared.lock().buf.is_empty() {
+            let _ = rustix::net::shutdown(&*fd, rustix::net::Shutdown::Write);
+            shared.lock().closed = true;
+            shared.space_freed.notify_waiters();
+            return;
+        }
+        buf.clear();
+        // Keep one allocation around, but do not hoard a huge one after a
+        // burst of large messages.
+        if buf.capacity() <= HIGH_WATER * 2 {
+            spare = buf;
+        }
+    }
+}
+
+/// Writes `buf`, attaching each fd batch to the `sendmsg` that starts at its
+/// frame's header.
+async fn write_all(fd: &UnixStream, buf: &[u8], mut fds: VecDeque<(usize, Vec<OwnedFd>)>) -> io::Result<()> {
+    let mut pos = 0;
+    while pos < buf.len() {
+        let (end, attach) = match fds.front() {
+            Some((at, _)) if *at == pos => (fds.get(1).map_or(buf.len(), |(next, _)| *next), true),
+            Some((at, _)) => (*at, false),
+            None => (buf.len(), false),
+        };
+        let batch = if attach { fds.pop_front().map(|(_, f)| f) } else { None };
+        pos += send_segment(fd, &buf[pos..end], batch.as_deref().unwrap_or(&[])).await?;
+    }
+    Ok(())
+}
+
+/// Sends one segment; descriptors go with its first byte. Returns bytes sent
+/// (the whole segment).
+async fn send_segment(fd: &UnixStream, mut bytes: &[u8], fds: &[OwnedFd]) -> io::Result<usize> {
+    let total = bytes.len();
+    let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(|f| f.as_fd()).collect();
+    let mut fds_sent = borrowed.is_empty();
+    while !bytes.is_empty() {
+        fd.writable().await?;
+        let attempt = fd.try_io(Interest::WRITABLE, || {
+            let iov = [IoSlice::new(bytes)];
+            let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS_PER_FRAME))];
+            let mut control = SendAncillaryBuffer::new(&mut space);
+            if !fds_sent {
+                control.push(SendAncillaryMessage::ScmRights(&borrowed));
+            }
+            rustix::net::sendmsg(fd, &iov, &mut control, SendFlags::NOSIGNAL).map_err(io::Error::from)
+        });
+        match attempt {
+            Ok(n) => {
+                fds_sent = true;
+                bytes = &bytes[n..];
+            }
+            Err(e) if matches!(e.kind(), io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(total)
+}
+
+/// The receiving half of a channel.
+pub(crate) struct ChannelReader {
+    fd: Arc<UnixStream>,
+    decoder: FrameDecoder,
+    scratch: Box<[u8]>,
+}
+
+impl ChannelReader {
+    /// Reads once and appends every frame completed by what arrived to `out`.
+    /// Returns `Ok(false)` at a clean end of stream.
+    ///
+    /// # Errors
+    /// A protocol error (garbage, truncated or oversized frame, lost fds) or
+    /// an I/O error; either is final for this channel.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: bytes read are kept in the decoder.
+    pub(crate) async fn read_frames(&mut self, out: &mut Vec<Frame>) -> Result<bool, ChannelError> {
+        loop {
+            self.fd.readable().await?;
+            let scratch = &mut self.scratch;
+            let fd = &self.fd;
+            let received = match fd.try_io(Interest::READABLE, || receive(fd, scratch)) {
+                Ok(received) => received,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => Err(ChannelError::Io(e)),
+            };
+            match received {
+                Ok((0, fds)) => {
+                    drop(fds);
+                    self.decoder.finish()?;
+                    return Ok(false);
+                }
+                Ok((n, fds)) => {
+                    self.decoder.push(&self.scratch[..n], fds);
+                    while let Some(frame) = self.decoder.next_frame()? {
+                        out.push(frame);
+                    }
+                    return Ok(true);
+                }
+                Err(ChannelError::Io(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// One `recvmsg`. The outer `io::Result` is only for would-block, so that
+/// `try_io` can clear readiness; everything else is in the inner result.
+fn receive(socket: &UnixStream, buf: &mut [u8]) -> io::Result<Result<(usize, Vec<OwnedFd>), ChannelError>> {
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS_PER_FRAME))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let mut iov = [IoSliceMut::new(buf)];
+    let msg = match rustix::net::recvmsg(socket, &mut iov, &mut control, RecvFlags::CMSG_CLOEXEC) {
+        Ok(msg) => msg,
+        Err(e) if e == rustix::io::Errno::AGAIN => return Err(io::ErrorKind::WouldBlock.into()),
+        Err(e) => return Ok(Err(ChannelError::Io(e.into()))),
+    };
+    let mut fds = Vec::new();
+    for message in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(received) = message {
+            fds.extend(received);
+        }
+    }
+    if msg.flags.contains(ReturnFlags::CTRUNC) {
+        // Whatever did arrive is closed when `fds` drops.
+        return Ok(Err(ProtocolError::FdsTruncated.into()));
+    }
+    Ok(Ok((msg.bytes, fds)))
+}

@@ -1,0 +1,76 @@
+//! The crate's error type.
+
+use std::io;
+use std::path::PathBuf;
+
+use crate::WorkerId;
+use crate::channel::ChannelError;
+use crate::message::DecodeError;
+
+/// Everything that can go wrong in procluster, with what happened and, where
+/// it helps, what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The worker program could not be started.
+    #[error("cannot start worker program {program:?}: {source}")]
+    Spawn {
+        /// The program that was to be executed.
+        program: PathBuf,
+        /// Why the OS refused.
+        #[source]
+        source: io::Error,
+    },
+    /// A setting is invalid; the message says which and why.
+    #[error("invalid cluster settings: {0}")]
+    Settings(String),
+    /// The worker is no longer connected: it disconnected or exited.
+    #[error("worker {0} is not connected")]
+    NotConnected(WorkerId),
+    /// The channel to the other process is closed.
+    #[error("the channel to the primary is closed")]
+    ChannelClosed,
+    /// A channel failed.
+    #[error(transparent)]
+    Channel(#[from] ChannelError),
+    /// A value could not be encoded.
+    #[error("cannot encode message: {0}")]
+    Encode(io::Error),
+    /// A payload did not decode.
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    /// The environment says this is a worker, but its channel is unusable.
+    #[error("this process was started as worker {id} but its channel (fd {fd}) is not open")]
+    BrokenWorkerEnvironment {
+        /// The worker id from the environment.
+        id: String,
+        /// The channel fd from the environment.
+        fd: String,
+    },
+    /// `role()` needs a Tokio runtime for a worker.
+    #[error("procluster::role() must be called inside a Tokio runtime in a worker process")]
+    NoRuntime,
+    /// Any other OS error, with what was being done.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl Error {
+    pub(crate) fn io(context: impl Into<String>, source: io::Error) -> Self {
+        Self::Io { context: context.into(), source }
+    }
+
+    /// Whether this error means the peer is gone (closed channel, or a worker
+    /// that is no longer connected).
+    pub fn is_disconnected(&self) -> bool {
+        matches!(self, Self::NotConnected(_) | Self::ChannelClosed | Self::Channel(ChannelError::Closed))
+    }
+}
+
+/// `Result` with [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

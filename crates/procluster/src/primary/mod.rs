@@ -1,0 +1,413 @@
+//! The primary process: starts workers, talks to them, reports their
+//! lifecycle.
+//!
+//! ```no_run
+//! use procluster::primary::{Cluster, Event};
+//!
+//! # async fn run() -> procluster::Result<()> {
+//! let mut cluster = Cluster::builder().workers(2).build()?;
+//! cluster.start().await?;
+//! while let Some(event) = cluster.next_event().await {
+//!     match event {
+//!         Event::Online(worker) => println!("worker {} is online", worker.id()),
+//!         Event::Exit { worker, status, .. } => println!("worker {} ended: {status}", worker.id()),
+//!         _ => {}
+//!     }
+//! }
+//! # Ok(()) }
+//! ```
+
+mod output;
+mod settings;
+mod spawn;
+mod worker_handle;
+mod worker_task;
+
+use std::collections::{BTreeMap, VecDeque};
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::{Semaphore, mpsc, watch};
+
+pub use output::{LineSplitter, MAX_LINE};
+pub use settings::{ForkOptions, Settings, Stdio, Workers};
+pub(crate) use worker_handle::dup_all;
+pub use worker_handle::{ExitStatus, WorkerHandle, WorkerState};
+
+use crate::message::Message;
+use crate::protocol::{Format, Policy};
+use crate::{Error, WorkerId, env_keys};
+
+/// Something that happened to a worker, in Node's order for each worker:
+/// `Fork`, `Online`, (`Listening`, `Message`...), `Disconnect`, `Exit`.
+/// Every worker gets exactly one `Fork`, one `Disconnect` and one `Exit`.
+#[derive(Debug)]
+pub enum Event {
+    /// A worker process was started.
+    Fork(WorkerHandle),
+    /// The worker's runtime is up and its channel works.
+    Online(WorkerHandle),
+    /// The worker listens on a shared address (the address actually bound).
+    Listening {
+        /// The worker.
+        worker: WorkerHandle,
+        /// What it listens on, e.g. `tcp://127.0.0.1:43121`.
+        address: String,
+    },
+    /// The worker said it is ready (see `Worker::ready`).
+    Ready(WorkerHandle),
+    /// A message from the worker, attributed by the channel it came on.
+    Message {
+        /// The sender.
+        worker: WorkerHandle,
+        /// The message.
+        message: Message,
+    },
+    /// The worker no longer takes part in the cluster: it disconnected, or
+    /// its channel closed.
+    Disconnect(WorkerHandle),
+    /// The worker process ended and was reaped.
+    Exit {
+        /// The worker.
+        worker: WorkerHandle,
+        /// How it ended.
+        status: ExitStatus,
+        /// Whether it exited after a disconnect rather than by accident.
+        exited_after_disconnect: bool,
+    },
+    /// A worker misbehaved (garbage on its channel, a frame over the limit);
+    /// it has been disconnected and killed, the rest of the cluster goes on.
+    Error {
+        /// The worker.
+        worker: WorkerHandle,
+        /// What happened, naming the worker.
+        error: String,
+    },
+}
+
+impl Event {
+    /// The worker the event is about.
+    pub fn worker(&self) -> &WorkerHandle {
+        match self {
+            Self::Fork(w) | Self::Online(w) | Self::Ready(w) | Self::Disconnect(w) => w,
+            Self::Listening { worker, .. }
+            | Self::Message { worker, .. }
+            | Self::Exit { worker, .. }
+            | Self::Error { worker, .. } => worker,
+        }
+    }
+}
+
+/// Builds a [`Cluster`] (Node's `setupPrimary`).
+#[derive(Debug, Default)]
+pub struct ClusterBuilder {
+    settings: Settings,
+}
+
+impl ClusterBuilder {
+    /// How many workers `start()` forks: a number, or [`Workers::Auto`].
+    pub fn workers(mut self, workers: impl Into<Workers>) -> Self {
+        self.settings.workers = workers.into();
+        self
+    }
+
+    /// The program workers run (default: the current executable).
+    pub fn exec(mut self, program: impl Into<PathBuf>) -> Self {
+        self.settings.exec = Some(program.into());
+        self
+    }
+
+    /// Arguments for the worker program.
+    pub fn args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<OsString>,
+    {
+        self.settings.args = args.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Adds an environment variable for every worker.
+    pub fn env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> Self {
+        self.settings.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// Working directory of workers.
+    pub fn cwd(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.settings.cwd = Some(dir.into());
+        self
+    }
+
+    /// Where workers' output goes.
+    pub fn stdio(mut self, stdio: Stdio) -> Self {
+        self.settings.stdio = stdio;
+        self
+    }
+
+    /// Encoding of user messages (JSON by default).
+    pub fn format(mut self, format: Format) -> Self {
+        self.settings.format = format;
+        self
+    }
+
+    /// Largest message accepted on a channel, in bytes (default 128 MiB).
+    pub fn max_message_size(mut self, bytes: usize) -> Self {
+        self.settings.max_frame = bytes;
+        self
+    }
+
+    /// How TCP connections reach workers. `PROCLUSTER_SCHED_POLICY`
+    /// (`shared`, `round-robin`, `reuseport`) overrides it.
+    pub fn policy(mut self, policy: Policy) -> Self {
+        self.settings.policy = policy;
+        self
+    }
+
+    /// Start each worker in its own process group.
+    pub fn own_process_group(mut self, yes: bool) -> Self {
+        self.settings.own_process_group = yes;
+        self
+    }
+
+    /// Replaces all settings at once.
+    pub fn settings(mut self, settings: Settings) -> Self {
+        self.settings = settings;
+        self
+    }
+
+    /// Checks the settings and builds the cluster; no worker starts yet.
+    ///
+    /// # Errors
+    /// [`Error::Settings`] for a bad setting (a working directory that does
+    /// not exist, a zero message limit, an unknown policy in the
+    /// environment).
+    pub fn build(mut self) -> Result<Cluster, Error> {
+        let settings = &mut self.settings;
+        if let Some(cwd) = &settings.cwd {
+            if !cwd.is_dir() {
+                return Err(Error::Settings(format!("working directory {} is not a directory", cwd.display())));
+            }
+        }
+        if settings.max_frame == 0 || settings.max_frame > u32::MAX as usize {
+            return Err(Error::Settings(format!(
+                "max message size must be between 1 and {} bytes, not {}",
+                u32::MAX,
+                settings.max_frame
+            )));
+        }
+        if let Some(policy) = crate::policy_from_env()? {
+            settings.policy = policy;
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let budget = settings.message_budget.clamp(1, Semaphore::MAX_PERMITS);
+        let (live_tx, _) = watch::channel(0);
+        let inner = Arc::new(Inner {
+            settings: self.settings,
+            next_id: AtomicU32::new(1),
+            workers: Mutex::new(BTreeMap::new()),
+            events: tx,
+            budget: Arc::new(Semaphore::new(budget)),
+            budget_total: budget,
+            live: live_tx,
+        });
+        Ok(Cluster { inner, events: rx, pending: VecDeque::new() })
+    }
+}
+
+impl From<usize> for Workers {
+    fn from(n: usize) -> Self {
+        Self::Count(n)
+    }
+}
+
+pub(crate) type EventBatch = Vec<Event>;
+
+/// State shared by the cluster and its per-worker tasks.
+pub(crate) struct Inner {
+    pub(crate) settings: Settings,
+    next_id: AtomicU32,
+    workers: Mutex<BTreeMap<WorkerId, WorkerHandle>>,
+    pub(crate) events: mpsc::UnboundedSender<EventBatch>,
+    /// Bytes of user messages queued for the application; readers wait for
+    /// permits, `next_event` gives them back.
+    pub(crate) budget: Arc<Semaphore>,
+    pub(crate) budget_total: usize,
+    live: watch::Sender<usize>,
+}
+
+impl Inner {
+    fn workers(&self) -> MutexGuard<'_, BTreeMap<WorkerId, WorkerHandle>> {
+        self.workers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn emit(&self, event: Event) {
+        let _ = self.events.send(vec![event]);
+    }
+
+    pub(crate) fn worker(&self, id: WorkerId) -> Option<WorkerHandle> {
+        self.workers().get(&id).cloned()
+    }
+
+    fn insert(&self, worker: WorkerHandle) {
+        let mut workers = self.workers();
+        workers.insert(worker.id(), worker);
+        self.live.send_replace(workers.len());
+    }
+
+    pub(crate) fn remove(&self, id: WorkerId) {
+        let mut workers = self.workers();
+        workers.remove(&id);
+        self.live.send_replace(workers.len());
+    }
+}
+
+/// A primary and its workers (Node's `cluster` in the primary).
+///
+/// Events are read with [`Cluster::next_event`]; the cluster keeps working
+/// (answering workers, reaping them) whether or not they are read, but user
+/// messages wait in a bounded queue until they are.
+pub struct Cluster {
+    inner: Arc<Inner>,
+    events: mpsc::UnboundedReceiver<EventBatch>,
+    pending: VecDeque<Event>,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster").field("workers", &self.workers().len()).finish_non_exhaustive()
+    }
+}
+
+impl Cluster {
+    /// Starts configuring a cluster.
+    pub fn builder() -> ClusterBuilder {
+        ClusterBuilder::default()
+    }
+
+    /// The settings in force.
+    pub fn settings(&self) -> &Settings {
+        &self.inner.settings
+    }
+
+    /// Forks the configured number of workers, with slot indexes 0..N.
+    ///
+    /// # Errors
+    /// The first fork that fails; workers already forked keep running.
+    pub async fn start(&mut self) -> Result<Vec<WorkerHandle>, Error> {
+        let count = self.inner.settings.workers.resolve();
+        let mut started = Vec::with_capacity(count);
+        for index in 0..count {
+            started.push(self.fork_with(ForkOptions { index: Some(index), ..ForkOptions::default() }).await?);
+        }
+        Ok(started)
+    }
+
+    /// Starts one worker (Node's `cluster.fork()`).
+    ///
+    /// # Errors
+    /// [`Error::Spawn`] when the program cannot be started (missing, not
+    /// executable), [`Error::Io`] when the OS refuses a resource.
+    pub async fn fork(&self) -> Result<WorkerHandle, Error> {
+        self.fork_with(ForkOptions::default()).await
+    }
+
+    /// Starts one worker with extra environment (Node's `cluster.fork(env)`)
+    /// or a slot index.
+    ///
+    /// # Errors
+    /// As [`Cluster::fork`].
+    pub async fn fork_with(&self, options: ForkOptions) -> Result<WorkerHandle, Error> {
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        worker_task::fork(&self.inner, id, options).await
+    }
+
+    /// The next event; `None` once no worker is alive and every event has
+    /// been read.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: no event is lost if the future is dropped.
+    pub async fn next_event(&mut self) -> Option<Event> {
+        loop {
+            if let Some(event) = self.pending.pop_front() {
+                return Some(self.release(event));
+            }
+            match self.events.try_recv() {
+                Ok(batch) => self.pending.extend(batch),
+                Err(_) if self.inner.workers().is_empty() => return None,
+                Err(_) => {
+                    let batch = self.events.recv().await?;
+                    self.pending.extend(batch);
+                }
+            }
+        }
+    }
+
+    /// Gives a message's bytes back to the read budget as it is handed out.
+    fn release(&self, mut event: Event) -> Event {
+        if let Event::Message { message, .. } = &mut event {
+            let charge = std::mem::take(&mut message.charge);
+            if charge > 0 {
+                self.inner.budget.add_permits(charge);
+            }
+        }
+        event
+    }
+
+    /// The workers alive (forked and not yet reaped), by id.
+    pub fn workers(&self) -> Vec<WorkerHandle> {
+        self.inner.workers().values().cloned().collect()
+    }
+
+    /// A worker by id, while it is alive.
+    pub fn worker(&self, id: WorkerId) -> Option<WorkerHandle> {
+        self.inner.worker(id)
+    }
+
+    /// Sends a message to every connected worker.
+    ///
+    /// # Errors
+    /// The first failure other than a worker having disconnected meanwhile.
+    pub async fn broadcast<T: serde::Serialize + ?Sized>(&self, value: &T) -> Result<(), Error> {
+        for worker in self.workers() {
+            match worker.send(value).await {
+                Err(e) if !e.is_disconnected() => return Err(e),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Disconnects every worker gracefully and waits until all have exited.
+    /// Events keep queueing meanwhile; read them afterwards.
+    pub async fn disconnect(&self) {
+        for worker in self.workers() {
+            worker.disconnect();
+        }
+        self.wait_all_exited().await;
+    }
+
+    /// Waits until no worker is alive.
+    pub async fn wait_all_exited(&self) {
+        let mut live = self.inner.live.subscribe();
+        let _ = live.wait_for(|n| *n == 0).await;
+    }
+}
+
+pub(crate) fn worker_env(id: WorkerId, settings: &Settings, options: &ForkOptions) -> Vec<(&'static str, String)> {
+    let mut env = vec![
+        (env_keys::WORKER_ID, id.to_string()),
+        (env_keys::CHANNEL_FD, crate::CHANNEL_FD.to_string()),
+        (env_keys::FORMAT, settings.format.name().to_string()),
+        (env_keys::MAX_FRAME, settings.max_frame.to_string()),
+    ];
+    if let Some(index) = options.index {
+        env.push((env_keys::WORKER_INDEX, index.to_string()));
+    }
+    if let Some(every) = settings.heartbeat_interval {
+        env.push((env_keys::HEARTBEAT_MS, every.as_millis().to_string()));
+    }
+    env
+}

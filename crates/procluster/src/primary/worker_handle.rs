@@ -1,0 +1,259 @@
+//! The primary's handle on one worker.
+
+use std::fmt;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use serde::Serialize;
+
+use crate::channel::ChannelSender;
+use crate::protocol::{Control, Format, FrameKind};
+use crate::{Error, Signal, WorkerId};
+
+/// Where a worker is in its life, in Node's order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum WorkerState {
+    /// Forked; its runtime has not reported in yet.
+    None,
+    /// Its channel is up.
+    Online,
+    /// It listens on at least one shared port.
+    Listening,
+    /// It no longer takes messages or connections from the cluster.
+    Disconnected,
+    /// It has exited and been reaped.
+    Dead,
+}
+
+/// How a worker process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExitStatus {
+    code: Option<i32>,
+    signal: Option<i32>,
+}
+
+impl ExitStatus {
+    pub(crate) fn from_std(status: std::process::ExitStatus) -> Self {
+        use std::os::unix::process::ExitStatusExt;
+        Self { code: status.code(), signal: status.signal() }
+    }
+
+    /// A status for a process whose end could not be observed.
+    pub(crate) fn unknown() -> Self {
+        Self { code: None, signal: None }
+    }
+
+    /// The exit code, if it exited by itself.
+    pub fn code(&self) -> Option<i32> {
+        self.code
+    }
+
+    /// The signal that ended it, if one did.
+    pub fn signal(&self) -> Option<i32> {
+        self.signal
+    }
+
+    /// Exit code 0.
+    pub fn success(&self) -> bool {
+        self.code == Some(0)
+    }
+}
+
+impl fmt::Display for ExitStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.code, self.signal) {
+            (Some(code), _) => write!(f, "exit code {code}"),
+            (None, Some(signal)) => write!(f, "signal {signal}"),
+            (None, None) => write!(f, "unknown status"),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct Lifecycle {
+    pub(crate) state: WorkerState,
+    pub(crate) exited_after_disconnect: bool,
+    pub(crate) exit: Option<ExitStatus>,
+    pub(crate) pid: Option<u32>,
+}
+
+pub(crate) struct WorkerShared {
+    pub(crate) id: WorkerId,
+    pub(crate) index: Option<usize>,
+    pub(crate) format: Format,
+    pub(crate) sender: ChannelSender,
+    pub(crate) lifecycle: Mutex<Lifecycle>,
+    /// Signals go through a pidfd where the OS has them, so a signal can never
+    /// reach a recycled pid.
+    pub(crate) pidfd: Option<OwnedFd>,
+}
+
+impl WorkerShared {
+    pub(crate) fn lifecycle(&self) -> MutexGuard<'_, Lifecycle> {
+        self.lifecycle.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The primary's handle on a worker: send it messages, signal it, disconnect
+/// it. Cheap to clone; every clone refers to the same worker.
+#[derive(Clone)]
+pub struct WorkerHandle {
+    pub(crate) shared: Arc<WorkerShared>,
+}
+
+impl fmt::Debug for WorkerHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let life = self.shared.lifecycle();
+        f.debug_struct("WorkerHandle")
+            .field("id", &self.shared.id)
+            .field("pid", &life.pid)
+            .field("state", &life.state)
+            .finish()
+    }
+}
+
+impl PartialEq for WorkerHandle {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.shared, &other.shared)
+    }
+}
+
+impl WorkerHandle {
+    /// The worker's id: unique within this primary's life, starting at 1.
+    pub fn id(&self) -> WorkerId {
+        self.shared.id
+    }
+
+    /// The slot this worker fills, when it was forked for one.
+    pub fn index(&self) -> Option<usize> {
+        self.shared.index
+    }
+
+    /// The worker's process id.
+    pub fn pid(&self) -> u32 {
+        self.shared.lifecycle().pid.unwrap_or(0)
+    }
+
+    /// Its current state.
+    pub fn state(&self) -> WorkerState {
+        self.shared.lifecycle().state
+    }
+
+    /// Whether it still takes messages (its state is before `Disconnected`).
+    pub fn is_connected(&self) -> bool {
+        self.state() < WorkerState::Disconnected && self.shared.sender.is_open()
+    }
+
+    /// Whether it has exited.
+    pub fn is_dead(&self) -> bool {
+        self.state() == WorkerState::Dead
+    }
+
+    /// Whether it exited after a disconnect (asked by either side), rather
+    /// than by accident.
+    pub fn exited_after_disconnect(&self) -> bool {
+        self.shared.lifecycle().exited_after_disconnect
+    }
+
+    /// How it exited, once it has.
+    pub fn exit_status(&self) -> Option<ExitStatus> {
+        self.shared.lifecycle().exit
+    }
+
+    /// Sends a message. Waits while the channel's buffer is full.
+    ///
+    /// # Errors
+    /// [`Error::NotConnected`] once the worker is disconnected or dead;
+    /// [`Error::Encode`] when `value` does not serialise.
+    ///
+    /// # Examples
+    /// ```no_run
+    /// # async fn f(worker: procluster::primary::WorkerHandle) -> procluster::Result<()> {
+    /// worker.send(&"reload-config").await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn send<T: Serialize + ?Sized>(&self, value: &T) -> Result<(), Error> {
+        self.send_with_fds(value, Vec::new()).await
+    }
+
+    /// Sends a message with descriptors attached (sockets, files, pipes...).
+    /// The descriptors are duplicated, so the caller keeps its own and may
+    /// send the same one again.
+    ///
+    /// # Errors
+    /// As [`WorkerHandle::send`], and an I/O error if a descriptor cannot be
+    /// duplicated.
+    pub async fn send_fds<T: Serialize + ?Sized, F: AsFd>(&self, value: &T, fds: &[F]) -> Result<(), Error> {
+        let owned = dup_all(fds)?;
+        self.send_with_fds(value, owned).await
+    }
+
+    /// Sends a message, giving away the descriptors.
+    ///
+    /// # Errors
+    /// As [`WorkerHandle::send`].
+    pub async fn send_with_fds<T: Serialize + ?Sized>(&self, value: &T, fds: Vec<OwnedFd>) -> Result<(), Error> {
+        if self.state() >= WorkerState::Disconnected {
+            return Err(Error::NotConnected(self.id()));
+        }
+        let format = self.shared.format;
+        self.shared
+            .sender
+            .send_with(FrameKind::User, format, fds, |buf| crate::message::encode_into(format, value, buf))
+            .await
+            .map_err(|e| self.map_send_error(e))
+    }
+
+    /// Sends `signal` to the worker process (SIGTERM if you have no reason to
+    /// pick another) and nothing else: no disconnect, no bookkeeping. The
+    /// worker's `Exit` event reports what the signal did.
+    ///
+    /// # Errors
+    /// An I/O error from the OS; a worker that is already dead is not an
+    /// error.
+    pub fn kill(&self, signal: Signal) -> Result<(), Error> {
+        if self.is_dead() {
+            return Ok(());
+        }
+        let result = match &self.shared.pidfd {
+            Some(pidfd) => rustix::process::pidfd_send_signal(pidfd, signal).map_err(std::io::Error::from),
+            None => crate::sys::kill(self.pid(), signal),
+        };
+        match result {
+            Ok(()) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(rustix::io::Errno::SRCH.raw_os_error()) => Ok(()),
+            Err(e) => Err(Error::io(format!("cannot signal worker {}", self.id()), e)),
+        }
+    }
+
+    /// Disconnects the worker gracefully: it closes its cluster listeners,
+    /// its shutdown signal fires, and it exits once its work is done. The
+    /// `Exit` event then reports `exited_after_disconnect == true`.
+    ///
+    /// Returns at once; watch for the `Disconnect` and `Exit` events.
+    pub fn disconnect(&self) {
+        {
+            let mut life = self.shared.lifecycle();
+            if life.state >= WorkerState::Disconnected {
+                return;
+            }
+            life.exited_after_disconnect = true;
+        }
+        // Best effort: if the channel is already gone, the worker is exiting.
+        let _ = self.shared.sender.send_now(FrameKind::Control, &Control::Disconnect.encode(), Vec::new());
+    }
+
+    fn map_send_error(&self, error: crate::channel::ChannelError) -> Error {
+        match error {
+            crate::channel::ChannelError::Closed => Error::NotConnected(self.id()),
+            crate::channel::ChannelError::Io(e) if e.kind() == std::io::ErrorKind::Other => Error::Encode(e),
+            other => Error::Channel(other),
+        }
+    }
+}
+
+pub(crate) fn dup_all<F: AsFd>(fds: &[F]) -> Result<Vec<OwnedFd>, Error> {
+    fds.iter()
+        .map(|fd| fd.as_fd().try_clone_to_owned().map_err(|e| Error::io("cannot duplicate a descriptor to send", e)))
+        .collect()
+}

@@ -1,0 +1,296 @@
+//! Starting one worker and running its task: read its channel, answer its
+//! control messages, reap it, and report its lifecycle in order.
+
+use std::os::fd::OwnedFd;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::process::{Child, Command};
+
+use super::output::forward_lines;
+use super::worker_handle::{ExitStatus, Lifecycle, WorkerHandle, WorkerShared, WorkerState};
+use super::{Event, ForkOptions, Inner, Stdio, spawn, worker_env};
+use crate::channel::{self, ChannelError, ChannelReader};
+use crate::message::Message;
+use crate::protocol::{Control, Frame, FrameKind};
+use crate::{Error, Signal, WorkerId};
+
+/// How long after a worker exits its channel and output may still drain.
+const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(2);
+
+pub(super) async fn fork(inner: &Arc<Inner>, id: WorkerId, options: ForkOptions) -> Result<WorkerHandle, Error> {
+    let settings = &inner.settings;
+    let program = match &settings.exec {
+        Some(program) => program.clone(),
+        None => std::env::current_exe().map_err(|e| Error::io("cannot find the current executable", e))?,
+    };
+    let (ours, theirs) = channel::socket_pair().map_err(|e| Error::io("cannot create a worker channel", e))?;
+
+    let mut command = Command::new(&program);
+    command.args(&settings.args);
+    command.envs(settings.env.iter().map(|(k, v)| (k, v)));
+    command.envs(options.env.iter().map(|(k, v)| (k, v)));
+    command.envs(worker_env(id, settings, &options));
+    if let Some(cwd) = &settings.cwd {
+        command.current_dir(cwd);
+    }
+    let (stdout, stderr) = match settings.stdio {
+        Stdio::Inherit => (std::process::Stdio::inherit(), std::process::Stdio::inherit()),
+        Stdio::Prefixed => (std::process::Stdio::piped(), std::process::Stdio::piped()),
+        Stdio::Null => (std::process::Stdio::null(), std::process::Stdio::null()),
+    };
+    command.stdin(std::process::Stdio::null()).stdout(stdout).stderr(stderr);
+    let mut fds = crate::sys::ChildFds::default();
+    fds.place(theirs, crate::CHANNEL_FD);
+    crate::sys::prepare_child(&mut command, fds, settings.own_process_group);
+
+    let mut child = spawn::spawn(command)
+        .await
+        .map_err(|source| Error::Spawn { program: program.clone(), source })?;
+    let pid = child.id();
+    let pidfd = pid.and_then(open_pidfd);
+    let (sender, reader) = channel::open(ours, settings.max_frame).map_err(|e| Error::io("cannot open a worker channel", e))?;
+    let worker = WorkerHandle {
+        shared: Arc::new(WorkerShared {
+            id,
+            index: options.index,
+            format: settings.format,
+            sender,
+            lifecycle: Mutex::new(Lifecycle {
+                state: WorkerState::None,
+                exited_after_disconnect: false,
+                exit: None,
+                pid,
+            }),
+            pidfd,
+        }),
+    };
+    let outputs = capture_output(&mut child, id);
+    inner.insert(worker.clone());
+    inner.emit(Event::Fork(worker.clone()));
+    tracing::debug!(worker = id, pid, program = %program.display(), "worker forked");
+    tokio::spawn(run(inner.clone(), worker.clone(), child, reader, outputs));
+    Ok(worker)
+}
+
+fn open_pidfd(pid: u32) -> Option<OwnedFd> {
+    #[cfg(target_os = "linux")]
+    {
+        let pid = rustix::process::Pid::from_raw(i32::try_from(pid).ok()?)?;
+        rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok()
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = pid;
+        None
+    }
+}
+
+fn capture_output(child: &mut Child, id: WorkerId) -> Vec<tokio::task::JoinHandle<()>> {
+    use std::io::Write;
+    let mut tasks = Vec::new();
+    if let Some(stdout) = child.stdout.take() {
+        tasks.push(tokio::spawn(forward_lines(stdout, move |line| {
+            let mut out = std::io::stdout().lock();
+            let _ = write!(out, "[worker {id}] ");
+            let _ = out.write_all(line);
+            let _ = out.write_all(b"\n");
+        })));
+    }
+    if let Some(stderr) = child.stderr.take() {
+        tasks.push(tokio::spawn(forward_lines(stderr, move |line| {
+            let mut out = std::io::stderr().lock();
+            let _ = write!(out, "[worker {id}] ");
+            let _ = out.write_all(line);
+            let _ = out.write_all(b"\n");
+        })));
+    }
+    tasks
+}
+
+/// The worker's task. Keeps Node's order: every message read before the
+/// channel closed is reported before `Disconnect`, and `Exit` comes last.
+async fn run(
+    inner: Arc<Inner>,
+    worker: WorkerHandle,
+    mut child: Child,
+    mut reader: ChannelReader,
+    outputs: Vec<tokio::task::JoinHandle<()>>,
+) {
+    let mut frames = Vec::new();
+    let mut channel_open = true;
+    let mut status = None;
+    let mut drain_deadline = None;
+    while channel_open || status.is_none() {
+        tokio::select! {
+            read = reader.read_frames(&mut frames), if channel_open => {
+                match read {
+                    Ok(true) => deliver(&inner, &worker, &mut frames).await,
+                    Ok(false) => channel_open = false,
+                    Err(error) => {
+                        // Frames decoded before the bad bytes are still good.
+                        deliver(&inner, &worker, &mut frames).await;
+                        misbehaved(&inner, &worker, &error);
+                        channel_open = false;
+                    }
+                }
+                if !channel_open {
+                    mark_disconnected(&inner, &worker);
+                    worker.shared.sender.close();
+                }
+            }
+            exit = child.wait(), if status.is_none() => {
+                status = Some(exit.map_or(ExitStatus::unknown(), ExitStatus::from_std));
+                drain_deadline = Some(tokio::time::Instant::now() + DRAIN_AFTER_EXIT);
+            }
+            () = sleep_until(drain_deadline), if channel_open && drain_deadline.is_some() => {
+                // Something else (a grandchild) holds the worker's end open.
+                channel_open = false;
+                mark_disconnected(&inner, &worker);
+                worker.shared.sender.close();
+            }
+        }
+    }
+    for output in outputs {
+        let _ = tokio::time::timeout(DRAIN_AFTER_EXIT, output).await;
+    }
+    let status = status.unwrap_or(ExitStatus::unknown());
+    let exited_after_disconnect = {
+        let mut life = worker.shared.lifecycle();
+        life.state = WorkerState::Dead;
+        life.exit = Some(status);
+        life.exited_after_disconnect
+    };
+    tracing::debug!(worker = worker.id(), %status, exited_after_disconnect, "worker exited");
+    inner.emit(Event::Exit { worker: worker.clone(), status, exited_after_disconnect });
+    inner.remove(worker.id());
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Hands decoded frames to the application or the control handler.
+async fn deliver(inner: &Arc<Inner>, worker: &WorkerHandle, frames: &mut Vec<Frame>) {
+    if frames.is_empty() {
+        return;
+    }
+    let user_bytes: usize = frames.iter().filter(|f| f.kind != FrameKind::Control).map(|f| f.payload.len().max(1)).sum();
+    let mut left = 0;
+    if user_bytes > 0 {
+        let wanted = user_bytes.min(inner.budget_total) as u32;
+        match inner.budget.clone().acquire_many_owned(wanted).await {
+            Ok(permit) => {
+                permit.forget();
+                left = wanted as usize;
+            }
+            Err(_) => return,
+        }
+    }
+    let mut batch = Vec::new();
+    for frame in frames.drain(..) {
+        match frame.kind {
+            FrameKind::User => {
+                let charge = frame.payload.len().max(1).min(left);
+                left -= charge;
+                let message = Message {
+                    format: frame.format,
+                    payload: frame.payload,
+                    fds: frame.fds,
+                    from_worker: None,
+                    charge,
+                };
+                batch.push(Event::Message { worker: worker.clone(), message });
+            }
+            FrameKind::Relayed => {
+                inner.budget.add_permits(frame.payload.len().max(1).min(left));
+                left -= frame.payload.len().max(1).min(left);
+                flush(inner, &mut batch);
+                relay(inner, worker, frame).await;
+            }
+            FrameKind::Control => {
+                flush(inner, &mut batch);
+                match Control::decode(&frame.payload) {
+                    Ok(control) => handle_control(inner, worker, control, frame.fds),
+                    Err(error) => misbehaved(inner, worker, &ChannelError::Protocol(error)),
+                }
+            }
+        }
+    }
+    flush(inner, &mut batch);
+}
+
+fn flush(inner: &Inner, batch: &mut Vec<Event>) {
+    if !batch.is_empty() {
+        let _ = inner.events.send(std::mem::take(batch));
+    }
+}
+
+fn handle_control(inner: &Arc<Inner>, worker: &WorkerHandle, control: Control, fds: Vec<OwnedFd>) {
+    match control {
+        Control::Online { .. } => {
+            let first = advance(worker, WorkerState::Online);
+            if first {
+                inner.emit(Event::Online(worker.clone()));
+            }
+        }
+        Control::Disconnected => mark_disconnected(inner, worker),
+        Control::Disconnect => {
+            // The worker asks; tell it to go ahead, as if we had asked.
+            worker.disconnect();
+        }
+        Control::Ready => inner.emit(Event::Ready(worker.clone())),
+        Control::Heartbeat => {}
+        other => crate::listeners::handle_control(inner, worker, other, fds),
+    }
+}
+
+/// Moves the worker forward to `state`; returns whether it moved.
+pub(crate) fn advance(worker: &WorkerHandle, state: WorkerState) -> bool {
+    let mut life = worker.shared.lifecycle();
+    if life.state < state {
+        life.state = state;
+        true
+    } else {
+        false
+    }
+}
+
+fn mark_disconnected(inner: &Arc<Inner>, worker: &WorkerHandle) {
+    if advance(worker, WorkerState::Disconnected) {
+        crate::listeners::worker_gone(inner, worker);
+        inner.emit(Event::Disconnect(worker.clone()));
+    }
+}
+
+/// Garbage from one worker costs that worker, nothing else.
+fn misbehaved(inner: &Arc<Inner>, worker: &WorkerHandle, error: &ChannelError) {
+    let message = format!("worker {} (pid {}) broke the channel protocol and was killed: {error}", worker.id(), worker.pid());
+    tracing::error!("{message}");
+    inner.emit(Event::Error { worker: worker.clone(), error: message });
+    let _ = worker.kill(Signal::KILL);
+}
+
+async fn relay(inner: &Arc<Inner>, from: &WorkerHandle, frame: Frame) {
+    let target = u32::from_le_bytes(frame.payload[..4].try_into().expect("length checked by the decoder"));
+    let Some(to) = inner.worker(target).filter(WorkerHandle::is_connected) else {
+        tracing::warn!(from = from.id(), to = target, "dropped a message for a worker that is not connected");
+        return;
+    };
+    let source = from.id().to_le_bytes();
+    let result = to
+        .shared
+        .sender
+        .send_with(FrameKind::Relayed, frame.format, frame.fds, |buf| {
+            buf.extend_from_slice(&source);
+            buf.extend_from_slice(&frame.payload[4..]);
+            Ok(())
+        })
+        .await;
+    if let Err(error) = result {
+        tracing::warn!(from = from.id(), to = target, %error, "could not relay a message");
+    }
+}

@@ -1,0 +1,152 @@
+//! The only module with `unsafe` code: what must run between `fork` and
+//! `exec` in a new worker, and changes to the process environment.
+//!
+//! Everything else in the crate goes through the safe wrappers of `rustix`,
+//! `socket2` and `tokio`.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+use rustix::io::FdFlags;
+use rustix::process::{Pid, Signal};
+
+/// Where each inherited descriptor must sit in the new process.
+#[derive(Debug, Default)]
+pub(crate) struct ChildFds {
+    /// `(descriptor in the parent, fd number in the child)`.
+    moves: Vec<(OwnedFd, RawFd)>,
+}
+
+impl ChildFds {
+    /// Asks for `fd` to appear as `target` in the child, without close-on-exec.
+    pub(crate) fn place(&mut self, fd: OwnedFd, target: RawFd) {
+        self.moves.push((fd, target));
+    }
+
+    /// The highest target fd, to pick scratch numbers above it.
+    fn scratch_base(&self) -> RawFd {
+        let highest_source = self.moves.iter().map(|(fd, _)| fd.as_raw_fd()).max().unwrap_or(0);
+        let highest_target = self.moves.iter().map(|(_, t)| *t).max().unwrap_or(0);
+        highest_source.max(highest_target) + 1
+    }
+}
+
+/// Arranges for the child started by `command` to
+/// 1. get `SIGKILL` when the thread that spawns it dies (so a worker never
+///    outlives its primary, even when the primary is `SIGKILL`ed), and exit at
+///    once if the primary is already gone;
+/// 2. find each descriptor of `fds` at its target number, inheritable, while
+///    every other descriptor of the primary stays close-on-exec;
+/// 3. run in a process group of its own when `own_group` is set, so a
+///    terminal's Ctrl-C reaches the primary alone and the primary decides how
+///    to stop.
+///
+/// The descriptors are moved into the closure and closed in the parent when
+/// `command` is dropped.
+pub(crate) fn prepare_child(
+    command: &mut tokio::process::Command,
+    fds: ChildFds,
+    own_group: bool,
+) {
+    let parent = rustix::process::getpid();
+    let base = fds.scratch_base();
+    let moves = fds.moves;
+    let hook = move || -> std::io::Result<()> {
+        // Only async-signal-safe system calls from here on: no allocation, no
+        // locks, no logging.
+        rustix::process::set_parent_process_death_signal(Some(Signal::KILL))?;
+        if rustix::process::getppid() != Some(parent) {
+            // The primary died between fork and prctl: nobody would reap us.
+            std::process::abort();
+        }
+        if own_group {
+            rustix::process::setpgid(None, None)?;
+        }
+        move_fds(&moves, base)?;
+        Ok(())
+    };
+    // SAFETY: the hook runs in the forked child before `exec`; it only makes
+    // raw system calls through rustix (prctl, getppid, setpgid, fcntl,
+    // dup2) which are async-signal-safe, allocates nothing and takes no lock.
+    // The captured vector was allocated before the fork and is only read.
+    unsafe {
+        command.pre_exec(hook);
+    }
+}
+
+/// Two phases, so that a source sitting on another entry's target number is
+/// never overwritten before it has been copied: first copy every source above
+/// all numbers involved, then `dup2` each copy down onto its target. `dup2`
+/// clears close-on-exec on the target; the scratch copies are close-on-exec
+/// and vanish at `exec`.
+fn move_fds(moves: &[(OwnedFd, RawFd)], base: RawFd) -> std::io::Result<()> {
+    const MAX_MOVES: usize = 64;
+    if moves.len() > MAX_MOVES {
+        return Err(std::io::Error::from_raw_os_error(rustix::io::Errno::MFILE.raw_os_error()));
+    }
+    let mut scratch: [RawFd; MAX_MOVES] = [-1; MAX_MOVES];
+    for (i, (fd, _)) in moves.iter().enumerate() {
+        let copy = rustix::io::fcntl_dupfd_cloexec(fd, base)?;
+        scratch[i] = copy.as_raw_fd();
+        // The child is about to exec: leave the copy open until then.
+        std::mem::forget(copy);
+    }
+    for (i, (_, target)) in moves.iter().enumerate() {
+        // SAFETY: `scratch[i]` is a descriptor this child opened just above
+        // and still owns; wrapping it is only to borrow it for dup2, and it is
+        // forgotten again so nothing closes it twice.
+        let source = unsafe { OwnedFd::from_raw_fd(scratch[i]) };
+        // SAFETY: `target` is a plain fd number the child wants filled; dup2
+        // closes whatever is there atomically. The wrapper is forgotten so the
+        // new descriptor stays open across exec.
+        let mut dest = unsafe { OwnedFd::from_raw_fd(*target) };
+        let result = rustix::io::dup2(&source, &mut dest);
+        std::mem::forget(dest);
+        std::mem::forget(source);
+        result?;
+        // A source that already sat at its target keeps close-on-exec after
+        // dup2 onto itself is skipped by the kernel; clear it explicitly.
+        // SAFETY: as above, `target` is open now and owned by the child.
+        let placed = unsafe { OwnedFd::from_raw_fd(*target) };
+        let cleared = rustix::io::fcntl_setfd(&placed, FdFlags::empty());
+        std::mem::forget(placed);
+        cleared?;
+    }
+    Ok(())
+}
+
+/// Takes a descriptor number handed down by the parent, such as the worker's
+/// channel at fd 3, and marks it close-on-exec so the worker's own children do
+/// not inherit it.
+///
+/// Returns `None` if `fd` is not open.
+pub(crate) fn adopt_inherited_fd(fd: RawFd) -> Option<OwnedFd> {
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: we only borrow the number to ask the kernel whether it is open;
+    // the borrow does not outlive this statement.
+    let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    rustix::io::fcntl_getfd(borrowed).ok()?;
+    // SAFETY: the fd is open (checked above) and was placed for this process
+    // by its parent for exactly this purpose; nothing else in the process
+    // owns it, and `role()` adopts each inherited number at most once.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    rustix::io::fcntl_setfd(&owned, FdFlags::CLOEXEC).ok()?;
+    Some(owned)
+}
+
+/// Removes an internal variable from the process environment.
+pub(crate) fn remove_env(key: &str) {
+    // SAFETY: called once per variable while the worker identifies itself at
+    // start-up (`procluster::role()`), before the library starts any thread
+    // of its own. The documented contract of `role()` asks callers not to
+    // read the environment from other threads at the same time.
+    unsafe { std::env::remove_var(key) }
+}
+
+/// Sends `signal` to process `pid` (`kill(2)`).
+pub(crate) fn kill(pid: u32, signal: Signal) -> std::io::Result<()> {
+    let raw = i32::try_from(pid).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    let pid = Pid::from_raw(raw).ok_or_else(|| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    rustix::process::kill_process(pid, signal).map_err(Into::into)
+}

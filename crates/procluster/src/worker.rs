@@ -1,0 +1,318 @@
+//! The worker side: identity, messages to and from the primary, the shutdown
+//! signal, and (in [`crate::listeners`]) ports shared through the primary.
+//!
+//! ```no_run
+//! use procluster::Role;
+//!
+//! #[tokio::main]
+//! async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//!     match procluster::role()? {
+//!         Role::Primary => { /* build and start a Cluster */ }
+//!         Role::Worker(worker) => {
+//!             worker.send(&format!("hello from worker {}", worker.id())).await?;
+//!             worker.shutdown_signal().await;
+//!         }
+//!     }
+//!     Ok(())
+//! }
+//! ```
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
+
+use crate::channel::{ChannelError, ChannelReader, ChannelSender};
+use crate::message::Message;
+use crate::protocol::{Control, Format, Frame, FrameKind, ListenReply};
+use crate::{Error, WorkerId};
+
+/// Bytes of unread user messages a worker queues before it stops reading its
+/// channel.
+const INBOX_BUDGET: usize = 64 * 1024 * 1024;
+
+/// This process as a worker of a cluster (Node's `cluster.worker`). Cheap to
+/// clone.
+#[derive(Clone)]
+pub struct Worker {
+    pub(crate) inner: Arc<WorkerInner>,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker").field("id", &self.inner.id).field("index", &self.inner.index).finish()
+    }
+}
+
+pub(crate) struct WorkerInner {
+    pub(crate) id: WorkerId,
+    index: Option<usize>,
+    format: Format,
+    pub(crate) sender: ChannelSender,
+    inbox: tokio::sync::Mutex<mpsc::UnboundedReceiver<(Message, usize)>>,
+    inbox_budget: Arc<Semaphore>,
+    shutdown: watch::Sender<bool>,
+    disconnected: AtomicBool,
+    next_seq: AtomicU32,
+    pub(crate) pending_listens: Mutex<HashMap<u32, oneshot::Sender<(ListenReply, Vec<OwnedFd>)>>>,
+    pub(crate) connections: crate::listeners::ConnectionRouter,
+}
+
+/// The internal settings a worker reads from its environment.
+pub(crate) struct WorkerEnv {
+    pub(crate) id: WorkerId,
+    pub(crate) index: Option<usize>,
+    pub(crate) format: Format,
+    pub(crate) max_frame: usize,
+    pub(crate) heartbeat: Option<Duration>,
+    pub(crate) channel: OwnedFd,
+}
+
+impl Worker {
+    /// Starts the worker's runtime on its channel. Needs a Tokio runtime.
+    pub(crate) fn start(env: WorkerEnv) -> Result<Self, Error> {
+        // Written before anything else, synchronously, so that a worker that
+        // exits at once has still been online.
+        let mut online = Vec::new();
+        let hello = Control::Online { pid: std::process::id() }.encode();
+        crate::protocol::encode_frame(&mut online, FrameKind::Control, Format::Binary, 0, &hello);
+        rustix::io::write(&env.channel, &online).map_err(|e| Error::io("cannot write to the worker's channel", e.into()))?;
+        let (sender, reader) = crate::channel::open(env.channel, env.max_frame)
+            .map_err(|e| Error::io("cannot open the worker's channel", e))?;
+        let (inbox_tx, inbox_rx) = mpsc::unbounded_channel();
+        let inner = Arc::new(WorkerInner {
+            id: env.id,
+            index: env.index,
+            format: env.format,
+            sender,
+            inbox: tokio::sync::Mutex::new(inbox_rx),
+            inbox_budget: Arc::new(Semaphore::new(INBOX_BUDGET)),
+            shutdown: watch::channel(false).0,
+            disconnected: AtomicBool::new(false),
+            next_seq: AtomicU32::new(1),
+            pending_listens: Mutex::new(HashMap::new()),
+            connections: crate::listeners::ConnectionRouter::default(),
+        });
+        tokio::spawn(read_loop(inner.clone(), reader, inbox_tx));
+        if let Some(every) = env.heartbeat {
+            tokio::spawn(heartbeat_loop(Arc::downgrade(&inner), every));
+        }
+        Ok(Self { inner })
+    }
+
+    /// This worker's id: unique within its primary's life, starting at 1.
+    pub fn id(&self) -> WorkerId {
+        self.inner.id
+    }
+
+    /// The slot this worker fills (0..N-1), stable across restarts of the
+    /// slot; `None` when the primary forked it outside any slot.
+    pub fn index(&self) -> Option<usize> {
+        self.inner.index
+    }
+
+    /// Sends a message to the primary, which receives it attributed to this
+    /// worker. Waits while the channel's buffer is full.
+    ///
+    /// # Errors
+    /// [`Error::ChannelClosed`] after this worker disconnected;
+    /// [`Error::Encode`] when the value does not serialise.
+    pub async fn send<T: Serialize + ?Sized>(&self, value: &T) -> Result<(), Error> {
+        self.send_frame(FrameKind::User, None, value, Vec::new()).await
+    }
+
+    /// Sends a message with descriptors attached; they are duplicated, so the
+    /// caller keeps its own.
+    ///
+    /// # Errors
+    /// As [`Worker::send`].
+    pub async fn send_fds<T: Serialize + ?Sized, F: AsFd>(&self, value: &T, fds: &[F]) -> Result<(), Error> {
+        let owned = crate::primary::dup_all(fds)?;
+        self.send_frame(FrameKind::User, None, value, owned).await
+    }
+
+    /// Sends a message to another worker, relayed by the primary. The
+    /// receiver sees this worker's id in [`Message::from_worker`].
+    ///
+    /// # Errors
+    /// As [`Worker::send`]. A target that is not connected is not an error
+    /// here: the primary drops the message and logs it.
+    pub async fn send_to<T: Serialize + ?Sized>(&self, target: WorkerId, value: &T) -> Result<(), Error> {
+        self.send_frame(FrameKind::Relayed, Some(target), value, Vec::new()).await
+    }
+
+    async fn send_frame<T: Serialize + ?Sized>(
+        &self,
+        kind: FrameKind,
+        target: Option<WorkerId>,
+        value: &T,
+        fds: Vec<OwnedFd>,
+    ) -> Result<(), Error> {
+        if self.inner.disconnected.load(Ordering::Relaxed) {
+            return Err(Error::ChannelClosed);
+        }
+        let format = self.inner.format;
+        self.inner
+            .sender
+            .send_with(kind, format, fds, |buf| {
+                if let Some(target) = target {
+                    buf.extend_from_slice(&target.to_le_bytes());
+                }
+                crate::message::encode_into(format, value, buf)
+            })
+            .await
+            .map_err(|e| match e {
+                ChannelError::Closed => Error::ChannelClosed,
+                ChannelError::Io(e) => Error::Encode(e),
+                other => Error::Channel(other),
+            })
+    }
+
+    /// The next message from the primary (or relayed from another worker);
+    /// `None` once the channel is closed.
+    ///
+    /// # Cancel safety
+    /// Cancel safe.
+    pub async fn recv(&self) -> Option<Message> {
+        let (message, charge) = self.inner.inbox.lock().await.recv().await?;
+        if charge > 0 {
+            self.inner.inbox_budget.add_permits(charge);
+        }
+        Some(message)
+    }
+
+    /// Tells the primary this worker is ready to serve, for clusters that
+    /// wait for an explicit signal rather than for listening.
+    ///
+    /// # Errors
+    /// [`Error::ChannelClosed`] if the primary is gone.
+    pub fn ready(&self) -> Result<(), Error> {
+        Ok(self.inner.sender.send_now(FrameKind::Control, &Control::Ready.encode(), Vec::new())?)
+    }
+
+    /// Resolves when this worker should stop: the primary disconnected it,
+    /// or it disconnected itself. Hand it to a server's graceful shutdown.
+    ///
+    /// ```no_run
+    /// # async fn f(worker: procluster::worker::Worker, listener: tokio::net::TcpListener) {
+    /// # let app = axum::Router::new();
+    /// axum::serve(listener, app).with_graceful_shutdown(worker.shutdown_signal()).await.unwrap();
+    /// # }
+    /// ```
+    pub fn shutdown_signal(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut rx = self.inner.shutdown.subscribe();
+        async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+    }
+
+    /// Whether the shutdown signal has fired.
+    pub fn is_shutting_down(&self) -> bool {
+        *self.inner.shutdown.borrow()
+    }
+
+    /// Whether this worker is still connected to the cluster.
+    pub fn is_connected(&self) -> bool {
+        !self.inner.disconnected.load(Ordering::Relaxed) && self.inner.sender.is_open()
+    }
+
+    /// Disconnects this worker from the cluster: its cluster listeners close,
+    /// its shutdown signal fires and the primary is told. The process keeps
+    /// running until its own work is done and `main` returns.
+    pub fn disconnect(&self) {
+        self.inner.disconnect();
+    }
+
+    pub(crate) fn next_seq(&self) -> u32 {
+        self.inner.next_seq.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+impl WorkerInner {
+    fn disconnect(&self) {
+        if self.disconnected.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        self.shutdown.send_replace(true);
+        self.connections.close_all();
+        let _ = self.sender.send_now(FrameKind::Control, &Control::Disconnected.encode(), Vec::new());
+    }
+
+    pub(crate) fn shutdown_receiver(&self) -> watch::Receiver<bool> {
+        self.shutdown.subscribe()
+    }
+}
+
+async fn read_loop(
+    inner: Arc<WorkerInner>,
+    mut reader: ChannelReader,
+    inbox: mpsc::UnboundedSender<(Message, usize)>,
+) {
+    let mut frames = Vec::new();
+    loop {
+        match reader.read_frames(&mut frames).await {
+            Ok(true) => {
+                for frame in frames.drain(..) {
+                    dispatch(&inner, &inbox, frame).await;
+                }
+            }
+            Ok(false) => primary_gone("the primary closed the channel"),
+            Err(error) => primary_gone(&format!("the channel to the primary failed: {error}")),
+        }
+    }
+}
+
+/// A worker never outlives its primary.
+fn primary_gone(why: &str) -> ! {
+    tracing::debug!("{why}; exiting");
+    std::process::exit(1);
+}
+
+async fn dispatch(inner: &Arc<WorkerInner>, inbox: &mpsc::UnboundedSender<(Message, usize)>, frame: Frame) {
+    match frame.kind {
+        FrameKind::Control => match Control::decode(&frame.payload) {
+            Ok(Control::Disconnect) => inner.disconnect(),
+            Ok(Control::ListenResult { seq, reply }) => {
+                let waiter = inner.pending_listens.lock().unwrap_or_else(|e| e.into_inner()).remove(&seq);
+                if let Some(waiter) = waiter {
+                    let _ = waiter.send((reply, frame.fds));
+                }
+            }
+            Ok(Control::Connection { key, seq }) => crate::listeners::incoming_connection(inner, key, seq, frame.fds),
+            Ok(other) => tracing::debug!(?other, "ignoring an unexpected control message"),
+            Err(error) => primary_gone(&format!("the primary sent a bad control message: {error}")),
+        },
+        FrameKind::User | FrameKind::Relayed => {
+            let (from_worker, payload) = if frame.kind == FrameKind::Relayed {
+                let id = u32::from_le_bytes(frame.payload[..4].try_into().expect("length checked by the decoder"));
+                (Some(id), frame.payload.slice(4..))
+            } else {
+                (None, frame.payload)
+            };
+            let charge = payload.len().clamp(1, INBOX_BUDGET);
+            match inner.inbox_budget.acquire_many(charge as u32).await {
+                Ok(permit) => permit.forget(),
+                Err(_) => return,
+            }
+            let message = Message { format: frame.format, payload, fds: frame.fds, from_worker, charge: 0 };
+            let _ = inbox.send((message, charge));
+        }
+    }
+}
+
+async fn heartbeat_loop(inner: std::sync::Weak<WorkerInner>, every: Duration) {
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let Some(inner) = inner.upgrade() else { return };
+        if inner.sender.send_now(FrameKind::Control, &Control::Heartbeat.encode(), Vec::new()).is_err() {
+            return;
+        }
+    }
+}
