@@ -1,9 +1,12 @@
 //! Shared pieces of the integration tests: the messages the test worker
 //! understands, and helpers to wait for events with generous deadlines.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
-use procluster::primary::{Cluster, ClusterBuilder, Event};
+use procluster::primary::{Cluster, ClusterBuilder, Event, ExitStatus, WorkerHandle};
+use procluster::{Message, Signal, WorkerId};
+use rustix::process::Pid;
 use serde::{Deserialize, Serialize};
 
 /// Long enough for a loaded 2-core machine; tests wait for events, never
@@ -25,7 +28,10 @@ pub async fn next(cluster: &mut Cluster) -> Event {
 
 /// Reads events until `pick` accepts one, returning what it returned and
 /// every event passed on the way.
-pub async fn until<T>(cluster: &mut Cluster, mut pick: impl FnMut(&Event) -> Option<T>) -> (T, Vec<Event>) {
+pub async fn until<T>(
+    cluster: &mut Cluster,
+    mut pick: impl FnMut(&Event) -> Option<T>,
+) -> (T, Vec<Event>) {
     let mut seen = Vec::new();
     loop {
         let event = next(cluster).await;
@@ -53,13 +59,20 @@ pub fn name(event: &Event) -> &'static str {
 
 /// Number of open descriptors of this process.
 pub fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd").map(|d| d.count()).unwrap_or(0)
+    std::fs::read_dir("/proc/self/fd")
+        .map(|d| d.count())
+        .unwrap_or(0)
 }
 
 /// Whether a process exists (and is not a zombie).
 pub fn alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'),
+        Ok(stat) => !stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z'),
         Err(_) => false,
     }
 }
@@ -100,6 +113,17 @@ pub enum Command {
     Describe,
     /// Start a child and report whether it sees worker variables.
     ChildEnv,
+    /// Start a child and report which descriptors it has, and what the
+    /// worker's own channel is, to show the child did not inherit it.
+    ChildFds,
+    /// Reply `Echo` with the same text, with the message's fds attached.
+    EchoWithFds(String),
+    /// Reply with the same blob (bulk bytes, compact in the binary format).
+    EchoBlob(Blob),
+    /// Send `count` messages (`Reply::Padded`), each with one descriptor and
+    /// `padding` bytes of text, from a task of its own while the worker goes
+    /// on serving commands.
+    SendFds { count: u64, padding: usize },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -108,9 +132,202 @@ pub enum Reply {
     EchoBytes(Vec<u8>),
     Count(usize),
     Seq(u64),
-    Relayed { from: Option<u32>, text: String },
-    Described { env: Vec<(String, String)>, cwd: String, id: u32, index: Option<usize> },
+    Relayed {
+        from: Option<u32>,
+        text: String,
+    },
+    Described {
+        env: Vec<(String, String)>,
+        cwd: String,
+        id: u32,
+        index: Option<usize>,
+    },
     ChildEnv(String),
     Fds(usize),
+    /// What `ChildFds` saw: the link target of the worker's channel (fd 3)
+    /// and of every descriptor of the child.
+    ChildFds {
+        channel: String,
+        child: Vec<String>,
+    },
+    Blob(Blob),
+    Padded {
+        seq: u64,
+        padding: String,
+    },
 }
 
+/// Bytes serialised as one byte string (`serialize_bytes`): in the binary
+/// format a length and the raw bytes, not one element per byte. (In JSON it is
+/// still an array of numbers; use text there.)
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Blob(pub Vec<u8>);
+
+impl Serialize for Blob {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_bytes(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Blob {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Blob;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a byte string")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Blob, E> {
+                Ok(Blob(v.to_vec()))
+            }
+            fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Blob, E> {
+                Ok(Blob(v))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Blob, A::Error> {
+                let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0));
+                while let Some(byte) = seq.next_element()? {
+                    out.push(byte);
+                }
+                Ok(Blob(out))
+            }
+        }
+        deserializer.deserialize_byte_buf(Visit)
+    }
+}
+
+/// Reads events until `count` workers have come online; returns every event
+/// read on the way.
+pub async fn online(cluster: &mut Cluster, count: usize) -> Vec<Event> {
+    let mut seen = Vec::new();
+    let mut online = 0;
+    while online < count {
+        let event = next(cluster).await;
+        if matches!(event, Event::Online(_)) {
+            online += 1;
+        }
+        seen.push(event);
+    }
+    seen
+}
+
+/// The next user message and its sender, passing over other events.
+pub async fn message(cluster: &mut Cluster) -> (WorkerHandle, Message) {
+    loop {
+        if let Event::Message { worker, message } = next(cluster).await {
+            return (worker, message);
+        }
+    }
+}
+
+/// The next user message decoded as a [`Reply`], and its sender.
+pub async fn reply(cluster: &mut Cluster) -> (WorkerHandle, Reply) {
+    let (worker, message) = message(cluster).await;
+    let reply = message.decode().expect("a reply from the test worker");
+    (worker, reply)
+}
+
+/// How a worker's `Exit` event described its end.
+#[derive(Debug, Clone, Copy)]
+pub struct Exited {
+    pub status: ExitStatus,
+    pub after_disconnect: bool,
+}
+
+/// Reads events until worker `id` exits. Returns how it exited and the names
+/// of that worker's events read on the way (the `exit` included).
+pub async fn exit_of(cluster: &mut Cluster, id: WorkerId) -> (Exited, Vec<&'static str>) {
+    let mut names = Vec::new();
+    loop {
+        let event = next(cluster).await;
+        if event.worker().id() != id {
+            continue;
+        }
+        names.push(name(&event));
+        if let Event::Exit {
+            status,
+            exited_after_disconnect,
+            ..
+        } = event
+        {
+            return (
+                Exited {
+                    status,
+                    after_disconnect: exited_after_disconnect,
+                },
+                names,
+            );
+        }
+    }
+}
+
+/// Reads the events left until the cluster ends (no worker alive).
+pub async fn drain(cluster: &mut Cluster) -> Vec<Event> {
+    let mut seen = Vec::new();
+    while let Some(event) = tokio::time::timeout(DEADLINE, cluster.next_event())
+        .await
+        .expect("timed out waiting for the cluster to end")
+    {
+        seen.push(event);
+    }
+    seen
+}
+
+/// The names of the events about worker `id`, in order.
+pub fn names_of(events: &[Event], id: WorkerId) -> Vec<&'static str> {
+    events
+        .iter()
+        .filter(|e| e.worker().id() == id)
+        .map(name)
+        .collect()
+}
+
+/// Sends `signal` to process `pid` from outside the cluster.
+pub fn kill_pid(pid: u32, signal: Signal) {
+    let pid = Pid::from_raw(i32::try_from(pid).expect("pid fits i32")).expect("a pid is not 0");
+    rustix::process::kill_process(pid, signal).expect("kill");
+}
+
+/// Children of this process that have exited but were not reaped.
+pub fn zombie_children() -> Vec<u32> {
+    let me = std::process::id();
+    let mut zombies = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // After the command name in parentheses: state, then the parent pid.
+        let mut fields = stat.rsplit(')').next().unwrap_or("").split_whitespace();
+        let state = fields.next();
+        let parent = fields.next().and_then(|p| p.parse::<u32>().ok());
+        if state == Some("Z") && parent == Some(me) {
+            zombies.push(pid);
+        }
+    }
+    zombies
+}
+
+/// A new empty directory, removed with its contents on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        static COUNT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("procluster-{tag}-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("create a temporary directory");
+        Self(dir.canonicalize().expect("canonical temporary directory"))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

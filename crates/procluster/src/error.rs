@@ -62,13 +62,19 @@ pub enum Error {
 
 impl Error {
     pub(crate) fn io(context: impl Into<String>, source: io::Error) -> Self {
-        Self::Io { context: context.into(), source }
+        Self::Io {
+            context: context.into(),
+            source,
+        }
     }
 
     /// Whether this error means the peer is gone (closed channel, or a worker
     /// that is no longer connected).
     pub fn is_disconnected(&self) -> bool {
-        matches!(self, Self::NotConnected(_) | Self::ChannelClosed | Self::Channel(ChannelError::Closed))
+        matches!(
+            self,
+            Self::NotConnected(_) | Self::ChannelClosed | Self::Channel(ChannelError::Closed)
+        )
     }
 }
 

@@ -80,7 +80,14 @@ pub mod env_keys {
     /// `reuseport`. Read by the primary; not internal.
     pub const SCHED_POLICY: &str = "PROCLUSTER_SCHED_POLICY";
 
-    pub(crate) const INTERNAL: [&str; 6] = [WORKER_ID, WORKER_INDEX, CHANNEL_FD, FORMAT, MAX_FRAME, HEARTBEAT_MS];
+    pub(crate) const INTERNAL: [&str; 6] = [
+        WORKER_ID,
+        WORKER_INDEX,
+        CHANNEL_FD,
+        FORMAT,
+        MAX_FRAME,
+        HEARTBEAT_MS,
+    ];
 }
 
 /// What this process is in its cluster.
@@ -139,25 +146,44 @@ fn take_worker_env() -> Result<Option<worker::WorkerEnv>> {
     let id_text = id_text.to_string_lossy().into_owned();
     let fd_text = var(env_keys::CHANNEL_FD).unwrap_or_default();
     let index = var(env_keys::WORKER_INDEX).and_then(|v| v.parse().ok());
-    let format = var(env_keys::FORMAT).and_then(|v| Format::from_name(&v)).unwrap_or_default();
-    let max_frame = var(env_keys::MAX_FRAME).and_then(|v| v.parse().ok()).unwrap_or(protocol::DEFAULT_MAX_FRAME_LEN);
-    let heartbeat = var(env_keys::HEARTBEAT_MS).and_then(|v| v.parse().ok()).map(std::time::Duration::from_millis);
+    let format = var(env_keys::FORMAT)
+        .and_then(|v| Format::from_name(&v))
+        .unwrap_or_default();
+    let max_frame = var(env_keys::MAX_FRAME)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(protocol::DEFAULT_MAX_FRAME_LEN);
+    let heartbeat = var(env_keys::HEARTBEAT_MS)
+        .and_then(|v| v.parse().ok())
+        .map(std::time::Duration::from_millis);
     for key in env_keys::INTERNAL {
         sys::remove_env(key);
     }
-    let broken = || Error::BrokenWorkerEnvironment { id: id_text.clone(), fd: fd_text.clone() };
+    let broken = || Error::BrokenWorkerEnvironment {
+        id: id_text.clone(),
+        fd: fd_text.clone(),
+    };
     let id: WorkerId = id_text.parse().map_err(|_| broken())?;
     let fd: i32 = fd_text.parse().map_err(|_| broken())?;
     let channel = sys::adopt_inherited_fd(fd).ok_or_else(broken)?;
-    Ok(Some(worker::WorkerEnv { id, index, format, max_frame, heartbeat, channel }))
+    Ok(Some(worker::WorkerEnv {
+        id,
+        index,
+        format,
+        max_frame,
+        heartbeat,
+        channel,
+    }))
 }
 
 /// Reads `PROCLUSTER_SCHED_POLICY`.
 pub(crate) fn policy_from_env() -> Result<Option<Policy>> {
     match std::env::var(env_keys::SCHED_POLICY) {
         Err(_) => Ok(None),
-        Ok(name) => Policy::from_name(&name)
-            .map(Some)
-            .ok_or_else(|| Error::Settings(format!("{}={name:?}: expected shared, round-robin or reuseport", env_keys::SCHED_POLICY))),
+        Ok(name) => Policy::from_name(&name).map(Some).ok_or_else(|| {
+            Error::Settings(format!(
+                "{}={name:?}: expected shared, round-robin or reuseport",
+                env_keys::SCHED_POLICY
+            ))
+        }),
     }
 }

@@ -7,7 +7,13 @@ use crate::primary::{Inner, WorkerHandle};
 use crate::protocol::Control;
 use crate::worker::WorkerInner;
 
-pub(crate) fn handle_control(_inner: &Arc<Inner>, _worker: &WorkerHandle, _control: Control, _fds: Vec<OwnedFd>) {}
+pub(crate) fn handle_control(
+    _inner: &Arc<Inner>,
+    _worker: &WorkerHandle,
+    _control: Control,
+    _fds: Vec<OwnedFd>,
+) {
+}
 
 pub(crate) fn worker_gone(_inner: &Arc<Inner>, _worker: &WorkerHandle) {}
 
@@ -18,4 +24,10 @@ impl ConnectionRouter {
     pub(crate) fn close_all(&self) {}
 }
 
-pub(crate) fn incoming_connection(_inner: &Arc<WorkerInner>, _key: u32, _seq: u64, _fds: Vec<OwnedFd>) {}
+pub(crate) fn incoming_connection(
+    _inner: &Arc<WorkerInner>,
+    _key: u32,
+    _seq: u64,
+    _fds: Vec<OwnedFd>,
+) {
+}

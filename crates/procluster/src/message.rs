@@ -100,10 +100,16 @@ pub(crate) fn decode<T: DeserializeOwned>(format: Format, bytes: &[u8]) -> Resul
 }
 
 /// Appends `value` encoded in `format` to `out`.
-pub(crate) fn encode_into<T: Serialize + ?Sized>(format: Format, value: &T, out: &mut Vec<u8>) -> io::Result<()> {
+pub(crate) fn encode_into<T: Serialize + ?Sized>(
+    format: Format,
+    value: &T,
+    out: &mut Vec<u8>,
+) -> io::Result<()> {
     match format {
         Format::Json => serde_json::to_writer(out, value).map_err(io::Error::other),
-        Format::Binary => postcard::to_io(value, out).map(|_| ()).map_err(io::Error::other),
+        Format::Binary => postcard::to_io(value, out)
+            .map(|_| ())
+            .map_err(io::Error::other),
     }
 }
 
@@ -121,7 +127,10 @@ mod tests {
     fn both_formats_round_trip() {
         for format in [Format::Json, Format::Binary] {
             let mut out = Vec::new();
-            let value = Tick { n: 42, name: "x".into() };
+            let value = Tick {
+                n: 42,
+                name: "x".into(),
+            };
             encode_into(format, &value, &mut out).unwrap();
             assert_eq!(decode::<Tick>(format, &out).unwrap(), value);
         }

@@ -154,7 +154,9 @@ impl Header {
             return Err(ProtocolError::BadFormat(bytes[2]));
         }
         if kind == FrameKind::Relayed && len < 4 {
-            return Err(ProtocolError::Malformed("relayed frame shorter than its peer id"));
+            return Err(ProtocolError::Malformed(
+                "relayed frame shorter than its peer id",
+            ));
         }
         Ok(Self {
             kind,
@@ -182,7 +184,9 @@ pub struct Frame {
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum ProtocolError {
     /// The header does not start with [`MAGIC`].
-    #[error("frame header starts with {0:#04x}, expected {MAGIC:#04x}: the peer is not speaking the procluster protocol")]
+    #[error(
+        "frame header starts with {0:#04x}, expected {MAGIC:#04x}: the peer is not speaking the procluster protocol"
+    )]
     BadMagic(u8),
     /// Unknown frame kind.
     #[error("unknown frame kind {0}")]
@@ -592,7 +596,12 @@ mod tests {
     fn frames_split_at_every_byte_decode_the_same() {
         let mut wire = frame_bytes(FrameKind::User, Format::Json, 0, b"first");
         wire.extend(frame_bytes(FrameKind::User, Format::Binary, 0, b""));
-        wire.extend(frame_bytes(FrameKind::Control, Format::Binary, 0, &Control::Ready.encode()));
+        wire.extend(frame_bytes(
+            FrameKind::Control,
+            Format::Binary,
+            0,
+            &Control::Ready.encode(),
+        ));
         for split in 0..wire.len() {
             let mut d = FrameDecoder::new(1024);
             let mut frames = Vec::new();
@@ -659,8 +668,19 @@ mod tests {
     #[test]
     fn oversized_frames_are_refused_before_allocation() {
         let mut d = FrameDecoder::new(16);
-        d.push_bytes(&Header { kind: FrameKind::User, format: Format::Json, fds: 0, len: u32::MAX }.to_bytes());
-        assert!(matches!(d.next_frame(), Err(ProtocolError::TooLarge { .. })));
+        d.push_bytes(
+            &Header {
+                kind: FrameKind::User,
+                format: Format::Json,
+                fds: 0,
+                len: u32::MAX,
+            }
+            .to_bytes(),
+        );
+        assert!(matches!(
+            d.next_frame(),
+            Err(ProtocolError::TooLarge { .. })
+        ));
         assert!(d.buf.capacity() < 1024 * 1024);
     }
 
@@ -687,14 +707,24 @@ mod tests {
             Control::Disconnect,
             Control::Listen {
                 seq: 3,
-                spec: ListenSpec::Tcp { addr: "127.0.0.1:0".into(), backlog: Some(5), ipv6_only: None },
+                spec: ListenSpec::Tcp {
+                    addr: "127.0.0.1:0".into(),
+                    backlog: Some(5),
+                    ipv6_only: None,
+                },
                 exclusive: false,
             },
             Control::ListenResult {
                 seq: 3,
-                reply: ListenReply::Failed { os_error: Some(98), message: "in use".into() },
+                reply: ListenReply::Failed {
+                    os_error: Some(98),
+                    message: "in use".into(),
+                },
             },
-            Control::Connection { key: 1, seq: u64::MAX },
+            Control::Connection {
+                key: 1,
+                seq: u64::MAX,
+            },
         ];
         for c in all {
             assert_eq!(Control::decode(&c.encode()).unwrap(), c);

@@ -24,7 +24,12 @@ impl ChildFds {
 
     /// The highest target fd, to pick scratch numbers above it.
     fn scratch_base(&self) -> RawFd {
-        let highest_source = self.moves.iter().map(|(fd, _)| fd.as_raw_fd()).max().unwrap_or(0);
+        let highest_source = self
+            .moves
+            .iter()
+            .map(|(fd, _)| fd.as_raw_fd())
+            .max()
+            .unwrap_or(0);
         let highest_target = self.moves.iter().map(|(_, t)| *t).max().unwrap_or(0);
         highest_source.max(highest_target) + 1
     }
@@ -42,11 +47,7 @@ impl ChildFds {
 ///
 /// The descriptors are moved into the closure and closed in the parent when
 /// `command` is dropped.
-pub(crate) fn prepare_child(
-    command: &mut tokio::process::Command,
-    fds: ChildFds,
-    own_group: bool,
-) {
+pub(crate) fn prepare_child(command: &mut tokio::process::Command, fds: ChildFds, own_group: bool) {
     let parent = rustix::process::getpid();
     let base = fds.scratch_base();
     let moves = fds.moves;
@@ -81,7 +82,9 @@ pub(crate) fn prepare_child(
 fn move_fds(moves: &[(OwnedFd, RawFd)], base: RawFd) -> std::io::Result<()> {
     const MAX_MOVES: usize = 64;
     if moves.len() > MAX_MOVES {
-        return Err(std::io::Error::from_raw_os_error(rustix::io::Errno::MFILE.raw_os_error()));
+        return Err(std::io::Error::from_raw_os_error(
+            rustix::io::Errno::MFILE.raw_os_error(),
+        ));
     }
     let mut scratch: [RawFd; MAX_MOVES] = [-1; MAX_MOVES];
     for (i, (fd, _)) in moves.iter().enumerate() {
@@ -146,7 +149,9 @@ pub(crate) fn remove_env(key: &str) {
 
 /// Sends `signal` to process `pid` (`kill(2)`).
 pub(crate) fn kill(pid: u32, signal: Signal) -> std::io::Result<()> {
-    let raw = i32::try_from(pid).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
-    let pid = Pid::from_raw(raw).ok_or_else(|| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    let raw =
+        i32::try_from(pid).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    let pid =
+        Pid::from_raw(raw).ok_or_else(|| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
     rustix::process::kill_process(pid, signal).map_err(Into::into)
 }

@@ -45,7 +45,10 @@ pub struct Worker {
 
 impl std::fmt::Debug for Worker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Worker").field("id", &self.inner.id).field("index", &self.inner.index).finish()
+        f.debug_struct("Worker")
+            .field("id", &self.inner.id)
+            .field("index", &self.inner.index)
+            .finish()
     }
 }
 
@@ -79,9 +82,13 @@ impl Worker {
         // Written before anything else, synchronously, so that a worker that
         // exits at once has still been online.
         let mut online = Vec::new();
-        let hello = Control::Online { pid: std::process::id() }.encode();
+        let hello = Control::Online {
+            pid: std::process::id(),
+        }
+        .encode();
         crate::protocol::encode_frame(&mut online, FrameKind::Control, Format::Binary, 0, &hello);
-        rustix::io::write(&env.channel, &online).map_err(|e| Error::io("cannot write to the worker's channel", e.into()))?;
+        rustix::io::write(&env.channel, &online)
+            .map_err(|e| Error::io("cannot write to the worker's channel", e.into()))?;
         let (sender, reader) = crate::channel::open(env.channel, env.max_frame)
             .map_err(|e| Error::io("cannot open the worker's channel", e))?;
         let (inbox_tx, inbox_rx) = mpsc::unbounded_channel();
@@ -123,7 +130,8 @@ impl Worker {
     /// [`Error::ChannelClosed`] after this worker disconnected;
     /// [`Error::Encode`] when the value does not serialise.
     pub async fn send<T: Serialize + ?Sized>(&self, value: &T) -> Result<(), Error> {
-        self.send_frame(FrameKind::User, None, value, Vec::new()).await
+        self.send_frame(FrameKind::User, None, value, Vec::new())
+            .await
     }
 
     /// Sends a message with descriptors attached; they are duplicated, so the
@@ -131,7 +139,11 @@ impl Worker {
     ///
     /// # Errors
     /// As [`Worker::send`].
-    pub async fn send_fds<T: Serialize + ?Sized, F: AsFd>(&self, value: &T, fds: &[F]) -> Result<(), Error> {
+    pub async fn send_fds<T: Serialize + ?Sized, F: AsFd>(
+        &self,
+        value: &T,
+        fds: &[F],
+    ) -> Result<(), Error> {
         let owned = crate::primary::dup_all(fds)?;
         self.send_frame(FrameKind::User, None, value, owned).await
     }
@@ -142,8 +154,13 @@ impl Worker {
     /// # Errors
     /// As [`Worker::send`]. A target that is not connected is not an error
     /// here: the primary drops the message and logs it.
-    pub async fn send_to<T: Serialize + ?Sized>(&self, target: WorkerId, value: &T) -> Result<(), Error> {
-        self.send_frame(FrameKind::Relayed, Some(target), value, Vec::new()).await
+    pub async fn send_to<T: Serialize + ?Sized>(
+        &self,
+        target: WorkerId,
+        value: &T,
+    ) -> Result<(), Error> {
+        self.send_frame(FrameKind::Relayed, Some(target), value, Vec::new())
+            .await
     }
 
     async fn send_frame<T: Serialize + ?Sized>(
@@ -174,12 +191,27 @@ impl Worker {
     }
 
     /// The next message from the primary (or relayed from another worker);
-    /// `None` once the channel is closed.
+    /// `None` once this worker is disconnected and every message that arrived
+    /// before has been read.
     ///
     /// # Cancel safety
     /// Cancel safe.
     pub async fn recv(&self) -> Option<Message> {
-        let (message, charge) = self.inner.inbox.lock().await.recv().await?;
+        let mut inbox = self.inner.inbox.lock().await;
+        let mut shutdown = self.inner.shutdown.subscribe();
+        let received = loop {
+            if let Ok(item) = inbox.try_recv() {
+                break Some(item);
+            }
+            if *shutdown.borrow_and_update() {
+                break None;
+            }
+            tokio::select! {
+                item = inbox.recv() => break item,
+                _ = shutdown.changed() => {}
+            }
+        };
+        let (message, charge) = received?;
         if charge > 0 {
             self.inner.inbox_budget.add_permits(charge);
         }
@@ -192,7 +224,10 @@ impl Worker {
     /// # Errors
     /// [`Error::ChannelClosed`] if the primary is gone.
     pub fn ready(&self) -> Result<(), Error> {
-        Ok(self.inner.sender.send_now(FrameKind::Control, &Control::Ready.encode(), Vec::new())?)
+        Ok(self
+            .inner
+            .sender
+            .send_now(FrameKind::Control, &Control::Ready.encode(), Vec::new())?)
     }
 
     /// Resolves when this worker should stop: the primary disconnected it,
@@ -240,7 +275,11 @@ impl WorkerInner {
         }
         self.shutdown.send_replace(true);
         self.connections.close_all();
-        let _ = self.sender.send_now(FrameKind::Control, &Control::Disconnected.encode(), Vec::new());
+        let _ = self.sender.send_now(
+            FrameKind::Control,
+            &Control::Disconnected.encode(),
+            Vec::new(),
+        );
     }
 
     pub(crate) fn shutdown_receiver(&self) -> watch::Receiver<bool> {
@@ -273,23 +312,37 @@ fn primary_gone(why: &str) -> ! {
     std::process::exit(1);
 }
 
-async fn dispatch(inner: &Arc<WorkerInner>, inbox: &mpsc::UnboundedSender<(Message, usize)>, frame: Frame) {
+async fn dispatch(
+    inner: &Arc<WorkerInner>,
+    inbox: &mpsc::UnboundedSender<(Message, usize)>,
+    frame: Frame,
+) {
     match frame.kind {
         FrameKind::Control => match Control::decode(&frame.payload) {
             Ok(Control::Disconnect) => inner.disconnect(),
             Ok(Control::ListenResult { seq, reply }) => {
-                let waiter = inner.pending_listens.lock().unwrap_or_else(|e| e.into_inner()).remove(&seq);
+                let waiter = inner
+                    .pending_listens
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&seq);
                 if let Some(waiter) = waiter {
                     let _ = waiter.send((reply, frame.fds));
                 }
             }
-            Ok(Control::Connection { key, seq }) => crate::listeners::incoming_connection(inner, key, seq, frame.fds),
+            Ok(Control::Connection { key, seq }) => {
+                crate::listeners::incoming_connection(inner, key, seq, frame.fds)
+            }
             Ok(other) => tracing::debug!(?other, "ignoring an unexpected control message"),
             Err(error) => primary_gone(&format!("the primary sent a bad control message: {error}")),
         },
         FrameKind::User | FrameKind::Relayed => {
             let (from_worker, payload) = if frame.kind == FrameKind::Relayed {
-                let id = u32::from_le_bytes(frame.payload[..4].try_into().expect("length checked by the decoder"));
+                let id = u32::from_le_bytes(
+                    frame.payload[..4]
+                        .try_into()
+                        .expect("length checked by the decoder"),
+                );
                 (Some(id), frame.payload.slice(4..))
             } else {
                 (None, frame.payload)
@@ -299,7 +352,13 @@ async fn dispatch(inner: &Arc<WorkerInner>, inbox: &mpsc::UnboundedSender<(Messa
                 Ok(permit) => permit.forget(),
                 Err(_) => return,
             }
-            let message = Message { format: frame.format, payload, fds: frame.fds, from_worker, charge: 0 };
+            let message = Message {
+                format: frame.format,
+                payload,
+                fds: frame.fds,
+                from_worker,
+                charge: 0,
+            };
             let _ = inbox.send((message, charge));
         }
     }
@@ -311,7 +370,11 @@ async fn heartbeat_loop(inner: std::sync::Weak<WorkerInner>, every: Duration) {
     loop {
         ticks.tick().await;
         let Some(inner) = inner.upgrade() else { return };
-        if inner.sender.send_now(FrameKind::Control, &Control::Heartbeat.encode(), Vec::new()).is_err() {
+        if inner
+            .sender
+            .send_now(FrameKind::Control, &Control::Heartbeat.encode(), Vec::new())
+            .is_err()
+        {
             return;
         }
     }

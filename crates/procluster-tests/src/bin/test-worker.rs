@@ -88,7 +88,10 @@ async fn handle(worker: &Worker, command: Command, message: &mut procluster::Mes
         Command::CountFds => Reply::Fds(message.fds().len()),
         Command::ReturnFd => {
             let fds = message.take_fds();
-            worker.send_fds(&Reply::Fds(2), &[&fds[0], &fds[0]]).await.expect("send fds");
+            worker
+                .send_fds(&Reply::Fds(2), &[&fds[0], &fds[0]])
+                .await
+                .expect("send fds");
             return;
         }
         Command::Disconnect => {
@@ -109,6 +112,49 @@ async fn handle(worker: &Worker, command: Command, message: &mut procluster::Mes
                 .output()
                 .expect("sh");
             Reply::ChildEnv(String::from_utf8_lossy(&out.stdout).into_owned())
+        }
+        Command::ChildFds => {
+            // The shell lists its own descriptors (`$$`), as links.
+            let out = std::process::Command::new("sh")
+                .arg("-c")
+                .arg(r#"for fd in /proc/$$/fd/*; do echo "$fd -> $(readlink "$fd")"; done"#)
+                .output()
+                .expect("sh");
+            let child = String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .map(str::to_owned)
+                .collect();
+            let channel = std::fs::read_link(format!("/proc/self/fd/{}", procluster::CHANNEL_FD))
+                .map(|target| target.display().to_string())
+                .unwrap_or_else(|e| format!("not open: {e}"));
+            Reply::ChildFds { channel, child }
+        }
+        Command::EchoWithFds(text) => {
+            let fds = message.take_fds();
+            worker
+                .send_fds(&Reply::Echo(text), &fds)
+                .await
+                .expect("send fds");
+            return;
+        }
+        Command::EchoBlob(blob) => Reply::Blob(blob),
+        Command::SendFds { count, padding } => {
+            let worker = worker.clone();
+            tokio::spawn(async move {
+                let null = std::fs::File::open("/dev/null").expect("/dev/null");
+                let padding = "p".repeat(padding);
+                for seq in 0..count {
+                    let reply = Reply::Padded {
+                        seq,
+                        padding: padding.clone(),
+                    };
+                    worker
+                        .send_fds(&reply, &[&null])
+                        .await
+                        .expect("send with fd");
+                }
+            });
+            return;
         }
     };
     worker.send(&reply).await.expect("send reply");

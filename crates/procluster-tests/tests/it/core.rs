@@ -1,6 +1,7 @@
 //! Roles, messages, lifecycle events and stopping.
 
-use procluster::primary::{Event, WorkerState};
+use procluster::Signal;
+use procluster::primary::{Cluster, Event, WorkerHandle, WorkerState};
 use procluster_tests::*;
 
 use crate::builder;
@@ -11,7 +12,11 @@ async fn a_worker_that_exits_with_42_reports_fork_online_disconnect_exit() {
     let worker = cluster.fork().await.unwrap();
     assert_eq!(worker.id(), 1);
     let (status, seen) = until(&mut cluster, |e| match e {
-        Event::Exit { status, exited_after_disconnect, .. } => Some((*status, *exited_after_disconnect)),
+        Event::Exit {
+            status,
+            exited_after_disconnect,
+            ..
+        } => Some((*status, *exited_after_disconnect)),
         _ => None,
     })
     .await;
@@ -29,7 +34,10 @@ async fn a_worker_that_exits_with_42_reports_fork_online_disconnect_exit() {
 async fn messages_go_both_ways_in_order() {
     let mut cluster = builder("serve").build().unwrap();
     let worker = cluster.fork().await.unwrap();
-    until(&mut cluster, |e| matches!(e, Event::Online(_)).then_some(())).await;
+    until(&mut cluster, |e| {
+        matches!(e, Event::Online(_)).then_some(())
+    })
+    .await;
     for i in 0..100 {
         worker.send(&Command::Echo(format!("m{i}"))).await.unwrap();
     }
@@ -46,10 +54,236 @@ async fn messages_go_both_ways_in_order() {
     }
     worker.disconnect();
     let (after, _) = until(&mut cluster, |e| match e {
-        Event::Exit { exited_after_disconnect, status, .. } => Some((*exited_after_disconnect, *status)),
+        Event::Exit {
+            exited_after_disconnect,
+            status,
+            ..
+        } => Some((*exited_after_disconnect, *status)),
         _ => None,
     })
     .await;
     assert!(after.0);
     assert!(after.1.success());
+}
+
+/// Forks one worker in `mode` and waits until it is online, checking the
+/// events and states on the way.
+async fn one_online_worker(mode: &str) -> (Cluster, WorkerHandle) {
+    let mut cluster = builder(mode).build().unwrap();
+    let worker = cluster.fork().await.unwrap();
+    assert_eq!(worker.state(), WorkerState::None, "forked, not yet online");
+    let seen = online(&mut cluster, 1).await;
+    assert_eq!(
+        seen.iter().map(name).collect::<Vec<_>>(),
+        ["fork", "online"]
+    );
+    assert_eq!(worker.state(), WorkerState::Online);
+    assert!(worker.is_connected());
+    assert!(!worker.is_dead());
+    assert_eq!(worker.exit_status(), None);
+    (cluster, worker)
+}
+
+/// Reads the rest of a worker's life: a `Disconnect`, then an `Exit`, and
+/// nothing after (exactly one of each).
+async fn rest_of_life(cluster: &mut Cluster, worker: &WorkerHandle) -> Exited {
+    let event = next(cluster).await;
+    assert!(
+        matches!(event, Event::Disconnect(ref w) if w == worker),
+        "expected a disconnect, got {event:?}"
+    );
+    assert!(!worker.is_connected(), "not connected once disconnected");
+    assert!(worker.state() >= WorkerState::Disconnected);
+    let (exited, names) = exit_of(cluster, worker.id()).await;
+    assert_eq!(names, ["exit"], "the exit follows the disconnect directly");
+    assert!(worker.is_dead());
+    assert!(!worker.is_connected());
+    assert_eq!(worker.state(), WorkerState::Dead);
+    assert_eq!(worker.exit_status(), Some(exited.status));
+    assert_eq!(worker.exited_after_disconnect(), exited.after_disconnect);
+    let after = tokio::time::timeout(DEADLINE, cluster.next_event())
+        .await
+        .expect("the cluster ends");
+    assert!(after.is_none(), "nothing after the exit, got {after:?}");
+    exited
+}
+
+#[tokio::test]
+async fn a_worker_sigkilled_from_outside_exits_by_signal_9_not_after_disconnect() {
+    let (mut cluster, worker) = one_online_worker("serve").await;
+    kill_pid(worker.pid(), Signal::KILL);
+    let exited = rest_of_life(&mut cluster, &worker).await;
+    assert_eq!(exited.status.signal(), Some(9));
+    assert_eq!(exited.status.code(), None);
+    assert!(
+        !exited.after_disconnect,
+        "killed from outside is an accident"
+    );
+}
+
+#[tokio::test]
+async fn a_worker_killed_by_the_primary_exits_by_that_signal() {
+    let (mut cluster, worker) = one_online_worker("serve").await;
+    worker.kill(Signal::TERM).unwrap();
+    let exited = rest_of_life(&mut cluster, &worker).await;
+    assert_eq!(exited.status.signal(), Some(15));
+    assert!(!exited.after_disconnect, "kill() does not disconnect");
+    worker
+        .kill(Signal::TERM)
+        .expect("killing a dead worker is not an error");
+}
+
+#[tokio::test]
+async fn a_worker_that_disconnects_itself_exits_0_after_disconnect() {
+    // It disconnects as soon as it is up, so its online and disconnect may
+    // arrive together: no state check between them.
+    let mut cluster = builder("self-disconnect").build().unwrap();
+    let worker = cluster.fork().await.unwrap();
+    let (exited, names) = exit_of(&mut cluster, worker.id()).await;
+    assert_eq!(names, ["fork", "online", "disconnect", "exit"]);
+    assert!(worker.is_dead() && !worker.is_connected());
+    assert_eq!(exited.status.code(), Some(0));
+    assert!(
+        exited.after_disconnect,
+        "a worker that disconnected itself exited after a disconnect"
+    );
+    assert!(worker.exited_after_disconnect());
+    assert!(cluster.next_event().await.is_none());
+}
+
+#[tokio::test]
+async fn a_worker_asked_to_disconnect_by_command_exits_0_after_disconnect() {
+    let (mut cluster, worker) = one_online_worker("serve").await;
+    worker.send(&Command::Disconnect).await.unwrap();
+    let exited = rest_of_life(&mut cluster, &worker).await;
+    assert_eq!(exited.status.code(), Some(0));
+    assert!(exited.after_disconnect);
+}
+
+#[tokio::test]
+async fn a_worker_disconnected_by_the_primary_exits_0_after_disconnect() {
+    let (mut cluster, worker) = one_online_worker("serve").await;
+    worker.disconnect();
+    let exited = rest_of_life(&mut cluster, &worker).await;
+    assert_eq!(exited.status.code(), Some(0));
+    assert!(exited.after_disconnect);
+    assert!(
+        worker
+            .send(&Command::Echo("late".into()))
+            .await
+            .unwrap_err()
+            .is_disconnected()
+    );
+    worker.disconnect(); // a second disconnect does nothing
+}
+
+#[tokio::test]
+async fn worker_ids_start_at_1_increase_and_are_never_reused() {
+    let mut cluster = builder("serve").build().unwrap();
+    let mut first = Vec::new();
+    for _ in 0..3 {
+        first.push(cluster.fork().await.unwrap());
+    }
+    assert_eq!(first.iter().map(|w| w.id()).collect::<Vec<_>>(), [1, 2, 3]);
+    online(&mut cluster, 3).await;
+    for worker in &first[1..] {
+        worker.send(&Command::Exit(0)).await.unwrap();
+    }
+    let (exited, _) = until(&mut cluster, |e| match e {
+        Event::Exit { worker, .. } if worker.id() == 3 || worker.id() == 2 => Some(worker.id()),
+        _ => None,
+    })
+    .await;
+    exit_of(&mut cluster, 5 - exited).await;
+    let later = [cluster.fork().await.unwrap(), cluster.fork().await.unwrap()];
+    assert_eq!(
+        later.iter().map(|w| w.id()).collect::<Vec<_>>(),
+        [4, 5],
+        "ids of exited workers are not reused"
+    );
+    assert_eq!(
+        cluster.workers().iter().map(|w| w.id()).collect::<Vec<_>>(),
+        [1, 4, 5]
+    );
+    assert_eq!(cluster.worker(4).as_ref(), Some(&later[0]));
+    assert!(
+        cluster.worker(2).is_none(),
+        "an exited worker is no longer in the cluster"
+    );
+    online(&mut cluster, 2).await;
+    cluster.disconnect().await;
+    drain(&mut cluster).await;
+    assert_eq!(
+        cluster.fork().await.unwrap().id(),
+        6,
+        "not even once every worker has exited"
+    );
+}
+
+#[tokio::test]
+async fn kill_stops_a_busy_looping_worker() {
+    let (mut cluster, worker) = one_online_worker("busy").await;
+    worker.kill(Signal::TERM).unwrap();
+    let exited = rest_of_life(&mut cluster, &worker).await;
+    assert_eq!(exited.status.signal(), Some(15));
+}
+
+#[tokio::test]
+async fn cluster_disconnect_returns_once_every_worker_has_exited_after_disconnect() {
+    let mut cluster = builder("serve").workers(3).build().unwrap();
+    let workers = cluster.start().await.unwrap();
+    assert_eq!(
+        workers.iter().map(|w| w.index()).collect::<Vec<_>>(),
+        [Some(0), Some(1), Some(2)]
+    );
+    online(&mut cluster, 3).await;
+    tokio::time::timeout(DEADLINE, cluster.disconnect())
+        .await
+        .expect("disconnect completes");
+    assert!(
+        workers.iter().all(|w| w.is_dead()),
+        "disconnect() returned before every worker exited"
+    );
+    assert!(cluster.workers().is_empty());
+    let events = drain(&mut cluster).await;
+    for worker in &workers {
+        assert_eq!(
+            names_of(&events, worker.id()),
+            ["disconnect", "exit"],
+            "worker {}",
+            worker.id()
+        );
+        let exit = events.iter().find_map(|e| match e {
+            Event::Exit {
+                worker: w,
+                status,
+                exited_after_disconnect,
+            } if w == worker => Some((*status, *exited_after_disconnect)),
+            _ => None,
+        });
+        let (status, after_disconnect) = exit.unwrap();
+        assert!(status.success(), "worker {}: {status}", worker.id());
+        assert!(after_disconnect, "worker {}", worker.id());
+    }
+}
+
+/// Applications run the event loop on a multi-threaded runtime
+/// (`#[tokio::main]`), where the worker's task and the reader of events run
+/// on different threads at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_events_end_once_the_last_worker_has_exited_on_a_multi_threaded_runtime() {
+    let mut cluster = builder("exit42").build().unwrap();
+    for round in 0..50 {
+        cluster.fork().await.unwrap();
+        until(&mut cluster, |e| {
+            matches!(e, Event::Exit { .. }).then_some(())
+        })
+        .await;
+        let after = tokio::time::timeout(DEADLINE, cluster.next_event())
+            .await
+            .unwrap_or_else(|_| {
+                panic!("round {round}: next_event() still waits though no worker is alive")
+            });
+        assert!(after.is_none(), "round {round}: {after:?}");
+    }
 }

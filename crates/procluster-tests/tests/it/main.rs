@@ -12,3 +12,16 @@ pub fn test_worker() -> &'static str {
 pub fn builder(mode: &str) -> procluster::primary::ClusterBuilder {
     procluster_tests::builder_for(test_worker(), mode)
 }
+
+mod environment;
+mod fds;
+mod garbage;
+mod leaks;
+mod messages;
+mod orphans;
+mod output;
+
+/// The test primary program (a primary in a process of its own).
+pub fn test_primary() -> &'static str {
+    env!("CARGO_BIN_EXE_test-primary")
+}

@@ -188,7 +188,10 @@ impl ClusterBuilder {
         let settings = &mut self.settings;
         if let Some(cwd) = &settings.cwd {
             if !cwd.is_dir() {
-                return Err(Error::Settings(format!("working directory {} is not a directory", cwd.display())));
+                return Err(Error::Settings(format!(
+                    "working directory {} is not a directory",
+                    cwd.display()
+                )));
             }
         }
         if settings.max_frame == 0 || settings.max_frame > u32::MAX as usize {
@@ -213,7 +216,11 @@ impl ClusterBuilder {
             budget_total: budget,
             live: live_tx,
         });
-        Ok(Cluster { inner, events: rx, pending: VecDeque::new() })
+        Ok(Cluster {
+            inner,
+            events: rx,
+            pending: VecDeque::new(),
+        })
     }
 }
 
@@ -257,8 +264,11 @@ impl Inner {
         self.live.send_replace(workers.len());
     }
 
-    pub(crate) fn remove(&self, id: WorkerId) {
+    /// Reports a worker's last event and forgets the worker, atomically with
+    /// respect to `next_event`'s check for the end of the cluster.
+    pub(crate) fn finish(&self, id: WorkerId, last: Event) {
         let mut workers = self.workers();
+        let _ = self.events.send(vec![last]);
         workers.remove(&id);
         self.live.send_replace(workers.len());
     }
@@ -277,7 +287,9 @@ pub struct Cluster {
 
 impl std::fmt::Debug for Cluster {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Cluster").field("workers", &self.workers().len()).finish_non_exhaustive()
+        f.debug_struct("Cluster")
+            .field("workers", &self.workers().len())
+            .finish_non_exhaustive()
     }
 }
 
@@ -300,7 +312,13 @@ impl Cluster {
         let count = self.inner.settings.workers.resolve();
         let mut started = Vec::with_capacity(count);
         for index in 0..count {
-            started.push(self.fork_with(ForkOptions { index: Some(index), ..ForkOptions::default() }).await?);
+            started.push(
+                self.fork_with(ForkOptions {
+                    index: Some(index),
+                    ..ForkOptions::default()
+                })
+                .await?,
+            );
         }
         Ok(started)
     }
@@ -334,10 +352,17 @@ impl Cluster {
             if let Some(event) = self.pending.pop_front() {
                 return Some(self.release(event));
             }
-            match self.events.try_recv() {
-                Ok(batch) => self.pending.extend(batch),
-                Err(_) if self.inner.workers().is_empty() => return None,
-                Err(_) => {
+            let received = {
+                let workers = self.inner.workers();
+                match self.events.try_recv() {
+                    Ok(batch) => Some(batch),
+                    Err(_) if workers.is_empty() => return None,
+                    Err(_) => None,
+                }
+            };
+            match received {
+                Some(batch) => self.pending.extend(batch),
+                None => {
                     let batch = self.events.recv().await?;
                     self.pending.extend(batch);
                 }
@@ -396,7 +421,11 @@ impl Cluster {
     }
 }
 
-pub(crate) fn worker_env(id: WorkerId, settings: &Settings, options: &ForkOptions) -> Vec<(&'static str, String)> {
+pub(crate) fn worker_env(
+    id: WorkerId,
+    settings: &Settings,
+    options: &ForkOptions,
+) -> Vec<(&'static str, String)> {
     let mut env = vec![
         (env_keys::WORKER_ID, id.to_string()),
         (env_keys::CHANNEL_FD, crate::CHANNEL_FD.to_string()),

@@ -91,7 +91,10 @@ mod tests {
 
     #[test]
     fn empty_lines_are_kept() {
-        assert_eq!(split(&[b"a\n\nb\n"]), vec![b"a".to_vec(), vec![], b"b".to_vec()]);
+        assert_eq!(
+            split(&[b"a\n\nb\n"]),
+            vec![b"a".to_vec(), vec![], b"b".to_vec()]
+        );
     }
 
     #[test]
@@ -100,7 +103,10 @@ mod tests {
         let mut input = long.clone();
         input.push(b'\n');
         let out = split(&[&input[..100], &input[100..]]);
-        assert_eq!(out.iter().map(Vec::len).collect::<Vec<_>>(), vec![MAX_LINE, MAX_LINE, 10]);
+        assert_eq!(
+            out.iter().map(Vec::len).collect::<Vec<_>>(),
+            vec![MAX_LINE, MAX_LINE, 10]
+        );
         assert_eq!(out.concat(), long);
     }
 }

@@ -35,12 +35,18 @@ pub struct ExitStatus {
 impl ExitStatus {
     pub(crate) fn from_std(status: std::process::ExitStatus) -> Self {
         use std::os::unix::process::ExitStatusExt;
-        Self { code: status.code(), signal: status.signal() }
+        Self {
+            code: status.code(),
+            signal: status.signal(),
+        }
     }
 
     /// A status for a process whose end could not be observed.
     pub(crate) fn unknown() -> Self {
-        Self { code: None, signal: None }
+        Self {
+            code: None,
+            signal: None,
+        }
     }
 
     /// The exit code, if it exited by itself.
@@ -183,7 +189,11 @@ impl WorkerHandle {
     /// # Errors
     /// As [`WorkerHandle::send`], and an I/O error if a descriptor cannot be
     /// duplicated.
-    pub async fn send_fds<T: Serialize + ?Sized, F: AsFd>(&self, value: &T, fds: &[F]) -> Result<(), Error> {
+    pub async fn send_fds<T: Serialize + ?Sized, F: AsFd>(
+        &self,
+        value: &T,
+        fds: &[F],
+    ) -> Result<(), Error> {
         let owned = dup_all(fds)?;
         self.send_with_fds(value, owned).await
     }
@@ -192,14 +202,20 @@ impl WorkerHandle {
     ///
     /// # Errors
     /// As [`WorkerHandle::send`].
-    pub async fn send_with_fds<T: Serialize + ?Sized>(&self, value: &T, fds: Vec<OwnedFd>) -> Result<(), Error> {
+    pub async fn send_with_fds<T: Serialize + ?Sized>(
+        &self,
+        value: &T,
+        fds: Vec<OwnedFd>,
+    ) -> Result<(), Error> {
         if self.state() >= WorkerState::Disconnected {
             return Err(Error::NotConnected(self.id()));
         }
         let format = self.shared.format;
         self.shared
             .sender
-            .send_with(FrameKind::User, format, fds, |buf| crate::message::encode_into(format, value, buf))
+            .send_with(FrameKind::User, format, fds, |buf| {
+                crate::message::encode_into(format, value, buf)
+            })
             .await
             .map_err(|e| self.map_send_error(e))
     }
@@ -216,7 +232,9 @@ impl WorkerHandle {
             return Ok(());
         }
         let result = match &self.shared.pidfd {
-            Some(pidfd) => rustix::process::pidfd_send_signal(pidfd, signal).map_err(std::io::Error::from),
+            Some(pidfd) => {
+                rustix::process::pidfd_send_signal(pidfd, signal).map_err(std::io::Error::from)
+            }
             None => crate::sys::kill(self.pid(), signal),
         };
         match result {
@@ -240,13 +258,19 @@ impl WorkerHandle {
             life.exited_after_disconnect = true;
         }
         // Best effort: if the channel is already gone, the worker is exiting.
-        let _ = self.shared.sender.send_now(FrameKind::Control, &Control::Disconnect.encode(), Vec::new());
+        let _ = self.shared.sender.send_now(
+            FrameKind::Control,
+            &Control::Disconnect.encode(),
+            Vec::new(),
+        );
     }
 
     fn map_send_error(&self, error: crate::channel::ChannelError) -> Error {
         match error {
             crate::channel::ChannelError::Closed => Error::NotConnected(self.id()),
-            crate::channel::ChannelError::Io(e) if e.kind() == std::io::ErrorKind::Other => Error::Encode(e),
+            crate::channel::ChannelError::Io(e) if e.kind() == std::io::ErrorKind::Other => {
+                Error::Encode(e)
+            }
             other => Error::Channel(other),
         }
     }
@@ -254,6 +278,10 @@ impl WorkerHandle {
 
 pub(crate) fn dup_all<F: AsFd>(fds: &[F]) -> Result<Vec<OwnedFd>, Error> {
     fds.iter()
-        .map(|fd| fd.as_fd().try_clone_to_owned().map_err(|e| Error::io("cannot duplicate a descriptor to send", e)))
+        .map(|fd| {
+            fd.as_fd()
+                .try_clone_to_owned()
+                .map_err(|e| Error::io("cannot duplicate a descriptor to send", e))
+        })
         .collect()
 }

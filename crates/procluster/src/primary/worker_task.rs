@@ -18,13 +18,19 @@ use crate::{Error, Signal, WorkerId};
 /// How long after a worker exits its channel and output may still drain.
 const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(2);
 
-pub(super) async fn fork(inner: &Arc<Inner>, id: WorkerId, options: ForkOptions) -> Result<WorkerHandle, Error> {
+pub(super) async fn fork(
+    inner: &Arc<Inner>,
+    id: WorkerId,
+    options: ForkOptions,
+) -> Result<WorkerHandle, Error> {
     let settings = &inner.settings;
     let program = match &settings.exec {
         Some(program) => program.clone(),
-        None => std::env::current_exe().map_err(|e| Error::io("cannot find the current executable", e))?,
+        None => std::env::current_exe()
+            .map_err(|e| Error::io("cannot find the current executable", e))?,
     };
-    let (ours, theirs) = channel::socket_pair().map_err(|e| Error::io("cannot create a worker channel", e))?;
+    let (ours, theirs) =
+        channel::socket_pair().map_err(|e| Error::io("cannot create a worker channel", e))?;
 
     let mut command = Command::new(&program);
     command.args(&settings.args);
@@ -35,21 +41,29 @@ pub(super) async fn fork(inner: &Arc<Inner>, id: WorkerId, options: ForkOptions)
         command.current_dir(cwd);
     }
     let (stdout, stderr) = match settings.stdio {
-        Stdio::Inherit => (std::process::Stdio::inherit(), std::process::Stdio::inherit()),
+        Stdio::Inherit => (
+            std::process::Stdio::inherit(),
+            std::process::Stdio::inherit(),
+        ),
         Stdio::Prefixed => (std::process::Stdio::piped(), std::process::Stdio::piped()),
         Stdio::Null => (std::process::Stdio::null(), std::process::Stdio::null()),
     };
-    command.stdin(std::process::Stdio::null()).stdout(stdout).stderr(stderr);
+    command
+        .stdin(std::process::Stdio::null())
+        .stdout(stdout)
+        .stderr(stderr);
     let mut fds = crate::sys::ChildFds::default();
     fds.place(theirs, crate::CHANNEL_FD);
     crate::sys::prepare_child(&mut command, fds, settings.own_process_group);
 
-    let mut child = spawn::spawn(command)
-        .await
-        .map_err(|source| Error::Spawn { program: program.clone(), source })?;
+    let mut child = spawn::spawn(command).await.map_err(|source| Error::Spawn {
+        program: program.clone(),
+        source,
+    })?;
     let pid = child.id();
     let pidfd = pid.and_then(open_pidfd);
-    let (sender, reader) = channel::open(ours, settings.max_frame).map_err(|e| Error::io("cannot open a worker channel", e))?;
+    let (sender, reader) = channel::open(ours, settings.max_frame)
+        .map_err(|e| Error::io("cannot open a worker channel", e))?;
     let worker = WorkerHandle {
         shared: Arc::new(WorkerShared {
             id,
@@ -124,12 +138,15 @@ async fn run(
     while channel_open || status.is_none() {
         tokio::select! {
             read = reader.read_frames(&mut frames), if channel_open => {
-                match read {
-                    Ok(true) => deliver(&inner, &worker, &mut frames).await,
-                    Ok(false) => channel_open = false,
+                // Frames decoded before bad bytes are still good.
+                let delivered = deliver(&inner, &worker, &mut frames).await;
+                let outcome = match (read, delivered) {
+                    (Err(error), _) | (_, Err(error)) => Err(error),
+                    (Ok(more), Ok(())) => Ok(more),
+                };
+                match outcome {
+                    Ok(more) => channel_open = more,
                     Err(error) => {
-                        // Frames decoded before the bad bytes are still good.
-                        deliver(&inner, &worker, &mut frames).await;
                         misbehaved(&inner, &worker, &error);
                         channel_open = false;
                     }
@@ -162,8 +179,14 @@ async fn run(
         life.exited_after_disconnect
     };
     tracing::debug!(worker = worker.id(), %status, exited_after_disconnect, "worker exited");
-    inner.emit(Event::Exit { worker: worker.clone(), status, exited_after_disconnect });
-    inner.remove(worker.id());
+    inner.finish(
+        worker.id(),
+        Event::Exit {
+            worker: worker.clone(),
+            status,
+            exited_after_disconnect,
+        },
+    );
 }
 
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {
@@ -173,12 +196,21 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     }
 }
 
-/// Hands decoded frames to the application or the control handler.
-async fn deliver(inner: &Arc<Inner>, worker: &WorkerHandle, frames: &mut Vec<Frame>) {
+/// Hands decoded frames to the application or the control handler. Stops
+/// at the first frame that breaks the protocol; nothing after it counts.
+async fn deliver(
+    inner: &Arc<Inner>,
+    worker: &WorkerHandle,
+    frames: &mut Vec<Frame>,
+) -> Result<(), ChannelError> {
     if frames.is_empty() {
-        return;
+        return Ok(());
     }
-    let user_bytes: usize = frames.iter().filter(|f| f.kind != FrameKind::Control).map(|f| f.payload.len().max(1)).sum();
+    let user_bytes: usize = frames
+        .iter()
+        .filter(|f| f.kind != FrameKind::Control)
+        .map(|f| f.payload.len().max(1))
+        .sum();
     let mut left = 0;
     if user_bytes > 0 {
         let wanted = user_bytes.min(inner.budget_total) as u32;
@@ -187,15 +219,25 @@ async fn deliver(inner: &Arc<Inner>, worker: &WorkerHandle, frames: &mut Vec<Fra
                 permit.forget();
                 left = wanted as usize;
             }
-            Err(_) => return,
+            Err(_) => return Ok(()),
         }
     }
     let mut batch = Vec::new();
+    let mut outcome = Ok(());
     for frame in frames.drain(..) {
+        let charge = match frame.kind {
+            FrameKind::Control => 0,
+            _ => take_charge(&frame, &mut left),
+        };
+        if outcome.is_err() || frame.kind == FrameKind::Relayed {
+            // Not queued for the application: give its share back.
+            inner.budget.add_permits(charge);
+        }
+        if outcome.is_err() {
+            continue; // dropped, with its fds
+        }
         match frame.kind {
             FrameKind::User => {
-                let charge = frame.payload.len().max(1).min(left);
-                left -= charge;
                 let message = Message {
                     format: frame.format,
                     payload: frame.payload,
@@ -203,11 +245,12 @@ async fn deliver(inner: &Arc<Inner>, worker: &WorkerHandle, frames: &mut Vec<Fra
                     from_worker: None,
                     charge,
                 };
-                batch.push(Event::Message { worker: worker.clone(), message });
+                batch.push(Event::Message {
+                    worker: worker.clone(),
+                    message,
+                });
             }
             FrameKind::Relayed => {
-                inner.budget.add_permits(frame.payload.len().max(1).min(left));
-                left -= frame.payload.len().max(1).min(left);
                 flush(inner, &mut batch);
                 relay(inner, worker, frame).await;
             }
@@ -215,12 +258,20 @@ async fn deliver(inner: &Arc<Inner>, worker: &WorkerHandle, frames: &mut Vec<Fra
                 flush(inner, &mut batch);
                 match Control::decode(&frame.payload) {
                     Ok(control) => handle_control(inner, worker, control, frame.fds),
-                    Err(error) => misbehaved(inner, worker, &ChannelError::Protocol(error)),
+                    Err(error) => outcome = Err(ChannelError::Protocol(error)),
                 }
             }
         }
     }
     flush(inner, &mut batch);
+    outcome
+}
+
+/// A user frame's share of the bytes acquired for its batch.
+fn take_charge(frame: &Frame, left: &mut usize) -> usize {
+    let charge = frame.payload.len().max(1).min(*left);
+    *left -= charge;
+    charge
 }
 
 fn flush(inner: &Inner, batch: &mut Vec<Event>) {
@@ -237,7 +288,10 @@ fn handle_control(inner: &Arc<Inner>, worker: &WorkerHandle, control: Control, f
                 inner.emit(Event::Online(worker.clone()));
             }
         }
-        Control::Disconnected => mark_disconnected(inner, worker),
+        Control::Disconnected => {
+            worker.shared.lifecycle().exited_after_disconnect = true;
+            mark_disconnected(inner, worker);
+        }
         Control::Disconnect => {
             // The worker asks; tell it to go ahead, as if we had asked.
             worker.disconnect();
@@ -268,16 +322,31 @@ fn mark_disconnected(inner: &Arc<Inner>, worker: &WorkerHandle) {
 
 /// Garbage from one worker costs that worker, nothing else.
 fn misbehaved(inner: &Arc<Inner>, worker: &WorkerHandle, error: &ChannelError) {
-    let message = format!("worker {} (pid {}) broke the channel protocol and was killed: {error}", worker.id(), worker.pid());
+    let message = format!(
+        "worker {} (pid {}) broke the channel protocol and was killed: {error}",
+        worker.id(),
+        worker.pid()
+    );
     tracing::error!("{message}");
-    inner.emit(Event::Error { worker: worker.clone(), error: message });
+    inner.emit(Event::Error {
+        worker: worker.clone(),
+        error: message,
+    });
     let _ = worker.kill(Signal::KILL);
 }
 
 async fn relay(inner: &Arc<Inner>, from: &WorkerHandle, frame: Frame) {
-    let target = u32::from_le_bytes(frame.payload[..4].try_into().expect("length checked by the decoder"));
+    let target = u32::from_le_bytes(
+        frame.payload[..4]
+            .try_into()
+            .expect("length checked by the decoder"),
+    );
     let Some(to) = inner.worker(target).filter(WorkerHandle::is_connected) else {
-        tracing::warn!(from = from.id(), to = target, "dropped a message for a worker that is not connected");
+        tracing::warn!(
+            from = from.id(),
+            to = target,
+            "dropped a message for a worker that is not connected"
+        );
         return;
     };
     let source = from.id().to_le_bytes();

@@ -1,0 +1,33 @@
+//! The benchmark harness. `cargo run --release -p procluster-bench -- ipc`
+//! measures procluster's channel and Node's cluster IPC in the same run and
+//! prints a table, then one JSON object.
+
+mod ipc;
+mod report;
+
+use clap::{Parser, Subcommand};
+use procluster::Role;
+
+#[derive(Parser)]
+#[command(about = "procluster benchmarks, side by side with Node's cluster module")]
+struct Args {
+    #[command(subcommand)]
+    bench: Bench,
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// Channel throughput, round trip and fork→online latency.
+    Ipc(ipc::IpcArgs),
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    if let Role::Worker(worker) = procluster::role()? {
+        ipc::worker_main(worker).await;
+        return Ok(());
+    }
+    match Args::parse().bench {
+        Bench::Ipc(args) => ipc::run(args).await,
+    }
+}

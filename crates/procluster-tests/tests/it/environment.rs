@@ -1,0 +1,156 @@
+//! What a worker process starts with: environment, working directory,
+//! descriptors; and settings that cannot work.
+
+use procluster::Error;
+use procluster::primary::{ForkOptions, WorkerHandle};
+use procluster_tests::*;
+
+use crate::builder;
+
+async fn describe(cluster: &mut procluster::primary::Cluster, worker: &WorkerHandle) -> Reply {
+    worker.send(&Command::Describe).await.unwrap();
+    let (from, reply) = reply(cluster).await;
+    assert_eq!(&from, worker);
+    reply
+}
+
+#[tokio::test]
+async fn a_worker_gets_cluster_and_fork_env_and_the_cwd_but_no_internal_variables() {
+    let dir = TempDir::new("cwd");
+    let mut cluster = builder("serve")
+        .env("FOR_EVERY_WORKER", "cluster")
+        .cwd(&dir.0)
+        .build()
+        .unwrap();
+    let plain = cluster.fork().await.unwrap();
+    let special = cluster
+        .fork_with(ForkOptions::default().env("FOR_ONE_WORKER", "fork"))
+        .await
+        .unwrap();
+    online(&mut cluster, 2).await;
+
+    let Reply::Described {
+        env,
+        cwd,
+        id,
+        index,
+    } = describe(&mut cluster, &special).await
+    else {
+        panic!("not a description")
+    };
+    let get = |key: &str| env.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str());
+    assert_eq!(get("FOR_EVERY_WORKER"), Some("cluster"));
+    assert_eq!(get("FOR_ONE_WORKER"), Some("fork"));
+    assert!(
+        get("PATH").is_some(),
+        "the primary's environment is inherited"
+    );
+    let internal: Vec<_> = env
+        .iter()
+        .filter(|(k, _)| k.starts_with("PROCLUSTER_"))
+        .collect();
+    assert!(
+        internal.is_empty(),
+        "internal variables left in the worker's environment: {internal:?}"
+    );
+    assert_eq!(std::path::Path::new(&cwd), dir.0);
+    assert_eq!(id, special.id());
+    assert_eq!(index, None, "fork() fills no slot");
+
+    let Reply::Described { env, .. } = describe(&mut cluster, &plain).await else {
+        panic!("not a description")
+    };
+    assert!(
+        env.iter()
+            .any(|(k, v)| k == "FOR_EVERY_WORKER" && v == "cluster")
+    );
+    assert!(
+        !env.iter().any(|(k, _)| k == "FOR_ONE_WORKER"),
+        "fork env is for that worker only"
+    );
+}
+
+#[tokio::test]
+async fn workers_started_for_slots_know_their_index() {
+    let mut cluster = builder("serve").workers(2).build().unwrap();
+    let workers = cluster.start().await.unwrap();
+    online(&mut cluster, 2).await;
+    for (slot, worker) in workers.iter().enumerate() {
+        let Reply::Described { id, index, .. } = describe(&mut cluster, worker).await else {
+            panic!()
+        };
+        assert_eq!((id, index), (worker.id(), Some(slot)));
+    }
+}
+
+#[tokio::test]
+async fn a_child_of_a_worker_sees_no_worker_variables() {
+    let mut cluster = builder("serve").build().unwrap();
+    let worker = cluster.fork().await.unwrap();
+    online(&mut cluster, 1).await;
+    worker.send(&Command::ChildEnv).await.unwrap();
+    let (_, reply) = reply(&mut cluster).await;
+    let Reply::ChildEnv(out) = reply else {
+        panic!("unexpected {reply:?}")
+    };
+    assert!(
+        !out.contains("PROCLUSTER_"),
+        "a worker's child sees worker variables:\n{out}"
+    );
+}
+
+#[tokio::test]
+async fn a_child_of_a_worker_does_not_inherit_the_channel() {
+    let mut cluster = builder("serve").build().unwrap();
+    let worker = cluster.fork().await.unwrap();
+    online(&mut cluster, 1).await;
+    worker.send(&Command::ChildFds).await.unwrap();
+    let (_, reply) = reply(&mut cluster).await;
+    let Reply::ChildFds { channel, child } = reply else {
+        panic!("unexpected {reply:?}")
+    };
+    assert!(
+        channel.starts_with("socket:["),
+        "the worker's channel at fd 3 is a socket: {channel}"
+    );
+    assert!(
+        child.iter().any(|line| line.contains("/fd/0 ")),
+        "the listing works: {child:?}"
+    );
+    let leaked: Vec<_> = child
+        .iter()
+        .filter(|line| line.ends_with(&channel) || line.contains("socket:"))
+        .collect();
+    assert!(
+        leaked.is_empty(),
+        "the child inherited sockets ({channel} is the channel): {leaked:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_missing_program_is_a_spawn_error_from_fork() {
+    let missing = std::env::temp_dir().join("procluster-no-such-program");
+    let cluster = procluster::primary::Cluster::builder()
+        .exec(&missing)
+        .build()
+        .unwrap();
+    match cluster.fork().await {
+        Err(Error::Spawn { program, source }) => {
+            assert_eq!(program, missing);
+            assert_eq!(source.kind(), std::io::ErrorKind::NotFound);
+        }
+        other => panic!("expected a spawn error, got {other:?}"),
+    }
+    assert!(cluster.workers().is_empty(), "no worker was added");
+}
+
+#[tokio::test]
+async fn a_working_directory_that_does_not_exist_is_a_settings_error_from_build() {
+    let missing = std::env::temp_dir().join("procluster-no-such-directory");
+    let error = builder("serve").cwd(&missing).build().unwrap_err();
+    assert!(matches!(error, Error::Settings(_)), "{error:?}");
+    assert!(
+        error.to_string().contains("procluster-no-such-directory"),
+        "the error names the directory: {error}"
+    );
+}
