@@ -517,12 +517,20 @@ pub enum Control {
     Ready,
     /// Worker → primary: the worker's runtime is alive.
     Heartbeat,
+    /// Worker → primary: requests served so far (for recycling after N).
+    Requests {
+        /// Running total.
+        total: u64,
+    },
     /// Worker → primary: please listen on behalf of this worker.
     Listen {
         /// Matches the reply to the request.
         seq: u32,
         /// What to listen on.
         spec: ListenSpec,
+        /// How many earlier requests for the same spec this worker made: the
+        /// k-th `listen(0)` of every worker shares one port.
+        ordinal: u32,
         /// Bypass the primary: the worker binds itself.
         exclusive: bool,
     },
@@ -553,11 +561,21 @@ pub enum Control {
     },
     /// Worker → primary: whether the connection `seq` was taken.
     ConnectionAck {
+        /// The listener it was handed on.
+        key: u32,
         /// The connection's `seq`.
         seq: u64,
         /// `false` if the worker refused it (listener closed, queue full); the
         /// primary then hands it to another worker.
         accepted: bool,
+    },
+    /// Worker → primary: the application waits in `accept()` for `n` more
+    /// connections on a round-robin listener.
+    Credit {
+        /// The listener.
+        key: u32,
+        /// How many more connections the worker will take now.
+        n: u32,
     },
 }
 

@@ -138,6 +138,20 @@ pub(crate) fn adopt_inherited_fd(fd: RawFd) -> Option<OwnedFd> {
     Some(owned)
 }
 
+/// Duplicates a descriptor known only by number (for example one inherited
+/// through `LISTEN_FDS`), leaving the original alone. `None` if it is not
+/// open.
+pub(crate) fn duplicate_raw_fd(fd: RawFd) -> Option<OwnedFd> {
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: the borrow lasts for this statement only; `fcntl(F_GETFD)`
+    // fails harmlessly with EBADF when the number is not open.
+    let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    rustix::io::fcntl_getfd(borrowed).ok()?;
+    borrowed.try_clone_to_owned().ok()
+}
+
 /// Removes an internal variable from the process environment.
 pub(crate) fn remove_env(key: &str) {
     // SAFETY: called once per variable while the worker identifies itself at

@@ -62,6 +62,9 @@ pub(crate) struct WorkerInner {
     shutdown: watch::Sender<bool>,
     disconnected: AtomicBool,
     next_seq: AtomicU32,
+    requests: std::sync::atomic::AtomicU64,
+    requests_sent_at: std::sync::atomic::AtomicU64,
+    started: std::time::Instant,
     pub(crate) pending_listens: Mutex<HashMap<u32, oneshot::Sender<(ListenReply, Vec<OwnedFd>)>>>,
     pub(crate) connections: crate::listeners::ConnectionRouter,
 }
@@ -102,6 +105,9 @@ impl Worker {
             shutdown: watch::channel(false).0,
             disconnected: AtomicBool::new(false),
             next_seq: AtomicU32::new(1),
+            requests: Default::default(),
+            requests_sent_at: Default::default(),
+            started: std::time::Instant::now(),
             pending_listens: Mutex::new(HashMap::new()),
             connections: crate::listeners::ConnectionRouter::default(),
         });
@@ -230,6 +236,25 @@ impl Worker {
             .send_now(FrameKind::Control, &Control::Ready.encode(), Vec::new())?)
     }
 
+    /// Adds to the count of requests this worker has served; the primary's
+    /// supervisor recycles a worker after a configured number. Cheap: the
+    /// count is sent at most every few milliseconds.
+    pub fn add_requests(&self, n: u64) {
+        let total = self.inner.requests.fetch_add(n, Ordering::Relaxed) + n;
+        let now = self.inner.started.elapsed().as_millis() as u64;
+        let last = self.inner.requests_sent_at.load(Ordering::Relaxed);
+        if now.saturating_sub(last) >= 5 || last == 0 {
+            self.inner
+                .requests_sent_at
+                .store(now.max(1), Ordering::Relaxed);
+            let _ = self.inner.sender.send_now(
+                FrameKind::Control,
+                &Control::Requests { total }.encode(),
+                Vec::new(),
+            );
+        }
+    }
+
     /// Resolves when this worker should stop: the primary disconnected it,
     /// or it disconnected itself. Hand it to a server's graceful shutdown.
     ///
@@ -274,16 +299,12 @@ impl WorkerInner {
             return;
         }
         self.shutdown.send_replace(true);
-        self.connections.close_all();
+        self.connections.close_all(&self.sender);
         let _ = self.sender.send_now(
             FrameKind::Control,
             &Control::Disconnected.encode(),
             Vec::new(),
         );
-    }
-
-    pub(crate) fn shutdown_receiver(&self) -> watch::Receiver<bool> {
-        self.shutdown.subscribe()
     }
 }
 

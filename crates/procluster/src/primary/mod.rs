@@ -35,6 +35,7 @@ pub use output::{LineSplitter, MAX_LINE};
 pub use settings::{ForkOptions, Settings, Stdio, Workers};
 pub(crate) use worker_handle::dup_all;
 pub use worker_handle::{ExitStatus, WorkerHandle, WorkerState};
+pub(crate) use worker_task::advance;
 
 use crate::message::Message;
 use crate::protocol::{Format, Policy};
@@ -125,7 +126,7 @@ impl ClusterBuilder {
         I: IntoIterator<Item = S>,
         S: Into<OsString>,
     {
-        self.settings.args = args.into_iter().map(Into::into).collect();
+        self.settings.args = Some(args.into_iter().map(Into::into).collect());
         self
     }
 
@@ -215,6 +216,8 @@ impl ClusterBuilder {
             budget: Arc::new(Semaphore::new(budget)),
             budget_total: budget,
             live: live_tx,
+            listeners: Mutex::default(),
+            keep_listeners: std::sync::atomic::AtomicBool::new(false),
         });
         Ok(Cluster {
             inner,
@@ -243,9 +246,18 @@ pub(crate) struct Inner {
     pub(crate) budget: Arc<Semaphore>,
     pub(crate) budget_total: usize,
     live: watch::Sender<usize>,
+    /// Listeners shared with workers.
+    pub(crate) listeners: Mutex<crate::listeners::primary::Registry>,
+    /// Keep listeners open when no worker holds them (a supervisor that
+    /// restarts workers wants the queued connections kept).
+    keep_listeners: std::sync::atomic::AtomicBool,
 }
 
 impl Inner {
+    pub(crate) fn keeps_listeners(&self) -> bool {
+        self.keep_listeners.load(Ordering::Relaxed)
+    }
+
     fn workers(&self) -> MutexGuard<'_, BTreeMap<WorkerId, WorkerHandle>> {
         self.workers.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -412,6 +424,20 @@ impl Cluster {
             worker.disconnect();
         }
         self.wait_all_exited().await;
+    }
+
+    /// Keeps shared listeners open while no worker holds them, so that
+    /// connections wait in the queue for the next worker instead of being
+    /// refused (Node closes a listener with its last worker; a supervisor
+    /// that restarts workers wants this on). [`Cluster::close_listeners`]
+    /// closes them.
+    pub fn keep_listeners(&self, keep: bool) {
+        self.inner.keep_listeners.store(keep, Ordering::Relaxed);
+    }
+
+    /// Closes every shared listener now.
+    pub fn close_listeners(&self) {
+        crate::listeners::primary::close_all(&self.inner);
     }
 
     /// Waits until no worker is alive.

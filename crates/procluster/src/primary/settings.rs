@@ -44,8 +44,9 @@ impl Workers {
 pub struct Settings {
     /// Program to execute; `None` runs the current executable again.
     pub exec: Option<PathBuf>,
-    /// Arguments for the program.
-    pub args: Vec<OsString>,
+    /// Arguments for the program; `None` passes the primary's own arguments
+    /// (as Node's `cluster` passes `process.argv`).
+    pub args: Option<Vec<OsString>>,
     /// Extra environment for every worker.
     pub env: Vec<(OsString, OsString)>,
     /// Working directory; `None` keeps the primary's.
@@ -74,7 +75,7 @@ impl Default for Settings {
     fn default() -> Self {
         Self {
             exec: None,
-            args: Vec::new(),
+            args: None,
             env: Vec::new(),
             cwd: None,
             stdio: Stdio::Inherit,

@@ -81,6 +81,8 @@ pub(crate) struct Lifecycle {
     pub(crate) exited_after_disconnect: bool,
     pub(crate) exit: Option<ExitStatus>,
     pub(crate) pid: Option<u32>,
+    pub(crate) last_heartbeat: Option<std::time::Instant>,
+    pub(crate) requests: u64,
 }
 
 pub(crate) struct WorkerShared {
@@ -159,6 +161,18 @@ impl WorkerHandle {
     /// than by accident.
     pub fn exited_after_disconnect(&self) -> bool {
         self.shared.lifecycle().exited_after_disconnect
+    }
+
+    /// When its runtime last sent a heartbeat (see
+    /// [`Settings::heartbeat_interval`](crate::primary::Settings)).
+    pub fn last_heartbeat(&self) -> Option<std::time::Instant> {
+        self.shared.lifecycle().last_heartbeat
+    }
+
+    /// Requests served, as last reported by the worker
+    /// ([`Worker::add_requests`](crate::worker::Worker::add_requests)).
+    pub fn requests(&self) -> u64 {
+        self.shared.lifecycle().requests
     }
 
     /// How it exited, once it has.

@@ -33,7 +33,10 @@ pub(super) async fn fork(
         channel::socket_pair().map_err(|e| Error::io("cannot create a worker channel", e))?;
 
     let mut command = Command::new(&program);
-    command.args(&settings.args);
+    match &settings.args {
+        Some(args) => command.args(args),
+        None => command.args(std::env::args_os().skip(1)),
+    };
     command.envs(settings.env.iter().map(|(k, v)| (k, v)));
     command.envs(options.env.iter().map(|(k, v)| (k, v)));
     command.envs(worker_env(id, settings, &options));
@@ -75,6 +78,8 @@ pub(super) async fn fork(
                 exited_after_disconnect: false,
                 exit: None,
                 pid,
+                last_heartbeat: None,
+                requests: 0,
             }),
             pidfd,
         }),
@@ -297,7 +302,10 @@ fn handle_control(inner: &Arc<Inner>, worker: &WorkerHandle, control: Control, f
             worker.disconnect();
         }
         Control::Ready => inner.emit(Event::Ready(worker.clone())),
-        Control::Heartbeat => {}
+        Control::Heartbeat => {
+            worker.shared.lifecycle().last_heartbeat = Some(std::time::Instant::now())
+        }
+        Control::Requests { total } => worker.shared.lifecycle().requests = total,
         other => crate::listeners::handle_control(inner, worker, other, fds),
     }
 }

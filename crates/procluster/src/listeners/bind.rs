@@ -1,0 +1,126 @@
+//! Creating listening sockets, with errors that name the address.
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+
+/// Default `listen()` backlog, as large as most kernels allow by default.
+pub const DEFAULT_BACKLOG: u32 = 1024;
+
+/// Options for a TCP listening socket.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct TcpBind {
+    pub backlog: Option<u32>,
+    pub ipv6_only: Option<bool>,
+    pub reuse_port: bool,
+}
+
+/// Parses `host:port` (IPv6 in brackets) into a socket address.
+pub(crate) fn parse_addr(addr: &str) -> io::Result<SocketAddr> {
+    use std::net::ToSocketAddrs;
+    if let Ok(parsed) = addr.parse() {
+        return Ok(parsed);
+    }
+    addr.to_socket_addrs()
+        .map_err(|e| with_context(e, &format!("cannot resolve {addr}")))?
+        .next()
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{addr} resolves to no address"),
+            )
+        })
+}
+
+/// Binds and listens on a TCP address.
+pub(crate) fn tcp(addr: SocketAddr, options: TcpBind) -> io::Result<Socket> {
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.cloexec(),
+        Some(Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    if options.reuse_port {
+        #[cfg(all(unix, not(target_os = "solaris"), not(target_os = "illumos")))]
+        socket.set_reuse_port(true)?;
+    }
+    if addr.is_ipv6() {
+        socket.set_only_v6(options.ipv6_only.unwrap_or(false))?;
+    }
+    socket.set_nonblocking(true)?;
+    socket
+        .bind(&addr.into())
+        .map_err(|e| bind_error(e, &format!("tcp://{addr}")))?;
+    let backlog = options
+        .backlog
+        .unwrap_or(DEFAULT_BACKLOG)
+        .min(i32::MAX as u32) as i32;
+    socket
+        .listen(backlog)
+        .map_err(|e| bind_error(e, &format!("tcp://{addr}")))?;
+    Ok(socket)
+}
+
+/// Binds a UDP socket.
+pub(crate) fn udp(addr: SocketAddr) -> io::Result<Socket> {
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::DGRAM.cloexec(),
+        Some(Protocol::UDP),
+    )?;
+    socket.set_nonblocking(true)?;
+    socket
+        .bind(&addr.into())
+        .map_err(|e| bind_error(e, &format!("udp://{addr}")))?;
+    Ok(socket)
+}
+
+/// Binds and listens on a Unix stream socket path.
+pub(crate) fn unix(path: &Path, backlog: Option<u32>) -> io::Result<Socket> {
+    let name = format!("unix:{}", path.display());
+    let socket = Socket::new(Domain::UNIX, Type::STREAM.cloexec(), None)?;
+    socket.set_nonblocking(true)?;
+    let address = SockAddr::unix(path).map_err(|e| bind_error(e, &name))?;
+    socket.bind(&address).map_err(|e| bind_error(e, &name))?;
+    let backlog = backlog.unwrap_or(DEFAULT_BACKLOG).min(i32::MAX as u32) as i32;
+    socket.listen(backlog).map_err(|e| bind_error(e, &name))?;
+    Ok(socket)
+}
+
+/// The error of a failed bind, naming the address, with advice for the
+/// usual causes.
+pub(crate) fn bind_error(error: io::Error, address: &str) -> io::Error {
+    let advice = match error.kind() {
+        io::ErrorKind::AddrInUse => {
+            " (another process listens there; pick another port or stop it)"
+        }
+        io::ErrorKind::PermissionDenied => " (ports below 1024 need root or CAP_NET_BIND_SERVICE)",
+        io::ErrorKind::AddrNotAvailable => " (no local interface has that address)",
+        _ => "",
+    };
+    io::Error::new(
+        error.kind(),
+        format!("cannot listen on {address}: {error}{advice}"),
+    )
+}
+
+fn with_context(error: io::Error, context: &str) -> io::Error {
+    io::Error::new(error.kind(), format!("{context}: {error}"))
+}
+
+/// The address a socket is bound to, as `tcp://…`, `udp://…` or `unix:…`.
+pub(crate) fn describe(socket: &Socket) -> String {
+    let Ok(local) = socket.local_addr() else {
+        return "unknown".into();
+    };
+    let stream = socket.r#type().map(|t| t == Type::STREAM).unwrap_or(true);
+    if let Some(addr) = local.as_socket() {
+        return format!("{}://{addr}", if stream { "tcp" } else { "udp" });
+    }
+    match local.as_pathname() {
+        Some(path) => format!("unix:{}", path.display()),
+        None => "unix:(unnamed)".into(),
+    }
+}

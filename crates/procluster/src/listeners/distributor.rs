@@ -1,0 +1,277 @@
+//! Which worker gets each connection the primary accepted: the round-robin
+//! policy, and the draining of a reuseport slot that has no worker.
+//!
+//! Pure bookkeeping, no IO: the caller accepts connections, offers them, and
+//! passes a `send` function to [`Distributor::dispatch`]. The distributor
+//! keeps each connection until the worker that got it acknowledges taking
+//! it, so a worker that refuses it or dies first costs nothing: the
+//! connection goes to another worker.
+
+use std::collections::{HashMap, VecDeque};
+
+use crate::WorkerId;
+
+/// How workers are chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mode {
+    /// A worker takes a connection only while its application waits in
+    /// `accept()` (it grants credit); round-robin among those that do.
+    Credit,
+    /// Round-robin among all workers, no credit needed (draining).
+    Push,
+}
+
+#[derive(Debug)]
+struct Target {
+    worker: WorkerId,
+    credit: usize,
+}
+
+/// Connections waiting for a worker, and connections handed out but not yet
+/// acknowledged.
+#[derive(Debug)]
+pub(crate) struct Distributor<C> {
+    mode: Mode,
+    targets: Vec<Target>,
+    cursor: usize,
+    queue: VecDeque<C>,
+    in_flight: HashMap<u64, (WorkerId, C)>,
+    next_seq: u64,
+}
+
+impl<C> Distributor<C> {
+    pub(crate) fn new(mode: Mode) -> Self {
+        Self {
+            mode,
+            targets: Vec::new(),
+            cursor: 0,
+            queue: VecDeque::new(),
+            in_flight: HashMap::new(),
+            next_seq: 1,
+        }
+    }
+
+    /// Connections accepted but not handed to any worker yet.
+    pub(crate) fn queued(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Connections handed out and not yet acknowledged.
+    #[cfg(test)]
+    pub(crate) fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    pub(crate) fn has_targets(&self) -> bool {
+        !self.targets.is_empty()
+    }
+
+    pub(crate) fn add_target(&mut self, worker: WorkerId) {
+        if !self.targets.iter().any(|t| t.worker == worker) {
+            self.targets.push(Target { worker, credit: 0 });
+        }
+    }
+
+    /// Forgets a worker; what it held unacknowledged goes back to the front
+    /// of the queue, in order.
+    pub(crate) fn remove_target(&mut self, worker: WorkerId) {
+        self.targets.retain(|t| t.worker != worker);
+        let mut returned: Vec<(u64, C)> = Vec::new();
+        let seqs: Vec<u64> = self
+            .in_flight
+            .iter()
+            .filter(|(_, (w, _))| *w == worker)
+            .map(|(s, _)| *s)
+            .collect();
+        for seq in seqs {
+            if let Some((_, conn)) = self.in_flight.remove(&seq) {
+                returned.push((seq, conn));
+            }
+        }
+        returned.sort_by_key(|(seq, _)| *seq);
+        for (_, conn) in returned.into_iter().rev() {
+            self.queue.push_front(conn);
+        }
+    }
+
+    /// The worker's application waits for `n` more connections.
+    pub(crate) fn credit(&mut self, worker: WorkerId, n: usize) {
+        if let Some(target) = self.targets.iter_mut().find(|t| t.worker == worker) {
+            target.credit = target.credit.saturating_add(n);
+        }
+    }
+
+    /// A newly accepted connection.
+    pub(crate) fn offer(&mut self, conn: C) {
+        self.queue.push_back(conn);
+    }
+
+    /// The worker's answer for connection `seq`. Returns the connection when
+    /// it was taken, so the caller can close its own copy.
+    pub(crate) fn ack(&mut self, worker: WorkerId, seq: u64, accepted: bool) -> Option<C> {
+        match self.in_flight.get(&seq) {
+            Some((holder, _)) if *holder == worker => {}
+            _ => return None,
+        }
+        let (_, conn) = self.in_flight.remove(&seq)?;
+        if accepted {
+            Some(conn)
+        } else {
+            // Refused (its listener closed): next worker, and no credit for
+            // this one until it asks again.
+            if let Some(target) = self.targets.iter_mut().find(|t| t.worker == worker) {
+                target.credit = 0;
+            }
+            self.queue.push_front(conn);
+            None
+        }
+    }
+
+    /// Hands queued connections to workers that can take them, calling
+    /// `send(worker, seq, &conn)`; a `false` from `send` means that worker's
+    /// channel is gone: it is removed and the connection goes elsewhere.
+    pub(crate) fn dispatch(&mut self, mut send: impl FnMut(WorkerId, u64, &C) -> bool) {
+        while !self.queue.is_empty() {
+            let Some(index) = self.next_target() else {
+                return;
+            };
+            let worker = self.targets[index].worker;
+            let conn = self.queue.pop_front().expect("queue checked non-empty");
+            let seq = self.next_seq;
+            self.next_seq += 1;
+            if send(worker, seq, &conn) {
+                if self.mode == Mode::Credit {
+                    self.targets[index].credit -= 1;
+                }
+                self.in_flight.insert(seq, (worker, conn));
+            } else {
+                self.queue.push_front(conn);
+                self.remove_target(worker);
+            }
+        }
+    }
+
+    /// The next worker in round-robin order that can take a connection.
+    fn next_target(&mut self) -> Option<usize> {
+        let n = self.targets.len();
+        for step in 0..n {
+            let index = (self.cursor + step) % n;
+            if self.mode == Mode::Push || self.targets[index].credit > 0 {
+                self.cursor = (index + 1) % n;
+                return Some(index);
+            }
+        }
+        None
+    }
+
+    /// Everything still held: queued and in flight (to close it).
+    pub(crate) fn drain_all(&mut self) -> Vec<C> {
+        let mut all: Vec<C> = self.queue.drain(..).collect();
+        all.extend(self.in_flight.drain().map(|(_, (_, c))| c));
+        all
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hand_out(d: &mut Distributor<u32>) -> Vec<(WorkerId, u64, u32)> {
+        let mut sent = Vec::new();
+        d.dispatch(|w, seq, c| {
+            sent.push((w, seq, *c));
+            true
+        });
+        sent
+    }
+
+    #[test]
+    fn credit_decides_who_gets_what() {
+        let mut d = Distributor::new(Mode::Credit);
+        d.add_target(1);
+        d.add_target(2);
+        d.credit(1, 1);
+        d.credit(2, 9);
+        for c in 0..10 {
+            d.offer(c);
+        }
+        let sent = hand_out(&mut d);
+        assert_eq!(sent.iter().filter(|s| s.0 == 1).count(), 1);
+        assert_eq!(sent.iter().filter(|s| s.0 == 2).count(), 9);
+        assert_eq!(d.queued(), 0);
+    }
+
+    #[test]
+    fn without_credit_connections_wait_and_nothing_spins() {
+        let mut d = Distributor::new(Mode::Credit);
+        d.add_target(1);
+        d.offer(7);
+        assert!(hand_out(&mut d).is_empty());
+        assert_eq!(d.queued(), 1);
+        d.credit(1, 1);
+        assert_eq!(hand_out(&mut d), vec![(1, 1, 7)]);
+    }
+
+    #[test]
+    fn a_worker_that_dies_before_acknowledging_loses_nothing() {
+        let mut d = Distributor::new(Mode::Push);
+        d.add_target(1);
+        d.add_target(2);
+        for c in 0..4 {
+            d.offer(c);
+        }
+        let sent = hand_out(&mut d);
+        assert_eq!(sent.iter().map(|s| s.0).collect::<Vec<_>>(), [1, 2, 1, 2]);
+        d.ack(2, 2, true);
+        d.remove_target(1);
+        let again = hand_out(&mut d);
+        assert_eq!(
+            again.iter().map(|s| (s.0, s.2)).collect::<Vec<_>>(),
+            [(2, 0), (2, 2)]
+        );
+    }
+
+    #[test]
+    fn a_refused_connection_goes_to_another_worker() {
+        let mut d = Distributor::new(Mode::Credit);
+        d.add_target(1);
+        d.add_target(2);
+        d.credit(1, 1);
+        d.offer(5);
+        let sent = hand_out(&mut d);
+        assert_eq!(sent[0].0, 1);
+        assert!(d.ack(1, sent[0].1, false).is_none());
+        d.credit(2, 1);
+        assert_eq!(hand_out(&mut d)[0], (2, 2, 5));
+        assert_eq!(d.ack(2, 2, true), Some(5));
+        assert_eq!(d.in_flight(), 0);
+    }
+
+    #[test]
+    fn a_failed_send_removes_the_worker_and_keeps_the_connection() {
+        let mut d = Distributor::new(Mode::Push);
+        d.add_target(1);
+        d.add_target(2);
+        d.offer(9);
+        let mut sent = Vec::new();
+        d.dispatch(|w, _, c| {
+            if w == 1 {
+                return false;
+            }
+            sent.push((w, *c));
+            true
+        });
+        assert_eq!(sent, [(2, 9)]);
+        assert!(d.targets.iter().all(|t| t.worker == 2));
+    }
+
+    #[test]
+    fn acks_from_the_wrong_worker_are_ignored() {
+        let mut d = Distributor::new(Mode::Push);
+        d.add_target(1);
+        d.offer(1);
+        hand_out(&mut d);
+        assert!(d.ack(2, 1, true).is_none());
+        assert_eq!(d.in_flight(), 1);
+    }
+}

@@ -1,0 +1,573 @@
+//! Ports shared through the primary (Node's `server.listen()` in a worker).
+//!
+//! A worker asks; the primary binds once per distinct request and answers
+//! according to the cluster's [`Policy`]:
+//!
+//! - **shared**: every worker gets the same listening socket and the kernel
+//!   spreads connections;
+//! - **round-robin**: the primary accepts and hands each connection to a
+//!   worker whose application is waiting in `accept()`, keeping it until the
+//!   worker takes it, so a refused connection or a worker that dies first
+//!   costs nothing;
+//! - **reuseport**: one `SO_REUSEPORT` socket per worker slot, kept by the
+//!   primary across restarts of the slot; while a slot has no worker, the
+//!   primary drains its queue to the other workers.
+//!
+//! UDP, Unix sockets and inherited descriptors are always shared.
+//!
+//! ```no_run
+//! # async fn serve(worker: procluster::worker::Worker) -> std::io::Result<()> {
+//! let listener = worker.listen_tcp("127.0.0.1:3000").await?;
+//! loop {
+//!     let (stream, peer) = listener.accept().await?;
+//!     // serve `stream`...
+//! #   drop((stream, peer));
+//! }
+//! # }
+//! ```
+
+mod bind;
+mod distributor;
+pub(crate) mod primary;
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+
+use tokio::net::TcpStream;
+use tokio::sync::{Notify, oneshot};
+
+pub use bind::DEFAULT_BACKLOG;
+
+use crate::primary::{Inner, WorkerHandle};
+use crate::protocol::{Control, FrameKind, ListenReply, ListenSpec};
+use crate::worker::{Worker, WorkerInner};
+
+/// Options for [`Worker::listen_tcp_with`].
+#[derive(Debug, Clone, Default)]
+pub struct TcpOptions {
+    /// `listen()` backlog (default [`DEFAULT_BACKLOG`]).
+    pub backlog: Option<u32>,
+    /// For an IPv6 address: accept IPv6 only (default: dual stack).
+    pub ipv6_only: Option<bool>,
+    /// Bind in this worker, bypassing the primary (Node's `exclusive`).
+    pub exclusive: bool,
+}
+
+/// Connections handed to a worker by the primary, waiting for `accept()`.
+#[derive(Default)]
+struct HandedState {
+    queue: VecDeque<(u64, OwnedFd)>,
+    /// `accept()` calls now waiting.
+    waiting: usize,
+    /// Credit the primary believes this listener has.
+    granted: usize,
+    closed: bool,
+}
+
+#[derive(Default)]
+pub(crate) struct Handed {
+    state: Mutex<HandedState>,
+    arrived: Notify,
+}
+
+impl Handed {
+    fn state(&self) -> MutexGuard<'_, HandedState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The worker's table of listeners that receive connections from the
+/// primary, by key.
+#[derive(Default)]
+pub(crate) struct ConnectionRouter {
+    listeners: Mutex<HashMap<u32, Weak<Handed>>>,
+    ordinals: Mutex<HashMap<String, u32>>,
+}
+
+impl ConnectionRouter {
+    fn table(&self) -> MutexGuard<'_, HashMap<u32, Weak<Handed>>> {
+        self.listeners.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Closes every cluster listener (the worker is disconnecting): waiting
+    /// `accept()` calls fail and queued connections go back to the primary.
+    pub(crate) fn close_all(&self, sender: &crate::channel::ChannelSender) {
+        let all: Vec<(u32, Arc<Handed>)> = self
+            .table()
+            .drain()
+            .filter_map(|(k, h)| Some((k, h.upgrade()?)))
+            .collect();
+        for (key, handed) in all {
+            refuse_queued(key, &handed, sender);
+        }
+    }
+
+    /// The k-th request for the same thing in this worker.
+    fn next_ordinal(&self, spec: &str) -> u32 {
+        let mut ordinals = self.ordinals.lock().unwrap_or_else(|e| e.into_inner());
+        let next = ordinals.entry(spec.to_string()).or_insert(0);
+        *next += 1;
+        *next - 1
+    }
+}
+
+fn refuse_queued(key: u32, handed: &Handed, sender: &crate::channel::ChannelSender) {
+    let refused: Vec<u64> = {
+        let mut state = handed.state();
+        state.closed = true;
+        state.queue.drain(..).map(|(seq, _)| seq).collect()
+    };
+    for seq in refused {
+        let ack = Control::ConnectionAck {
+            key,
+            seq,
+            accepted: false,
+        };
+        let _ = sender.send_now(FrameKind::Control, &ack.encode(), Vec::new());
+    }
+    handed.arrived.notify_waiters();
+}
+
+/// A connection handed to this worker by the primary.
+pub(crate) fn incoming_connection(
+    inner: &Arc<WorkerInner>,
+    key: u32,
+    seq: u64,
+    mut fds: Vec<OwnedFd>,
+) {
+    let handed = inner.connections.table().get(&key).and_then(Weak::upgrade);
+    let accepted = match (&handed, fds.pop()) {
+        (Some(handed), Some(fd)) => {
+            let mut state = handed.state();
+            state.granted = state.granted.saturating_sub(1);
+            if state.closed {
+                false
+            } else {
+                state.queue.push_back((seq, fd));
+                true
+            }
+        }
+        _ => false,
+    };
+    match (accepted, handed) {
+        (true, Some(handed)) => handed.arrived.notify_one(),
+        _ => {
+            let ack = Control::ConnectionAck {
+                key,
+                seq,
+                accepted: false,
+            };
+            let _ = inner
+                .sender
+                .send_now(FrameKind::Control, &ack.encode(), Vec::new());
+        }
+    }
+}
+
+/// A TCP listener shared through the cluster. Accepts connections whichever
+/// policy the cluster uses; closes when the worker disconnects.
+///
+/// With the `axum` feature it implements `axum::serve::Listener`.
+pub struct TcpListener {
+    key: u32,
+    socket: Option<tokio::net::TcpListener>,
+    handed: Arc<Handed>,
+    round_robin: bool,
+    local_addr: SocketAddr,
+    worker: Option<Arc<WorkerInner>>,
+}
+
+impl std::fmt::Debug for TcpListener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TcpListener")
+            .field("local_addr", &self.local_addr)
+            .field("round_robin", &self.round_robin)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Ends `accept()` once the worker disconnects.
+fn disconnecting() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::ConnectionAborted,
+        "the worker is disconnecting from the cluster",
+    )
+}
+
+impl TcpListener {
+    /// Accepts the next connection.
+    ///
+    /// # Errors
+    /// `ConnectionAborted` once the worker is disconnecting; otherwise the
+    /// OS's accept errors.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: a connection is either returned or stays queued.
+    pub async fn accept(&self) -> io::Result<(TcpStream, SocketAddr)> {
+        let _waiting = self.start_waiting()?;
+        loop {
+            let arrived = self.handed.arrived.notified();
+            tokio::pin!(arrived);
+            arrived.as_mut().enable();
+            if let Some(accepted) = self.take_handed()? {
+                return Ok(accepted);
+            }
+            match &self.socket {
+                Some(socket) => tokio::select! {
+                    () = &mut arrived => {}
+                    accepted = socket.accept() => return accepted,
+                },
+                None => arrived.await,
+            }
+        }
+    }
+
+    /// Counts this call as waiting, and grants the primary credit for it on a
+    /// round-robin listener.
+    fn start_waiting(&self) -> io::Result<WaitingGuard<'_>> {
+        let grant = {
+            let mut state = self.handed.state();
+            if state.closed {
+                return Err(disconnecting());
+            }
+            state.waiting += 1;
+            let wanted = state.waiting.saturating_sub(state.queue.len());
+            let grant = wanted.saturating_sub(state.granted);
+            state.granted += grant;
+            grant
+        };
+        if grant > 0 && self.round_robin {
+            self.send(Control::Credit {
+                key: self.key,
+                n: grant as u32,
+            });
+        }
+        Ok(WaitingGuard {
+            handed: &self.handed,
+        })
+    }
+
+    fn take_handed(&self) -> io::Result<Option<(TcpStream, SocketAddr)>> {
+        let next = {
+            let mut state = self.handed.state();
+            if state.closed {
+                return Err(disconnecting());
+            }
+            state.queue.pop_front()
+        };
+        let Some((seq, fd)) = next else {
+            return Ok(None);
+        };
+        self.send(Control::ConnectionAck {
+            key: self.key,
+            seq,
+            accepted: true,
+        });
+        let std_stream = std::net::TcpStream::from(fd);
+        std_stream.set_nonblocking(true)?;
+        let stream = TcpStream::from_std(std_stream)?;
+        let peer = stream.peer_addr().unwrap_or(self.local_addr);
+        Ok(Some((stream, peer)))
+    }
+
+    fn send(&self, control: Control) {
+        if let Some(worker) = &self.worker {
+            let _ = worker
+                .sender
+                .send_now(FrameKind::Control, &control.encode(), Vec::new());
+        }
+    }
+
+    /// The address the listener is bound to (for port 0: the port the kernel
+    /// chose, the same in every worker).
+    ///
+    /// # Errors
+    /// None in practice; the signature matches Tokio's.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        Ok(self.local_addr)
+    }
+
+    /// Whether connections come from the primary (round-robin) rather than
+    /// from a socket this worker accepts on.
+    pub fn is_round_robin(&self) -> bool {
+        self.round_robin
+    }
+}
+
+struct WaitingGuard<'a> {
+    handed: &'a Handed,
+}
+
+impl Drop for WaitingGuard<'_> {
+    fn drop(&mut self) {
+        let mut state = self.handed.state();
+        state.waiting = state.waiting.saturating_sub(1);
+    }
+}
+
+impl Drop for TcpListener {
+    fn drop(&mut self) {
+        let Some(worker) = &self.worker else { return };
+        worker.connections.table().remove(&self.key);
+        refuse_queued(self.key, &self.handed, &worker.sender);
+        let close = Control::CloseListener { key: self.key };
+        let _ = worker
+            .sender
+            .send_now(FrameKind::Control, &close.encode(), Vec::new());
+    }
+}
+
+#[cfg(feature = "axum")]
+impl axum::serve::Listener for TcpListener {
+    type Io = TcpStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            match TcpListener::accept(self).await {
+                Ok(accepted) => return accepted,
+                // Disconnecting: the server's graceful shutdown takes over.
+                Err(e)
+                    if e.kind() == io::ErrorKind::ConnectionAborted
+                        && self.handed.state().closed =>
+                {
+                    std::future::pending::<()>().await;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed; retrying in 50 ms");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<Self::Addr> {
+        Ok(self.local_addr)
+    }
+}
+
+impl Worker {
+    /// Listens on a TCP address through the primary (Node's
+    /// `server.listen(port, host)`): every worker asking for the same address
+    /// shares it, and the k-th request for port 0 gets the same
+    /// kernel-chosen port in every worker.
+    ///
+    /// # Errors
+    /// The bind error (`AddrInUse`, `PermissionDenied`, `InvalidInput`...),
+    /// with a message that names the address.
+    pub async fn listen_tcp(&self, addr: &str) -> io::Result<TcpListener> {
+        self.listen_tcp_with(addr, TcpOptions::default()).await
+    }
+
+    /// [`Worker::listen_tcp`] with options.
+    ///
+    /// # Errors
+    /// As [`Worker::listen_tcp`].
+    pub async fn listen_tcp_with(
+        &self,
+        addr: &str,
+        options: TcpOptions,
+    ) -> io::Result<TcpListener> {
+        let parsed = bind::parse_addr(addr)?;
+        if options.exclusive {
+            return self.listen_exclusive(parsed, &options).await;
+        }
+        let spec = ListenSpec::Tcp {
+            addr: parsed.to_string(),
+            backlog: options.backlog,
+            ipv6_only: options.ipv6_only,
+        };
+        let (reply, mut fds) = self.request_listen(spec).await?;
+        let handed = Arc::new(Handed::default());
+        let (key, socket, local_addr) = match reply {
+            ListenReply::Socket { key, .. } => {
+                let fd = fds
+                    .pop()
+                    .ok_or_else(|| io::Error::other("the primary sent no socket"))?;
+                let std_listener = std::net::TcpListener::from(fd);
+                std_listener.set_nonblocking(true)?;
+                let listener = tokio::net::TcpListener::from_std(std_listener)?;
+                let local_addr = listener.local_addr()?;
+                (key, Some(listener), local_addr)
+            }
+            ListenReply::RoundRobin { key, address } => {
+                let bound = address
+                    .strip_prefix("tcp://")
+                    .and_then(|a| a.parse().ok())
+                    .unwrap_or(parsed);
+                (key, None, bound)
+            }
+            ListenReply::Failed { .. } => unreachable!("failures are returned as errors"),
+        };
+        let round_robin = socket.is_none();
+        self.inner
+            .connections
+            .table()
+            .insert(key, Arc::downgrade(&handed));
+        Ok(TcpListener {
+            key,
+            socket,
+            handed,
+            round_robin,
+            local_addr,
+            worker: Some(self.inner.clone()),
+        })
+    }
+
+    async fn listen_exclusive(
+        &self,
+        addr: SocketAddr,
+        options: &TcpOptions,
+    ) -> io::Result<TcpListener> {
+        let socket = bind::tcp(
+            addr,
+            bind::TcpBind {
+                backlog: options.backlog,
+                ipv6_only: options.ipv6_only,
+                reuse_port: false,
+            },
+        )?;
+        let address = bind::describe(&socket);
+        let std_listener = std::net::TcpListener::from(OwnedFd::from(socket));
+        let listener = tokio::net::TcpListener::from_std(std_listener)?;
+        let local_addr = listener.local_addr()?;
+        let _ = self.inner.sender.send_now(
+            FrameKind::Control,
+            &Control::Listening { address }.encode(),
+            Vec::new(),
+        );
+        Ok(TcpListener {
+            key: u32::MAX,
+            socket: Some(listener),
+            handed: Arc::new(Handed::default()),
+            round_robin: false,
+            local_addr,
+            worker: None,
+        })
+    }
+
+    /// Binds a UDP socket shared by every worker that asks for the same
+    /// address; datagrams spread across them.
+    ///
+    /// # Errors
+    /// The bind error, naming the address.
+    pub async fn listen_udp(&self, addr: &str) -> io::Result<tokio::net::UdpSocket> {
+        let parsed = bind::parse_addr(addr)?;
+        let (_, mut fds) = self
+            .request_listen(ListenSpec::Udp {
+                addr: parsed.to_string(),
+            })
+            .await?;
+        let fd = fds
+            .pop()
+            .ok_or_else(|| io::Error::other("the primary sent no socket"))?;
+        let socket = std::net::UdpSocket::from(fd);
+        socket.set_nonblocking(true)?;
+        tokio::net::UdpSocket::from_std(socket)
+    }
+
+    /// Listens on a Unix socket path, resolved against this worker's working
+    /// directory. The primary removes the file when the last worker closes
+    /// it.
+    ///
+    /// # Errors
+    /// The bind error, naming the path.
+    pub async fn listen_unix(
+        &self,
+        path: impl AsRef<Path>,
+    ) -> io::Result<tokio::net::UnixListener> {
+        let absolute = std::env::current_dir()?.join(path.as_ref());
+        let spec = ListenSpec::Unix {
+            path: absolute.display().to_string(),
+            backlog: None,
+        };
+        let (_, mut fds) = self.request_listen(spec).await?;
+        let fd = fds
+            .pop()
+            .ok_or_else(|| io::Error::other("the primary sent no socket"))?;
+        let listener = std::os::unix::net::UnixListener::from(fd);
+        listener.set_nonblocking(true)?;
+        tokio::net::UnixListener::from_std(listener)
+    }
+
+    /// Listens on a descriptor the *primary* holds, such as one systemd passed
+    /// to it (`LISTEN_FDS`), as Node's `listen({fd})` does in a worker.
+    ///
+    /// # Errors
+    /// `NotFound` when the primary has no such descriptor.
+    pub async fn listen_fd(&self, fd: i32) -> io::Result<OwnedFd> {
+        let (_, mut fds) = self.request_listen(ListenSpec::InheritedFd { fd }).await?;
+        fds.pop()
+            .ok_or_else(|| io::Error::other("the primary sent no socket"))
+    }
+
+    async fn request_listen(&self, spec: ListenSpec) -> io::Result<(ListenReply, Vec<OwnedFd>)> {
+        let seq = self.next_seq();
+        let ordinal = self.inner.connections.next_ordinal(&format!("{spec:?}"));
+        let (tx, rx) = oneshot::channel();
+        self.inner
+            .pending_listens
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(seq, tx);
+        let request = Control::Listen {
+            seq,
+            spec,
+            ordinal,
+            exclusive: false,
+        };
+        self.inner
+            .sender
+            .send_now(FrameKind::Control, &request.encode(), Vec::new())
+            .map_err(|_| {
+                io::Error::new(
+                    io::ErrorKind::NotConnected,
+                    "the channel to the primary is closed",
+                )
+            })?;
+        let (reply, fds) = rx.await.map_err(|_| {
+            io::Error::new(io::ErrorKind::NotConnected, "the primary did not answer")
+        })?;
+        if let ListenReply::Failed { os_error, message } = &reply {
+            let kind = os_error.map_or(io::ErrorKind::Other, |code| {
+                io::Error::from_raw_os_error(code).kind()
+            });
+            return Err(io::Error::new(kind, message.clone()));
+        }
+        Ok((reply, fds))
+    }
+}
+
+/// The primary's side, called from each worker's task.
+pub(crate) fn handle_control(
+    inner: &Arc<Inner>,
+    worker: &WorkerHandle,
+    control: Control,
+    _fds: Vec<OwnedFd>,
+) {
+    match control {
+        Control::Listen {
+            seq, spec, ordinal, ..
+        } => primary::listen(inner, worker, seq, spec, ordinal),
+        Control::Listening { address } => primary::report_listening(inner, worker, address),
+        Control::CloseListener { key } => primary::close(inner, worker.id(), key),
+        Control::ConnectionAck { key, seq, accepted } => {
+            primary::ack(inner, worker.id(), key, seq, accepted)
+        }
+        Control::Credit { key, n } => primary::credit(inner, worker.id(), key, n),
+        other => tracing::debug!(
+            worker = worker.id(),
+            ?other,
+            "ignoring an unexpected control message"
+        ),
+    }
+}
+
+/// The worker left the cluster: it holds no listener any more.
+pub(crate) fn worker_gone(inner: &Arc<Inner>, worker: &WorkerHandle) {
+    primary::worker_gone(inner, worker.id());
+}

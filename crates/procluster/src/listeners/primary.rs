@@ -1,0 +1,535 @@
+//! The primary's side of port sharing: one listener group per distinct
+//! request, bound once, shared by the workers that asked for it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use socket2::Socket;
+use tokio::sync::Notify;
+
+use super::bind::{self, TcpBind};
+use super::distributor::{Distributor, Mode};
+use crate::WorkerId;
+use crate::primary::{Event, Inner, WorkerHandle, WorkerState};
+use crate::protocol::{Control, FrameKind, ListenReply, ListenSpec, Policy};
+
+/// Connections the primary accepts ahead of the workers, per listener; past
+/// this it stops accepting and the kernel's backlog holds the rest.
+const MAX_QUEUED: usize = 1024;
+/// Pause after an accept error such as `EMFILE`, so the primary backs off
+/// instead of spinning.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
+
+/// Which socket of a group a worker gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum Slot {
+    /// The one socket of a shared or round-robin group.
+    All,
+    /// A reuseport socket kept for a worker slot across restarts.
+    Index(usize),
+    /// A reuseport socket for a worker forked outside any slot.
+    Worker(WorkerId),
+}
+
+/// A socket of a group and the task accepting from it in the primary, if
+/// any (round-robin, or draining a reuseport slot without a worker).
+struct GroupSocket {
+    socket: Arc<Socket>,
+    holder: Option<WorkerId>,
+    acceptor: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for GroupSocket {
+    fn drop(&mut self) {
+        if let Some(task) = self.acceptor.take() {
+            task.abort();
+        }
+    }
+}
+
+struct GroupState {
+    holders: BTreeMap<WorkerId, Slot>,
+    sockets: BTreeMap<Slot, GroupSocket>,
+    distributor: Distributor<OwnedFd>,
+    /// A reuseport group's first socket, bound to learn the port, until a
+    /// slot claims it.
+    spare: Option<Socket>,
+    closed: bool,
+}
+
+/// One listening address shared by workers.
+pub(crate) struct Group {
+    key: u32,
+    policy: Policy,
+    /// Address actually bound, e.g. `tcp://127.0.0.1:43121`.
+    address: String,
+    /// For reuseport: how to bind one more socket on the same port.
+    tcp_bind: Option<(std::net::SocketAddr, TcpBind)>,
+    unix_path: Option<PathBuf>,
+    state: Mutex<GroupState>,
+    /// Wakes acceptors when the queue has room again.
+    room: Notify,
+}
+
+impl Group {
+    fn state(&self) -> MutexGuard<'_, GroupState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Every group of a cluster, by request and by key.
+#[derive(Default)]
+pub(crate) struct Registry {
+    by_request: HashMap<(String, u32), Arc<Group>>,
+    by_key: HashMap<u32, Arc<Group>>,
+    next_key: u32,
+}
+
+fn registry(inner: &Inner) -> MutexGuard<'_, Registry> {
+    inner.listeners.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Answers a worker's `Listen` request.
+pub(crate) fn listen(
+    inner: &Arc<Inner>,
+    worker: &WorkerHandle,
+    seq: u32,
+    spec: ListenSpec,
+    ordinal: u32,
+) {
+    let reply = match group_for(inner, &spec, ordinal) {
+        Ok(group) => join(inner, &group, worker),
+        Err(error) => Err(error),
+    };
+    let (reply, fds) = match reply {
+        Ok(answer) => answer,
+        Err(error) => {
+            tracing::debug!(worker = worker.id(), %error, "listen request failed");
+            (
+                ListenReply::Failed {
+                    os_error: error.raw_os_error().or_else(|| errno_of(&error)),
+                    message: error.to_string(),
+                },
+                Vec::new(),
+            )
+        }
+    };
+    let listening = match &reply {
+        ListenReply::Socket { address, .. } | ListenReply::RoundRobin { address, .. } => {
+            Some(address.clone())
+        }
+        ListenReply::Failed { .. } => None,
+    };
+    let control = Control::ListenResult { seq, reply };
+    if worker
+        .shared
+        .sender
+        .send_now(FrameKind::Control, &control.encode(), fds)
+        .is_ok()
+    {
+        if let Some(address) = listening {
+            report_listening(inner, worker, address);
+        }
+    }
+}
+
+/// Emits `Listening` for a worker (also for exclusive listeners it reports).
+pub(crate) fn report_listening(inner: &Inner, worker: &WorkerHandle, address: String) {
+    crate::primary::advance(worker, WorkerState::Listening);
+    inner.emit(Event::Listening {
+        worker: worker.clone(),
+        address,
+    });
+}
+
+/// `bind_error` keeps the kind but not the errno; recover it for the reply.
+fn errno_of(error: &io::Error) -> Option<i32> {
+    use rustix::io::Errno;
+    Some(match error.kind() {
+        io::ErrorKind::AddrInUse => Errno::ADDRINUSE.raw_os_error(),
+        io::ErrorKind::PermissionDenied => Errno::ACCESS.raw_os_error(),
+        io::ErrorKind::AddrNotAvailable => Errno::ADDRNOTAVAIL.raw_os_error(),
+        io::ErrorKind::NotFound => Errno::NOENT.raw_os_error(),
+        io::ErrorKind::InvalidInput => Errno::INVAL.raw_os_error(),
+        _ => return None,
+    })
+}
+
+fn request_key(spec: &ListenSpec) -> String {
+    match spec {
+        ListenSpec::Tcp { addr, .. } => format!("tcp:{addr}"),
+        ListenSpec::Udp { addr } => format!("udp:{addr}"),
+        ListenSpec::Unix { path, .. } => format!("unix:{path}"),
+        ListenSpec::InheritedFd { fd } => format!("fd:{fd}"),
+    }
+}
+
+fn group_for(inner: &Arc<Inner>, spec: &ListenSpec, ordinal: u32) -> io::Result<Arc<Group>> {
+    let request = (request_key(spec), ordinal);
+    let mut registry = registry(inner);
+    if let Some(group) = registry.by_request.get(&request) {
+        return Ok(group.clone());
+    }
+    let key = registry.next_key;
+    let group = Arc::new(create_group(inner, key, spec)?);
+    registry.next_key += 1;
+    registry.by_request.insert(request, group.clone());
+    registry.by_key.insert(key, group.clone());
+    Ok(group)
+}
+
+fn create_group(inner: &Inner, key: u32, spec: &ListenSpec) -> io::Result<Group> {
+    let mut policy = Policy::Shared;
+    let mut tcp_bind = None;
+    let mut unix_path = None;
+    let socket = match spec {
+        ListenSpec::Tcp {
+            addr,
+            backlog,
+            ipv6_only,
+        } => {
+            policy = inner.settings.policy;
+            let addr = bind::parse_addr(addr)?;
+            let options = TcpBind {
+                backlog: *backlog,
+                ipv6_only: *ipv6_only,
+                reuse_port: policy == Policy::ReusePort,
+            };
+            let socket = bind::tcp(addr, options)?;
+            // Later reuseport sockets join the port the first one got.
+            let bound = socket.local_addr()?.as_socket().unwrap_or(addr);
+            tcp_bind = Some((bound, options));
+            socket
+        }
+        ListenSpec::Udp { addr } => bind::udp(bind::parse_addr(addr)?)?,
+        ListenSpec::Unix { path, backlog } => {
+            let path = PathBuf::from(path);
+            let socket = bind::unix(&path, *backlog)?;
+            unix_path = Some(path);
+            socket
+        }
+        ListenSpec::InheritedFd { fd } => inherited(*fd)?,
+    };
+    let address = bind::describe(&socket);
+    let mode = if policy == Policy::RoundRobin {
+        Mode::Credit
+    } else {
+        Mode::Push
+    };
+    let mut sockets = BTreeMap::new();
+    let mut spare = None;
+    if policy == Policy::ReusePort {
+        spare = Some(socket);
+    } else {
+        sockets.insert(
+            Slot::All,
+            GroupSocket {
+                socket: Arc::new(socket),
+                holder: None,
+                acceptor: None,
+            },
+        );
+    }
+    Ok(Group {
+        key,
+        policy,
+        address,
+        tcp_bind,
+        unix_path,
+        state: Mutex::new(GroupState {
+            holders: BTreeMap::new(),
+            sockets,
+            distributor: Distributor::new(mode),
+            spare,
+            closed: false,
+        }),
+        room: Notify::new(),
+    })
+}
+
+/// A descriptor the primary inherited (for example from systemd), shared
+/// as is.
+fn inherited(fd: i32) -> io::Result<Socket> {
+    let owned = crate::sys::duplicate_raw_fd(fd).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("cannot listen on fd:{fd}: the primary has no such descriptor"),
+        )
+    })?;
+    Ok(Socket::from(owned))
+}
+
+type Answer = (ListenReply, Vec<OwnedFd>);
+
+/// Adds `worker` to `group` and says what it gets.
+fn join(inner: &Arc<Inner>, group: &Arc<Group>, worker: &WorkerHandle) -> io::Result<Answer> {
+    let mut state = group.state();
+    if state.closed {
+        return Err(io::Error::new(
+            io::ErrorKind::Other,
+            "listener is closing; try again",
+        ));
+    }
+    let key = group.key;
+    let address = group.address.clone();
+    match group.policy {
+        Policy::Shared => {
+            state.holders.insert(worker.id(), Slot::All);
+            let fd = state.sockets[&Slot::All]
+                .socket
+                .as_fd()
+                .try_clone_to_owned()?;
+            Ok((ListenReply::Socket { key, address }, vec![fd]))
+        }
+        Policy::RoundRobin => {
+            state.holders.insert(worker.id(), Slot::All);
+            state.distributor.add_target(worker.id());
+            ensure_acceptor(inner, group, &mut state, Slot::All);
+            Ok((ListenReply::RoundRobin { key, address }, Vec::new()))
+        }
+        Policy::ReusePort => {
+            let slot = worker
+                .index()
+                .map_or(Slot::Worker(worker.id()), Slot::Index);
+            if !state.sockets.contains_key(&slot) {
+                let socket = match state.spare.take() {
+                    Some(socket) => socket,
+                    None => new_reuseport_socket(group)?,
+                };
+                state.sockets.insert(
+                    slot,
+                    GroupSocket {
+                        socket: Arc::new(socket),
+                        holder: None,
+                        acceptor: None,
+                    },
+                );
+            }
+            let entry = state.sockets.get_mut(&slot).expect("inserted above");
+            entry.holder = Some(worker.id());
+            if let Some(task) = entry.acceptor.take() {
+                task.abort();
+            }
+            let fd = entry.socket.as_fd().try_clone_to_owned()?;
+            state.holders.insert(worker.id(), slot);
+            state.distributor.add_target(worker.id());
+            drain_vacant(inner, group, &mut state);
+            Ok((ListenReply::Socket { key, address }, vec![fd]))
+        }
+    }
+}
+
+fn new_reuseport_socket(group: &Group) -> io::Result<Socket> {
+    let (addr, options) = group
+        .tcp_bind
+        .ok_or_else(|| io::Error::other("reuseport group without a TCP address"))?;
+    bind::tcp(addr, options)
+}
+
+/// Starts the primary accepting on a socket of the group (round-robin, or a
+/// reuseport slot left without a worker).
+fn ensure_acceptor(inner: &Arc<Inner>, group: &Arc<Group>, state: &mut GroupState, slot: Slot) {
+    let Some(entry) = state.sockets.get_mut(&slot) else {
+        return;
+    };
+    if entry.acceptor.as_ref().is_some_and(|t| !t.is_finished()) {
+        return;
+    }
+    let socket = match entry.socket.as_fd().try_clone_to_owned() {
+        Ok(fd) => fd,
+        Err(error) => {
+            tracing::error!(address = %group.address, %error, "cannot start accepting");
+            return;
+        }
+    };
+    entry.acceptor = Some(tokio::spawn(accept_loop(
+        Arc::downgrade(inner),
+        group.clone(),
+        socket,
+    )));
+}
+
+/// Reuseport slots without a worker are drained to the workers that remain,
+/// so nothing waits in a queue nobody reads.
+fn drain_vacant(inner: &Arc<Inner>, group: &Arc<Group>, state: &mut GroupState) {
+    if !state.distributor.has_targets() {
+        return;
+    }
+    let vacant: Vec<Slot> = state
+        .sockets
+        .iter()
+        .filter(|(_, s)| s.holder.is_none())
+        .map(|(slot, _)| *slot)
+        .collect();
+    for slot in vacant {
+        ensure_acceptor(inner, group, state, slot);
+    }
+}
+
+async fn accept_loop(inner: std::sync::Weak<Inner>, group: Arc<Group>, socket: OwnedFd) {
+    let listener = match tokio::net::TcpListener::from_std(std::net::TcpListener::from(socket)) {
+        Ok(listener) => listener,
+        Err(error) => {
+            tracing::error!(address = %group.address, %error, "cannot accept connections");
+            return;
+        }
+    };
+    loop {
+        let room = group.room.notified();
+        tokio::pin!(room);
+        room.as_mut().enable();
+        let full = group.state().distributor.queued() >= MAX_QUEUED;
+        if full {
+            room.await;
+            continue;
+        }
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let Some(inner) = inner.upgrade() else { return };
+                let Ok(stream) = stream.into_std() else {
+                    continue;
+                };
+                let mut state = group.state();
+                if state.closed {
+                    return;
+                }
+                state.distributor.offer(OwnedFd::from(stream));
+                dispatch(&inner, group.key, &mut state);
+            }
+            Err(error) if is_transient(&error) => {}
+            Err(error) => {
+                tracing::warn!(address = %group.address, %error, "accept failed; pausing");
+                tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+            }
+        }
+    }
+}
+
+fn is_transient(error: &io::Error) -> bool {
+    matches!(
+        error.kind(),
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::Interrupted
+    )
+}
+
+/// Hands queued connections to workers.
+fn dispatch(inner: &Inner, key: u32, state: &mut GroupState) {
+    state.distributor.dispatch(|worker_id, seq, conn| {
+        let Some(worker) = inner.worker(worker_id) else {
+            return false;
+        };
+        let Ok(copy) = conn.try_clone() else {
+            return false;
+        };
+        let control = Control::Connection { key, seq };
+        worker
+            .shared
+            .sender
+            .send_now(FrameKind::Control, &control.encode(), vec![copy])
+            .is_ok()
+    });
+}
+
+fn group_by_key(inner: &Inner, key: u32) -> Option<Arc<Group>> {
+    registry(inner).by_key.get(&key).cloned()
+}
+
+/// A worker's answer for a handed connection.
+pub(crate) fn ack(inner: &Arc<Inner>, worker: WorkerId, key: u32, seq: u64, accepted: bool) {
+    let Some(group) = group_by_key(inner, key) else {
+        return;
+    };
+    let mut state = group.state();
+    // A taken connection: our copy closes here.
+    drop(state.distributor.ack(worker, seq, accepted));
+    if !accepted {
+        dispatch(inner, key, &mut state);
+    }
+    drop(state);
+    group.room.notify_waiters();
+}
+
+/// A worker waits for more connections on a round-robin listener.
+pub(crate) fn credit(inner: &Arc<Inner>, worker: WorkerId, key: u32, n: u32) {
+    let Some(group) = group_by_key(inner, key) else {
+        return;
+    };
+    let mut state = group.state();
+    state.distributor.credit(worker, n as usize);
+    dispatch(inner, key, &mut state);
+    drop(state);
+    group.room.notify_waiters();
+}
+
+/// A worker closed one listener.
+pub(crate) fn close(inner: &Arc<Inner>, worker: WorkerId, key: u32) {
+    if let Some(group) = group_by_key(inner, key) {
+        leave(inner, &group, worker);
+    }
+}
+
+/// A worker disconnected or died: it leaves every group.
+pub(crate) fn worker_gone(inner: &Arc<Inner>, worker: WorkerId) {
+    let groups: Vec<Arc<Group>> = registry(inner).by_key.values().cloned().collect();
+    for group in groups {
+        leave(inner, &group, worker);
+    }
+}
+
+fn leave(inner: &Arc<Inner>, group: &Arc<Group>, worker: WorkerId) {
+    let mut state = group.state();
+    let Some(slot) = state.holders.remove(&worker) else {
+        return;
+    };
+    state.distributor.remove_target(worker);
+    if let Some(entry) = state.sockets.get_mut(&slot) {
+        if entry.holder == Some(worker) {
+            entry.holder = None;
+        }
+    }
+    if state.holders.is_empty() && !inner.keeps_listeners() {
+        drop(state);
+        close_group(inner, group);
+        return;
+    }
+    dispatch(inner, group.key, &mut state);
+    if group.policy == Policy::ReusePort {
+        drain_vacant(inner, group, &mut state);
+    }
+}
+
+/// Nobody holds the group any more: stop accepting, close what was queued
+/// (clients see the connection closed, not a hang) and release the address.
+fn close_group(inner: &Arc<Inner>, group: &Arc<Group>) {
+    {
+        let mut registry = registry(inner);
+        registry.by_key.remove(&group.key);
+        registry.by_request.retain(|_, g| !Arc::ptr_eq(g, group));
+    }
+    let mut state = group.state();
+    state.closed = true;
+    let leftovers = state.distributor.drain_all();
+    state.sockets.clear();
+    state.spare = None;
+    drop(state);
+    drop(leftovers);
+    if let Some(path) = &group.unix_path {
+        let _ = std::fs::remove_file(path);
+    }
+    group.room.notify_waiters();
+    tracing::debug!(address = %group.address, "listener closed");
+}
+
+/// Closes every group (the cluster is going away).
+pub(crate) fn close_all(inner: &Arc<Inner>) {
+    let groups: Vec<Arc<Group>> = registry(inner).by_key.values().cloned().collect();
+    for group in groups {
+        close_group(inner, &group);
+    }
+}
