@@ -730,6 +730,7 @@ mod tests {
                     backlog: Some(5),
                     ipv6_only: None,
                 },
+                ordinal: 0,
                 exclusive: false,
             },
             Control::ListenResult {
