@@ -201,57 +201,15 @@ pub async fn run(args: IpcArgs) -> Result<(), Box<dyn std::error::Error>> {
     let node_p50 = field(&["pingpong", "p50_us"]);
     let node_p99 = field(&["pingpong", "p99_us"]);
     let rows = vec![
-        Row {
-            name: "throughput worker→primary, JSON".into(),
-            unit: "msg/s",
-            procluster: json_rate,
-            node: node_rate,
-            higher_is_better: true,
-        },
-        Row {
-            name: "throughput worker→primary, binary".into(),
-            unit: "msg/s",
-            procluster: binary_rate,
-            node: node_rate,
-            higher_is_better: true,
-        },
-        Row {
-            name: "round trip p50, JSON".into(),
-            unit: "µs",
-            procluster: json_p50,
-            node: node_p50,
-            higher_is_better: false,
-        },
-        Row {
-            name: "round trip p99, JSON".into(),
-            unit: "µs",
-            procluster: json_p99,
-            node: node_p99,
-            higher_is_better: false,
-        },
-        Row {
-            name: "round trip p50, binary".into(),
-            unit: "µs",
-            procluster: bin_p50,
-            node: node_p50,
-            higher_is_better: false,
-        },
-        Row {
-            name: "round trip p99, binary".into(),
-            unit: "µs",
-            procluster: bin_p99,
-            node: node_p99,
-            higher_is_better: false,
-        },
-        Row {
-            name: "fork→online median".into(),
-            unit: "ms",
-            procluster: fork_ms,
-            node: field(&["fork_online", "median_ms"]),
-            higher_is_better: false,
-        },
+        Row::compared("throughput worker→primary, JSON", "msg/s", json_rate, node_rate, true),
+        Row::compared("throughput worker→primary, binary", "msg/s", binary_rate, node_rate, true),
+        Row::compared("round trip p50, JSON", "µs", json_p50, node_p50, false),
+        Row::compared("round trip p99, JSON", "µs", json_p99, node_p99, false),
+        Row::compared("round trip p50, binary", "µs", bin_p50, node_p50, false),
+        Row::compared("round trip p99, binary", "µs", bin_p99, node_p99, false),
+        Row::compared("fork→online median", "ms", fork_ms, field(&["fork_online", "median_ms"]), false),
     ];
-    print_table(&rows);
+    print_table(&rows, "procluster", "node");
     let json = serde_json::json!({ "bench": "ipc", "messages": args.messages, "rows": to_json(&rows), "node_raw": node });
     println!("{json}");
     Ok(())

@@ -331,3 +331,228 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+// ---------------------------------------------------------------------------
+// Port sharing (`net` mode of the test worker).
+
+/// What the primary can ask of a worker in `net` mode.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum NetCommand {
+    /// `listen_tcp_with(addr, …)`, then serve as `serve` says; the reply
+    /// (`NetReply::Listening` or `NetReply::Failed`) comes once the worker's
+    /// accept calls are waiting, so on a round-robin listener the primary
+    /// has its credit when the reply arrives.
+    ListenTcp {
+        addr: String,
+        backlog: Option<u32>,
+        ipv6_only: Option<bool>,
+        exclusive: bool,
+        /// `TcpOptions::prefetch` (round-robin: connections handed ahead
+        /// of `accept()` calls; `None` for the library's default).
+        prefetch: Option<u32>,
+        /// Concurrent accept loops (connections served at once).
+        capacity: usize,
+        serve: Serve,
+    },
+    /// `listen_udp(addr)`; every datagram is reported as
+    /// `NetReply::Datagram`.
+    ListenUdp { addr: String },
+    /// `listen_unix(path)`, served like `Serve::Hold` with `capacity` loops.
+    ListenUnix { path: String, capacity: usize },
+}
+
+/// How a worker in `net` mode serves a TCP listener.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub enum Serve {
+    /// `capacity` accept loops; each writes `worker <id>\n` on the
+    /// connection it accepted and keeps it open until the client closes.
+    Hold,
+    /// Calls `accept()` `capacity` times concurrently, polls each call once
+    /// (granting credit on a round-robin listener) and never again: the
+    /// connections handed to it are never taken.
+    Stall,
+    /// Never calls `accept()`: connections wait in the socket's queue.
+    Never,
+}
+
+/// What a worker in `net` mode reports.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum NetReply {
+    /// Listening on `address` (the listener's local address, or the Unix
+    /// path asked for).
+    Listening { address: String, round_robin: bool },
+    /// The listen call failed.
+    Failed { kind: String, message: String },
+    /// A datagram arrived on a UDP socket.
+    Datagram(String),
+}
+
+/// Reads the `worker <id>\n` greeting of a `net` mode worker.
+pub async fn read_greeting<R: tokio::io::AsyncRead + Unpin>(
+    reader: &mut R,
+) -> std::io::Result<u32> {
+    use tokio::io::AsyncReadExt;
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        let n = tokio::time::timeout(DEADLINE, reader.read(&mut byte))
+            .await
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no greeting"))??;
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!(
+                    "connection closed after {:?}",
+                    String::from_utf8_lossy(&line)
+                ),
+            ));
+        }
+        if byte[0] == b'\n' {
+            break;
+        }
+        line.push(byte[0]);
+    }
+    let text = String::from_utf8_lossy(&line);
+    text.strip_prefix("worker ")
+        .and_then(|id| id.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad greeting {text:?}")))
+}
+
+/// Connects to a `net` mode worker's TCP listener and reads which worker
+/// answered; the connection stays open while the stream is kept.
+pub async fn ask_tcp(addr: std::net::SocketAddr) -> std::io::Result<(u32, tokio::net::TcpStream)> {
+    let mut stream = tokio::time::timeout(DEADLINE, tokio::net::TcpStream::connect(addr))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
+    let id = read_greeting(&mut stream).await?;
+    Ok((id, stream))
+}
+
+/// One listening TCP socket as `ss -ltnp` shows it.
+#[derive(Debug, Clone)]
+pub struct SsListener {
+    /// Connections waiting to be accepted.
+    pub recv_q: u32,
+    /// The backlog.
+    pub send_q: u32,
+    pub local: String,
+    /// The processes holding it (`users:((…))`).
+    pub users: String,
+}
+
+/// The listening TCP sockets on `port`, from `ss` (iproute2).
+pub fn ss_listeners(port: u16) -> Vec<SsListener> {
+    let out = std::process::Command::new("ss")
+        .args(["-Hltnp", &format!("sport = :{port}")])
+        .output()
+        .expect("run ss (install iproute2)");
+    assert!(out.status.success(), "ss failed: {out:?}");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.len() < 5 || fields[0] != "LISTEN" {
+                return None;
+            }
+            let local = fields[3].to_string();
+            if !local.ends_with(&format!(":{port}")) {
+                return None;
+            }
+            Some(SsListener {
+                recv_q: fields[1].parse().ok()?,
+                send_q: fields[2].parse().ok()?,
+                local,
+                users: fields[5..].join(" "),
+            })
+        })
+        .collect()
+}
+
+/// How many sockets process `pid` has open.
+pub fn socket_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|dir| {
+            dir.flatten()
+                .filter(|entry| {
+                    std::fs::read_link(entry.path())
+                        .is_ok_and(|target| target.to_string_lossy().starts_with("socket:"))
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// What a supervised test worker says once it is ready.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    pub id: u32,
+    pub index: Option<usize>,
+    pub generation: u64,
+    pub pid: u32,
+}
+
+/// The generation a supervisor gave this worker (0 when not supervised).
+pub fn generation() -> u64 {
+    std::env::var(procluster::supervisor::GENERATION_ENV)
+        .ok()
+        .and_then(|g| g.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The next event of a supervised cluster, failing the test after
+/// [`DEADLINE`].
+pub async fn next_supervised(
+    supervised: &mut procluster::supervisor::SupervisedCluster,
+) -> procluster::supervisor::SupervisedEvent {
+    tokio::time::timeout(DEADLINE, supervised.next_event())
+        .await
+        .expect("timed out waiting for a supervised cluster event")
+        .expect("the supervised cluster ended before the expected event")
+}
+
+/// Reads a supervised cluster's events until `pick` accepts one, returning
+/// what it returned and every event passed on the way (that one included).
+pub async fn until_supervised<T>(
+    supervised: &mut procluster::supervisor::SupervisedCluster,
+    mut pick: impl FnMut(&procluster::supervisor::SupervisedEvent) -> Option<T>,
+) -> (T, Vec<procluster::supervisor::SupervisedEvent>) {
+    let mut seen = Vec::new();
+    loop {
+        let event = next_supervised(supervised).await;
+        let found = pick(&event);
+        seen.push(event);
+        if let Some(found) = found {
+            return (found, seen);
+        }
+    }
+}
+
+/// Waits for a supervised cluster to finish, up to [`DEADLINE`], returning
+/// the events read on the way and the outcome.
+pub async fn finish_supervised(
+    mut supervised: procluster::supervisor::SupervisedCluster,
+) -> (
+    Vec<procluster::supervisor::SupervisedEvent>,
+    Result<procluster::supervisor::Outcome, procluster::supervisor::SupervisionError>,
+) {
+    let mut seen = Vec::new();
+    let outcome = tokio::time::timeout(DEADLINE, async {
+        while let Some(event) = supervised.next_event().await {
+            seen.push(event);
+        }
+        supervised.wait().await
+    })
+    .await
+    .expect("timed out waiting for the supervised cluster to finish");
+    (seen, outcome)
+}
+
+/// The `Hello` in a supervised event, if it carries one.
+pub fn hello_in(event: &procluster::supervisor::SupervisedEvent) -> Option<Hello> {
+    match event {
+        procluster::supervisor::SupervisedEvent::Cluster(Event::Message { message, .. }) => {
+            message.decode().ok()
+        }
+        _ => None,
+    }
+}

@@ -44,6 +44,7 @@ pub mod listeners;
 pub mod message;
 pub mod primary;
 pub mod protocol;
+pub mod supervisor;
 mod sys;
 pub mod worker;
 

@@ -440,6 +440,18 @@ pub enum ListenSpec {
     },
 }
 
+impl ListenSpec {
+    /// Whether the request leaves the port to the kernel (`port 0`): then the
+    /// k-th such request of every worker shares one port, and a worker's
+    /// second request gets another.
+    pub fn wants_any_port(&self) -> bool {
+        match self {
+            Self::Tcp { addr, .. } | Self::Udp { addr } => addr.ends_with(":0"),
+            Self::Unix { .. } | Self::InheritedFd { .. } => false,
+        }
+    }
+}
+
 /// How connections on a shared TCP port reach workers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Policy {

@@ -152,6 +152,26 @@ pub(crate) fn duplicate_raw_fd(fd: RawFd) -> Option<OwnedFd> {
     borrowed.try_clone_to_owned().ok()
 }
 
+/// Takes a usable copy of a descriptor this process inherited by number (a
+/// socket passed by systemd through `LISTEN_FDS`): returns a close-on-exec
+/// duplicate and marks the original close-on-exec too, so it does not leak
+/// into children. The original number is not claimed (nothing here closes
+/// it), so calling this twice, or on a number other code owns, is harmless.
+/// `None` if `fd` is not open.
+pub(crate) fn duplicate_inherited_fd(fd: RawFd) -> Option<OwnedFd> {
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: the borrow lasts for this function only and is used for
+    // `fcntl` calls, which fail harmlessly with EBADF on a closed number;
+    // ownership of the number is never taken.
+    let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    rustix::io::fcntl_getfd(borrowed).ok()?;
+    let copy = rustix::io::fcntl_dupfd_cloexec(borrowed, 0).ok()?;
+    let _ = rustix::io::fcntl_setfd(borrowed, FdFlags::CLOEXEC);
+    Some(copy)
+}
+
 /// Removes an internal variable from the process environment.
 pub(crate) fn remove_env(key: &str) {
     // SAFETY: called once per variable while the worker identifies itself at

@@ -33,6 +33,35 @@ async fn main() {
             worker.shutdown_signal().await;
         }
         "crash-at-boot" => panic!("boot failure (on purpose)"),
+        "net" => net::run(worker).await,
+        "ready-serve" => {
+            say_ready(&worker).await;
+            serve(worker).await;
+        }
+        "ready-never-exit" => {
+            say_ready(&worker).await;
+            // Ignores disconnect; only SIGKILL (or the primary's end) stops it.
+            std::future::pending::<()>().await;
+        }
+        "ready-gen0-only" => {
+            if procluster_tests::generation() == 0 {
+                say_ready(&worker).await;
+            }
+            serve(worker).await;
+        }
+        "ready-then-hang" => ready_then_hang(worker).await,
+        "listen-then-serve" => {
+            // Ready, for a supervisor, when the primary reports it listening.
+            let _listener = worker.listen_tcp("127.0.0.1:0").await.expect("listen");
+            serve(worker).await;
+        }
+        "first-worker-serves-100" => {
+            say_ready(&worker).await;
+            if worker.id() == 1 {
+                worker.add_requests(100);
+            }
+            serve(worker).await;
+        }
         other => {
             eprintln!("unknown mode {other}");
             std::process::exit(2);
@@ -158,4 +187,229 @@ async fn handle(worker: &Worker, command: Command, message: &mut procluster::Mes
         }
     };
     worker.send(&reply).await.expect("send reply");
+}
+
+/// `net` mode: listens as the primary asks (`NetCommand`) and serves
+/// connections with a `worker <id>` greeting.
+mod net {
+    use std::future::Future;
+    use std::pin::Pin;
+    use std::sync::Arc;
+    use std::task::Poll;
+
+    use procluster::listeners::{TcpListener, TcpOptions};
+    use procluster::worker::Worker;
+    use procluster_tests::{NetCommand, NetReply, Serve};
+    use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+    use tokio::sync::oneshot;
+    use tokio::task::JoinSet;
+
+    pub async fn run(worker: Worker) {
+        // Accept loops that end by themselves once the worker disconnects.
+        let mut serving = JoinSet::new();
+        // Loops that never end by themselves; aborted at the end.
+        let mut background = JoinSet::new();
+        let mut kept = Vec::new();
+        while let Some(message) = worker.recv().await {
+            let command: NetCommand = message.decode().expect("a net command");
+            let reply = match command {
+                NetCommand::ListenTcp {
+                    addr,
+                    backlog,
+                    ipv6_only,
+                    exclusive,
+                    prefetch,
+                    capacity,
+                    serve,
+                } => {
+                    // Defaults for fields added to `TcpOptions` later.
+                    #[allow(clippy::needless_update)]
+                    let options = TcpOptions {
+                        backlog,
+                        ipv6_only,
+                        exclusive,
+                        prefetch,
+                        ..TcpOptions::default()
+                    };
+                    match worker.listen_tcp_with(&addr, options).await {
+                        Err(e) => failed(&e),
+                        Ok(listener) => {
+                            let reply = NetReply::Listening {
+                                address: listener.local_addr().expect("local addr").to_string(),
+                                round_robin: listener.is_round_robin(),
+                            };
+                            let listener = Arc::new(listener);
+                            match serve {
+                                Serve::Hold => {
+                                    let mut ready = Vec::new();
+                                    for _ in 0..capacity {
+                                        let (tx, rx) = oneshot::channel();
+                                        ready.push(rx);
+                                        serving.spawn(accept_loop(
+                                            listener.clone(),
+                                            worker.id(),
+                                            tx,
+                                        ));
+                                    }
+                                    for rx in ready {
+                                        let _ = rx.await;
+                                    }
+                                }
+                                Serve::Stall => {
+                                    let (tx, rx) = oneshot::channel();
+                                    background.spawn(stall(listener, capacity, tx));
+                                    let _ = rx.await;
+                                }
+                                Serve::Never => kept.push(listener),
+                            }
+                            reply
+                        }
+                    }
+                }
+                NetCommand::ListenUdp { addr } => match worker.listen_udp(&addr).await {
+                    Err(e) => failed(&e),
+                    Ok(socket) => {
+                        let reply = NetReply::Listening {
+                            address: socket.local_addr().expect("local addr").to_string(),
+                            round_robin: false,
+                        };
+                        let worker = worker.clone();
+                        background.spawn(async move {
+                            let mut buf = vec![0u8; 2048];
+                            while let Ok(n) = socket.recv(&mut buf).await {
+                                let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                                if worker.send(&NetReply::Datagram(text)).await.is_err() {
+                                    return;
+                                }
+                            }
+                        });
+                        reply
+                    }
+                },
+                NetCommand::ListenUnix { path, capacity } => {
+                    match worker.listen_unix(&path).await {
+                        Err(e) => failed(&e),
+                        Ok(listener) => {
+                            let listener = Arc::new(listener);
+                            for _ in 0..capacity {
+                                let listener = listener.clone();
+                                let id = worker.id();
+                                background.spawn(async move {
+                                    while let Ok((stream, _)) = listener.accept().await {
+                                        greet_and_hold(stream, id).await;
+                                    }
+                                });
+                            }
+                            NetReply::Listening {
+                                address: path,
+                                round_robin: false,
+                            }
+                        }
+                    }
+                }
+            };
+            if worker.send(&reply).await.is_err() {
+                break;
+            }
+        }
+        // Disconnected: serve what was accepted, then exit.
+        drop(kept);
+        background.abort_all();
+        while serving.join_next().await.is_some() {}
+    }
+
+    fn failed(error: &std::io::Error) -> NetReply {
+        NetReply::Failed {
+            kind: format!("{:?}", error.kind()),
+            message: error.to_string(),
+        }
+    }
+
+    /// Accepts until the listener closes; `ready` fires once the first
+    /// `accept()` waits (its credit is on its way to the primary).
+    async fn accept_loop(listener: Arc<TcpListener>, id: u32, ready: oneshot::Sender<()>) {
+        let mut ready = Some(ready);
+        loop {
+            let accepted = {
+                let accept = listener.accept();
+                tokio::pin!(accept);
+                match std::future::poll_fn(|cx| Poll::Ready(accept.as_mut().poll(cx))).await {
+                    Poll::Ready(accepted) => accepted,
+                    Poll::Pending => {
+                        if let Some(ready) = ready.take() {
+                            let _ = ready.send(());
+                        }
+                        accept.await
+                    }
+                }
+            };
+            if let Some(ready) = ready.take() {
+                let _ = ready.send(());
+            }
+            let Ok((stream, _)) = accepted else { return };
+            greet_and_hold(stream, id).await;
+        }
+    }
+
+    /// Writes the greeting and waits until the client closes.
+    async fn greet_and_hold<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, id: u32) {
+        if stream
+            .write_all(format!("worker {id}\n").as_bytes())
+            .await
+            .is_err()
+        {
+            return;
+        }
+        let mut buf = [0u8; 64];
+        while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {}
+    }
+
+    /// Grants credit for `capacity` connections and never takes them.
+    async fn stall(listener: Arc<TcpListener>, capacity: usize, ready: oneshot::Sender<()>) {
+        let mut calls: Vec<Pin<Box<dyn Future<Output = _> + Send + '_>>> = (0..capacity)
+            .map(|_| Box::pin(listener.accept()) as Pin<Box<dyn Future<Output = _> + Send>>)
+            .collect();
+        std::future::poll_fn(|cx| {
+            for call in &mut calls {
+                let _ = call.as_mut().poll(cx);
+            }
+            Poll::Ready(())
+        })
+        .await;
+        let _ = ready.send(());
+        std::future::pending::<()>().await;
+        drop(calls);
+    }
+}
+
+/// Reports ready to the supervisor, then says hello (id, slot, generation).
+async fn say_ready(worker: &Worker) {
+    worker.ready().expect("ready");
+    let hello = procluster_tests::Hello {
+        id: worker.id(),
+        index: worker.index(),
+        generation: procluster_tests::generation(),
+        pid: std::process::id(),
+    };
+    worker.send(&hello).await.expect("send hello");
+}
+
+/// Ready, then every runtime thread blocks in `std::thread::sleep`: timers
+/// stop, so heartbeats stop, as in a server stuck in blocking code. SIGUSR2
+/// (the diagnostic signal the tests use) is caught, so only SIGKILL ends it.
+async fn ready_then_hang(worker: Worker) {
+    let _usr2 = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined2())
+        .expect("handle SIGUSR2");
+    say_ready(&worker).await;
+    let threads = std::thread::available_parallelism().map_or(4, |n| n.get()) * 4;
+    for _ in 0..threads {
+        tokio::spawn(async {
+            loop {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+    }
+    loop {
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

@@ -55,16 +55,40 @@ pub struct TcpOptions {
     pub ipv6_only: Option<bool>,
     /// Bind in this worker, bypassing the primary (Node's `exclusive`).
     pub exclusive: bool,
+    /// Round-robin only: connections the primary may hand this worker ahead
+    /// of its `accept()` calls (default [`DEFAULT_PREFETCH`]). More keeps a
+    /// busy worker fed without a round trip per connection; 0 makes the
+    /// worker take exactly as many connections as it has `accept()` calls
+    /// waiting, which caps its concurrency precisely.
+    pub prefetch: Option<u32>,
 }
+
+/// Connections handed ahead of `accept()` calls on a round-robin listener.
+pub const DEFAULT_PREFETCH: u32 = 2;
+
+/// A connection handed by the primary, not yet taken by `accept()`.
+struct Queued {
+    seq: u64,
+    fd: OwnedFd,
+    /// Arrived while no `accept()` was waiting (on prefetch credit).
+    ahead: bool,
+}
+
+/// How long a connection handed ahead of `accept()` may wait for the
+/// application before the worker gives it back to the primary for another
+/// worker: a worker busy with long requests must not strand connections.
+const PREFETCH_PATIENCE: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// Connections handed to a worker by the primary, waiting for `accept()`.
 #[derive(Default)]
 struct HandedState {
-    queue: VecDeque<(u64, OwnedFd)>,
+    queue: VecDeque<Queued>,
     /// `accept()` calls now waiting.
     waiting: usize,
     /// Credit the primary believes this listener has.
     granted: usize,
+    /// Extra credit beyond the waiting `accept()` calls.
+    prefetch: usize,
     closed: bool,
 }
 
@@ -106,12 +130,26 @@ impl ConnectionRouter {
         }
     }
 
-    /// The k-th request for the same thing in this worker.
-    fn next_ordinal(&self, spec: &str) -> u32 {
+    /// The k-th request for the same thing in this worker; 0 for a fixed
+    /// address, which all requests share.
+    fn next_ordinal(&self, spec: &ListenSpec) -> u32 {
+        if !spec.wants_any_port() {
+            return 0;
+        }
         let mut ordinals = self.ordinals.lock().unwrap_or_else(|e| e.into_inner());
-        let next = ordinals.entry(spec.to_string()).or_insert(0);
+        let next = ordinals.entry(format!("{spec:?}")).or_insert(0);
         *next += 1;
         *next - 1
+    }
+
+    /// A request that failed does not count.
+    fn release_ordinal(&self, spec: &ListenSpec) {
+        if spec.wants_any_port() {
+            let mut ordinals = self.ordinals.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(next) = ordinals.get_mut(&format!("{spec:?}")) {
+                *next = next.saturating_sub(1);
+            }
+        }
     }
 }
 
@@ -119,7 +157,7 @@ fn refuse_queued(key: u32, handed: &Handed, sender: &crate::channel::ChannelSend
     let refused: Vec<u64> = {
         let mut state = handed.state();
         state.closed = true;
-        state.queue.drain(..).map(|(seq, _)| seq).collect()
+        state.queue.drain(..).map(|queued| queued.seq).collect()
     };
     for seq in refused {
         let ack = Control::ConnectionAck {
@@ -140,31 +178,56 @@ pub(crate) fn incoming_connection(
     mut fds: Vec<OwnedFd>,
 ) {
     let handed = inner.connections.table().get(&key).and_then(Weak::upgrade);
-    let accepted = match (&handed, fds.pop()) {
+    let queued = match (&handed, fds.pop()) {
         (Some(handed), Some(fd)) => {
             let mut state = handed.state();
             state.granted = state.granted.saturating_sub(1);
             if state.closed {
-                false
+                None
             } else {
-                state.queue.push_back((seq, fd));
-                true
+                let ahead = state.waiting <= state.queue.len();
+                state.queue.push_back(Queued { seq, fd, ahead });
+                Some(ahead)
             }
         }
-        _ => false,
+        _ => None,
     };
-    match (accepted, handed) {
-        (true, Some(handed)) => handed.arrived.notify_one(),
-        _ => {
-            let ack = Control::ConnectionAck {
-                key,
-                seq,
-                accepted: false,
-            };
-            let _ = inner
-                .sender
-                .send_now(FrameKind::Control, &ack.encode(), Vec::new());
+    match (queued, handed) {
+        (Some(ahead), Some(handed)) => {
+            handed.arrived.notify_one();
+            if ahead {
+                tokio::spawn(give_back_if_untaken(Arc::downgrade(inner), key, handed, seq));
+            }
         }
+        _ => refuse(&inner.sender, key, seq),
+    }
+}
+
+fn refuse(sender: &crate::channel::ChannelSender, key: u32, seq: u64) {
+    let ack = Control::ConnectionAck { key, seq, accepted: false };
+    let _ = sender.send_now(FrameKind::Control, &ack.encode(), Vec::new());
+}
+
+/// Gives a prefetched connection back to the primary if the application has
+/// not taken it in time; the primary then stops feeding this worker until
+/// its application calls `accept()` again.
+async fn give_back_if_untaken(inner: Weak<WorkerInner>, key: u32, handed: Arc<Handed>, seq: u64) {
+    tokio::time::sleep(PREFETCH_PATIENCE).await;
+    let Some(inner) = inner.upgrade() else { return };
+    let stale: Vec<u64> = {
+        let mut state = handed.state();
+        if state.waiting > 0 || !state.queue.iter().any(|q| q.seq == seq) {
+            return;
+        }
+        // Nobody is accepting: every connection queued ahead goes back, and
+        // the primary forgets this worker's credit, as do we.
+        state.granted = 0;
+        let (back, keep): (VecDeque<Queued>, VecDeque<Queued>) = state.queue.drain(..).partition(|q| q.ahead);
+        state.queue = keep;
+        back.into_iter().map(|q| q.seq).collect()
+    };
+    for seq in stale {
+        refuse(&inner.sender, key, seq);
     }
 }
 
@@ -235,7 +298,7 @@ impl TcpListener {
                 return Err(disconnecting());
             }
             state.waiting += 1;
-            let wanted = state.waiting.saturating_sub(state.queue.len());
+            let wanted = (state.waiting + state.prefetch).saturating_sub(state.queue.len());
             let grant = wanted.saturating_sub(state.granted);
             state.granted += grant;
             grant
@@ -259,7 +322,7 @@ impl TcpListener {
             }
             state.queue.pop_front()
         };
-        let Some((seq, fd)) = next else {
+        let Some(Queued { seq, fd, .. }) = next else {
             return Ok(None);
         };
         self.send(Control::ConnectionAck {
@@ -383,6 +446,7 @@ impl Worker {
         };
         let (reply, mut fds) = self.request_listen(spec).await?;
         let handed = Arc::new(Handed::default());
+        handed.state().prefetch = options.prefetch.unwrap_or(DEFAULT_PREFETCH) as usize;
         let (key, socket, local_addr) = match reply {
             ListenReply::Socket { key, .. } => {
                 let fd = fds
@@ -507,7 +571,8 @@ impl Worker {
 
     async fn request_listen(&self, spec: ListenSpec) -> io::Result<(ListenReply, Vec<OwnedFd>)> {
         let seq = self.next_seq();
-        let ordinal = self.inner.connections.next_ordinal(&format!("{spec:?}"));
+        let ordinal = self.inner.connections.next_ordinal(&spec);
+        let counted = spec.clone();
         let (tx, rx) = oneshot::channel();
         self.inner
             .pending_listens
@@ -533,6 +598,7 @@ impl Worker {
             io::Error::new(io::ErrorKind::NotConnected, "the primary did not answer")
         })?;
         if let ListenReply::Failed { os_error, message } = &reply {
+            self.inner.connections.release_ordinal(&counted);
             let kind = os_error.map_or(io::ErrorKind::Other, |code| {
                 io::Error::from_raw_os_error(code).kind()
             });

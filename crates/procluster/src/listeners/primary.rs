@@ -276,6 +276,10 @@ fn join(inner: &Arc<Inner>, group: &Arc<Group>, worker: &WorkerHandle) -> io::Re
     }
     let key = group.key;
     let address = group.address.clone();
+    if state.holders.contains_key(&worker.id()) {
+        // As Node: one worker listening twice on one fixed address.
+        return Err(bind::bind_error(io::Error::from(io::ErrorKind::AddrInUse), &format!("{address} (this worker listens there already)")));
+    }
     match group.policy {
         Policy::Shared => {
             state.holders.insert(worker.id(), Slot::All);

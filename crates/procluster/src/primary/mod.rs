@@ -31,8 +31,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::{Semaphore, mpsc, watch};
 
-pub use output::{LineSplitter, MAX_LINE};
-pub use settings::{ForkOptions, Settings, Stdio, Workers};
+pub use output::{LineSplitter, MAX_LINE, OutputHook, OutputLine, Stream};
+pub use settings::{ChildFd, ForkHook, ForkOptions, Program, Settings, Stdio, Workers};
 pub(crate) use worker_handle::dup_all;
 pub use worker_handle::{ExitStatus, WorkerHandle, WorkerState};
 pub(crate) use worker_task::advance;
@@ -167,6 +167,19 @@ impl ClusterBuilder {
         self
     }
 
+    /// What kind of program workers run: a procluster program (default) or
+    /// a foreign one without a channel (see [`Program::Foreign`]).
+    pub fn program(mut self, program: Program) -> Self {
+        self.settings.program = program;
+        self
+    }
+
+    /// Adds a descriptor every worker finds open at number `target`.
+    pub fn fd(mut self, fd: impl Into<Arc<std::os::fd::OwnedFd>>, target: i32) -> Self {
+        self.settings.fds.push(ChildFd::new(fd, target));
+        self
+    }
+
     /// Start each worker in its own process group.
     pub fn own_process_group(mut self, yes: bool) -> Self {
         self.settings.own_process_group = yes;
@@ -184,7 +197,7 @@ impl ClusterBuilder {
     /// # Errors
     /// [`Error::Settings`] for a bad setting (a working directory that does
     /// not exist, a zero message limit, an unknown policy in the
-    /// environment).
+    /// environment, a descriptor placed below 3 or on the channel's fd).
     pub fn build(mut self) -> Result<Cluster, Error> {
         let settings = &mut self.settings;
         if let Some(cwd) = &settings.cwd {
@@ -202,6 +215,7 @@ impl ClusterBuilder {
                 settings.max_frame
             )));
         }
+        check_fds(settings, &settings.fds)?;
         if let Some(policy) = crate::policy_from_env()? {
             settings.policy = policy;
         }
@@ -344,13 +358,19 @@ impl Cluster {
         self.fork_with(ForkOptions::default()).await
     }
 
-    /// Starts one worker with extra environment (Node's `cluster.fork(env)`)
-    /// or a slot index.
+    /// Starts one worker with extra environment (Node's `cluster.fork(env)`),
+    /// a slot index, or descriptors of its own.
     ///
     /// # Errors
-    /// As [`Cluster::fork`].
-    pub async fn fork_with(&self, options: ForkOptions) -> Result<WorkerHandle, Error> {
+    /// As [`Cluster::fork`], and [`Error::Settings`] for a descriptor placed
+    /// below 3 or on the channel's fd.
+    pub async fn fork_with(&self, mut options: ForkOptions) -> Result<WorkerHandle, Error> {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        if let Some(hook) = &self.inner.settings.on_fork {
+            (hook.0)(id, &mut options)
+                .map_err(|e| Error::io(format!("cannot prepare worker {id}"), e))?;
+        }
+        check_fds(&self.inner.settings, &options.fds)?;
         worker_task::fork(&self.inner, id, options).await
     }
 
@@ -447,11 +467,51 @@ impl Cluster {
     }
 }
 
+/// A usable copy of a descriptor this process inherited by number, such as
+/// the sockets systemd passes to a service (`LISTEN_FDS`, from fd 3). The
+/// copy is close-on-exec, and so becomes the original, so neither leaks into
+/// workers except where placed on purpose ([`Settings::fds`]). Safe to call
+/// for any number: ownership of the original is never taken.
+///
+/// Returns `None` when `fd` is not open.
+pub fn inherited_fd(fd: std::os::fd::RawFd) -> Option<std::os::fd::OwnedFd> {
+    crate::sys::duplicate_inherited_fd(fd)
+}
+
+/// Descriptors go at 3 and above (0-2 are the standard streams), and not on
+/// the channel of a procluster program.
+fn check_fds(settings: &Settings, fds: &[ChildFd]) -> Result<(), Error> {
+    for fd in fds {
+        if fd.target < 3 {
+            return Err(Error::Settings(format!(
+                "cannot place a descriptor at fd {}: 0, 1 and 2 are the standard streams",
+                fd.target
+            )));
+        }
+        if !settings.program.is_foreign() && fd.target == crate::CHANNEL_FD {
+            return Err(Error::Settings(format!(
+                "cannot place a descriptor at fd {}: a procluster worker's channel is there \
+                 (use Program::Foreign for a program without a channel)",
+                fd.target
+            )));
+        }
+    }
+    Ok(())
+}
+
 pub(crate) fn worker_env(
     id: WorkerId,
     settings: &Settings,
     options: &ForkOptions,
 ) -> Vec<(&'static str, String)> {
+    if settings.program.is_foreign() {
+        // Only what a foreign program can use: who it is.
+        let mut env = vec![(env_keys::WORKER_ID, id.to_string())];
+        if let Some(index) = options.index {
+            env.push((env_keys::WORKER_INDEX, index.to_string()));
+        }
+        return env;
+    }
     let mut env = vec![
         (env_keys::WORKER_ID, id.to_string()),
         (env_keys::CHANNEL_FD, crate::CHANNEL_FD.to_string()),

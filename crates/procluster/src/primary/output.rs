@@ -1,6 +1,56 @@
 //! Forwarding a worker's captured output line by line.
 
+use std::fmt;
+use std::sync::Arc;
+
 use tokio::io::{AsyncRead, AsyncReadExt};
+
+use crate::WorkerId;
+
+/// Which of a worker's output streams a line came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Stream {
+    /// Standard output.
+    Stdout,
+    /// Standard error.
+    Stderr,
+}
+
+impl Stream {
+    /// `"stdout"` or `"stderr"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Stdout => "stdout",
+            Self::Stderr => "stderr",
+        }
+    }
+}
+
+impl fmt::Display for Stream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// One line of a worker's output, as handed to
+/// [`Stdio::Callback`](crate::primary::Stdio::Callback).
+#[derive(Debug, Clone, Copy)]
+pub struct OutputLine<'a> {
+    /// The worker's id.
+    pub worker: WorkerId,
+    /// Its slot index, when it was forked for one.
+    pub index: Option<usize>,
+    /// Its process id.
+    pub pid: u32,
+    /// The stream the line came from.
+    pub stream: Stream,
+    /// The line's bytes, without its `\n` (at most [`MAX_LINE`] of them:
+    /// a longer line comes in several pieces). Not necessarily UTF-8.
+    pub line: &'a [u8],
+}
+
+/// A callback that receives each line of workers' output.
+pub type OutputHook = Arc<dyn Fn(OutputLine<'_>) + Send + Sync>;
 
 /// Longest line kept whole; a longer one is emitted in pieces of this size so
 /// a worker cannot make the primary buffer without bound.

@@ -94,6 +94,10 @@ pub(crate) struct WorkerShared {
     /// Signals go through a pidfd where the OS has them, so a signal can never
     /// reach a recycled pid.
     pub(crate) pidfd: Option<OwnedFd>,
+    /// For a foreign program (no channel), the signal `disconnect` sends.
+    pub(crate) stop_signal: Option<Signal>,
+    /// The cluster's event stream, for readiness learnt outside the channel.
+    pub(crate) events: tokio::sync::mpsc::UnboundedSender<super::EventBatch>,
 }
 
 impl WorkerShared {
@@ -173,6 +177,27 @@ impl WorkerHandle {
     /// ([`Worker::add_requests`](crate::worker::Worker::add_requests)).
     pub fn requests(&self) -> u64 {
         self.shared.lifecycle().requests
+    }
+
+    /// Reports the worker ready, as if it had called `Worker::ready`: an
+    /// [`Event::Ready`](crate::primary::Event::Ready) follows in the
+    /// cluster's event stream. For readiness learnt another way, such as a
+    /// foreign program's `sd_notify("READY=1")` or a Node IPC message.
+    /// Nothing happens once the worker has exited.
+    pub fn report_ready(&self) {
+        if !self.is_dead() {
+            let _ = self
+                .shared
+                .events
+                .send(vec![crate::primary::Event::Ready(self.clone())]);
+        }
+    }
+
+    /// Records a sign of life now, as a heartbeat from the worker's runtime
+    /// would ([`last_heartbeat`](Self::last_heartbeat)); for a foreign
+    /// program's `sd_notify("WATCHDOG=1")`.
+    pub fn report_heartbeat(&self) {
+        self.shared.lifecycle().last_heartbeat = Some(std::time::Instant::now());
     }
 
     /// How it exited, once it has.
@@ -262,6 +287,10 @@ impl WorkerHandle {
     /// its shutdown signal fires, and it exits once its work is done. The
     /// `Exit` event then reports `exited_after_disconnect == true`.
     ///
+    /// A foreign program ([`Program::Foreign`](crate::primary::Program))
+    /// has no channel: it is sent its stop signal instead (once), and its
+    /// `Disconnect` and `Exit` events come when it exits.
+    ///
     /// Returns at once; watch for the `Disconnect` and `Exit` events.
     pub fn disconnect(&self) {
         {
@@ -269,7 +298,16 @@ impl WorkerHandle {
             if life.state >= WorkerState::Disconnected {
                 return;
             }
+            if life.exited_after_disconnect && self.shared.stop_signal.is_some() {
+                return; // already signalled
+            }
             life.exited_after_disconnect = true;
+        }
+        if let Some(signal) = self.shared.stop_signal {
+            if let Err(error) = self.kill(signal) {
+                tracing::warn!(worker = self.id(), %error, "cannot ask a worker to stop");
+            }
+            return;
         }
         // Best effort: if the channel is already gone, the worker is exiting.
         let _ = self.shared.sender.send_now(

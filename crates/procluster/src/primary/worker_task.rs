@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use tokio::process::{Child, Command};
 
-use super::output::forward_lines;
+use super::output::{OutputLine, Stream, forward_lines};
 use super::worker_handle::{ExitStatus, Lifecycle, WorkerHandle, WorkerShared, WorkerState};
-use super::{Event, ForkOptions, Inner, Stdio, spawn, worker_env};
+use super::{ChildFd, Event, ForkOptions, Inner, Program, Stdio, spawn, worker_env};
 use crate::channel::{self, ChannelError, ChannelReader};
 use crate::message::Message;
 use crate::protocol::{Control, Frame, FrameKind};
@@ -29,6 +29,7 @@ pub(super) async fn fork(
         None => std::env::current_exe()
             .map_err(|e| Error::io("cannot find the current executable", e))?,
     };
+    let foreign = settings.program.is_foreign();
     let (ours, theirs) =
         channel::socket_pair().map_err(|e| Error::io("cannot create a worker channel", e))?;
 
@@ -48,7 +49,9 @@ pub(super) async fn fork(
             std::process::Stdio::inherit(),
             std::process::Stdio::inherit(),
         ),
-        Stdio::Prefixed => (std::process::Stdio::piped(), std::process::Stdio::piped()),
+        Stdio::Prefixed | Stdio::Callback(_) => {
+            (std::process::Stdio::piped(), std::process::Stdio::piped())
+        }
         Stdio::Null => (std::process::Stdio::null(), std::process::Stdio::null()),
     };
     command
@@ -56,7 +59,19 @@ pub(super) async fn fork(
         .stdout(stdout)
         .stderr(stderr);
     let mut fds = crate::sys::ChildFds::default();
-    fds.place(theirs, crate::CHANNEL_FD);
+    if foreign {
+        // No channel: the worker's end is simply closed.
+        drop(theirs);
+    } else {
+        fds.place(theirs, crate::CHANNEL_FD);
+    }
+    for placed in child_fds(&settings.fds, &options.fds) {
+        let copy = placed
+            .fd
+            .try_clone()
+            .map_err(|e| Error::io("cannot duplicate a descriptor for a worker", e))?;
+        fds.place(copy, placed.target);
+    }
     crate::sys::prepare_child(&mut command, fds, settings.own_process_group);
 
     let mut child = spawn::spawn(command).await.map_err(|source| Error::Spawn {
@@ -82,14 +97,38 @@ pub(super) async fn fork(
                 requests: 0,
             }),
             pidfd,
+            events: inner.events.clone(),
+            stop_signal: match settings.program {
+                Program::Procluster => None,
+                Program::Foreign { stop_signal } => Some(stop_signal),
+            },
         }),
     };
-    let outputs = capture_output(&mut child, id);
+    let outputs = capture_output(&mut child, &worker, &settings.stdio);
     inner.insert(worker.clone());
     inner.emit(Event::Fork(worker.clone()));
     tracing::debug!(worker = id, pid, program = %program.display(), "worker forked");
+    let reader = if foreign {
+        // Nothing will ever be sent to or read from a foreign worker; it is
+        // online as soon as it runs.
+        worker.shared.sender.close();
+        advance(&worker, WorkerState::Online);
+        inner.emit(Event::Online(worker.clone()));
+        None
+    } else {
+        Some(reader)
+    };
     tokio::spawn(run(inner.clone(), worker.clone(), child, reader, outputs));
     Ok(worker)
+}
+
+/// The cluster's descriptors, then the fork's; a fork's entry replaces the
+/// cluster's at the same number.
+fn child_fds<'a>(cluster: &'a [ChildFd], fork: &'a [ChildFd]) -> impl Iterator<Item = &'a ChildFd> {
+    cluster
+        .iter()
+        .filter(|c| fork.iter().all(|f| f.target != c.target))
+        .chain(fork)
 }
 
 fn open_pidfd(pid: u32) -> Option<OwnedFd> {
@@ -105,26 +144,61 @@ fn open_pidfd(pid: u32) -> Option<OwnedFd> {
     }
 }
 
-fn capture_output(child: &mut Child, id: WorkerId) -> Vec<tokio::task::JoinHandle<()>> {
-    use std::io::Write;
+fn capture_output(
+    child: &mut Child,
+    worker: &WorkerHandle,
+    stdio: &Stdio,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let streams = [
+        (Stream::Stdout, child.stdout.take().map(OutputPipe::Stdout)),
+        (Stream::Stderr, child.stderr.take().map(OutputPipe::Stderr)),
+    ];
+    let (id, index, pid) = (worker.id(), worker.index(), worker.pid());
     let mut tasks = Vec::new();
-    if let Some(stdout) = child.stdout.take() {
-        tasks.push(tokio::spawn(forward_lines(stdout, move |line| {
-            let mut out = std::io::stdout().lock();
-            let _ = write!(out, "[worker {id}] ");
-            let _ = out.write_all(line);
-            let _ = out.write_all(b"\n");
-        })));
-    }
-    if let Some(stderr) = child.stderr.take() {
-        tasks.push(tokio::spawn(forward_lines(stderr, move |line| {
-            let mut out = std::io::stderr().lock();
-            let _ = write!(out, "[worker {id}] ");
-            let _ = out.write_all(line);
-            let _ = out.write_all(b"\n");
-        })));
+    for (stream, pipe) in streams {
+        let Some(pipe) = pipe else { continue };
+        let emit: Box<dyn FnMut(&[u8]) + Send> = match stdio {
+            Stdio::Callback(hook) => {
+                let hook = hook.clone();
+                Box::new(move |line| {
+                    hook(OutputLine {
+                        worker: id,
+                        index,
+                        pid,
+                        stream,
+                        line,
+                    })
+                })
+            }
+            _ => Box::new(move |line| print_prefixed(stream, id, line)),
+        };
+        tasks.push(tokio::spawn(async move {
+            match pipe {
+                OutputPipe::Stdout(out) => forward_lines(out, emit).await,
+                OutputPipe::Stderr(err) => forward_lines(err, emit).await,
+            }
+        }));
     }
     tasks
+}
+
+enum OutputPipe {
+    Stdout(tokio::process::ChildStdout),
+    Stderr(tokio::process::ChildStderr),
+}
+
+/// `[worker ID] line` on the primary's stream of the same name, written
+/// whole under the stream's lock so lines of different workers never mix.
+fn print_prefixed(stream: Stream, id: WorkerId, line: &[u8]) {
+    use std::io::Write;
+    let mut buf = Vec::with_capacity(line.len() + 16);
+    let _ = write!(buf, "[worker {id}] ");
+    buf.extend_from_slice(line);
+    buf.push(b'\n');
+    let _ = match stream {
+        Stream::Stdout => std::io::stdout().lock().write_all(&buf),
+        Stream::Stderr => std::io::stderr().lock().write_all(&buf),
+    };
 }
 
 /// The worker's task. Keeps Node's order: every message read before the
@@ -133,16 +207,19 @@ async fn run(
     inner: Arc<Inner>,
     worker: WorkerHandle,
     mut child: Child,
-    mut reader: ChannelReader,
+    reader: Option<ChannelReader>,
     outputs: Vec<tokio::task::JoinHandle<()>>,
 ) {
     let mut frames = Vec::new();
-    let mut channel_open = true;
+    // A foreign worker has no channel: it is "connected" until it exits.
+    let foreign = reader.is_none();
+    let mut channel_open = !foreign;
+    let mut reader = reader;
     let mut status = None;
     let mut drain_deadline = None;
     while channel_open || status.is_none() {
         tokio::select! {
-            read = reader.read_frames(&mut frames), if channel_open => {
+            read = read_frames(&mut reader, &mut frames), if channel_open => {
                 // Frames decoded before bad bytes are still good.
                 let delivered = deliver(&inner, &worker, &mut frames).await;
                 let outcome = match (read, delivered) {
@@ -173,6 +250,9 @@ async fn run(
             }
         }
     }
+    if foreign {
+        mark_disconnected(&inner, &worker);
+    }
     for output in outputs {
         let _ = tokio::time::timeout(DRAIN_AFTER_EXIT, output).await;
     }
@@ -192,6 +272,16 @@ async fn run(
             exited_after_disconnect,
         },
     );
+}
+
+async fn read_frames(
+    reader: &mut Option<ChannelReader>,
+    frames: &mut Vec<Frame>,
+) -> Result<bool, ChannelError> {
+    match reader {
+        Some(reader) => reader.read_frames(frames).await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {

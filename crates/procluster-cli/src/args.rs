@@ -1,0 +1,423 @@
+//! The command line: subcommands and their flags, and parsers for the small
+//! value types (durations, signals, worker counts, scale requests).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use procluster::Signal;
+use serde::{Deserialize, Serialize};
+
+/// Run any program as a cluster of worker processes that share its ports.
+///
+/// `procluster run` binds the listening sockets once and hands them to every
+/// worker as systemd socket activation (LISTEN_FDS from fd 3, LISTEN_PID,
+/// LISTEN_FDNAMES), so gunicorn, uvicorn --fd 3, Node's listen({fd: 3}), Go
+/// and Rust programs work unmodified. It restarts crashed workers with
+/// backoff, reloads them one by one without dropping connections, and
+/// answers `status`, `reload`, `scale` and `stop` on a control socket.
+#[derive(Debug, Parser)]
+#[command(name = "procluster", version, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Start a primary that runs PROGRAM in N workers sharing the listeners.
+    ///
+    /// Each worker gets: the listening sockets from fd 3 in --listen order
+    /// (LISTEN_FDS, LISTEN_PID = its own pid, LISTEN_FDNAMES),
+    /// PROCLUSTER_WORKER_ID (unique, from 1) and PROCLUSTER_WORKER_INDEX
+    /// (its slot, 0..N-1), and, by --ready, NOTIFY_SOCKET or
+    /// NODE_CHANNEL_FD. Its stdout and stderr are printed by the primary line
+    /// by line, prefixed with the worker id (or as JSON lines).
+    ///
+    /// SIGTERM or SIGINT (or `procluster stop`) stops gracefully: each worker
+    /// gets --stop-signal, then SIGKILL after --kill-timeout. SIGHUP reloads.
+    /// Exit status: 0 after a clean stop; 1 when a worker had to be killed or
+    /// the workers crash in a loop; 2 for bad usage or configuration; 127
+    /// when PROGRAM does not exist.
+    Run(Box<RunArgs>),
+    /// Show the primary's pid, listeners and workers.
+    Status(StatusArgs),
+    /// Replace every worker, one at a time: start the new one, wait until it
+    /// is ready, then stop the old one. A worker that fails to become ready
+    /// stops the rollout with the old workers still serving.
+    Reload(ReloadArgs),
+    /// Change the number of workers: N, +N or -N.
+    Scale(ScaleArgs),
+    /// Stop the primary and its workers gracefully.
+    Stop(ClientArgs),
+    /// Internal: the exec shim a worker starts as (sets LISTEN_PID to its own
+    /// pid, drops privileges, then execs the program).
+    #[command(name = "__exec", hide = true)]
+    Exec(crate::shim::ShimArgs),
+}
+
+/// `procluster run`. Every option can also be set in the --config file under
+/// the same name (with `-` or `_`); flags win over the file.
+#[derive(Debug, Args, Default)]
+pub struct RunArgs {
+    /// Number of workers, or `auto` for one per CPU available to this process
+    /// (affinity and cgroup quota aware). [default: auto]
+    #[arg(short, long, value_name = "N|auto", value_parser = parse_workers)]
+    pub workers: Option<WorkersArg>,
+
+    /// A socket to share, repeatable: [NAME=]tcp://HOST:PORT, [NAME=]HOST:PORT,
+    /// [NAME=]udp://HOST:PORT or [NAME=]unix:PATH. Port 0 picks one free port
+    /// shared by every worker. Workers find them from fd 3 in this order.
+    #[arg(short, long = "listen", value_name = "SPEC", value_parser = crate::listen_spec::ListenSpec::parse)]
+    pub listen: Vec<crate::listen_spec::ListenSpec>,
+
+    /// `shared`: one socket, every worker accepts on it. `reuseport`: one
+    /// SO_REUSEPORT socket per worker slot (TCP and UDP), balanced by the
+    /// kernel and kept across that slot's restarts. [default: shared]
+    #[arg(long, value_enum)]
+    pub policy: Option<PolicyArg>,
+
+    /// When a worker counts as ready (for reloads, and systemd's READY=1):
+    /// `none` (at once), `notify` (it sends READY=1 to $NOTIFY_SOCKET, as
+    /// sd_notify), `node-ipc` (a Node program calls process.send('ready')),
+    /// `delay:DURATION` (alive that long). [default: none]
+    #[arg(long, value_name = "MODE", value_parser = crate::readiness::ReadyMode::parse)]
+    pub ready: Option<crate::readiness::ReadyMode>,
+
+    /// How long a worker may take to become ready before it counts as
+    /// failed. [default: 30s]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub ready_timeout: Option<Duration>,
+
+    /// How long a worker has to exit after the stop signal before it is
+    /// killed with SIGKILL. [default: 10s]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub kill_timeout: Option<Duration>,
+
+    /// The signal that asks a worker to stop gracefully (TERM, INT, QUIT,
+    /// HUP, USR1, USR2, WINCH or a number). [default: TERM]
+    #[arg(long, value_name = "SIGNAL", value_parser = parse_signal)]
+    pub stop_signal: Option<SignalArg>,
+
+    /// Hang detection (with --ready notify): a ready worker that sends no
+    /// WATCHDOG=1 for this long gets SIGABRT, then SIGKILL, and is replaced.
+    /// Workers get WATCHDOG_USEC and WATCHDOG_PID as under systemd.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub watchdog: Option<Duration>,
+
+    /// Crash-loop breaker: more than this many worker failures within
+    /// --crash-window stop the whole cluster with a non-zero exit.
+    /// [default: 10]
+    #[arg(long, value_name = "N")]
+    pub max_crashes: Option<usize>,
+
+    /// The crash-loop breaker's window. [default: 60s]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub crash_window: Option<Duration>,
+
+    /// Control socket path. [default: $XDG_RUNTIME_DIR/procluster/NAME.sock,
+    /// or /tmp/procluster-UID/NAME.sock]
+    #[arg(long, value_name = "PATH", env = "PROCLUSTER_CONTROL")]
+    pub control: Option<PathBuf>,
+
+    /// The cluster's name: picks the default control socket, so several
+    /// clusters can run side by side. [default: default]
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+
+    /// A TOML file with the same keys as these flags (workers, listen,
+    /// policy, ready, ready-timeout, kill-timeout, stop-signal, watchdog,
+    /// max-crashes, crash-window, control, name, user, group, log-format),
+    /// and `command = ["PROGRAM", "ARG"...]`. An unknown key is an error.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Run workers as this user (name or uid), after the primary has bound
+    /// the sockets. Needs root.
+    #[arg(long, value_name = "USER")]
+    pub user: Option<String>,
+
+    /// Run workers with this group (name or gid). [default: the user's]
+    #[arg(long, value_name = "GROUP")]
+    pub group: Option<String>,
+
+    /// How the primary prints workers' output and its own log: `text`
+    /// (`[worker ID] line`) or `json` (one object a line:
+    /// {ts, worker, index, pid, stream, line}). [default: text]
+    #[arg(long, value_enum)]
+    pub log_format: Option<LogFormat>,
+
+    /// The program to run in each worker, and its arguments.
+    #[arg(last = true, value_name = "PROGRAM [ARGS]...")]
+    pub command: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ClientArgs {
+    /// Control socket of the primary. [default: as `run` picks it for --name]
+    #[arg(long, value_name = "PATH", env = "PROCLUSTER_CONTROL")]
+    pub control: Option<PathBuf>,
+
+    /// The cluster's name, when it was started with --name.
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ReloadArgs {
+    /// Wait until the rollout has finished; exit 0 only if it succeeded.
+    #[arg(long)]
+    pub wait: bool,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ScaleArgs {
+    /// The new number of workers (N), or a change (+N, -N).
+    #[arg(value_name = "N|+N|-N", value_parser = parse_scale, allow_hyphen_values = true)]
+    pub to: Scale,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+/// `--workers`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkersArg {
+    Auto,
+    Count(usize),
+}
+
+/// `--policy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum PolicyArg {
+    #[default]
+    Shared,
+    Reuseport,
+}
+
+impl PolicyArg {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Shared => "shared",
+            Self::Reuseport => "reuseport",
+        }
+    }
+}
+
+/// `--log-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// A signal with the name the user gave it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SignalArg(pub Signal);
+
+/// `procluster scale`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scale {
+    To(usize),
+    Add(usize),
+    Remove(usize),
+}
+
+impl Scale {
+    /// The new count, from the current one (never below 0).
+    pub fn apply(self, current: usize) -> usize {
+        match self {
+            Self::To(n) => n,
+            Self::Add(n) => current.saturating_add(n),
+            Self::Remove(n) => current.saturating_sub(n),
+        }
+    }
+}
+
+pub fn parse_workers(text: &str) -> Result<WorkersArg, String> {
+    if text.eq_ignore_ascii_case("auto") {
+        return Ok(WorkersArg::Auto);
+    }
+    match text.parse::<usize>() {
+        Ok(0) => Err("must be at least 1 (or `auto`)".into()),
+        Ok(n) => Ok(WorkersArg::Count(n)),
+        Err(_) => Err(format!("expected a number of workers or `auto`, not {text:?}")),
+    }
+}
+
+pub fn parse_scale(text: &str) -> Result<Scale, String> {
+    let bad = || format!("expected N, +N or -N (a number of workers), not {text:?}");
+    let number = |digits: &str| {
+        if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(bad());
+        }
+        digits.parse::<usize>().map_err(|_| bad())
+    };
+    if let Some(rest) = text.strip_prefix('+') {
+        Ok(Scale::Add(number(rest)?))
+    } else if let Some(rest) = text.strip_prefix('-') {
+        Ok(Scale::Remove(number(rest)?))
+    } else {
+        Ok(Scale::To(number(text)?))
+    }
+}
+
+/// Durations such as `500ms`, `2s`, `1.5s`, `2m`, `1h`, `1m30s`; a bare
+/// number is seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let bad = |why: &str| format!("invalid duration {text:?}: {why} (examples: 500ms, 2s, 1m30s)");
+    let text_trimmed = text.trim();
+    if text_trimmed.is_empty() {
+        return Err(bad("empty"));
+    }
+    if let Ok(secs) = text_trimmed.parse::<f64>() {
+        return Duration::try_from_secs_f64(secs).map_err(|_| bad("out of range"));
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = text_trimmed;
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(|| bad("a unit is missing"))?;
+        if digits == 0 {
+            return Err(bad("expected a number"));
+        }
+        let value: f64 = rest[..digits].parse().map_err(|_| bad("bad number"))?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let scale = match &rest[..unit_len] {
+            "ms" => 0.001,
+            "s" | "sec" | "secs" => 1.0,
+            "m" | "min" | "mins" => 60.0,
+            "h" | "hr" | "hours" => 3600.0,
+            "us" | "µs" => 0.000_001,
+            unit => return Err(bad(&format!("unknown unit {unit:?}"))),
+        };
+        rest = &rest[unit_len..];
+        total += Duration::try_from_secs_f64(value * scale).map_err(|_| bad("out of range"))?;
+    }
+    Ok(total)
+}
+
+const SIGNALS: [(&str, Signal); 10] = [
+    ("TERM", Signal::TERM),
+    ("INT", Signal::INT),
+    ("QUIT", Signal::QUIT),
+    ("HUP", Signal::HUP),
+    ("USR1", Signal::USR1),
+    ("USR2", Signal::USR2),
+    ("WINCH", Signal::WINCH),
+    ("KILL", Signal::KILL),
+    ("ALRM", Signal::ALARM),
+    ("CONT", Signal::CONT),
+];
+
+/// `TERM`, `SIGTERM`, `term` or `15`.
+pub fn parse_signal(text: &str) -> Result<SignalArg, String> {
+    let upper = text.trim().to_ascii_uppercase();
+    let name = upper.strip_prefix("SIG").unwrap_or(&upper);
+    if let Some((_, signal)) = SIGNALS.iter().find(|(n, _)| *n == name) {
+        return Ok(SignalArg(*signal));
+    }
+    if let Ok(number) = name.parse::<i32>() {
+        if let Some((_, signal)) = SIGNALS.iter().find(|(_, s)| s.as_raw() == number) {
+            return Ok(SignalArg(*signal));
+        }
+    }
+    let known: Vec<&str> = SIGNALS.iter().map(|(n, _)| *n).collect();
+    Err(format!(
+        "unknown signal {text:?}: expected one of {}",
+        known.join(", ")
+    ))
+}
+
+pub fn signal_name(signal: Signal) -> String {
+    SIGNALS
+        .iter()
+        .find(|(_, s)| *s == signal)
+        .map_or_else(|| signal.as_raw().to_string(), |(n, _)| format!("SIG{n}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_take_units_and_combinations() {
+        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+    }
+
+    #[test]
+    fn bad_durations_say_why() {
+        assert!(parse_duration("").is_err());
+        assert!(parse_duration("s").unwrap_err().contains("expected a number"));
+        assert!(parse_duration("5 parsecs").unwrap_err().contains("unknown unit"));
+        assert!(parse_duration("-1").is_err());
+    }
+
+    #[test]
+    fn scale_takes_absolute_and_relative_counts() {
+        assert_eq!(parse_scale("4"), Ok(Scale::To(4)));
+        assert_eq!(parse_scale("+2"), Ok(Scale::Add(2)));
+        assert_eq!(parse_scale("-1"), Ok(Scale::Remove(1)));
+        assert!(parse_scale("x").is_err());
+        assert!(parse_scale("+").is_err());
+        assert!(parse_scale("--1").is_err());
+        assert_eq!(Scale::Remove(5).apply(3), 0);
+        assert_eq!(Scale::Add(2).apply(3), 5);
+    }
+
+    #[test]
+    fn workers_are_a_positive_count_or_auto() {
+        assert_eq!(parse_workers("auto"), Ok(WorkersArg::Auto));
+        assert_eq!(parse_workers("3"), Ok(WorkersArg::Count(3)));
+        assert!(parse_workers("0").is_err());
+        assert!(parse_workers("many").is_err());
+    }
+
+    #[test]
+    fn signals_by_name_or_number() {
+        assert_eq!(parse_signal("TERM"), Ok(SignalArg(Signal::TERM)));
+        assert_eq!(parse_signal("sigquit"), Ok(SignalArg(Signal::QUIT)));
+        assert_eq!(parse_signal("2"), Ok(SignalArg(Signal::INT)));
+        assert!(parse_signal("SIGNOPE").is_err());
+    }
+
+    #[test]
+    fn the_command_line_parses() {
+        let cli = Cli::try_parse_from([
+            "procluster", "run", "-w", "2", "-l", "web=127.0.0.1:0", "-l", "unix:/tmp/x.sock",
+            "--ready", "delay:1s", "--", "python3", "-m", "http.server",
+        ])
+        .unwrap();
+        let Command::Run(run) = cli.command else {
+            panic!("not run")
+        };
+        assert_eq!(run.workers, Some(WorkersArg::Count(2)));
+        assert_eq!(run.listen.len(), 2);
+        assert_eq!(run.command, ["python3", "-m", "http.server"]);
+        let cli = Cli::try_parse_from(["procluster", "scale", "-1"]).unwrap();
+        assert!(matches!(cli.command, Command::Scale(ScaleArgs { to: Scale::Remove(1), .. })));
+    }
+}

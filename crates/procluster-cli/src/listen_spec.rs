@@ -1,0 +1,291 @@
+//! `--listen` specs and binding them: `[NAME=]tcp://HOST:PORT`,
+//! `[NAME=]HOST:PORT`, `[NAME=]udp://HOST:PORT`, `[NAME=]unix:PATH`.
+
+use std::fmt;
+use std::io;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+
+/// What to listen on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    Tcp(String),
+    Udp(String),
+    Unix(PathBuf),
+}
+
+/// One `--listen` value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenSpec {
+    /// The name for LISTEN_FDNAMES (defaults to `listen<N>` by position).
+    pub name: Option<String>,
+    pub endpoint: Endpoint,
+}
+
+impl ListenSpec {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let (name, rest) = split_name(text);
+        if let Some(name) = name {
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+                return Err(format!(
+                    "invalid listener name {name:?} in {text:?}: use letters, digits, '-', '_' or '.'"
+                ));
+            }
+        }
+        let endpoint = if let Some(path) = rest.strip_prefix("unix:") {
+            let path = path.strip_prefix("//").unwrap_or(path);
+            if path.is_empty() {
+                return Err(format!("{text:?}: unix: needs a path"));
+            }
+            Endpoint::Unix(PathBuf::from(path))
+        } else if let Some(addr) = rest.strip_prefix("udp://") {
+            Endpoint::Udp(check_host_port(addr, text)?)
+        } else if let Some(addr) = rest.strip_prefix("tcp://") {
+            Endpoint::Tcp(check_host_port(addr, text)?)
+        } else if rest.contains("://") {
+            return Err(format!(
+                "{text:?}: unknown scheme; expected tcp://, udp:// or unix:"
+            ));
+        } else {
+            Endpoint::Tcp(check_host_port(rest, text)?)
+        };
+        Ok(Self {
+            name: name.map(str::to_string),
+            endpoint,
+        })
+    }
+
+    /// Whether SO_REUSEPORT makes sense (TCP and UDP).
+    pub fn is_inet(&self) -> bool {
+        !matches!(self.endpoint, Endpoint::Unix(_))
+    }
+}
+
+impl fmt::Display for ListenSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(name) = &self.name {
+            write!(f, "{name}=")?;
+        }
+        match &self.endpoint {
+            Endpoint::Tcp(a) => write!(f, "tcp://{a}"),
+            Endpoint::Udp(a) => write!(f, "udp://{a}"),
+            Endpoint::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// `NAME=` comes before any `:` or `/`, so `unix:/a=b` keeps its `=`.
+fn split_name(text: &str) -> (Option<&str>, &str) {
+    match text.find('=') {
+        Some(eq) if !text[..eq].contains([':', '/', '[']) => (Some(&text[..eq]), &text[eq + 1..]),
+        _ => (None, text),
+    }
+}
+
+fn check_host_port(addr: &str, whole: &str) -> Result<String, String> {
+    let bad = |why: &str| format!("invalid listen address {whole:?}: {why} (e.g. 127.0.0.1:8080, [::]:80, localhost:0)");
+    let colon = addr.rfind(':').ok_or_else(|| bad("missing :PORT"))?;
+    let (host, port) = (&addr[..colon], &addr[colon + 1..]);
+    if host.is_empty() {
+        return Err(bad("missing HOST (use 0.0.0.0 or [::] for every interface)"));
+    }
+    if host.contains(':') && !(host.starts_with('[') && host.ends_with(']')) {
+        return Err(bad("an IPv6 address goes in brackets"));
+    }
+    port.parse::<u16>().map_err(|_| bad("the port is not a number from 0 to 65535"))?;
+    Ok(addr.to_string())
+}
+
+/// A bound socket and how to describe it.
+#[derive(Debug)]
+pub struct Bound {
+    pub name: String,
+    /// As actually bound, e.g. `tcp://127.0.0.1:43121`.
+    pub address: String,
+    pub socket: OwnedFd,
+}
+
+/// How to bind: once for every worker, or with SO_REUSEPORT (the same
+/// address bound again for each slot).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BindOptions {
+    pub reuse_port: bool,
+}
+
+/// Binds `spec`. A port 0 becomes the kernel's choice; later binds for other
+/// slots use [`bind_again`] with the address actually bound.
+pub fn bind(spec: &ListenSpec, index: usize, options: BindOptions) -> io::Result<Bound> {
+    let name = spec.name.clone().unwrap_or_else(|| format!("listen{index}"));
+    let socket = match &spec.endpoint {
+        Endpoint::Tcp(addr) => tcp(resolve(addr)?, options.reuse_port)?,
+        Endpoint::Udp(addr) => udp(resolve(addr)?, options.reuse_port)?,
+        Endpoint::Unix(path) => unix(path)?,
+    };
+    Ok(Bound {
+        address: describe(&socket),
+        name,
+        socket: socket.into(),
+    })
+}
+
+/// Binds another SO_REUSEPORT socket on the address `first` got.
+pub fn bind_again(first: &Bound) -> io::Result<OwnedFd> {
+    let socket = socket2::SockRef::from(&first.socket);
+    let local = socket.local_addr()?;
+    let addr = local
+        .as_socket()
+        .ok_or_else(|| io::Error::other("reuseport is for TCP and UDP listeners"))?;
+    let stream = socket.r#type()? == Type::STREAM;
+    let again = if stream { tcp(addr, true)? } else { udp(addr, true)? };
+    Ok(again.into())
+}
+
+fn resolve(addr: &str) -> io::Result<SocketAddr> {
+    if let Ok(parsed) = addr.parse() {
+        return Ok(parsed);
+    }
+    addr.to_socket_addrs()
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot resolve {addr}: {e}")))?
+        .next()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, format!("{addr} resolves to no address")))
+}
+
+fn tcp(addr: SocketAddr, reuse_port: bool) -> io::Result<Socket> {
+    let name = format!("tcp://{addr}");
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM.cloexec(), Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
+    if addr.is_ipv6() {
+        socket.set_only_v6(false)?;
+    }
+    socket.bind(&addr.into()).map_err(|e| bind_error(e, &name))?;
+    socket.listen(1024).map_err(|e| bind_error(e, &name))?;
+    Ok(socket)
+}
+
+fn udp(addr: SocketAddr, reuse_port: bool) -> io::Result<Socket> {
+    let name = format!("udp://{addr}");
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM.cloexec(), Some(Protocol::UDP))?;
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
+    socket.bind(&addr.into()).map_err(|e| bind_error(e, &name))?;
+    Ok(socket)
+}
+
+/// A stale socket file (nobody accepts on it) is replaced; a live one is an
+/// address in use.
+fn unix(path: &std::path::Path) -> io::Result<Socket> {
+    let name = format!("unix:{}", path.display());
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(bind_error(io::Error::from(io::ErrorKind::AddrInUse), &name));
+        }
+        let is_socket = std::fs::symlink_metadata(path)
+            .map(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
+            .unwrap_or(false);
+        if !is_socket {
+            return Err(bind_error(io::Error::from(io::ErrorKind::AlreadyExists), &name));
+        }
+        std::fs::remove_file(path).map_err(|e| bind_error(e, &name))?;
+    }
+    let socket = Socket::new(Domain::UNIX, Type::STREAM.cloexec(), None)?;
+    let address = SockAddr::unix(path).map_err(|e| bind_error(e, &name))?;
+    socket.bind(&address).map_err(|e| bind_error(e, &name))?;
+    socket.listen(1024).map_err(|e| bind_error(e, &name))?;
+    Ok(socket)
+}
+
+fn bind_error(error: io::Error, address: &str) -> io::Error {
+    let advice = match error.kind() {
+        io::ErrorKind::AddrInUse => " (another process listens there; pick another port or stop it)",
+        io::ErrorKind::PermissionDenied => " (ports below 1024 need root or CAP_NET_BIND_SERVICE)",
+        io::ErrorKind::AddrNotAvailable => " (no local interface has that address)",
+        io::ErrorKind::AlreadyExists => " (a file that is not a socket is in the way)",
+        _ => "",
+    };
+    io::Error::new(error.kind(), format!("cannot listen on {address}: {error}{advice}"))
+}
+
+/// `tcp://…`, `udp://…` or `unix:…`, as bound.
+pub fn describe(socket: &impl std::os::fd::AsFd) -> String {
+    let socket = socket2::SockRef::from(socket);
+    let Ok(local) = socket.local_addr() else {
+        return "unknown".into();
+    };
+    let stream = socket.r#type().map(|t| t == Type::STREAM).unwrap_or(true);
+    if let Some(addr) = local.as_socket() {
+        return format!("{}://{addr}", if stream { "tcp" } else { "udp" });
+    }
+    match local.as_pathname() {
+        Some(path) => format!("unix:{}", path.display()),
+        None => "unix:(unnamed)".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> ListenSpec {
+        ListenSpec::parse(text).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn every_form_parses() {
+        assert_eq!(parse("127.0.0.1:8080").endpoint, Endpoint::Tcp("127.0.0.1:8080".into()));
+        assert_eq!(parse("tcp://[::1]:0").endpoint, Endpoint::Tcp("[::1]:0".into()));
+        assert_eq!(parse("udp://0.0.0.0:53").endpoint, Endpoint::Udp("0.0.0.0:53".into()));
+        assert_eq!(parse("unix:/run/app.sock").endpoint, Endpoint::Unix("/run/app.sock".into()));
+        assert_eq!(parse("localhost:0").endpoint, Endpoint::Tcp("localhost:0".into()));
+    }
+
+    #[test]
+    fn names_come_before_the_address() {
+        let spec = parse("web=tcp://127.0.0.1:80");
+        assert_eq!(spec.name.as_deref(), Some("web"));
+        assert_eq!(spec.to_string(), "web=tcp://127.0.0.1:80");
+        let spec = parse("admin=unix:/tmp/a=b.sock");
+        assert_eq!(spec.name.as_deref(), Some("admin"));
+        assert_eq!(spec.endpoint, Endpoint::Unix("/tmp/a=b.sock".into()));
+        assert_eq!(parse("unix:/tmp/a=b.sock").name, None);
+    }
+
+    #[test]
+    fn bad_specs_say_what_is_wrong() {
+        for (text, why) in [
+            ("127.0.0.1", "missing :PORT"),
+            (":80", "missing HOST"),
+            ("127.0.0.1:99999", "port"),
+            ("::1:80", "brackets"),
+            ("http://x:1", "unknown scheme"),
+            ("unix:", "needs a path"),
+            ("bad name=1.2.3.4:5", "invalid listener name"),
+        ] {
+            let error = ListenSpec::parse(text).unwrap_err();
+            assert!(error.contains(why), "{text}: {error}");
+        }
+    }
+
+    #[test]
+    fn port_zero_is_bound_once_and_described_as_bound() {
+        let bound = bind(&parse("tcp://127.0.0.1:0"), 0, BindOptions { reuse_port: false }).unwrap();
+        assert_eq!(bound.name, "listen0");
+        assert!(bound.address.starts_with("tcp://127.0.0.1:"));
+        assert!(!bound.address.ends_with(":0"));
+    }
+
+    #[test]
+    fn a_port_in_use_is_a_clear_error() {
+        let first = bind(&parse("127.0.0.1:0"), 0, BindOptions { reuse_port: false }).unwrap();
+        let addr = first.address.trim_start_matches("tcp://").to_string();
+        let error = bind(&parse(&addr), 0, BindOptions { reuse_port: false }).unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::AddrInUse);
+        assert!(error.to_string().contains("another process listens there"), "{error}");
+    }
+}

@@ -1,0 +1,877 @@
+//! Port sharing through the primary: the three TCP policies, UDP, Unix
+//! sockets, bind errors, backlog, exclusive listeners, IPv6, and connections
+//! that survive workers dying or leaving.
+//!
+//! Workers run the test worker's `net` mode: the test asks them to listen
+//! (`NetCommand`), they answer each connection with `worker <id>\n` and keep
+//! it open until the client closes.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use procluster::primary::{Cluster, Event, ForkOptions, WorkerHandle};
+use procluster::{Policy, Signal, WorkerId};
+use procluster_tests::*;
+
+use crate::builder;
+
+const POLICIES: [Policy; 3] = [Policy::Shared, Policy::RoundRobin, Policy::ReusePort];
+
+/// A cluster of `n` workers in `net` mode (slots 0..n), all online.
+async fn net_cluster(policy: Policy, n: usize) -> (Cluster, Vec<WorkerHandle>) {
+    let mut cluster = builder("net").policy(policy).workers(n).build().unwrap();
+    let workers = cluster.start().await.unwrap();
+    online(&mut cluster, n).await;
+    (cluster, workers)
+}
+
+/// A TCP listen request served by `capacity` accept loops.
+fn tcp(addr: &str, capacity: usize) -> NetCommand {
+    NetCommand::ListenTcp {
+        addr: addr.to_string(),
+        backlog: None,
+        ipv6_only: None,
+        exclusive: false,
+        prefetch: None,
+        capacity,
+        serve: Serve::Hold,
+    }
+}
+
+fn with_serve(command: NetCommand, how: Serve) -> NetCommand {
+    match command {
+        NetCommand::ListenTcp {
+            addr,
+            backlog,
+            ipv6_only,
+            exclusive,
+            prefetch,
+            capacity,
+            ..
+        } => NetCommand::ListenTcp {
+            addr,
+            backlog,
+            ipv6_only,
+            exclusive,
+            prefetch,
+            capacity,
+            serve: how,
+        },
+        other => other,
+    }
+}
+
+/// What workers answered to one request each.
+#[derive(Debug, Default)]
+struct Answers {
+    /// Each worker's reply.
+    replies: BTreeMap<WorkerId, NetReply>,
+    /// The address of each `Listening` event read on the way, by worker.
+    events: BTreeMap<WorkerId, Vec<String>>,
+}
+
+impl Answers {
+    /// The address `id` listens on; panics if it failed.
+    fn address(&self, id: WorkerId) -> SocketAddr {
+        match &self.replies[&id] {
+            NetReply::Listening { address, .. } => address.parse().expect("a socket address"),
+            other => panic!("worker {id} did not listen: {other:?}"),
+        }
+    }
+
+    /// Whether `id`'s listener is round-robin; panics if it failed.
+    fn round_robin(&self, id: WorkerId) -> bool {
+        match &self.replies[&id] {
+            NetReply::Listening { round_robin, .. } => *round_robin,
+            other => panic!("worker {id} did not listen: {other:?}"),
+        }
+    }
+
+    /// The error kind and message `id` got; panics if it listened.
+    fn failure(&self, id: WorkerId) -> (&str, &str) {
+        match &self.replies[&id] {
+            NetReply::Failed { kind, message } => (kind, message),
+            other => panic!("worker {id} was expected to fail: {other:?}"),
+        }
+    }
+}
+
+/// Sends `command` to each worker in turn (waiting for each answer before
+/// the next, so the k-th worker asks after the first) and collects the
+/// answers and `Listening` events.
+async fn ask_each(
+    cluster: &mut Cluster,
+    workers: &[&WorkerHandle],
+    command: &NetCommand,
+) -> Answers {
+    let mut answers = Answers::default();
+    for worker in workers {
+        worker.send(command).await.unwrap();
+        let id = worker.id();
+        loop {
+            match next(cluster).await {
+                Event::Listening { worker, address } => {
+                    answers.events.entry(worker.id()).or_default().push(address);
+                }
+                Event::Message { worker, message } if worker.id() == id => {
+                    let reply: NetReply = message.decode().expect("a net reply");
+                    if !matches!(reply, NetReply::Datagram(_)) {
+                        answers.replies.insert(id, reply);
+                        break;
+                    }
+                }
+                event @ (Event::Exit { .. } | Event::Error { .. }) => {
+                    panic!("unexpected {event:?}")
+                }
+                _ => {}
+            }
+        }
+    }
+    answers
+}
+
+/// The ids of the workers that answer `count` sequential short connections.
+async fn short_connections(addr: SocketAddr, count: usize) -> Vec<WorkerId> {
+    let mut ids = Vec::new();
+    for _ in 0..count {
+        let (id, stream) = ask_tcp(addr).await.expect("an answer");
+        drop(stream);
+        ids.push(id);
+    }
+    ids
+}
+
+/// Checks that every worker in `expected` answers on `addr`, within bounded
+/// attempts. With shared and round-robin listeners the connections stay
+/// open, so a worker whose accept loops are all busy cannot take the next
+/// one; with reuseport they are closed at once (a connection the kernel
+/// hashes to a busy slot would wait), and the kernel's hash decides.
+async fn all_serve(policy: Policy, addr: SocketAddr, expected: &BTreeSet<WorkerId>) {
+    let mut seen = BTreeSet::new();
+    let mut open = Vec::new();
+    for _ in 0..64 {
+        let (id, stream) = ask_tcp(addr)
+            .await
+            .unwrap_or_else(|e| panic!("{policy:?}: no answer on {addr}: {e}"));
+        seen.insert(id);
+        if policy != Policy::ReusePort {
+            open.push(stream);
+        }
+        if &seen == expected {
+            return;
+        }
+    }
+    panic!("{policy:?}: only workers {seen:?} of {expected:?} answered in 64 connections");
+}
+
+fn ids(workers: &[WorkerHandle]) -> BTreeSet<WorkerId> {
+    workers.iter().map(WorkerHandle::id).collect()
+}
+
+#[tokio::test]
+async fn two_workers_listening_on_port_0_share_one_port_under_every_policy() {
+    for policy in POLICIES {
+        let (mut cluster, workers) = net_cluster(policy, 2).await;
+        let (a, b) = (&workers[0], &workers[1]);
+        let answers = ask_each(&mut cluster, &[a, b], &tcp("127.0.0.1:0", 4)).await;
+        let addr = answers.address(a.id());
+        assert_ne!(addr.port(), 0);
+        assert_eq!(answers.address(b.id()), addr, "{policy:?}");
+        let expected_event = format!("tcp://{addr}");
+        assert_eq!(
+            answers.events[&a.id()],
+            answers.events[&b.id()],
+            "{policy:?}"
+        );
+        assert_eq!(answers.events[&b.id()], [expected_event], "{policy:?}");
+        assert_eq!(answers.round_robin(a.id()), policy == Policy::RoundRobin);
+
+        if policy == Policy::RoundRobin {
+            // Four accept loops each: every worker has credit at its turn.
+            let order = short_connections(addr, 8).await;
+            assert!(
+                order.windows(2).all(|w| w[0] != w[1]),
+                "round-robin alternates: {order:?}"
+            );
+        }
+        all_serve(policy, addr, &ids(&workers)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_second_listen_on_port_0_in_one_worker_gets_another_port() {
+    for policy in POLICIES {
+        let (mut cluster, workers) = net_cluster(policy, 2).await;
+        let (a, b) = (&workers[0], &workers[1]);
+        let first = ask_each(&mut cluster, &[a, b], &tcp("127.0.0.1:0", 1)).await;
+        let second = ask_each(&mut cluster, &[a, b], &tcp("127.0.0.1:0", 1)).await;
+        let (p1, p2) = (first.address(a.id()), second.address(a.id()));
+        assert_ne!(
+            p1, p2,
+            "{policy:?}: the second listen(0) got the first's port"
+        );
+        // The k-th listen(0) of every worker is the same port.
+        assert_eq!(first.address(b.id()), p1, "{policy:?}");
+        assert_eq!(second.address(b.id()), p2, "{policy:?}");
+        all_serve(policy, p1, &ids(&workers)).await;
+        all_serve(policy, p2, &ids(&workers)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_port_in_use_fails_in_the_worker_and_a_retry_succeeds_once_free() {
+    for policy in POLICIES {
+        let (mut cluster, workers) = net_cluster(policy, 1).await;
+        let a = &workers[0];
+        let squatter = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let taken = squatter.local_addr().unwrap();
+        let request = tcp(&taken.to_string(), 1);
+
+        let answers = ask_each(&mut cluster, &[a], &request).await;
+        let (kind, message) = answers.failure(a.id());
+        assert_eq!(kind, "AddrInUse", "{policy:?}: {message}");
+        assert!(
+            message.contains(&taken.to_string()),
+            "{policy:?}: the error names the address: {message}"
+        );
+        assert!(
+            answers.events.is_empty(),
+            "no Listening for a failed listen"
+        );
+
+        // The primary carries on: the same worker listens elsewhere.
+        let other = ask_each(&mut cluster, &[a], &tcp("127.0.0.1:0", 1)).await;
+        let other = other.address(a.id());
+        assert_eq!(ask_tcp(other).await.unwrap().0, a.id());
+
+        drop(squatter);
+        let retry = ask_each(&mut cluster, &[a], &request).await;
+        assert_eq!(retry.address(a.id()), taken, "{policy:?}");
+        assert_eq!(retry.events[&a.id()], [format!("tcp://{taken}")]);
+        assert_eq!(ask_tcp(taken).await.unwrap().0, a.id(), "{policy:?}");
+    }
+}
+
+/// After one worker's listen on a fixed port failed and its retry
+/// succeeded, another worker asking for the same port must share it (Node:
+/// every worker listening on a port shares one handle).
+#[tokio::test]
+async fn a_worker_shares_a_fixed_port_with_a_worker_that_had_to_retry() {
+    for policy in POLICIES {
+        let (mut cluster, workers) = net_cluster(policy, 2).await;
+        let (a, b) = (&workers[0], &workers[1]);
+        let squatter = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let taken = squatter.local_addr().unwrap();
+        let request = tcp(&taken.to_string(), 1);
+        let failed = ask_each(&mut cluster, &[a], &request).await;
+        assert_eq!(failed.failure(a.id()).0, "AddrInUse");
+        drop(squatter);
+        let retry = ask_each(&mut cluster, &[a], &request).await;
+        assert_eq!(retry.address(a.id()), taken);
+
+        let joined = ask_each(&mut cluster, &[b], &request).await;
+        if let NetReply::Failed { kind, message } = &joined.replies[&b.id()] {
+            panic!(
+                "{policy:?}: worker {} could not share {taken} with worker {}: {kind}: {message}",
+                b.id(),
+                a.id()
+            );
+        }
+        assert_eq!(joined.address(b.id()), taken);
+        // One group: under reuseport, one socket per slot, not one group
+        // per request.
+        let expected_sockets = if policy == Policy::ReusePort { 2 } else { 1 };
+        assert_eq!(
+            ss_listeners(taken.port()).len(),
+            expected_sockets,
+            "{policy:?}: {:?}",
+            ss_listeners(taken.port())
+        );
+        all_serve(policy, taken, &ids(&workers)).await;
+    }
+}
+
+#[tokio::test]
+async fn an_address_that_cannot_be_bound_fails_in_the_worker_naming_it() {
+    let root = rustix::process::geteuid().is_root();
+    let unprivileged_start: u16 =
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(1024);
+    for policy in POLICIES {
+        let (mut cluster, workers) = net_cluster(policy, 1).await;
+        let a = &workers[0];
+
+        if root || unprivileged_start <= 1 {
+            eprintln!("skipping the EACCES case: running as root or port 1 is unprivileged here");
+        } else {
+            let answers = ask_each(&mut cluster, &[a], &tcp("127.0.0.1:1", 1)).await;
+            let (kind, message) = answers.failure(a.id());
+            assert_eq!(kind, "PermissionDenied", "{policy:?}: {message}");
+            assert!(message.contains("127.0.0.1:1"), "{message}");
+        }
+
+        // TEST-NET-1: no local interface has it.
+        let answers = ask_each(&mut cluster, &[a], &tcp("192.0.2.1:0", 1)).await;
+        let (kind, message) = answers.failure(a.id());
+        assert_eq!(kind, "AddrNotAvailable", "{policy:?}: {message}");
+        assert!(message.contains("192.0.2.1:0"), "{policy:?}: {message}");
+
+        // The same through an exclusive listen, bound in the worker.
+        let mut exclusive = tcp("192.0.2.1:0", 1);
+        if let NetCommand::ListenTcp { exclusive: e, .. } = &mut exclusive {
+            *e = true;
+        }
+        let answers = ask_each(&mut cluster, &[a], &exclusive).await;
+        let (kind, message) = answers.failure(a.id());
+        assert_eq!(kind, "AddrNotAvailable", "exclusive: {message}");
+        assert!(message.contains("192.0.2.1:0"), "exclusive: {message}");
+
+        // And the worker still listens fine afterwards.
+        let ok = ask_each(&mut cluster, &[a], &tcp("127.0.0.1:0", 1)).await;
+        assert_eq!(ask_tcp(ok.address(a.id())).await.unwrap().0, a.id());
+    }
+}
+
+#[tokio::test]
+async fn the_backlog_reaches_the_listening_socket() {
+    for policy in POLICIES {
+        let (mut cluster, workers) = net_cluster(policy, 2).await;
+        let mut request = tcp("127.0.0.1:0", 1);
+        if let NetCommand::ListenTcp { backlog, .. } = &mut request {
+            *backlog = Some(7);
+        }
+        let answers = ask_each(&mut cluster, &[&workers[0], &workers[1]], &request).await;
+        let addr = answers.address(workers[0].id());
+        let sockets = ss_listeners(addr.port());
+        // Reuseport: one socket per slot, each with the backlog.
+        let expected = if policy == Policy::ReusePort { 2 } else { 1 };
+        assert_eq!(sockets.len(), expected, "{policy:?}: {sockets:?}");
+        for socket in &sockets {
+            assert_eq!(socket.send_q, 7, "{policy:?}: {socket:?}");
+        }
+    }
+    // An exclusive listener binds in the worker, with the backlog too.
+    let (mut cluster, workers) = net_cluster(Policy::Shared, 1).await;
+    let mut request = tcp("127.0.0.1:0", 1);
+    if let NetCommand::ListenTcp {
+        backlog, exclusive, ..
+    } = &mut request
+    {
+        *backlog = Some(7);
+        *exclusive = true;
+    }
+    let answers = ask_each(&mut cluster, &[&workers[0]], &request).await;
+    let sockets = ss_listeners(answers.address(workers[0].id()).port());
+    assert_eq!(sockets.len(), 1, "{sockets:?}");
+    assert_eq!(sockets[0].send_q, 7, "{sockets:?}");
+}
+
+#[tokio::test]
+async fn four_workers_share_a_udp_port_and_every_datagram_arrives() {
+    let (mut cluster, workers) = net_cluster(Policy::Shared, 4).await;
+    let all: Vec<&WorkerHandle> = workers.iter().collect();
+    let request = NetCommand::ListenUdp {
+        addr: "127.0.0.1:0".into(),
+    };
+    let answers = ask_each(&mut cluster, &all, &request).await;
+    let addr = answers.address(workers[0].id());
+    for worker in &workers {
+        assert_eq!(answers.address(worker.id()), addr);
+        assert_eq!(answers.events[&worker.id()], [format!("udp://{addr}")]);
+    }
+    let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    for i in 0..40 {
+        client.send_to(format!("d{i}").as_bytes(), addr).unwrap();
+    }
+    let mut received = BTreeSet::new();
+    let mut by_worker: BTreeMap<WorkerId, usize> = BTreeMap::new();
+    while received.len() < 40 {
+        let (worker, reply) = reply_of(&mut cluster).await;
+        match reply {
+            NetReply::Datagram(text) => {
+                assert!(received.insert(text.clone()), "{text} arrived twice");
+                *by_worker.entry(worker.id()).or_default() += 1;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let expected: BTreeSet<String> = (0..40).map(|i| format!("d{i}")).collect();
+    assert_eq!(received, expected);
+    assert!(by_worker.keys().all(|id| ids(&workers).contains(id)));
+}
+
+/// The next `NetReply` and its sender.
+async fn reply_of(cluster: &mut Cluster) -> (WorkerHandle, NetReply) {
+    let (worker, message) = message(cluster).await;
+    (worker, message.decode().expect("a net reply"))
+}
+
+#[tokio::test]
+async fn a_relative_unix_path_resolves_in_the_worker_cwd_and_goes_with_the_last_worker() {
+    let dir = TempDir::new("unix");
+    let mut cluster = builder("net").cwd(&dir.0).workers(2).build().unwrap();
+    let workers = cluster.start().await.unwrap();
+    online(&mut cluster, 2).await;
+    let request = NetCommand::ListenUnix {
+        path: "sock".into(),
+        capacity: 2,
+    };
+    let answers = ask_each(&mut cluster, &[&workers[0], &workers[1]], &request).await;
+    let path = dir.0.join("sock");
+    for worker in &workers {
+        assert!(
+            matches!(&answers.replies[&worker.id()], NetReply::Listening { .. }),
+            "{:?}",
+            answers.replies
+        );
+        assert_eq!(
+            answers.events[&worker.id()],
+            [format!("unix:{}", path.display())]
+        );
+    }
+    assert!(path.exists(), "the socket file is in the worker's cwd");
+    let mut seen = BTreeSet::new();
+    let mut open = Vec::new();
+    for _ in 0..5 {
+        let mut stream = tokio::net::UnixStream::connect(&path).await.unwrap();
+        let id = read_greeting(&mut stream).await.unwrap();
+        assert!(ids(&workers).contains(&id));
+        seen.insert(id);
+        // Kept open: a worker with both loops busy cannot take the next.
+        open.push(stream);
+        if seen.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(seen, ids(&workers), "both workers serve the Unix socket");
+    drop(open);
+
+    // The file stays while a worker holds the socket.
+    workers[0].disconnect();
+    exit_of(&mut cluster, workers[0].id()).await;
+    assert!(
+        path.exists(),
+        "removed while worker {} holds it",
+        workers[1].id()
+    );
+    let mut stream = tokio::net::UnixStream::connect(&path).await.unwrap();
+    assert_eq!(read_greeting(&mut stream).await.unwrap(), workers[1].id());
+    drop(stream);
+    workers[1].disconnect();
+    eventually("the socket file is removed", || !path.exists()).await;
+    drain(&mut cluster).await;
+}
+
+fn with_prefetch(mut command: NetCommand, n: Option<u32>) -> NetCommand {
+    if let NetCommand::ListenTcp { prefetch, .. } = &mut command {
+        *prefetch = n;
+    }
+    command
+}
+
+/// Workers with 1 and 9 accept loops, on a round-robin listener with this
+/// prefetch, serve 10 long connections; returns who served how many.
+async fn ten_long_connections(prefetch: Option<u32>) -> (BTreeMap<WorkerId, usize>, [WorkerId; 2]) {
+    let (mut cluster, workers) = net_cluster(Policy::RoundRobin, 2).await;
+    let (small, big) = (&workers[0], &workers[1]);
+    let first = ask_each(
+        &mut cluster,
+        &[small],
+        &with_prefetch(tcp("127.0.0.1:0", 1), prefetch),
+    )
+    .await;
+    let second = ask_each(
+        &mut cluster,
+        &[big],
+        &with_prefetch(tcp("127.0.0.1:0", 9), prefetch),
+    )
+    .await;
+    let addr = first.address(small.id());
+    assert_eq!(second.address(big.id()), addr);
+
+    let clients: Vec<_> = (0..10).map(|_| tokio::spawn(ask_tcp(addr))).collect();
+    let mut open = Vec::new();
+    let mut count: BTreeMap<WorkerId, usize> = BTreeMap::new();
+    for (i, client) in clients.into_iter().enumerate() {
+        let (id, stream) = client
+            .await
+            .unwrap()
+            .unwrap_or_else(|e| panic!("client {i} was not answered: {e}; so far {count:?}"));
+        *count.entry(id).or_default() += 1;
+        open.push(stream);
+    }
+    (count, [small.id(), big.id()])
+}
+
+#[tokio::test]
+async fn round_robin_serves_long_connections_by_capacity_1_and_9() {
+    // Prefetch 0: a worker gets exactly as many connections as it has
+    // accept() calls waiting.
+    let (count, [small, big]) = ten_long_connections(Some(0)).await;
+    assert_eq!(
+        count,
+        BTreeMap::from([(small, 1), (big, 9)]),
+        "connections follow the accept capacity"
+    );
+}
+
+/// With the default prefetch, a worker whose only accept loop is busy with
+/// a long connection must not keep connections it cannot take while another
+/// worker waits in accept(): every one of 10 clients is answered by the 10
+/// accept loops.
+#[tokio::test]
+async fn round_robin_default_prefetch_strands_no_connection_behind_a_busy_worker() {
+    // Every answer comes within milliseconds when nothing is stranded.
+    let bound = std::time::Duration::from_secs(5);
+    let (count, [small, big]) = tokio::time::timeout(bound, ten_long_connections(None))
+        .await
+        .expect("clients were left unanswered for 5 s while accept() calls waited");
+    assert_eq!(count, BTreeMap::from([(small, 1), (big, 9)]));
+}
+
+/// Connects `n` clients and returns them with their greetings pending.
+async fn connect_all(addr: SocketAddr, n: usize) -> Vec<tokio::net::TcpStream> {
+    let mut clients = Vec::new();
+    for _ in 0..n {
+        clients.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    clients
+}
+
+/// Every client gets a greeting; returns who answered each.
+async fn greetings(clients: Vec<tokio::net::TcpStream>) -> Vec<WorkerId> {
+    let mut ids = Vec::new();
+    for (i, mut client) in clients.into_iter().enumerate() {
+        let id = read_greeting(&mut client)
+            .await
+            .unwrap_or_else(|e| panic!("client {i} got no answer: {e}"));
+        ids.push(id);
+    }
+    ids
+}
+
+#[tokio::test]
+async fn round_robin_connections_handed_to_a_worker_killed_before_taking_them_go_to_another() {
+    let mut cluster = builder("net").policy(Policy::RoundRobin).build().unwrap();
+    let staller = cluster
+        .fork_with(ForkOptions {
+            index: Some(0),
+            ..ForkOptions::default()
+        })
+        .await
+        .unwrap();
+    online(&mut cluster, 1).await;
+    let stall = with_serve(tcp("127.0.0.1:0", 3), Serve::Stall);
+    let answers = ask_each(&mut cluster, &[&staller], &stall).await;
+    let addr = answers.address(staller.id());
+    assert!(answers.round_robin(staller.id()));
+
+    // Three clients; the primary accepts them and hands them to the only
+    // worker with credit, which never takes them.
+    let before = socket_fds(staller.pid());
+    let clients = connect_all(addr, 3).await;
+    eventually("the stalled worker holds the three connections", || {
+        socket_fds(staller.pid()) == before + 3
+    })
+    .await;
+
+    let helper = cluster
+        .fork_with(ForkOptions {
+            index: Some(1),
+            ..ForkOptions::default()
+        })
+        .await
+        .unwrap();
+    let joined = ask_each(&mut cluster, &[&helper], &tcp("127.0.0.1:0", 4)).await;
+    assert_eq!(joined.address(helper.id()), addr);
+
+    staller.kill(Signal::KILL).unwrap();
+    let answered = greetings(clients).await;
+    assert_eq!(answered, [helper.id(); 3]);
+    let (exited, _) = exit_of(&mut cluster, staller.id()).await;
+    assert_eq!(exited.status.signal(), Some(Signal::KILL.as_raw()));
+}
+
+/// Makes `n` connections wait for worker `holder`, which never takes them:
+/// in the socket's queue (shared, reuseport: `Serve::Never`), or handed to
+/// it (round-robin: `Serve::Stall`). Returns the clients and the address.
+async fn connections_waiting_for(
+    cluster: &mut Cluster,
+    policy: Policy,
+    holder: &WorkerHandle,
+    n: usize,
+) -> (Vec<tokio::net::TcpStream>, SocketAddr) {
+    let how = if policy == Policy::RoundRobin {
+        Serve::Stall
+    } else {
+        Serve::Never
+    };
+    let answers = ask_each(cluster, &[holder], &with_serve(tcp("127.0.0.1:0", n), how)).await;
+    let addr = answers.address(holder.id());
+    let before = socket_fds(holder.pid());
+    let clients = connect_all(addr, n).await;
+    if policy == Policy::RoundRobin {
+        eventually("the worker holds the connections", || {
+            socket_fds(holder.pid()) == before + n
+        })
+        .await;
+    } else {
+        eventually("the connections wait in the accept queue", || {
+            ss_listeners(addr.port())
+                .iter()
+                .map(|s| s.recv_q as usize)
+                .sum::<usize>()
+                == n
+        })
+        .await;
+    }
+    (clients, addr)
+}
+
+#[tokio::test]
+async fn a_slot_restarted_with_kept_listeners_answers_the_connections_that_waited() {
+    for policy in [Policy::ReusePort, Policy::Shared, Policy::RoundRobin] {
+        let mut cluster = builder("net").policy(policy).build().unwrap();
+        cluster.keep_listeners(true);
+        let slot = ForkOptions {
+            index: Some(0),
+            ..ForkOptions::default()
+        };
+        let first = cluster.fork_with(slot.clone()).await.unwrap();
+        online(&mut cluster, 1).await;
+        let (clients, addr) = connections_waiting_for(&mut cluster, policy, &first, 5).await;
+
+        first.kill(Signal::KILL).unwrap();
+        exit_of(&mut cluster, first.id()).await;
+        let second = cluster.fork_with(slot).await.unwrap();
+        assert_eq!(second.index(), Some(0));
+        let answers = ask_each(&mut cluster, &[&second], &tcp("127.0.0.1:0", 5)).await;
+        assert_eq!(answers.address(second.id()), addr, "{policy:?}: same port");
+        let answered = greetings(clients).await;
+        assert_eq!(answered, [second.id(); 5], "{policy:?}");
+    }
+}
+
+#[tokio::test]
+async fn reuseport_drains_a_dead_workers_queue_to_the_other_workers() {
+    let mut cluster = builder("net").policy(Policy::ReusePort).build().unwrap();
+    let fork = |index| ForkOptions {
+        index: Some(index),
+        ..ForkOptions::default()
+    };
+    let idle = cluster.fork_with(fork(0)).await.unwrap();
+    let busy = cluster.fork_with(fork(1)).await.unwrap();
+    online(&mut cluster, 2).await;
+    let never = with_serve(tcp("127.0.0.1:0", 1), Serve::Never);
+    let answers = ask_each(&mut cluster, &[&idle], &never).await;
+    let addr = answers.address(idle.id());
+    let joined = ask_each(&mut cluster, &[&busy], &tcp("127.0.0.1:0", 16)).await;
+    assert_eq!(joined.address(busy.id()), addr);
+    assert_eq!(ss_listeners(addr.port()).len(), 2, "one socket per slot");
+
+    // The kernel spreads these across both slots' sockets; those of the idle
+    // worker's slot wait until it dies and its queue is drained.
+    let clients = connect_all(addr, 16).await;
+    idle.kill(Signal::KILL).unwrap();
+    let answered = greetings(clients).await;
+    assert_eq!(answered, [busy.id(); 16]);
+}
+
+#[tokio::test]
+async fn a_disconnecting_worker_leaves_its_connections_to_the_others() {
+    for policy in [Policy::RoundRobin, Policy::Shared, Policy::ReusePort] {
+        let (mut cluster, workers) = net_cluster(policy, 2).await;
+        let (leaving, staying) = (&workers[0], &workers[1]);
+        let answers = ask_each(&mut cluster, &[leaving, staying], &tcp("127.0.0.1:0", 4)).await;
+        let addr = answers.address(leaving.id());
+
+        // Three clients connect again and again while the worker leaves.
+        let stop = Arc::new(AtomicBool::new(false));
+        let progress = Arc::new(AtomicUsize::new(0));
+        let gone_at = Arc::new(std::sync::Mutex::new(None::<std::time::Instant>));
+        let mut drivers = Vec::new();
+        for _ in 0..3 {
+            let stop = stop.clone();
+            let gone_at = gone_at.clone();
+            let progress = progress.clone();
+            drivers.push(tokio::spawn(async move {
+                let mut answered = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let started = std::time::Instant::now();
+                    let after_exit = gone_at.lock().unwrap().is_some_and(|at| at < started);
+                    let (id, stream) = ask_tcp(addr).await?;
+                    drop(stream);
+                    answered.push((id, after_exit));
+                    progress.fetch_add(1, Ordering::Relaxed);
+                }
+                std::io::Result::Ok(answered)
+            }));
+        }
+        eventually("the clients are being answered", || {
+            progress.load(Ordering::Relaxed) >= 6
+        })
+        .await;
+        leaving.disconnect();
+        let (exited, names) = exit_of(&mut cluster, leaving.id()).await;
+        assert!(exited.after_disconnect, "{policy:?}");
+        assert!(exited.status.success(), "{policy:?}: {:?}", exited.status);
+        assert!(names.contains(&"disconnect"));
+        *gone_at.lock().unwrap() = Some(std::time::Instant::now());
+        // Keep going a little after the exit: later clients go to the other.
+        let after = ask_tcp(addr).await.expect("answered after the exit");
+        assert_eq!(after.0, staying.id());
+        drop(after);
+        short_connections(addr, 10)
+            .await
+            .iter()
+            .for_each(|id| assert_eq!(*id, staying.id(), "{policy:?}"));
+        stop.store(true, Ordering::Relaxed);
+        let mut total = 0;
+        for driver in drivers {
+            let answered = driver
+                .await
+                .unwrap()
+                .unwrap_or_else(|e| panic!("{policy:?}: a client failed: {e}"));
+            total += answered.len();
+            for (id, after_exit) in answered {
+                if after_exit {
+                    assert_eq!(id, staying.id(), "{policy:?}");
+                }
+            }
+        }
+        assert!(total > 0, "{policy:?}: the clients made progress");
+    }
+}
+
+#[tokio::test]
+async fn exclusive_binds_in_the_worker_and_still_reports_listening() {
+    let (mut cluster, workers) = net_cluster(Policy::RoundRobin, 2).await;
+    let (a, b) = (&workers[0], &workers[1]);
+    let mut request = tcp("127.0.0.1:0", 2);
+    if let NetCommand::ListenTcp { exclusive, .. } = &mut request {
+        *exclusive = true;
+    }
+    let answers = ask_each(&mut cluster, &[a], &request).await;
+    let addr = answers.address(a.id());
+    assert!(
+        !answers.round_robin(a.id()),
+        "exclusive is never round-robin"
+    );
+    assert_eq!(answers.events[&a.id()], [format!("tcp://{addr}")]);
+    let sockets = ss_listeners(addr.port());
+    assert_eq!(sockets.len(), 1, "{sockets:?}");
+    assert!(
+        sockets[0].users.contains(&format!("pid={},", a.pid())),
+        "the worker holds the socket: {sockets:?}"
+    );
+    assert!(
+        !sockets[0]
+            .users
+            .contains(&format!("pid={},", std::process::id())),
+        "the primary does not: {sockets:?}"
+    );
+    assert_eq!(ask_tcp(addr).await.unwrap().0, a.id());
+
+    // Another worker asking exclusive for the same port: no SO_REUSEPORT.
+    let mut same = tcp(&addr.to_string(), 1);
+    if let NetCommand::ListenTcp { exclusive, .. } = &mut same {
+        *exclusive = true;
+    }
+    let answers = ask_each(&mut cluster, &[b], &same).await;
+    let (kind, message) = answers.failure(b.id());
+    assert_eq!(kind, "AddrInUse", "{message}");
+    assert!(message.contains(&addr.to_string()), "{message}");
+}
+
+#[tokio::test]
+async fn ipv6_loopback_is_shared_under_every_policy() {
+    if let Err(e) = std::net::TcpListener::bind("[::1]:0") {
+        eprintln!("skipping: no IPv6 loopback here ({e})");
+        return;
+    }
+    for policy in POLICIES {
+        let (mut cluster, workers) = net_cluster(policy, 2).await;
+        let answers = ask_each(
+            &mut cluster,
+            &[&workers[0], &workers[1]],
+            &tcp("[::1]:0", 4),
+        )
+        .await;
+        let addr = answers.address(workers[0].id());
+        assert!(addr.is_ipv6());
+        assert_eq!(answers.address(workers[1].id()), addr);
+        assert_eq!(answers.events[&workers[1].id()], [format!("tcp://{addr}")]);
+        all_serve(policy, addr, &ids(&workers)).await;
+    }
+}
+
+/// Runs [`sched_policy_env_child`] in a process of its own with
+/// `PROCLUSTER_SCHED_POLICY` set, so the variable does not reach clusters of
+/// other tests in this process.
+#[tokio::test]
+async fn procluster_sched_policy_overrides_the_builder() {
+    for value in ["round-robin", "reuseport", "bogus"] {
+        let out = tokio::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "listeners::sched_policy_env_child",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("PROCLUSTER_SCHED_POLICY", value)
+            .output()
+            .await
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains("1 passed"),
+            "{value}: {out:?}\n{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[tokio::test]
+#[ignore = "run by procluster_sched_policy_overrides_the_builder with the variable set"]
+async fn sched_policy_env_child() {
+    let value = std::env::var("PROCLUSTER_SCHED_POLICY").expect("run by the parent test");
+    let (builder_policy, expected) = match value.as_str() {
+        "round-robin" => (Policy::Shared, Policy::RoundRobin),
+        "reuseport" => (Policy::RoundRobin, Policy::ReusePort),
+        _ => {
+            let error = builder("net").policy(Policy::Shared).build().unwrap_err();
+            assert!(
+                error.to_string().contains("PROCLUSTER_SCHED_POLICY"),
+                "{error}"
+            );
+            return;
+        }
+    };
+    let mut cluster = builder("net")
+        .policy(builder_policy)
+        .workers(2)
+        .build()
+        .unwrap();
+    assert_eq!(cluster.settings().policy, expected);
+    let workers = cluster.start().await.unwrap();
+    online(&mut cluster, 2).await;
+    let answers = ask_each(
+        &mut cluster,
+        &[&workers[0], &workers[1]],
+        &tcp("127.0.0.1:0", 2),
+    )
+    .await;
+    let addr = answers.address(workers[0].id());
+    assert_eq!(
+        answers.round_robin(workers[0].id()),
+        expected == Policy::RoundRobin
+    );
+    let sockets = ss_listeners(addr.port()).len();
+    assert_eq!(sockets, if expected == Policy::ReusePort { 2 } else { 1 });
+    all_serve(expected, addr, &ids(&workers)).await;
+}

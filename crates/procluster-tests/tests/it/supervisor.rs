@@ -1,0 +1,649 @@
+//! Supervision with real processes: restarts, the crash-loop breaker,
+//! graceful stop, kill timeout, rolling reload, scaling, hang detection and
+//! recycling.
+
+use std::time::{Duration, Instant};
+
+use procluster::primary::{Event, Settings, Stdio};
+use procluster::supervisor::{
+    BackoffConfig, BreakerConfig, CrashCause, HeartbeatConfig, Readiness, RecycleConfig,
+    RecycleReason, ReloadError, ReloadFailure, Signal, StopReason, SupervisedCluster,
+    SupervisedEvent, SupervisionError, SupervisionOptions, SupervisorConfig, SupervisorEvent,
+    WorkerId, WorkerPhase,
+};
+use procluster_tests::*;
+
+use crate::builder;
+
+/// Settings that keep tests fast: short timeouts, restarts without delay.
+fn config(workers: usize) -> SupervisorConfig {
+    SupervisorConfig {
+        workers,
+        backoff: BackoffConfig {
+            initial: Duration::from_millis(10),
+            multiplier: 2.0,
+            max: Duration::from_millis(100),
+            jitter: 0.0,
+        },
+        kill_timeout: Duration::from_secs(5),
+        ready_timeout: Duration::from_secs(10),
+        ..SupervisorConfig::default()
+    }
+}
+
+/// Supervises test workers in `mode` that say when they are ready.
+fn supervise(mode: &str, supervisor: SupervisorConfig) -> SupervisedCluster {
+    supervise_with(mode, supervisor, Settings::default())
+}
+
+fn supervise_with(
+    mode: &str,
+    supervisor: SupervisorConfig,
+    settings: Settings,
+) -> SupervisedCluster {
+    let settings = Settings {
+        exec: Some(crate::test_worker().into()),
+        args: Some(vec![mode.into()]),
+        stdio: Stdio::Null,
+        ..settings
+    };
+    let cluster = builder(mode).settings(settings).build().unwrap();
+    let options = SupervisionOptions {
+        supervisor,
+        readiness: Readiness::Explicit,
+        ..SupervisionOptions::default()
+    };
+    SupervisedCluster::start(cluster, options).unwrap()
+}
+
+fn sup(event: &SupervisedEvent) -> Option<&SupervisorEvent> {
+    match event {
+        SupervisedEvent::Supervisor(e) => Some(e),
+        SupervisedEvent::Cluster(_) => None,
+    }
+}
+
+fn wid(id: u32) -> WorkerId {
+    WorkerId(u64::from(id))
+}
+
+/// Reads events until `count` workers have said hello; returns the hellos.
+async fn hellos(supervised: &mut SupervisedCluster, count: usize) -> Vec<Hello> {
+    let mut seen = Vec::new();
+    while seen.len() < count {
+        if let Some(hello) = hello_in(&next_supervised(supervised).await) {
+            seen.push(hello);
+        }
+    }
+    seen.sort_by_key(|h| h.index);
+    seen
+}
+
+/// The hellos among `events`, then more read from the cluster until there
+/// are `count`.
+async fn hellos_after(
+    events: &[SupervisedEvent],
+    supervised: &mut SupervisedCluster,
+    count: usize,
+) -> Vec<Hello> {
+    let mut seen: Vec<_> = events.iter().filter_map(hello_in).collect();
+    if seen.len() < count {
+        seen.extend(hellos(supervised, count - seen.len()).await);
+    }
+    seen.sort_by_key(|h| h.index);
+    seen
+}
+
+/// Stops the cluster and checks that it ends well.
+async fn stop_ok(supervised: SupervisedCluster) -> Vec<SupervisedEvent> {
+    supervised.handle().stop().unwrap();
+    let (events, outcome) = finish_supervised(supervised).await;
+    let outcome = outcome.expect("a requested stop is not a failure");
+    assert_eq!(outcome.reason, StopReason::Requested);
+    events
+}
+
+#[tokio::test]
+async fn a_killed_worker_is_replaced_in_the_same_slot() {
+    let mut supervised = supervise("ready-serve", config(2));
+    let handle = supervised.handle();
+    let first = hellos(&mut supervised, 2).await;
+    assert_eq!(
+        first.iter().map(|h| h.index).collect::<Vec<_>>(),
+        [Some(0), Some(1)]
+    );
+
+    kill_pid(first[1].pid, procluster::Signal::KILL);
+    let (attempt, seen) = until_supervised(&mut supervised, |e| match sup(e) {
+        Some(SupervisorEvent::RestartScheduled {
+            slot: 1, attempt, ..
+        }) => Some(*attempt),
+        _ => None,
+    })
+    .await;
+    assert_eq!(attempt, 1);
+    assert!(
+        seen.iter()
+            .any(|e| matches!(sup(e), Some(SupervisorEvent::WorkerExited {
+        worker, slot: Some(1), expected: false, info
+    }) if *worker == wid(first[1].id) && info.signal == Some(9)))
+    );
+
+    let replacement = hellos(&mut supervised, 1).await[0];
+    assert_eq!(
+        replacement.index,
+        Some(1),
+        "the replacement fills the same slot"
+    );
+    assert_ne!(replacement.id, first[1].id);
+
+    let status = handle.status().await.unwrap();
+    let slot1 = status.workers.iter().find(|w| w.index == 1).unwrap();
+    assert_eq!(
+        (slot1.id, slot1.restarts, slot1.phase),
+        (replacement.id, 1, WorkerPhase::Ready)
+    );
+    let slot0 = status.workers.iter().find(|w| w.index == 0).unwrap();
+    assert_eq!((slot0.id, slot0.restarts), (first[0].id, 0));
+    stop_ok(supervised).await;
+}
+
+#[tokio::test]
+async fn a_worker_crashing_at_boot_is_restarted_with_growing_delays_until_the_breaker_trips() {
+    let mut supervisor = config(1);
+    supervisor.backoff = BackoffConfig {
+        initial: Duration::from_millis(40),
+        multiplier: 2.0,
+        max: Duration::from_millis(200),
+        jitter: 0.0,
+    };
+    supervisor.breaker = Some(BreakerConfig {
+        max_crashes: 3,
+        window: Duration::from_secs(30),
+        exit_on_trip: true,
+    });
+    let supervised = supervise("crash-at-boot", supervisor);
+    let (events, outcome) = finish_supervised(supervised).await;
+
+    let delays: Vec<_> = events
+        .iter()
+        .filter_map(|e| match sup(e) {
+            Some(SupervisorEvent::RestartScheduled { delay, .. }) => Some(*delay),
+            _ => None,
+        })
+        .collect();
+    let ms = Duration::from_millis;
+    assert_eq!(delays, [ms(40), ms(80), ms(160)]);
+    let spawns = events
+        .iter()
+        .filter(|e| matches!(sup(e), Some(SupervisorEvent::WorkerSpawned { slot: 0, .. })))
+        .count();
+    assert_eq!(spawns, 4, "the first start and three restarts");
+    assert!(events.iter().any(|e| matches!(
+        sup(e),
+        Some(SupervisorEvent::BreakerTripped { crashes: 4, .. })
+    )));
+    assert_eq!(
+        outcome,
+        Err(SupervisionError::BreakerTripped {
+            crashes: 4,
+            window: Duration::from_secs(30)
+        })
+    );
+}
+
+#[tokio::test]
+async fn restarts_are_spaced_by_the_backoff_delay() {
+    let mut supervisor = config(1);
+    supervisor.backoff = BackoffConfig {
+        initial: Duration::from_millis(100),
+        multiplier: 2.0,
+        max: Duration::from_millis(200),
+        jitter: 0.0,
+    };
+    supervisor.breaker = Some(BreakerConfig {
+        max_crashes: 2,
+        window: Duration::from_secs(30),
+        exit_on_trip: true,
+    });
+    let mut supervised = supervise("crash-at-boot", supervisor);
+    let mut exits = Vec::new();
+    let mut spawns = Vec::new();
+    while let Some(event) = tokio::time::timeout(DEADLINE, supervised.next_event())
+        .await
+        .unwrap()
+    {
+        match sup(&event) {
+            Some(SupervisorEvent::WorkerExited { .. }) => exits.push(Instant::now()),
+            Some(SupervisorEvent::WorkerSpawned { .. }) => spawns.push(Instant::now()),
+            _ => {}
+        }
+    }
+    assert!(supervised.wait().await.is_err());
+    assert_eq!((exits.len(), spawns.len()), (3, 3));
+    // Restart n happens at least its delay after crash n.
+    assert!(
+        spawns[1] - exits[0] >= Duration::from_millis(95),
+        "{:?}",
+        spawns[1] - exits[0]
+    );
+    assert!(
+        spawns[2] - exits[1] >= Duration::from_millis(195),
+        "{:?}",
+        spawns[2] - exits[1]
+    );
+}
+
+#[tokio::test]
+async fn stop_disconnects_every_worker_and_ends_ok() {
+    let mut supervised = supervise("ready-serve", config(3));
+    let handle = supervised.handle();
+    let workers = hellos(&mut supervised, 3).await;
+    handle.stop().unwrap();
+    let (events, outcome) = finish_supervised(supervised).await;
+    let outcome = outcome.unwrap();
+    assert_eq!(outcome.reason, StopReason::Requested);
+    assert!(outcome.in_time, "no worker needed SIGKILL");
+    for hello in &workers {
+        let exit = events.iter().find_map(|e| match e {
+            SupervisedEvent::Cluster(Event::Exit {
+                worker,
+                status,
+                exited_after_disconnect,
+            }) if worker.id() == hello.id => Some((*status, *exited_after_disconnect)),
+            _ => None,
+        });
+        let (status, after_disconnect) = exit.expect("every worker exits");
+        assert!(status.success() && after_disconnect, "{status}");
+        assert!(!alive(hello.pid));
+    }
+    assert!(matches!(
+        events.last().and_then(sup),
+        Some(SupervisorEvent::StopFinished { .. })
+    ));
+    assert!(
+        handle.stop().is_err(),
+        "a finished supervisor takes no requests"
+    );
+}
+
+#[tokio::test]
+async fn a_worker_ignoring_disconnect_is_killed_after_the_kill_timeout() {
+    let mut supervisor = config(1);
+    supervisor.kill_timeout = Duration::from_millis(300);
+    let mut supervised = supervise("ready-never-exit", supervisor);
+    let hello = hellos(&mut supervised, 1).await[0];
+    let asked = Instant::now();
+    supervised.handle().stop().unwrap();
+    let (events, outcome) = finish_supervised(supervised).await;
+    assert!(asked.elapsed() >= Duration::from_millis(300));
+    let outcome = outcome.unwrap();
+    assert!(!outcome.in_time, "the worker had to be killed");
+    assert!(events.iter().any(|e| matches!(sup(e),
+        Some(SupervisorEvent::KillTimeout { worker }) if *worker == wid(hello.id))));
+    let killed = events.iter().any(|e| {
+        matches!(e,
+        SupervisedEvent::Cluster(Event::Exit { status, .. }) if status.signal() == Some(9))
+    });
+    assert!(killed, "SIGKILL ended the worker");
+}
+
+#[tokio::test]
+async fn a_rolling_reload_starts_each_new_worker_before_retiring_the_old_one() {
+    let mut supervised = supervise("ready-serve", config(2));
+    let handle = supervised.handle();
+    let old = hellos(&mut supervised, 2).await;
+    let reload = tokio::spawn({
+        let handle = handle.clone();
+        async move { handle.reload().await }
+    });
+    // Until the rollout finished and both old workers have exited.
+    let (mut finished, mut old_exits) = (false, 0);
+    let (_, events) = until_supervised(&mut supervised, |e| {
+        match e {
+            SupervisedEvent::Supervisor(SupervisorEvent::ReloadFinished { generation: 1 }) => {
+                finished = true
+            }
+            SupervisedEvent::Cluster(Event::Exit { worker, .. })
+                if old.iter().any(|h| h.id == worker.id()) =>
+            {
+                old_exits += 1
+            }
+            _ => {}
+        }
+        (finished && old_exits == 2).then_some(())
+    })
+    .await;
+    tokio::time::timeout(DEADLINE, reload)
+        .await
+        .unwrap()
+        .unwrap()
+        .expect("reload succeeds");
+
+    let position = |pred: &dyn Fn(&SupervisedEvent) -> bool| {
+        events.iter().position(pred).expect("event present")
+    };
+    let new_workers = hellos_after(&events, &mut supervised, 2).await;
+    for slot in 0..2 {
+        let new = new_workers[slot];
+        assert_eq!(new.index, Some(slot));
+        assert_eq!(new.generation, 1);
+        let new_ready = position(&|e| {
+            matches!(sup(e),
+            Some(SupervisorEvent::WorkerReady { worker, generation: 1, .. }) if *worker == wid(new.id))
+        });
+        let old_id = old[slot].id;
+        let old_disconnected = position(&|e| {
+            matches!(e,
+            SupervisedEvent::Cluster(Event::Disconnect(w)) if w.id() == old_id)
+        });
+        assert!(
+            new_ready < old_disconnected,
+            "slot {slot}: the old worker went before the new one was ready"
+        );
+        assert!(events.iter().any(|e| matches!(sup(e),
+            Some(SupervisorEvent::SlotReloaded { slot: s, old, new: n, generation: 1 })
+                if *s == slot && *old == wid(old_id) && *n == wid(new.id))));
+    }
+    let status = handle.status().await.unwrap();
+    assert_eq!(status.generation, 1);
+    assert!(
+        status
+            .workers
+            .iter()
+            .filter(|w| w.phase == WorkerPhase::Ready)
+            .all(|w| w.generation == 1)
+    );
+    stop_ok(supervised).await;
+}
+
+#[tokio::test]
+async fn a_reload_whose_new_worker_is_never_ready_fails_and_the_old_workers_keep_serving() {
+    let mut supervisor = config(2);
+    supervisor.ready_timeout = Duration::from_secs(1);
+    let mut supervised = supervise("ready-gen0-only", supervisor);
+    let handle = supervised.handle();
+    let old = hellos(&mut supervised, 2).await;
+    let reload = tokio::spawn({
+        let handle = handle.clone();
+        async move { handle.reload().await }
+    });
+    let (failure, _) = until_supervised(&mut supervised, |e| match sup(e) {
+        Some(SupervisorEvent::ReloadFailed { failure, .. }) => Some(failure.clone()),
+        _ => None,
+    })
+    .await;
+    assert_eq!(
+        failure,
+        ReloadFailure::Worker {
+            slot: 0,
+            cause: CrashCause::ReadyTimeout
+        }
+    );
+    let result = tokio::time::timeout(DEADLINE, reload)
+        .await
+        .unwrap()
+        .unwrap();
+    match result {
+        Err(ReloadError::Failed {
+            generation: 1,
+            failure: f,
+        }) => assert_eq!(f, failure),
+        other => panic!("expected a failed reload, got {other:?}"),
+    }
+    let status = handle.status().await.unwrap();
+    let serving: Vec<_> = status
+        .workers
+        .iter()
+        .filter(|w| w.phase == WorkerPhase::Ready)
+        .map(|w| (w.id, w.generation))
+        .collect();
+    assert_eq!(serving, [(old[0].id, 0), (old[1].id, 0)]);
+    assert!(old.iter().all(|h| alive(h.pid)));
+    assert!(!status.reloading);
+    stop_ok(supervised).await;
+}
+
+#[tokio::test]
+async fn scaling_up_starts_new_slots_and_scaling_down_retires_the_highest() {
+    let mut supervised = supervise("ready-serve", config(1));
+    let handle = supervised.handle();
+    let first = hellos(&mut supervised, 1).await;
+    handle.scale_to(3).unwrap();
+    let added = hellos(&mut supervised, 2).await;
+    assert_eq!(
+        added.iter().map(|h| h.index).collect::<Vec<_>>(),
+        [Some(1), Some(2)]
+    );
+    assert_eq!(handle.status().await.unwrap().workers.len(), 3);
+
+    handle.scale_to(1).unwrap();
+    let mut exited = Vec::new();
+    while exited.len() < 2 {
+        if let Some(SupervisorEvent::WorkerExited {
+            worker, expected, ..
+        }) = sup(&next_supervised(&mut supervised).await)
+        {
+            assert!(expected, "a scaled-down worker exits as expected");
+            exited.push(*worker);
+        }
+    }
+    exited.sort();
+    assert_eq!(exited, [wid(added[0].id), wid(added[1].id)]);
+    let status = handle.status().await.unwrap();
+    assert_eq!(status.target_workers, 1);
+    assert_eq!(
+        status.workers.iter().map(|w| w.id).collect::<Vec<_>>(),
+        [first[0].id]
+    );
+    stop_ok(supervised).await;
+}
+
+#[tokio::test]
+async fn a_worker_that_stops_sending_heartbeats_gets_a_diagnostic_signal_then_is_killed_and_replaced()
+ {
+    let mut supervisor = config(1);
+    supervisor.heartbeat = Some(HeartbeatConfig {
+        timeout: Duration::from_millis(400),
+        signal: Signal::Usr2,
+        grace: Duration::from_millis(200),
+    });
+    supervisor.kill_timeout = Duration::from_millis(200);
+    let settings = Settings {
+        heartbeat_interval: Some(Duration::from_millis(50)),
+        ..Settings::default()
+    };
+    let mut supervised = supervise_with("ready-then-hang", supervisor, settings);
+    let hung = hellos(&mut supervised, 1).await[0];
+    let (_, events) = until_supervised(&mut supervised, |e| {
+        matches!(sup(e), Some(SupervisorEvent::WorkerSpawned { slot: 0, .. })).then_some(())
+    })
+    .await;
+    let position = |pred: &dyn Fn(&SupervisedEvent) -> bool| {
+        events.iter().position(pred).expect("event present")
+    };
+    let detected = position(&|e| {
+        matches!(sup(e),
+        Some(SupervisorEvent::HangDetected { slot: 0, worker, signal: Signal::Usr2 }) if *worker == wid(hung.id))
+    });
+    let killed = position(&|e| {
+        matches!(e,
+        SupervisedEvent::Cluster(Event::Exit { worker, status, .. })
+            if worker.id() == hung.id && status.signal() == Some(9))
+    });
+    let failed = position(&|e| {
+        matches!(
+            sup(e),
+            Some(SupervisorEvent::WorkerFailed {
+                slot: 0,
+                cause: CrashCause::Hang
+            })
+        )
+    });
+    assert!(detected < killed && killed < failed);
+    let replacement = hellos(&mut supervised, 1).await[0];
+    assert_eq!(replacement.index, Some(0));
+    // The replacement hangs too: stop twice to kill it at once.
+    let handle = supervised.handle();
+    handle.stop().unwrap();
+    handle.stop().unwrap();
+    let (_, outcome) = finish_supervised(supervised).await;
+    assert!(outcome.is_ok());
+}
+
+#[tokio::test]
+async fn a_worker_is_recycled_after_its_request_limit_new_worker_first() {
+    let mut supervisor = config(1);
+    supervisor.recycle = RecycleConfig {
+        max_requests: Some(50),
+        ..RecycleConfig::default()
+    };
+    let mut supervised = supervise("first-worker-serves-100", supervisor);
+    let first = hellos(&mut supervised, 1).await[0];
+    assert_eq!(first.id, 1);
+    let ((old, new, reason), events) = until_supervised(&mut supervised, |e| match sup(e) {
+        Some(SupervisorEvent::Recycled {
+            old, new, reason, ..
+        }) => Some((*old, *new, *reason)),
+        _ => None,
+    })
+    .await;
+    assert_eq!(
+        reason,
+        RecycleReason::Requests {
+            count: 100,
+            limit: 50
+        }
+    );
+    assert_eq!(old, wid(first.id));
+    let new_hello = hellos_after(&events, &mut supervised, 1).await[0];
+    assert_eq!((wid(new_hello.id), new_hello.index), (new, Some(0)));
+    let (expected, _) = until_supervised(&mut supervised, |e| match sup(e) {
+        Some(SupervisorEvent::WorkerExited {
+            worker, expected, ..
+        }) if *worker == old => Some(*expected),
+        _ => None,
+    })
+    .await;
+    assert!(expected);
+    stop_ok(supervised).await;
+}
+
+#[tokio::test]
+async fn a_worker_is_recycled_when_it_reaches_its_maximum_age() {
+    let mut supervisor = config(1);
+    supervisor.recycle = RecycleConfig {
+        max_age: Some(Duration::from_millis(300)),
+        ..RecycleConfig::default()
+    };
+    let mut supervised = supervise("ready-serve", supervisor);
+    let first = hellos(&mut supervised, 1).await[0];
+    let ((old, reason), _) = until_supervised(&mut supervised, |e| match sup(e) {
+        Some(SupervisorEvent::Recycled { old, reason, .. }) => Some((*old, *reason)),
+        _ => None,
+    })
+    .await;
+    assert_eq!(old, wid(first.id));
+    match reason {
+        RecycleReason::MaxAge { age } => assert!(age >= Duration::from_millis(300)),
+        other => panic!("unexpected reason {other:?}"),
+    }
+    stop_ok(supervised).await;
+}
+
+/// Sends `signal` to this test process (nextest runs each test in a process
+/// of its own).
+fn signal_self(signal: procluster::Signal) {
+    kill_pid(std::process::id(), signal);
+}
+
+#[tokio::test]
+async fn owned_signals_scale_reload_and_stop() {
+    let settings = Settings {
+        exec: Some(crate::test_worker().into()),
+        args: Some(vec!["ready-serve".into()]),
+        stdio: Stdio::Null,
+        ..Settings::default()
+    };
+    let cluster = builder("ready-serve").settings(settings).build().unwrap();
+    let options = SupervisionOptions {
+        supervisor: config(1),
+        readiness: Readiness::Explicit,
+        handle_signals: true,
+        ..SupervisionOptions::default()
+    };
+    let mut supervised = SupervisedCluster::start(cluster, options).unwrap();
+    hellos(&mut supervised, 1).await;
+
+    signal_self(procluster::Signal::TTIN);
+    let (scaled, _) = until_supervised(&mut supervised, |e| match sup(e) {
+        Some(SupervisorEvent::Scaled { from, to }) => Some((*from, *to)),
+        _ => None,
+    })
+    .await;
+    assert_eq!(scaled, (1, 2));
+    hellos(&mut supervised, 1).await;
+
+    signal_self(procluster::Signal::TTOU);
+    let (scaled, _) = until_supervised(&mut supervised, |e| match sup(e) {
+        Some(SupervisorEvent::Scaled { from, to }) => Some((*from, *to)),
+        _ => None,
+    })
+    .await;
+    assert_eq!(scaled, (2, 1));
+
+    signal_self(procluster::Signal::HUP);
+    until_supervised(&mut supervised, |e| {
+        matches!(
+            sup(e),
+            Some(SupervisorEvent::ReloadFinished { generation: 1 })
+        )
+        .then_some(())
+    })
+    .await;
+
+    signal_self(procluster::Signal::TERM);
+    let (events, outcome) = finish_supervised(supervised).await;
+    assert!(events.iter().any(|e| matches!(
+        sup(e),
+        Some(SupervisorEvent::StopStarted {
+            reason: StopReason::Requested
+        })
+    )));
+    assert_eq!(outcome.unwrap().reason, StopReason::Requested);
+}
+
+#[tokio::test]
+async fn with_listening_readiness_a_worker_is_ready_once_it_listens() {
+    let settings = Settings {
+        exec: Some(crate::test_worker().into()),
+        args: Some(vec!["listen-then-serve".into()]),
+        stdio: Stdio::Null,
+        ..Settings::default()
+    };
+    let cluster = builder("listen-then-serve")
+        .settings(settings)
+        .build()
+        .unwrap();
+    let options = SupervisionOptions {
+        supervisor: config(2),
+        readiness: Readiness::Listening,
+        ..SupervisionOptions::default()
+    };
+    let mut supervised = SupervisedCluster::start(cluster, options).unwrap();
+    let mut listening = Vec::new();
+    let mut ready = Vec::new();
+    while ready.len() < 2 {
+        match next_supervised(&mut supervised).await {
+            SupervisedEvent::Cluster(Event::Listening { worker, .. }) => {
+                listening.push(wid(worker.id()))
+            }
+            SupervisedEvent::Supervisor(SupervisorEvent::WorkerReady { worker, .. }) => {
+                assert!(listening.contains(&worker), "ready only after listening");
+                ready.push(worker);
+            }
+            _ => {}
+        }
+    }
+    stop_ok(supervised).await;
+}

@@ -1,0 +1,370 @@
+//! Identifiers, commands and events exchanged with the IO shell.
+
+use std::time::Duration;
+
+/// Identity of a worker process, chosen by the shell (an internal counter or
+/// the pid). Must not be reused while the supervisor may still know it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct WorkerId(pub u64);
+
+/// Identifies one [`Command::Spawn`]; the shell echoes it back in
+/// [`Supervisor::spawned`](super::Supervisor::spawned) or
+/// [`Supervisor::spawn_failed`](super::Supervisor::spawn_failed).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SpawnId(pub u64);
+
+/// Code generation of a worker: 0 at start, +1 per requested reload. The shell
+/// decides what a generation means (binary, config, environment, ...).
+pub type Generation = u64;
+
+/// A signal the supervisor may ask the shell to deliver. SIGKILL is not listed
+/// because killing is its own command ([`Command::Kill`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Signal {
+    /// SIGABRT (typically produces a core dump).
+    Abort,
+    /// SIGQUIT (typically produces a core dump or a stack dump).
+    Quit,
+    /// SIGTERM.
+    Term,
+    /// SIGINT.
+    Int,
+    /// SIGUSR1.
+    Usr1,
+    /// SIGUSR2.
+    Usr2,
+    /// Any other signal number, delivered as is.
+    Other(i32),
+}
+
+/// How a worker process ended, as reported by the shell.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ExitInfo {
+    /// Exit code, if the process exited normally.
+    pub code: Option<i32>,
+    /// Terminating signal number, if the process was killed by a signal.
+    pub signal: Option<i32>,
+}
+
+impl ExitInfo {
+    /// A normal exit with `code`.
+    pub fn code(code: i32) -> Self {
+        Self {
+            code: Some(code),
+            signal: None,
+        }
+    }
+
+    /// Death by signal number `signal`.
+    pub fn signal(signal: i32) -> Self {
+        Self {
+            code: None,
+            signal: Some(signal),
+        }
+    }
+}
+
+/// An action the shell must perform.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Command {
+    /// Start a worker for `slot` running `generation`; answer with
+    /// `spawned(spawn, ..)` or `spawn_failed(spawn, ..)`.
+    Spawn {
+        /// Ticket to echo back.
+        spawn: SpawnId,
+        /// Slot the worker will occupy (stable across restarts).
+        slot: usize,
+        /// Code generation to run.
+        generation: Generation,
+    },
+    /// Ask the worker to finish its work and exit (Node's `worker.disconnect()`).
+    Disconnect {
+        /// Target worker.
+        worker: WorkerId,
+    },
+    /// Deliver `signal` to the worker.
+    Signal {
+        /// Target worker.
+        worker: WorkerId,
+        /// Signal to deliver.
+        signal: Signal,
+    },
+    /// SIGKILL the worker (or the platform equivalent).
+    Kill {
+        /// Target worker.
+        worker: WorkerId,
+    },
+}
+
+/// Why a worker failed unexpectedly. Every failure counts for the breaker.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CrashCause {
+    /// The process exited on its own (or was killed by someone else).
+    Exited {
+        /// Exit status.
+        info: ExitInfo,
+        /// The worker had not reported ready yet.
+        before_ready: bool,
+    },
+    /// The shell could not start the process.
+    SpawnFailed(String),
+    /// The worker did not become ready within `ready_timeout` and was killed.
+    ReadyTimeout,
+    /// The worker stopped sending heartbeats and was killed.
+    Hang,
+}
+
+/// Why a worker is being recycled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecycleReason {
+    /// An RSS sample exceeded `max_rss`.
+    Memory {
+        /// Reported resident set size in bytes.
+        rss: u64,
+        /// Configured limit.
+        limit: u64,
+    },
+    /// The worker served its (jittered) request limit.
+    Requests {
+        /// Reported request count.
+        count: u64,
+        /// This worker's limit.
+        limit: u64,
+    },
+    /// The worker reached `max_age`.
+    MaxAge {
+        /// Age of the worker when the limit was noticed.
+        age: Duration,
+    },
+}
+
+/// Why a rolling reload failed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReloadFailure {
+    /// A new-generation worker failed before becoming ready.
+    Worker {
+        /// Slot being moved.
+        slot: usize,
+        /// What happened to the new worker.
+        cause: CrashCause,
+    },
+    /// The crash-loop breaker tripped during the rollout.
+    BreakerTripped,
+    /// The supervisor was stopped during the rollout.
+    Stopped,
+}
+
+/// Why a request was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RejectReason {
+    /// The supervisor is not running (not started, stopping or finished).
+    NotRunning,
+    /// The crash-loop breaker is tripped; reset it first.
+    BreakerTripped,
+}
+
+/// Why the supervisor stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopReason {
+    /// [`Supervisor::stop`](super::Supervisor::stop) was called.
+    Requested,
+    /// The crash-loop breaker tripped with `exit_on_trip` set.
+    BreakerTripped,
+}
+
+/// Final result once the supervisor is finished.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Outcome {
+    /// Why it stopped.
+    pub reason: StopReason,
+    /// Every worker exited without the supervisor having to SIGKILL it
+    /// (neither a `kill_timeout` expiry nor a second `stop()`).
+    pub in_time: bool,
+}
+
+impl Outcome {
+    /// True when the cluster should be reported as failed.
+    pub fn is_failure(&self) -> bool {
+        self.reason == StopReason::BreakerTripped
+    }
+}
+
+/// Something that happened; for logging, metrics and tests.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SupervisorEvent {
+    /// `start()` created the initial slots.
+    Started {
+        /// Number of slots.
+        workers: usize,
+    },
+    /// A worker process exists (answer to a spawn).
+    WorkerSpawned {
+        /// Its slot.
+        slot: usize,
+        /// The worker.
+        worker: WorkerId,
+        /// Its generation.
+        generation: Generation,
+    },
+    /// A worker reported ready.
+    WorkerReady {
+        /// Its slot.
+        slot: usize,
+        /// The worker.
+        worker: WorkerId,
+        /// Its generation.
+        generation: Generation,
+    },
+    /// A worker process ended.
+    WorkerExited {
+        /// The worker.
+        worker: WorkerId,
+        /// Its slot, when the exit was unexpected (`None` for retired workers).
+        slot: Option<usize>,
+        /// Exit status.
+        info: ExitInfo,
+        /// The supervisor had asked it to go (disconnect, scale down, stop).
+        expected: bool,
+    },
+    /// A worker (or a spawn for a slot) failed; counts for the breaker.
+    WorkerFailed {
+        /// The slot.
+        slot: usize,
+        /// What happened.
+        cause: CrashCause,
+    },
+    /// A worker missed `ready_timeout` and is being killed.
+    ReadyTimeout {
+        /// The slot.
+        slot: usize,
+        /// The worker.
+        worker: WorkerId,
+    },
+    /// A ready worker missed its heartbeats; it got the diagnostic signal and
+    /// will be killed after the grace period.
+    HangDetected {
+        /// The slot.
+        slot: usize,
+        /// The worker.
+        worker: WorkerId,
+        /// Diagnostic signal sent.
+        signal: Signal,
+    },
+    /// A slot will be respawned after `delay`.
+    RestartScheduled {
+        /// The slot.
+        slot: usize,
+        /// Consecutive failure count of the slot (1-based).
+        attempt: u32,
+        /// Delay before the spawn.
+        delay: Duration,
+    },
+    /// The slot's worker stayed up for `stable_uptime`; backoff starts over.
+    BackoffReset {
+        /// The slot.
+        slot: usize,
+    },
+    /// Too many failures: automatic spawning stopped.
+    BreakerTripped {
+        /// Failures counted in the window.
+        crashes: usize,
+        /// The window.
+        window: Duration,
+    },
+    /// `reset_breaker()` re-enabled spawning.
+    BreakerReset,
+    /// A rolling reload to `generation` began.
+    ReloadStarted {
+        /// Target generation.
+        generation: Generation,
+    },
+    /// A reload was requested during a rollout; it starts when that one ends.
+    ReloadQueued {
+        /// Generation of the rollout in progress.
+        behind: Generation,
+    },
+    /// A reload request was refused.
+    ReloadRejected {
+        /// Why.
+        reason: RejectReason,
+    },
+    /// One slot moved to the new generation (the old worker is disconnected).
+    SlotReloaded {
+        /// The slot.
+        slot: usize,
+        /// Old worker, now retiring.
+        old: WorkerId,
+        /// New worker, now serving.
+        new: WorkerId,
+        /// New generation.
+        generation: Generation,
+    },
+    /// Every slot runs `generation`.
+    ReloadFinished {
+        /// The generation.
+        generation: Generation,
+    },
+    /// The rollout stopped; slots not yet moved keep their old worker.
+    ReloadFailed {
+        /// Target generation of the failed rollout.
+        generation: Generation,
+        /// Why.
+        failure: ReloadFailure,
+    },
+    /// A replacement was spawned for a worker that hit a recycling limit.
+    RecycleStarted {
+        /// The slot.
+        slot: usize,
+        /// Worker being recycled.
+        worker: WorkerId,
+        /// Why.
+        reason: RecycleReason,
+    },
+    /// The replacement is ready; the old worker is disconnected.
+    Recycled {
+        /// The slot.
+        slot: usize,
+        /// Old worker, now retiring.
+        old: WorkerId,
+        /// New worker.
+        new: WorkerId,
+        /// Why.
+        reason: RecycleReason,
+    },
+    /// The replacement failed; the old worker keeps serving and the recycle
+    /// is retried after `retry_in`.
+    RecycleFailed {
+        /// The slot.
+        slot: usize,
+        /// Why the recycle was wanted.
+        reason: RecycleReason,
+        /// What happened to the replacement.
+        cause: CrashCause,
+        /// Delay before the next attempt.
+        retry_in: Duration,
+    },
+    /// The number of slots changed.
+    Scaled {
+        /// Previous slot count.
+        from: usize,
+        /// New slot count.
+        to: usize,
+    },
+    /// A retiring worker did not exit within `kill_timeout` and was killed.
+    KillTimeout {
+        /// The worker.
+        worker: WorkerId,
+    },
+    /// Graceful stop began.
+    StopStarted {
+        /// Why.
+        reason: StopReason,
+    },
+    /// A second `stop()`: every remaining worker is killed now.
+    StopForced,
+    /// Every worker has exited; the supervisor is finished.
+    StopFinished {
+        /// Result.
+        outcome: Outcome,
+    },
+}
