@@ -8,14 +8,18 @@
 //! Options (all optional): `--workers N|auto` (default auto), `--host H`
 //! (default 127.0.0.1), `--port P` (default 3000; 0 picks a free port),
 //! `--policy shared|round-robin|reuseport`. Prints `listening on
-//! http://HOST:PORT` once every worker listens; Ctrl-C or SIGTERM stops it
-//! gracefully.
+//! http://HOST:PORT` once every worker listens. The workers are supervised: a
+//! worker that dies is replaced, SIGHUP reloads them one by one without
+//! dropping a request, and Ctrl-C or SIGTERM stops them gracefully.
 
 use std::collections::HashSet;
 
 use axum::Router;
 use axum::routing::get;
 use procluster::primary::{Cluster, Event, Workers};
+use procluster::supervisor::{
+    SupervisedCluster, SupervisedEvent, SupervisionOptions, SupervisorConfig,
+};
 use procluster::{Policy, Role};
 
 struct Options {
@@ -98,55 +102,39 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 }
 
 async fn primary(options: Options) -> Result<(), Box<dyn std::error::Error>> {
-    let mut builder = Cluster::builder()
-        .workers(options.workers)
-        .own_process_group(true);
+    let mut builder = Cluster::builder().own_process_group(true);
     if let Some(policy) = options.policy {
         builder = builder.policy(policy);
     }
-    let mut cluster = builder.build()?;
-    let started = cluster.start().await?;
-    let mut waiting: HashSet<u32> = started.iter().map(|w| w.id()).collect();
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut stopping = false;
-    loop {
-        let event = tokio::select! {
-            event = cluster.next_event() => event,
-            _ = tokio::signal::ctrl_c(), if !stopping => { stopping = true; begin_stop(&cluster); continue }
-            _ = terminate.recv(), if !stopping => { stopping = true; begin_stop(&cluster); continue }
-        };
-        let Some(event) = event else { break };
+    let cluster = builder.build()?;
+    let workers = options.workers.resolve();
+    let supervision = SupervisionOptions {
+        supervisor: SupervisorConfig {
+            workers,
+            ..SupervisorConfig::default()
+        },
+        // Ctrl-C/SIGTERM stop gracefully, SIGHUP reloads, SIGTTIN/SIGTTOU scale.
+        handle_signals: true,
+        ..SupervisionOptions::default()
+    };
+    let mut supervised = SupervisedCluster::start(cluster, supervision)?;
+    let mut listening = HashSet::new();
+    let mut announced = false;
+    while let Some(event) = supervised.next_event().await {
         match event {
-            Event::Listening { worker, address } => {
-                if waiting.remove(&worker.id()) && waiting.is_empty() {
+            SupervisedEvent::Cluster(Event::Listening { worker, address }) if !announced => {
+                listening.insert(worker.id());
+                if listening.len() == workers {
+                    announced = true;
                     let port = address.rsplit(':').next().unwrap_or("?");
                     println!("listening on http://{}:{port}", options.host);
                 }
             }
-            Event::Exit {
-                worker,
-                status,
-                exited_after_disconnect,
-            } => {
-                if !exited_after_disconnect && !stopping {
-                    eprintln!("worker {} died ({status}); starting another", worker.id());
-                    let replacement = cluster.fork_with(procluster::primary::ForkOptions {
-                        index: worker.index(),
-                        ..Default::default()
-                    });
-                    replacement.await?;
-                }
-            }
-            Event::Error { error, .. } => eprintln!("{error}"),
+            SupervisedEvent::Cluster(Event::Error { error, .. }) => eprintln!("{error}"),
+            SupervisedEvent::Supervisor(event) => eprintln!("{event:?}"),
             _ => {}
         }
     }
+    supervised.wait().await?;
     Ok(())
-}
-
-fn begin_stop(cluster: &Cluster) {
-    eprintln!("stopping: waiting for workers to finish their requests");
-    for worker in cluster.workers() {
-        worker.disconnect();
-    }
 }

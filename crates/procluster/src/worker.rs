@@ -63,11 +63,16 @@ pub(crate) struct WorkerInner {
     disconnected: AtomicBool,
     next_seq: AtomicU32,
     requests: std::sync::atomic::AtomicU64,
-    requests_sent_at: std::sync::atomic::AtomicU64,
-    started: std::time::Instant,
-    pub(crate) pending_listens: Mutex<HashMap<u32, oneshot::Sender<(ListenReply, Vec<OwnedFd>)>>>,
+    requests_report_due: AtomicBool,
+    pub(crate) pending_listens: Mutex<HashMap<u32, ListenWaiter>>,
     pub(crate) connections: crate::listeners::ConnectionRouter,
 }
+
+/// Where the primary's answer to a listen request goes.
+pub(crate) type ListenWaiter = oneshot::Sender<(ListenReply, Vec<OwnedFd>)>;
+
+/// How often a worker reports its request count.
+const REQUESTS_REPORT_INTERVAL: Duration = Duration::from_millis(5);
 
 /// The internal settings a worker reads from its environment.
 pub(crate) struct WorkerEnv {
@@ -106,8 +111,7 @@ impl Worker {
             disconnected: AtomicBool::new(false),
             next_seq: AtomicU32::new(1),
             requests: Default::default(),
-            requests_sent_at: Default::default(),
-            started: std::time::Instant::now(),
+            requests_report_due: AtomicBool::new(false),
             pending_listens: Mutex::new(HashMap::new()),
             connections: crate::listeners::ConnectionRouter::default(),
         });
@@ -238,20 +242,23 @@ impl Worker {
 
     /// Adds to the count of requests this worker has served; the primary's
     /// supervisor recycles a worker after a configured number. Cheap: the
-    /// count is sent at most every few milliseconds.
+    /// total is sent a few milliseconds later, once per burst.
     pub fn add_requests(&self, n: u64) {
-        let total = self.inner.requests.fetch_add(n, Ordering::Relaxed) + n;
-        let now = self.inner.started.elapsed().as_millis() as u64;
-        let last = self.inner.requests_sent_at.load(Ordering::Relaxed);
-        if now.saturating_sub(last) >= 5 || last == 0 {
-            self.inner
-                .requests_sent_at
-                .store(now.max(1), Ordering::Relaxed);
-            let _ = self.inner.sender.send_now(
-                FrameKind::Control,
-                &Control::Requests { total }.encode(),
-                Vec::new(),
-            );
+        self.inner.requests.fetch_add(n, Ordering::Relaxed);
+        if !self.inner.requests_report_due.swap(true, Ordering::AcqRel) {
+            // One report per interval, sent after it, so the last count of a
+            // burst always arrives.
+            let inner = Arc::downgrade(&self.inner);
+            tokio::spawn(async move {
+                tokio::time::sleep(REQUESTS_REPORT_INTERVAL).await;
+                let Some(inner) = inner.upgrade() else { return };
+                inner.requests_report_due.store(false, Ordering::Release);
+                let total = inner.requests.load(Ordering::Relaxed);
+                let report = Control::Requests { total }.encode();
+                let _ = inner
+                    .sender
+                    .send_now(FrameKind::Control, &report, Vec::new());
+            });
         }
     }
 

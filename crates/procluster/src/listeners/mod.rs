@@ -196,7 +196,12 @@ pub(crate) fn incoming_connection(
         (Some(ahead), Some(handed)) => {
             handed.arrived.notify_one();
             if ahead {
-                tokio::spawn(give_back_if_untaken(Arc::downgrade(inner), key, handed, seq));
+                tokio::spawn(give_back_if_untaken(
+                    Arc::downgrade(inner),
+                    key,
+                    handed,
+                    seq,
+                ));
             }
         }
         _ => refuse(&inner.sender, key, seq),
@@ -204,7 +209,11 @@ pub(crate) fn incoming_connection(
 }
 
 fn refuse(sender: &crate::channel::ChannelSender, key: u32, seq: u64) {
-    let ack = Control::ConnectionAck { key, seq, accepted: false };
+    let ack = Control::ConnectionAck {
+        key,
+        seq,
+        accepted: false,
+    };
     let _ = sender.send_now(FrameKind::Control, &ack.encode(), Vec::new());
 }
 
@@ -222,7 +231,8 @@ async fn give_back_if_untaken(inner: Weak<WorkerInner>, key: u32, handed: Arc<Ha
         // Nobody is accepting: every connection queued ahead goes back, and
         // the primary forgets this worker's credit, as do we.
         state.granted = 0;
-        let (back, keep): (VecDeque<Queued>, VecDeque<Queued>) = state.queue.drain(..).partition(|q| q.ahead);
+        let (back, keep): (VecDeque<Queued>, VecDeque<Queued>) =
+            state.queue.drain(..).partition(|q| q.ahead);
         state.queue = keep;
         back.into_iter().map(|q| q.seq).collect()
     };

@@ -269,16 +269,16 @@ type Answer = (ListenReply, Vec<OwnedFd>);
 fn join(inner: &Arc<Inner>, group: &Arc<Group>, worker: &WorkerHandle) -> io::Result<Answer> {
     let mut state = group.state();
     if state.closed {
-        return Err(io::Error::new(
-            io::ErrorKind::Other,
-            "listener is closing; try again",
-        ));
+        return Err(io::Error::other("listener is closing; try again"));
     }
     let key = group.key;
     let address = group.address.clone();
     if state.holders.contains_key(&worker.id()) {
         // As Node: one worker listening twice on one fixed address.
-        return Err(bind::bind_error(io::Error::from(io::ErrorKind::AddrInUse), &format!("{address} (this worker listens there already)")));
+        return Err(bind::bind_error(
+            io::Error::from(io::ErrorKind::AddrInUse),
+            &format!("{address} (this worker listens there already)"),
+        ));
     }
     match group.policy {
         Policy::Shared => {
