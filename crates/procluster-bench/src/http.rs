@@ -41,7 +41,10 @@ struct Server {
 impl Drop for Server {
     fn drop(&mut self) {
         for child in std::iter::once(&mut self.primary).chain(self.others.iter_mut()) {
-            let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(child.id().to_string())
+                .status();
             let deadline = Instant::now() + Duration::from_secs(5);
             while Instant::now() < deadline {
                 if let Ok(Some(_)) = child.try_wait() {
@@ -74,9 +77,16 @@ fn start(name: &str, mut command: Command) -> (Child, u16) {
     let stdout = child.stdout.take().expect("piped stdout");
     let mut lines = BufReader::new(stdout).lines();
     let port = loop {
-        let line = lines.next().unwrap_or_else(|| panic!("{name} exited before listening")).expect("read");
+        let line = lines
+            .next()
+            .unwrap_or_else(|| panic!("{name} exited before listening"))
+            .expect("read");
         if let Some(rest) = line.strip_prefix("listening on http://") {
-            break rest.rsplit(':').next().and_then(|p| p.parse().ok()).expect("port in the listening line");
+            break rest
+                .rsplit(':')
+                .next()
+                .and_then(|p| p.parse().ok())
+                .expect("port in the listening line");
         }
     };
     // Keep draining stdout so the server never blocks on a full pipe.
@@ -86,13 +96,25 @@ fn start(name: &str, mut command: Command) -> (Child, u16) {
 
 fn server(name: &str, command: Command) -> Server {
     let (primary, port) = start(name, command);
-    Server { name: name.to_string(), primary, port, others: Vec::new() }
+    Server {
+        name: name.to_string(),
+        primary,
+        port,
+        others: Vec::new(),
+    }
 }
 
 fn procluster_server(args: &HttpArgs, policy: &str) -> Server {
     let hello = target_dir().join("examples/hello");
     let mut command = Command::new(&hello);
-    command.args(["--workers", &args.workers.to_string(), "--port", "0", "--policy", policy]);
+    command.args([
+        "--workers",
+        &args.workers.to_string(),
+        "--port",
+        "0",
+        "--policy",
+        policy,
+    ]);
     server(&format!("procluster {policy}"), command)
 }
 
@@ -115,7 +137,14 @@ fn node_server(args: &HttpArgs, policy: &str) -> Option<Server> {
     }
     let script = repo_root().join("bench/node/http-cluster.js");
     let mut command = Command::new("node");
-    command.arg(script).args(["--workers", &args.workers.to_string(), "--port", "0", "--policy", policy]);
+    command.arg(script).args([
+        "--workers",
+        &args.workers.to_string(),
+        "--port",
+        "0",
+        "--policy",
+        policy,
+    ]);
     command.args(["--max-seconds", "600"]);
     Some(server(&format!("node {policy}"), command))
 }
@@ -123,7 +152,11 @@ fn node_server(args: &HttpArgs, policy: &str) -> Option<Server> {
 /// Requests per second reported by wrk.
 fn wrk(server: &Server, args: &HttpArgs, close: bool) -> f64 {
     let mut command = Command::new("wrk");
-    command.args(["-t2", &format!("-c{}", args.connections), &format!("-d{}s", args.seconds)]);
+    command.args([
+        "-t2",
+        &format!("-c{}", args.connections),
+        &format!("-d{}s", args.seconds),
+    ]);
     if close {
         command.args(["-H", "Connection: close"]);
     }
@@ -142,17 +175,34 @@ fn wrk(server: &Server, args: &HttpArgs, close: bool) -> f64 {
 /// CPU time (user + system, clock ticks) of one process.
 fn cpu_ticks(pid: u32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
-    fields.get(11).and_then(|u| u.parse::<u64>().ok()).unwrap_or(0)
-        + fields.get(12).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0)
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    fields
+        .get(11)
+        .and_then(|u| u.parse::<u64>().ok())
+        .unwrap_or(0)
+        + fields
+            .get(12)
+            .and_then(|s| s.parse::<u64>().ok())
+            .unwrap_or(0)
 }
 
 /// CPU time of the whole machine (all states but idle), clock ticks.
 fn busy_ticks() -> u64 {
     let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
     let first = stat.lines().next().unwrap_or("");
-    let values: Vec<u64> = first.split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
-    values.iter().sum::<u64>() - values.get(3).copied().unwrap_or(0) - values.get(4).copied().unwrap_or(0)
+    let values: Vec<u64> = first
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    values.iter().sum::<u64>()
+        - values.get(3).copied().unwrap_or(0)
+        - values.get(4).copied().unwrap_or(0)
 }
 
 /// wrk, and the primary's share of all CPU used meanwhile (percent).
@@ -176,12 +226,18 @@ fn spread(server: &Server, count: u32) -> f64 {
     }
     let max = per_worker.values().max().copied().unwrap_or(0) as f64;
     let min = per_worker.values().min().copied().unwrap_or(0) as f64;
-    if per_worker.len() < 2 { f64::INFINITY } else { max / min.max(1.0) }
+    if per_worker.len() < 2 {
+        f64::INFINITY
+    } else {
+        max / min.max(1.0)
+    }
 }
 
 fn get_once(port: u16) -> String {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    stream.write_all(b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n").expect("write");
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+        .expect("write");
     let mut response = String::new();
     stream.read_to_string(&mut response).expect("read");
     response.split("\r\n\r\n").nth(1).unwrap_or("").to_string()
@@ -190,39 +246,97 @@ fn get_once(port: u16) -> String {
 pub fn run(args: HttpArgs) -> Result<(), String> {
     let hello = target_dir().join("examples/hello");
     if !Path::new(&hello).exists() {
-        return Err(format!("{} is missing: run `cargo build --release --example hello` first", hello.display()));
+        return Err(format!(
+            "{} is missing: run `cargo build --release --example hello` first",
+            hello.display()
+        ));
     }
     let mut rows = Vec::new();
     let ideal = ideal_server(&args);
     let ideal_keep = wrk(&ideal, &args, false);
     let ideal_close = wrk(&ideal, &args, true);
     drop(ideal);
-    rows.push(Row::plain("ideal (2 × SO_REUSEPORT) keep-alive", "req/s", ideal_keep));
-    rows.push(Row::plain("ideal (2 × SO_REUSEPORT) Connection: close", "req/s", ideal_close));
+    rows.push(Row::plain(
+        "ideal (2 × SO_REUSEPORT) keep-alive",
+        "req/s",
+        ideal_keep,
+    ));
+    rows.push(Row::plain(
+        "ideal (2 × SO_REUSEPORT) Connection: close",
+        "req/s",
+        ideal_close,
+    ));
     for policy in ["shared", "round-robin", "reuseport"] {
         let server = procluster_server(&args, policy);
         let (keep, share) = wrk_with_primary_share(&server, &args, false);
         let (close, close_share) = wrk_with_primary_share(&server, &args, true);
         let spread = spread(&server, args.sequential);
         drop(server);
-        rows.push(Row::ratio(&format!("{policy} keep-alive"), "req/s", keep, ideal_keep));
-        rows.push(Row::ratio(&format!("{policy} Connection: close"), "req/s", close, ideal_close));
-        rows.push(Row::plain(&format!("{policy} primary CPU under keep-alive"), "% of total", share));
-        rows.push(Row::plain(&format!("{policy} primary CPU under Connection: close"), "% of total", close_share));
-        rows.push(Row::plain(&format!("{policy} per-worker max/min, {} sequential", args.sequential), "ratio", spread));
+        rows.push(Row::ratio(
+            &format!("{policy} keep-alive"),
+            "req/s",
+            keep,
+            ideal_keep,
+        ));
+        rows.push(Row::ratio(
+            &format!("{policy} Connection: close"),
+            "req/s",
+            close,
+            ideal_close,
+        ));
+        rows.push(Row::plain(
+            &format!("{policy} primary CPU under keep-alive"),
+            "% of total",
+            share,
+        ));
+        rows.push(Row::plain(
+            &format!("{policy} primary CPU under Connection: close"),
+            "% of total",
+            close_share,
+        ));
+        rows.push(Row::plain(
+            &format!(
+                "{policy} per-worker max/min, {} sequential",
+                args.sequential
+            ),
+            "ratio",
+            spread,
+        ));
     }
     for policy in ["rr", "none"] {
-        let Some(server) = node_server(&args, policy) else { continue };
+        let Some(server) = node_server(&args, policy) else {
+            continue;
+        };
         let keep = wrk(&server, &args, false);
         let close = wrk(&server, &args, true);
         let spread = spread(&server, args.sequential);
         drop(server);
-        rows.push(Row::ratio(&format!("node {policy} keep-alive"), "req/s", keep, ideal_keep));
-        rows.push(Row::ratio(&format!("node {policy} Connection: close"), "req/s", close, ideal_close));
-        rows.push(Row::plain(&format!("node {policy} per-worker max/min, {} sequential", args.sequential), "ratio", spread));
+        rows.push(Row::ratio(
+            &format!("node {policy} keep-alive"),
+            "req/s",
+            keep,
+            ideal_keep,
+        ));
+        rows.push(Row::ratio(
+            &format!("node {policy} Connection: close"),
+            "req/s",
+            close,
+            ideal_close,
+        ));
+        rows.push(Row::plain(
+            &format!(
+                "node {policy} per-worker max/min, {} sequential",
+                args.sequential
+            ),
+            "ratio",
+            spread,
+        ));
     }
     print_table(&rows, "value", "ideal");
-    println!("{}", serde_json::json!({ "bench": "http", "seconds": args.seconds, "connections": args.connections, "workers": args.workers, "rows": to_json(&rows) }));
+    println!(
+        "{}",
+        serde_json::json!({ "bench": "http", "seconds": args.seconds, "connections": args.connections, "workers": args.workers, "rows": to_json(&rows) })
+    );
     Ok(())
 }
 

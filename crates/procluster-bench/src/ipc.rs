@@ -201,13 +201,31 @@ pub async fn run(args: IpcArgs) -> Result<(), Box<dyn std::error::Error>> {
     let node_p50 = field(&["pingpong", "p50_us"]);
     let node_p99 = field(&["pingpong", "p99_us"]);
     let rows = vec![
-        Row::compared("throughput worker→primary, JSON", "msg/s", json_rate, node_rate, true),
-        Row::compared("throughput worker→primary, binary", "msg/s", binary_rate, node_rate, true),
+        Row::compared(
+            "throughput worker→primary, JSON",
+            "msg/s",
+            json_rate,
+            node_rate,
+            true,
+        ),
+        Row::compared(
+            "throughput worker→primary, binary",
+            "msg/s",
+            binary_rate,
+            node_rate,
+            true,
+        ),
         Row::compared("round trip p50, JSON", "µs", json_p50, node_p50, false),
         Row::compared("round trip p99, JSON", "µs", json_p99, node_p99, false),
         Row::compared("round trip p50, binary", "µs", bin_p50, node_p50, false),
         Row::compared("round trip p99, binary", "µs", bin_p99, node_p99, false),
-        Row::compared("fork→online median", "ms", fork_ms, field(&["fork_online", "median_ms"]), false),
+        Row::compared(
+            "fork→online median",
+            "ms",
+            fork_ms,
+            field(&["fork_online", "median_ms"]),
+            false,
+        ),
     ];
     print_table(&rows, "procluster", "node");
     let json = serde_json::json!({ "bench": "ipc", "messages": args.messages, "rows": to_json(&rows), "node_raw": node });

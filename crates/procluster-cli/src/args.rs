@@ -255,7 +255,9 @@ pub fn parse_workers(text: &str) -> Result<WorkersArg, String> {
     match text.parse::<usize>() {
         Ok(0) => Err("must be at least 1 (or `auto`)".into()),
         Ok(n) => Ok(WorkersArg::Count(n)),
-        Err(_) => Err(format!("expected a number of workers or `auto`, not {text:?}")),
+        Err(_) => Err(format!(
+            "expected a number of workers or `auto`, not {text:?}"
+        )),
     }
 }
 
@@ -371,8 +373,16 @@ mod tests {
     #[test]
     fn bad_durations_say_why() {
         assert!(parse_duration("").is_err());
-        assert!(parse_duration("s").unwrap_err().contains("expected a number"));
-        assert!(parse_duration("5 parsecs").unwrap_err().contains("unknown unit"));
+        assert!(
+            parse_duration("s")
+                .unwrap_err()
+                .contains("expected a number")
+        );
+        assert!(
+            parse_duration("5 parsecs")
+                .unwrap_err()
+                .contains("unknown unit")
+        );
         assert!(parse_duration("-1").is_err());
     }
 
@@ -407,8 +417,20 @@ mod tests {
     #[test]
     fn the_command_line_parses() {
         let cli = Cli::try_parse_from([
-            "procluster", "run", "-w", "2", "-l", "web=127.0.0.1:0", "-l", "unix:/tmp/x.sock",
-            "--ready", "delay:1s", "--", "python3", "-m", "http.server",
+            "procluster",
+            "run",
+            "-w",
+            "2",
+            "-l",
+            "web=127.0.0.1:0",
+            "-l",
+            "unix:/tmp/x.sock",
+            "--ready",
+            "delay:1s",
+            "--",
+            "python3",
+            "-m",
+            "http.server",
         ])
         .unwrap();
         let Command::Run(run) = cli.command else {
@@ -418,6 +440,12 @@ mod tests {
         assert_eq!(run.listen.len(), 2);
         assert_eq!(run.command, ["python3", "-m", "http.server"]);
         let cli = Cli::try_parse_from(["procluster", "scale", "-1"]).unwrap();
-        assert!(matches!(cli.command, Command::Scale(ScaleArgs { to: Scale::Remove(1), .. })));
+        assert!(matches!(
+            cli.command,
+            Command::Scale(ScaleArgs {
+                to: Scale::Remove(1),
+                ..
+            })
+        ));
     }
 }

@@ -74,10 +74,16 @@ impl TryFrom<toml::Value> for ListenValue {
     fn try_from(value: toml::Value) -> Result<Self, String> {
         let one = |value: toml::Value| match value {
             toml::Value::String(text) => ListenSpec::parse(&text),
-            other => Err(format!("listen: expected a string such as \"127.0.0.1:8080\", not {other}")),
+            other => Err(format!(
+                "listen: expected a string such as \"127.0.0.1:8080\", not {other}"
+            )),
         };
         match value {
-            toml::Value::Array(items) => items.into_iter().map(one).collect::<Result<_, _>>().map(Self),
+            toml::Value::Array(items) => items
+                .into_iter()
+                .map(one)
+                .collect::<Result<_, _>>()
+                .map(Self),
             other => one(other).map(|spec| Self(vec![spec])),
         }
     }
@@ -93,7 +99,9 @@ impl TryFrom<toml::Value> for WorkersValue {
         match value {
             toml::Value::Integer(n) if n > 0 => Ok(Self(WorkersArg::Count(n as usize))),
             toml::Value::String(s) => crate::args::parse_workers(&s).map(Self),
-            other => Err(format!("workers: expected a positive number or \"auto\", not {other}")),
+            other => Err(format!(
+                "workers: expected a positive number or \"auto\", not {other}"
+            )),
         }
     }
 }
@@ -121,7 +129,9 @@ struct StringValue<T>(T);
 impl<'de, T: FromFlag> Deserialize<'de> for StringValue<T> {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let text = String::deserialize(deserializer)?;
-        T::from_flag(&text).map(Self).map_err(serde::de::Error::custom)
+        T::from_flag(&text)
+            .map(Self)
+            .map_err(serde::de::Error::custom)
     }
 }
 
@@ -151,7 +161,9 @@ pub enum ConfigError {
     },
     #[error("config file {path}: {message}")]
     Parse { path: PathBuf, message: String },
-    #[error("no program to run: give one after `--` (procluster run -- PROGRAM [ARGS...]) or as `command` in the config file")]
+    #[error(
+        "no program to run: give one after `--` (procluster run -- PROGRAM [ARGS...]) or as `command` in the config file"
+    )]
     NoProgram,
 }
 
@@ -318,7 +330,8 @@ mod tests {
 
     #[test]
     fn flags_win_over_the_file() {
-        let file = ConfigFile::parse("workers = 3\nlisten = \"127.0.0.1:1\"\ncommand = [\"a\"]").unwrap();
+        let file =
+            ConfigFile::parse("workers = 3\nlisten = \"127.0.0.1:1\"\ncommand = [\"a\"]").unwrap();
         let config = RunConfig::merge(
             run_args(&["-w", "5", "-l", "127.0.0.1:2", "--", "b", "c"]),
             file,

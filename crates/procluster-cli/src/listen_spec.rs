@@ -29,7 +29,11 @@ impl ListenSpec {
     pub fn parse(text: &str) -> Result<Self, String> {
         let (name, rest) = split_name(text);
         if let Some(name) = name {
-            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            {
                 return Err(format!(
                     "invalid listener name {name:?} in {text:?}: use letters, digits, '-', '_' or '.'"
                 ));
@@ -86,16 +90,23 @@ fn split_name(text: &str) -> (Option<&str>, &str) {
 }
 
 fn check_host_port(addr: &str, whole: &str) -> Result<String, String> {
-    let bad = |why: &str| format!("invalid listen address {whole:?}: {why} (e.g. 127.0.0.1:8080, [::]:80, localhost:0)");
+    let bad = |why: &str| {
+        format!(
+            "invalid listen address {whole:?}: {why} (e.g. 127.0.0.1:8080, [::]:80, localhost:0)"
+        )
+    };
     let colon = addr.rfind(':').ok_or_else(|| bad("missing :PORT"))?;
     let (host, port) = (&addr[..colon], &addr[colon + 1..]);
     if host.is_empty() {
-        return Err(bad("missing HOST (use 0.0.0.0 or [::] for every interface)"));
+        return Err(bad(
+            "missing HOST (use 0.0.0.0 or [::] for every interface)",
+        ));
     }
     if host.contains(':') && !(host.starts_with('[') && host.ends_with(']')) {
         return Err(bad("an IPv6 address goes in brackets"));
     }
-    port.parse::<u16>().map_err(|_| bad("the port is not a number from 0 to 65535"))?;
+    port.parse::<u16>()
+        .map_err(|_| bad("the port is not a number from 0 to 65535"))?;
     Ok(addr.to_string())
 }
 
@@ -118,7 +129,10 @@ pub struct BindOptions {
 /// Binds `spec`. A port 0 becomes the kernel's choice; later binds for other
 /// slots use [`bind_again`] with the address actually bound.
 pub fn bind(spec: &ListenSpec, index: usize, options: BindOptions) -> io::Result<Bound> {
-    let name = spec.name.clone().unwrap_or_else(|| format!("listen{index}"));
+    let name = spec
+        .name
+        .clone()
+        .unwrap_or_else(|| format!("listen{index}"));
     let socket = match &spec.endpoint {
         Endpoint::Tcp(addr) => tcp(resolve(addr)?, options.reuse_port)?,
         Endpoint::Udp(addr) => udp(resolve(addr)?, options.reuse_port)?,
@@ -139,7 +153,11 @@ pub fn bind_again(first: &Bound) -> io::Result<OwnedFd> {
         .as_socket()
         .ok_or_else(|| io::Error::other("reuseport is for TCP and UDP listeners"))?;
     let stream = socket.r#type()? == Type::STREAM;
-    let again = if stream { tcp(addr, true)? } else { udp(addr, true)? };
+    let again = if stream {
+        tcp(addr, true)?
+    } else {
+        udp(addr, true)?
+    };
     Ok(again.into())
 }
 
@@ -150,12 +168,21 @@ fn resolve(addr: &str) -> io::Result<SocketAddr> {
     addr.to_socket_addrs()
         .map_err(|e| io::Error::new(e.kind(), format!("cannot resolve {addr}: {e}")))?
         .next()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, format!("{addr} resolves to no address")))
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{addr} resolves to no address"),
+            )
+        })
 }
 
 fn tcp(addr: SocketAddr, reuse_port: bool) -> io::Result<Socket> {
     let name = format!("tcp://{addr}");
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM.cloexec(), Some(Protocol::TCP))?;
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.cloexec(),
+        Some(Protocol::TCP),
+    )?;
     socket.set_reuse_address(true)?;
     if reuse_port {
         socket.set_reuse_port(true)?;
@@ -163,18 +190,26 @@ fn tcp(addr: SocketAddr, reuse_port: bool) -> io::Result<Socket> {
     if addr.is_ipv6() {
         socket.set_only_v6(false)?;
     }
-    socket.bind(&addr.into()).map_err(|e| bind_error(e, &name))?;
+    socket
+        .bind(&addr.into())
+        .map_err(|e| bind_error(e, &name))?;
     socket.listen(1024).map_err(|e| bind_error(e, &name))?;
     Ok(socket)
 }
 
 fn udp(addr: SocketAddr, reuse_port: bool) -> io::Result<Socket> {
     let name = format!("udp://{addr}");
-    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM.cloexec(), Some(Protocol::UDP))?;
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::DGRAM.cloexec(),
+        Some(Protocol::UDP),
+    )?;
     if reuse_port {
         socket.set_reuse_port(true)?;
     }
-    socket.bind(&addr.into()).map_err(|e| bind_error(e, &name))?;
+    socket
+        .bind(&addr.into())
+        .map_err(|e| bind_error(e, &name))?;
     Ok(socket)
 }
 
@@ -190,7 +225,10 @@ fn unix(path: &std::path::Path) -> io::Result<Socket> {
             .map(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
             .unwrap_or(false);
         if !is_socket {
-            return Err(bind_error(io::Error::from(io::ErrorKind::AlreadyExists), &name));
+            return Err(bind_error(
+                io::Error::from(io::ErrorKind::AlreadyExists),
+                &name,
+            ));
         }
         std::fs::remove_file(path).map_err(|e| bind_error(e, &name))?;
     }
@@ -203,13 +241,18 @@ fn unix(path: &std::path::Path) -> io::Result<Socket> {
 
 fn bind_error(error: io::Error, address: &str) -> io::Error {
     let advice = match error.kind() {
-        io::ErrorKind::AddrInUse => " (another process listens there; pick another port or stop it)",
+        io::ErrorKind::AddrInUse => {
+            " (another process listens there; pick another port or stop it)"
+        }
         io::ErrorKind::PermissionDenied => " (ports below 1024 need root or CAP_NET_BIND_SERVICE)",
         io::ErrorKind::AddrNotAvailable => " (no local interface has that address)",
         io::ErrorKind::AlreadyExists => " (a file that is not a socket is in the way)",
         _ => "",
     };
-    io::Error::new(error.kind(), format!("cannot listen on {address}: {error}{advice}"))
+    io::Error::new(
+        error.kind(),
+        format!("cannot listen on {address}: {error}{advice}"),
+    )
 }
 
 /// `tcp://…`, `udp://…` or `unix:…`, as bound.
@@ -238,11 +281,26 @@ mod tests {
 
     #[test]
     fn every_form_parses() {
-        assert_eq!(parse("127.0.0.1:8080").endpoint, Endpoint::Tcp("127.0.0.1:8080".into()));
-        assert_eq!(parse("tcp://[::1]:0").endpoint, Endpoint::Tcp("[::1]:0".into()));
-        assert_eq!(parse("udp://0.0.0.0:53").endpoint, Endpoint::Udp("0.0.0.0:53".into()));
-        assert_eq!(parse("unix:/run/app.sock").endpoint, Endpoint::Unix("/run/app.sock".into()));
-        assert_eq!(parse("localhost:0").endpoint, Endpoint::Tcp("localhost:0".into()));
+        assert_eq!(
+            parse("127.0.0.1:8080").endpoint,
+            Endpoint::Tcp("127.0.0.1:8080".into())
+        );
+        assert_eq!(
+            parse("tcp://[::1]:0").endpoint,
+            Endpoint::Tcp("[::1]:0".into())
+        );
+        assert_eq!(
+            parse("udp://0.0.0.0:53").endpoint,
+            Endpoint::Udp("0.0.0.0:53".into())
+        );
+        assert_eq!(
+            parse("unix:/run/app.sock").endpoint,
+            Endpoint::Unix("/run/app.sock".into())
+        );
+        assert_eq!(
+            parse("localhost:0").endpoint,
+            Endpoint::Tcp("localhost:0".into())
+        );
     }
 
     #[test]
@@ -274,7 +332,12 @@ mod tests {
 
     #[test]
     fn port_zero_is_bound_once_and_described_as_bound() {
-        let bound = bind(&parse("tcp://127.0.0.1:0"), 0, BindOptions { reuse_port: false }).unwrap();
+        let bound = bind(
+            &parse("tcp://127.0.0.1:0"),
+            0,
+            BindOptions { reuse_port: false },
+        )
+        .unwrap();
         assert_eq!(bound.name, "listen0");
         assert!(bound.address.starts_with("tcp://127.0.0.1:"));
         assert!(!bound.address.ends_with(":0"));
@@ -286,6 +349,9 @@ mod tests {
         let addr = first.address.trim_start_matches("tcp://").to_string();
         let error = bind(&parse(&addr), 0, BindOptions { reuse_port: false }).unwrap_err();
         assert_eq!(error.kind(), io::ErrorKind::AddrInUse);
-        assert!(error.to_string().contains("another process listens there"), "{error}");
+        assert!(
+            error.to_string().contains("another process listens there"),
+            "{error}"
+        );
     }
 }

@@ -13,9 +13,9 @@ use procluster::primary::{
     ChildFd, Cluster, Event, ForkHook, ForkOptions, Program, Settings, Stdio, WorkerHandle,
 };
 use procluster::supervisor::{
-    BreakerConfig, CrashCause, HeartbeatConfig, Readiness as SupervisorReadiness, SupervisedCluster,
-    SupervisedEvent, SupervisionError, SupervisionOptions, SupervisorConfig, SupervisorEvent,
-    SupervisorHandle, WorkerPhase,
+    BreakerConfig, CrashCause, HeartbeatConfig, Readiness as SupervisorReadiness,
+    SupervisedCluster, SupervisedEvent, SupervisionError, SupervisionOptions, SupervisorConfig,
+    SupervisorEvent, SupervisorHandle, WorkerPhase,
 };
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -25,7 +25,7 @@ use crate::config::RunConfig;
 use crate::control::server::{Call, ControlSocket};
 use crate::control::{Request, Response};
 use crate::listen_spec::{self, BindOptions, Endpoint, ListenSpec};
-use crate::readiness::{self, ReadyMode, Readiness, Signals};
+use crate::readiness::{self, Readiness, ReadyMode, Signals};
 use crate::shim::{self, ShimArgs};
 use crate::systemd::{self, Notifier};
 
@@ -162,8 +162,9 @@ impl Primary {
             gid: identity.gid,
             command: config.command.iter().map(Into::into).collect(),
         };
-        let exe = std::env::current_exe()
-            .map_err(|e| RunError::Start(format!("cannot find procluster's own executable: {e}")))?;
+        let exe = std::env::current_exe().map_err(|e| {
+            RunError::Start(format!("cannot find procluster's own executable: {e}"))
+        })?;
         let settings = Settings {
             exec: Some(exe),
             args: Some(shim.to_args()),
@@ -332,7 +333,12 @@ impl Primary {
     ) {
         match event {
             Event::Fork(worker) => {
-                tracing::info!(worker = worker.id(), index = worker.index(), pid = worker.pid(), "worker started");
+                tracing::info!(
+                    worker = worker.id(),
+                    index = worker.index(),
+                    pid = worker.pid(),
+                    "worker started"
+                );
                 let pending = self
                     .pending
                     .lock()
@@ -371,16 +377,33 @@ impl Primary {
                 attempt,
                 delay,
             } => {
-                tracing::info!(slot, attempt, delay_ms = delay.as_millis() as u64, "restart scheduled");
+                tracing::info!(
+                    slot,
+                    attempt,
+                    delay_ms = delay.as_millis() as u64,
+                    "restart scheduled"
+                );
             }
             SupervisorEvent::ReadyTimeout { slot, worker } => {
-                tracing::warn!(slot, worker = worker.0, "worker was not ready in time; killing it");
+                tracing::warn!(
+                    slot,
+                    worker = worker.0,
+                    "worker was not ready in time; killing it"
+                );
             }
             SupervisorEvent::HangDetected { slot, worker, .. } => {
-                tracing::warn!(slot, worker = worker.0, "worker stopped sending WATCHDOG=1; killing it");
+                tracing::warn!(
+                    slot,
+                    worker = worker.0,
+                    "worker stopped sending WATCHDOG=1; killing it"
+                );
             }
             SupervisorEvent::BreakerTripped { crashes, window } => {
-                tracing::error!(crashes, window_s = window.as_secs_f64(), "crash loop: stopping the cluster");
+                tracing::error!(
+                    crashes,
+                    window_s = window.as_secs_f64(),
+                    "crash loop: stopping the cluster"
+                );
             }
             SupervisorEvent::ReloadStarted { generation } => {
                 tracing::info!(generation, "reload started");
@@ -398,7 +421,11 @@ impl Primary {
                 generation,
                 failure,
             } => {
-                tracing::error!(generation, ?failure, "reload failed; the old workers keep serving");
+                tracing::error!(
+                    generation,
+                    ?failure,
+                    "reload failed; the old workers keep serving"
+                );
                 self.notifier.notify("READY=1");
             }
             SupervisorEvent::Scaled { from, to } => tracing::info!(from, to, "scaled"),
@@ -565,7 +592,13 @@ fn open_listeners(specs: &[ListenSpec], policy: PolicyArg) -> Result<Vec<Listene
             continue;
         }
         let per_slot = reuse_port && spec.is_inet();
-        let bound = listen_spec::bind(spec, i, BindOptions { reuse_port: per_slot })?;
+        let bound = listen_spec::bind(
+            spec,
+            i,
+            BindOptions {
+                reuse_port: per_slot,
+            },
+        )?;
         listeners.push(Listener {
             name: bound.name,
             address: bound.address,
@@ -578,8 +611,12 @@ fn open_listeners(specs: &[ListenSpec], policy: PolicyArg) -> Result<Vec<Listene
 
 fn same_address(bound: &str, spec: &ListenSpec) -> bool {
     match &spec.endpoint {
-        Endpoint::Tcp(a) => a.parse::<std::net::SocketAddr>().is_ok_and(|a| bound == format!("tcp://{a}")),
-        Endpoint::Udp(a) => a.parse::<std::net::SocketAddr>().is_ok_and(|a| bound == format!("udp://{a}")),
+        Endpoint::Tcp(a) => a
+            .parse::<std::net::SocketAddr>()
+            .is_ok_and(|a| bound == format!("tcp://{a}")),
+        Endpoint::Udp(a) => a
+            .parse::<std::net::SocketAddr>()
+            .is_ok_and(|a| bound == format!("udp://{a}")),
         Endpoint::Unix(p) => bound == format!("unix:{}", p.display()),
     }
 }
@@ -593,10 +630,14 @@ fn resolve_program(program: &str) -> Result<PathBuf, RunError> {
     if program.contains('/') {
         let path = PathBuf::from(program);
         if !path.exists() {
-            return Err(RunError::ProgramNotFound(format!("program {program} does not exist")));
+            return Err(RunError::ProgramNotFound(format!(
+                "program {program} does not exist"
+            )));
         }
         if !executable(&path) {
-            return Err(RunError::ProgramNotFound(format!("program {program} is not executable")));
+            return Err(RunError::ProgramNotFound(format!(
+                "program {program} is not executable"
+            )));
         }
         return Ok(path);
     }
@@ -652,7 +693,10 @@ async fn answer(request: Request, handle: SupervisorHandle, info: Arc<StaticInfo
     }
 }
 
-fn status_json(status: &procluster::supervisor::ClusterStatus, info: &StaticInfo) -> serde_json::Value {
+fn status_json(
+    status: &procluster::supervisor::ClusterStatus,
+    info: &StaticInfo,
+) -> serde_json::Value {
     let workers: Vec<_> = status
         .workers
         .iter()

@@ -114,7 +114,10 @@ pub fn exec(args: ShimArgs) -> i32 {
         .env_remove(keys::NODE_CHANNEL_FD)
         .env_remove(keys::WATCHDOG_USEC);
     if let Err(error) = drop_privileges(args.uid, args.gid) {
-        eprintln!("procluster: cannot switch the worker to uid {:?} gid {:?}: {error}", args.uid, args.gid);
+        eprintln!(
+            "procluster: cannot switch the worker to uid {:?} gid {:?}: {error}",
+            args.uid, args.gid
+        );
         return 1;
     }
     let error = command.exec();

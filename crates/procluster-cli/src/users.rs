@@ -23,14 +23,15 @@ pub fn resolve(user: Option<&str>, group: Option<&str>) -> Result<Identity, Stri
     let (uid, user_gid) = match user {
         None => (None, None),
         Some(user) => {
-            let (uid, gid) = lookup_user(&passwd, user)
-                .ok_or_else(|| format!("--user {user}: no such user"))?;
+            let (uid, gid) =
+                lookup_user(&passwd, user).ok_or_else(|| format!("--user {user}: no such user"))?;
             (Some(uid), gid)
         }
     };
     let gid = match group {
         Some(group) => Some(
-            lookup_group(&groups, group).ok_or_else(|| format!("--group {group}: no such group"))?,
+            lookup_group(&groups, group)
+                .ok_or_else(|| format!("--group {group}: no such group"))?,
         ),
         None => user_gid,
     };
@@ -39,9 +40,10 @@ pub fn resolve(user: Option<&str>, group: Option<&str>) -> Result<Identity, Stri
 
 /// `(uid, primary gid)` for a name or a number (a number need not exist).
 pub fn lookup_user(passwd: &str, user: &str) -> Option<(u32, Option<u32>)> {
-    let entry = passwd.lines().map(|l| l.split(':').collect::<Vec<_>>()).find(|f| {
-        f.len() > 3 && (f[0] == user || f[2] == user)
-    });
+    let entry = passwd
+        .lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .find(|f| f.len() > 3 && (f[0] == user || f[2] == user));
     match entry {
         Some(f) => Some((f[2].parse().ok()?, f[3].parse().ok())),
         None => user.parse().ok().map(|uid| (uid, None)),
@@ -63,7 +65,8 @@ pub fn lookup_group(groups: &str, group: &str) -> Option<u32> {
 mod tests {
     use super::*;
 
-    const PASSWD: &str = "root:x:0:0:root:/root:/bin/bash\nnobody:x:65534:65534:nobody:/:/usr/sbin/nologin\n";
+    const PASSWD: &str =
+        "root:x:0:0:root:/root:/bin/bash\nnobody:x:65534:65534:nobody:/:/usr/sbin/nologin\n";
     const GROUP: &str = "root:x:0:\nnogroup:x:65534:\n";
 
     #[test]

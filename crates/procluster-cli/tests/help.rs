@@ -17,9 +17,22 @@ fn help(args: &[&str]) -> String {
 fn run_help_documents_every_option() {
     let text = help(&["run", "--help"]);
     for flag in [
-        "--workers", "--listen", "--policy", "--ready", "--ready-timeout", "--kill-timeout",
-        "--stop-signal", "--control", "--config", "--user", "--group", "--log-format",
-        "--watchdog", "--max-crashes", "--crash-window", "--name",
+        "--workers",
+        "--listen",
+        "--policy",
+        "--ready",
+        "--ready-timeout",
+        "--kill-timeout",
+        "--stop-signal",
+        "--control",
+        "--config",
+        "--user",
+        "--group",
+        "--log-format",
+        "--watchdog",
+        "--max-crashes",
+        "--crash-window",
+        "--name",
     ] {
         assert!(text.contains(flag), "{flag} is not documented:\n{text}");
     }

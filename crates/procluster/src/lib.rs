@@ -137,9 +137,12 @@ pub fn role() -> Result<Role> {
 }
 
 fn take_worker_env() -> Result<Option<worker::WorkerEnv>> {
-    let Some(id_text) = std::env::var_os(env_keys::WORKER_ID) else {
+    // The channel marks a library worker. A program run by the `procluster`
+    // command sees PROCLUSTER_WORKER_ID too, but no channel: it is on its own.
+    if std::env::var_os(env_keys::CHANNEL_FD).is_none() {
         return Ok(None);
-    };
+    }
+    let id_text = std::env::var_os(env_keys::WORKER_ID).unwrap_or_default();
     if tokio::runtime::Handle::try_current().is_err() {
         return Err(Error::NoRuntime);
     }
@@ -188,3 +191,9 @@ pub(crate) fn policy_from_env() -> Result<Option<Policy>> {
         }),
     }
 }
+
+/// The README's examples, compiled as doc tests so they keep working as
+/// written.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+struct ReadmeExamples;

@@ -116,7 +116,8 @@ pub fn human_status(status: &serde_json::Value) -> String {
     let _ = writeln!(
         out,
         "primary pid {}  policy {}  ready {}  workers {}/{}",
-        status["pid"], status["policy"].as_str().unwrap_or("?"),
+        status["pid"],
+        status["policy"].as_str().unwrap_or("?"),
         status["ready"].as_str().unwrap_or("?"),
         status["workers"].as_array().map_or(0, Vec::len),
         status["desired"],
@@ -129,7 +130,11 @@ pub fn human_status(status: &serde_json::Value) -> String {
             listener["address"].as_str().unwrap_or("?")
         );
     }
-    let _ = writeln!(out, "{:>6} {:>5} {:>8} {:<9} {:>8}  started", "id", "index", "pid", "state", "restarts");
+    let _ = writeln!(
+        out,
+        "{:>6} {:>5} {:>8} {:<9} {:>8}  started",
+        "id", "index", "pid", "state", "restarts"
+    );
     for worker in status["workers"].as_array().into_iter().flatten() {
         let _ = writeln!(
             out,

@@ -77,10 +77,9 @@ pub fn runtime_dir() -> PathBuf {
         Some(dir) if !dir.is_empty() && std::path::Path::new(&dir).is_dir() => {
             PathBuf::from(dir).join("procluster")
         }
-        _ => std::env::temp_dir().join(format!(
-            "procluster-{}",
-            rustix::process::getuid().as_raw()
-        )),
+        _ => {
+            std::env::temp_dir().join(format!("procluster-{}", rustix::process::getuid().as_raw()))
+        }
     }
 }
 

@@ -33,7 +33,10 @@ impl ControlSocket {
     /// Creates the directory (0700, ours), refuses a socket a live primary
     /// answers on, replaces a stale one, and binds (0600).
     pub fn bind(path: &Path) -> io::Result<Self> {
-        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let dir = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
         private_dir(dir)?;
         if path.exists() {
             if std::os::unix::net::UnixStream::connect(path).is_ok() {
@@ -49,7 +52,10 @@ impl ControlSocket {
             std::fs::remove_file(path)?;
         }
         let listener = UnixListener::bind(path).map_err(|e| {
-            io::Error::new(e.kind(), format!("cannot bind control socket {}: {e}", path.display()))
+            io::Error::new(
+                e.kind(),
+                format!("cannot bind control socket {}: {e}", path.display()),
+            )
         })?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
         Ok(Self {
@@ -64,7 +70,9 @@ impl ControlSocket {
 
     /// Accepts clients until the runtime ends, passing their requests on.
     pub fn serve(&mut self, calls: mpsc::UnboundedSender<Call>) {
-        let Some(listener) = self.listener.take() else { return };
+        let Some(listener) = self.listener.take() else {
+            return;
+        };
         tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
@@ -115,11 +123,18 @@ async fn answer(stream: UnixStream, calls: mpsc::UnboundedSender<Call>) -> io::R
     let peer = rustix::net::sockopt::socket_peercred(&stream)?;
     let (read, mut write) = stream.into_split();
     let response = if peer.uid != me {
-        tracing::warn!(uid = peer.uid.as_raw(), pid = peer.pid.as_raw_nonzero().get(), "refused a control client of another user");
+        tracing::warn!(
+            uid = peer.uid.as_raw(),
+            pid = peer.pid.as_raw_nonzero().get(),
+            "refused a control client of another user"
+        );
         Response::error("permission denied: only the user running procluster may control it")
     } else {
         let mut line = String::new();
-        BufReader::new(read).take(MAX_REQUEST).read_line(&mut line).await?;
+        BufReader::new(read)
+            .take(MAX_REQUEST)
+            .read_line(&mut line)
+            .await?;
         match serde_json::from_str::<Request>(line.trim()) {
             Err(e) => Response::error(format!("bad request: {e}")),
             Ok(request) => {
@@ -127,7 +142,8 @@ async fn answer(stream: UnixStream, calls: mpsc::UnboundedSender<Call>) -> io::R
                 if calls.send((request, tx)).is_err() {
                     Response::error("procluster is shutting down")
                 } else {
-                    rx.await.unwrap_or_else(|_| Response::error("procluster is shutting down"))
+                    rx.await
+                        .unwrap_or_else(|_| Response::error("procluster is shutting down"))
                 }
             }
         }

@@ -104,13 +104,17 @@ impl Readiness {
             ReadyMode::Notify => {
                 let path = self.notify_dir.join(format!("{seq}.sock"));
                 let socket = notify::bind(&path)?;
-                extras.env.push(("NOTIFY_SOCKET".into(), path.display().to_string()));
+                extras
+                    .env
+                    .push(("NOTIFY_SOCKET".into(), path.display().to_string()));
                 extras.cleanup = Some(path);
                 tokio::spawn(notify::read(socket, tx));
             }
             ReadyMode::NodeIpc => {
                 let (ours, theirs) = node_ipc::pair()?;
-                extras.env.push(("NODE_CHANNEL_FD".into(), fd_number.to_string()));
+                extras
+                    .env
+                    .push(("NODE_CHANNEL_FD".into(), fd_number.to_string()));
                 extras
                     .env
                     .push(("NODE_CHANNEL_SERIALIZATION_MODE".into(), "json".into()));
@@ -136,6 +140,10 @@ mod tests {
             Ok(ReadyMode::Delay(Duration::from_millis(250)))
         );
         assert!(ReadyMode::parse("delay:").is_err());
-        assert!(ReadyMode::parse("sometimes").unwrap_err().contains("expected none"));
+        assert!(
+            ReadyMode::parse("sometimes")
+                .unwrap_err()
+                .contains("expected none")
+        );
     }
 }

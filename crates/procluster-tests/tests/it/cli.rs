@@ -22,7 +22,11 @@ fn procluster() -> PathBuf {
     static BUILD: Once = Once::new();
     let exe = std::env::current_exe().expect("test binary path");
     // target/debug/deps/it-HASH -> target/debug
-    let profile_dir = exe.parent().and_then(Path::parent).expect("target dir").to_path_buf();
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf();
     let binary = profile_dir.join("procluster");
     BUILD.call_once(|| {
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
@@ -50,6 +54,9 @@ here = os.path.dirname(os.path.abspath(__file__))
 wid = os.environ["PROCLUSTER_WORKER_ID"]
 ok = os.environ.get("LISTEN_PID") == str(os.getpid()) and os.environ.get("LISTEN_FDS") == "1"
 sock = socket.fromfd(3, socket.AF_INET, socket.SOCK_STREAM)
+# Every worker waits on the same socket: after a wake-up another may have
+# taken the connection, so accept must not block.
+sock.setblocking(False)
 class Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         body = ("%s %s %s\n" % (wid, os.getpid(), os.environ.get("PROCLUSTER_WORKER_INDEX"))).encode()
@@ -166,7 +173,13 @@ impl Run {
     /// past their setup).
     async fn printed(&self, text: &str, count: usize) {
         eventually(&format!("{count} lines say {text:?}"), || {
-            self.stdout.lock().unwrap().iter().filter(|l| l.contains(text)).count() >= count
+            self.stdout
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|l| l.contains(text))
+                .count()
+                >= count
         })
         .await;
     }
@@ -212,10 +225,9 @@ impl Run {
     async fn status_until(&self, what: &str, check: impl Fn(&Value) -> bool) -> Value {
         let start = Instant::now();
         loop {
-            if let Some(status) = self.try_status().await {
-                if check(&status) {
-                    return status;
-                }
+            match self.try_status().await {
+                Some(status) if check(&status) => return status,
+                _ => {}
             }
             assert!(
                 start.elapsed() < DEADLINE,
@@ -296,7 +308,9 @@ fn get(port: u16) -> std::io::Result<String> {
 }
 
 async fn get_async(port: u16) -> std::io::Result<String> {
-    tokio::task::spawn_blocking(move || get(port)).await.unwrap()
+    tokio::task::spawn_blocking(move || get(port))
+        .await
+        .unwrap()
 }
 
 /// Requests until every pid in `wanted` has answered.
@@ -324,11 +338,17 @@ fn node_available() -> bool {
 async fn python_workers_share_one_kernel_chosen_port_with_socket_activation() {
     let mut run = Run::python(&[], &[]).await;
     let status = run.try_status().await.unwrap();
-    assert_eq!(status["pid"].as_u64(), Some(u64::from(run.child.id().unwrap())));
+    assert_eq!(
+        status["pid"].as_u64(),
+        Some(u64::from(run.child.id().unwrap()))
+    );
     assert_eq!(status["policy"], "shared");
     assert_eq!(status["listeners"][0]["name"], "web");
     let address = status["listeners"][0]["address"].as_str().unwrap();
-    assert!(address.starts_with("tcp://127.0.0.1:") && !address.ends_with(":0"), "{address}");
+    assert!(
+        address.starts_with("tcp://127.0.0.1:") && !address.ends_with(":0"),
+        "{address}"
+    );
     let mut indexes: Vec<u64> = status["workers"]
         .as_array()
         .unwrap()
@@ -392,27 +412,56 @@ async fn reload_wait_under_load_replaces_every_worker_and_drops_nothing() {
     assert_eq!(code, 0, "{out}{err}\n{}", run.output());
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (ok, failed) = load.await.unwrap();
-    assert!(failed.is_empty(), "{} of {} requests failed: {failed:?}", failed.len(), ok + failed.len());
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed: {failed:?}",
+        failed.len(),
+        ok + failed.len()
+    );
     assert!(ok > 0);
     let after = run.until_ready(2).await;
     let old = pids(&before);
-    assert!(pids(&after).iter().all(|p| !old.contains(p)), "every worker is new");
-    assert!(after["workers"].as_array().unwrap().iter().all(|w| w["generation"] == 1));
+    assert!(
+        pids(&after).iter().all(|p| !old.contains(p)),
+        "every worker is new"
+    );
+    assert!(
+        after["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|w| w["generation"] == 1)
+    );
 }
 
 #[tokio::test]
 async fn notify_readiness_gates_workers_and_a_never_ready_worker_fails_the_reload() {
     let run = Run::start(
-        &["-w", "2", "-l", "127.0.0.1:0", "--ready", "notify", "--ready-timeout", "1s"],
+        &[
+            "-w",
+            "2",
+            "-l",
+            "127.0.0.1:0",
+            "--ready",
+            "notify",
+            "--ready-timeout",
+            "1s",
+        ],
         &["python3", "worker.py"],
         &["gate"],
     )
     .await;
     let starting = run
-        .status_until("both workers run", |s| s["workers"].as_array().unwrap().len() == 2)
+        .status_until("both workers run", |s| {
+            s["workers"].as_array().unwrap().len() == 2
+        })
         .await;
     assert!(
-        starting["workers"].as_array().unwrap().iter().all(|w| w["state"] == "starting"),
+        starting["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|w| w["state"] == "starting"),
         "not ready before READY=1: {starting}"
     );
     std::fs::write(run.dir.0.join("go"), "").unwrap();
@@ -433,16 +482,31 @@ async fn node_workers_gate_readiness_on_process_send_and_serve_the_port() {
         return;
     }
     let run = Run::start(
-        &["-w", "2", "-l", "127.0.0.1:0", "--ready", "node-ipc", "--ready-timeout", "2s"],
+        &[
+            "-w",
+            "2",
+            "-l",
+            "127.0.0.1:0",
+            "--ready",
+            "node-ipc",
+            "--ready-timeout",
+            "2s",
+        ],
         &["node", "worker.js"],
         &["gate"],
     )
     .await;
     let starting = run
-        .status_until("both workers run", |s| s["workers"].as_array().unwrap().len() == 2)
+        .status_until("both workers run", |s| {
+            s["workers"].as_array().unwrap().len() == 2
+        })
         .await;
     assert!(
-        starting["workers"].as_array().unwrap().iter().all(|w| w["state"] == "starting"),
+        starting["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|w| w["state"] == "starting"),
         "{starting}"
     );
     std::fs::write(run.dir.0.join("go"), "").unwrap();
@@ -455,7 +519,11 @@ async fn node_workers_gate_readiness_on_process_send_and_serve_the_port() {
     assert_eq!(pids(&after), pids(&ready));
     served_by_all(Run::port(&after), &pids(&after)).await;
     eventually("the other message is logged", || {
-        run.stderr.lock().unwrap().iter().any(|l| l.contains("hello"))
+        run.stderr
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("hello"))
     })
     .await;
 }
@@ -469,7 +537,11 @@ async fn sigterm_stops_gracefully_and_the_primary_exits_0() {
     assert_eq!(run.exit_code().await, 0, "{}", run.output());
     assert!(workers.iter().all(|&p| !alive(p)));
     let stdout = run.stdout.lock().unwrap().join("\n");
-    assert_eq!(stdout.matches(" done").count(), 2, "both drained and exited:\n{stdout}");
+    assert_eq!(
+        stdout.matches(" done").count(),
+        2,
+        "both drained and exited:\n{stdout}"
+    );
     assert!(!run.control.exists(), "the control socket is removed");
 }
 
@@ -492,7 +564,10 @@ async fn sigkill_of_the_primary_leaves_no_worker_alive() {
     let mut run = Run::python(&[], &[]).await;
     let workers = pids(&run.try_status().await.unwrap());
     kill_pid(run.child.id().unwrap(), Signal::KILL);
-    eventually("every worker is gone", || workers.iter().all(|&p| !alive(p))).await;
+    eventually("every worker is gone", || {
+        workers.iter().all(|&p| !alive(p))
+    })
+    .await;
     let _ = run.exit_code().await;
 }
 
@@ -543,7 +618,11 @@ async fn scale_adds_and_removes_workers() {
 async fn a_program_that_does_not_exist_exits_127_naming_it() {
     let mut run = Run::start(&["-w", "1"], &["no-such-program-here"], &[]).await;
     assert_eq!(run.exit_code().await, 127);
-    assert!(run.output().contains("no-such-program-here"), "{}", run.output());
+    assert!(
+        run.output().contains("no-such-program-here"),
+        "{}",
+        run.output()
+    );
 }
 
 #[tokio::test]
@@ -553,7 +632,10 @@ async fn a_port_in_use_is_a_clear_error() {
     let mut run = Run::start(&["-w", "1", "-l", &address], &["python3", "worker.py"], &[]).await;
     assert_eq!(run.exit_code().await, 1);
     let output = run.output();
-    assert!(output.contains(&address) && output.contains("in use"), "{output}");
+    assert!(
+        output.contains(&address) && output.contains("in use"),
+        "{output}"
+    );
 }
 
 #[tokio::test]
@@ -583,7 +665,10 @@ async fn a_crash_loop_exits_non_zero_with_the_reason() {
     .await;
     assert_eq!(run.exit_code().await, 1);
     let output = run.output();
-    assert!(output.contains("crash loop") && output.contains("code 3"), "{output}");
+    assert!(
+        output.contains("crash loop") && output.contains("code 3"),
+        "{output}"
+    );
 }
 
 #[tokio::test]

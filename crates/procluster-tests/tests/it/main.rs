@@ -25,6 +25,6 @@ mod output;
 pub fn test_primary() -> &'static str {
     env!("CARGO_BIN_EXE_test-primary")
 }
+mod cli;
 mod listeners;
 mod supervisor;
-mod cli;

@@ -237,6 +237,7 @@ impl ClusterBuilder {
             inner,
             events: rx,
             pending: VecDeque::new(),
+            released: 0,
         })
     }
 }
@@ -248,6 +249,9 @@ impl From<usize> for Workers {
 }
 
 pub(crate) type EventBatch = Vec<Event>;
+
+/// Bytes of read budget given back to readers at once.
+const RELEASE_BATCH: usize = 256 * 1024;
 
 /// State shared by the cluster and its per-worker tasks.
 pub(crate) struct Inner {
@@ -309,6 +313,9 @@ pub struct Cluster {
     inner: Arc<Inner>,
     events: mpsc::UnboundedReceiver<EventBatch>,
     pending: VecDeque<Event>,
+    /// Budget taken back from messages handed out, returned in bulk (each
+    /// return takes the semaphore's lock).
+    released: usize,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -403,12 +410,12 @@ impl Cluster {
     }
 
     /// Gives a message's bytes back to the read budget as it is handed out.
-    fn release(&self, mut event: Event) -> Event {
+    fn release(&mut self, mut event: Event) -> Event {
         if let Event::Message { message, .. } = &mut event {
-            let charge = std::mem::take(&mut message.charge);
-            if charge > 0 {
-                self.inner.budget.add_permits(charge);
-            }
+            self.released += std::mem::take(&mut message.charge);
+        }
+        if self.released >= RELEASE_BATCH || (self.released > 0 && self.pending.is_empty()) {
+            self.inner.budget.add_permits(std::mem::take(&mut self.released));
         }
         event
     }

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::output::OutputHook;
-use crate::{Signal, WorkerId};
 use crate::protocol::{DEFAULT_MAX_FRAME_LEN, Format, Policy};
+use crate::{Signal, WorkerId};
 
 /// Where a worker's standard output and error go.
 #[derive(Clone, Default)]
@@ -201,10 +201,10 @@ pub struct Settings {
 /// # let _ = settings;
 /// ```
 #[derive(Clone)]
-pub struct ForkHook(
-    #[allow(clippy::type_complexity)]
-    pub  Arc<dyn Fn(WorkerId, &mut ForkOptions) -> std::io::Result<()> + Send + Sync>,
-);
+pub struct ForkHook(pub Arc<ForkHookFn>);
+
+/// The function inside a [`ForkHook`].
+pub type ForkHookFn = dyn Fn(WorkerId, &mut ForkOptions) -> std::io::Result<()> + Send + Sync;
 
 impl ForkHook {
     /// Wraps `hook`.

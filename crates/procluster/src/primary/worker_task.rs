@@ -157,7 +157,7 @@ fn capture_output(
     let mut tasks = Vec::new();
     for (stream, pipe) in streams {
         let Some(pipe) = pipe else { continue };
-        let emit: Box<dyn FnMut(&[u8]) + Send> = match stdio {
+        let emit: LineSink = match stdio {
             Stdio::Callback(hook) => {
                 let hook = hook.clone();
                 Box::new(move |line| {
@@ -181,6 +181,9 @@ fn capture_output(
     }
     tasks
 }
+
+/// Where one stream's lines go.
+type LineSink = Box<dyn FnMut(&[u8]) + Send>;
 
 enum OutputPipe {
     Stdout(tokio::process::ChildStdout),
