@@ -473,6 +473,18 @@ impl Policy {
         }
     }
 
+    /// The default: `reuseport` on Linux, where the kernel balances
+    /// `SO_REUSEPORT` sockets evenly at no cost to the primary (see the
+    /// README's benchmark table); `shared` elsewhere, where `SO_REUSEPORT`
+    /// does not balance.
+    pub fn platform_default() -> Self {
+        if cfg!(any(target_os = "linux", target_os = "android")) {
+            Self::ReusePort
+        } else {
+            Self::Shared
+        }
+    }
+
     /// Parses [`Policy::name`] back (`rr` is accepted for round-robin).
     pub fn from_name(name: &str) -> Option<Self> {
         match name {

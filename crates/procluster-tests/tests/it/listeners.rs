@@ -682,6 +682,44 @@ async fn reuseport_drains_a_dead_workers_queue_to_the_other_workers() {
 }
 
 #[tokio::test]
+async fn a_retired_reuseport_slot_drains_its_queue_then_closes_its_socket() {
+    let mut cluster = builder("net").policy(Policy::ReusePort).build().unwrap();
+    cluster.keep_listeners(true);
+    let fork = |index| ForkOptions {
+        index: Some(index),
+        ..ForkOptions::default()
+    };
+    let staying = cluster.fork_with(fork(0)).await.unwrap();
+    let leaving = cluster.fork_with(fork(1)).await.unwrap();
+    online(&mut cluster, 2).await;
+    let never = with_serve(tcp("127.0.0.1:0", 1), Serve::Never);
+    let addr = ask_each(&mut cluster, &[&leaving], &never)
+        .await
+        .address(leaving.id());
+    let joined = ask_each(&mut cluster, &[&staying], &tcp("127.0.0.1:0", 16)).await;
+    assert_eq!(joined.address(staying.id()), addr);
+    assert_eq!(ss_listeners(addr.port()).len(), 2, "one socket per slot");
+
+    // Scaling down: slot 1 is retired while connections wait in its queue.
+    let clients = connect_all(addr, 16).await;
+    cluster.retire_slot(1);
+    leaving.kill(Signal::KILL).unwrap();
+    let answered = greetings(clients).await;
+    assert_eq!(
+        answered,
+        [staying.id(); 16],
+        "the retired slot's queue went to the other worker"
+    );
+    eventually("the retired slot's socket is closed", || {
+        ss_listeners(addr.port()).len() == 1
+    })
+    .await;
+    // New connections all reach the remaining socket.
+    let later = greetings(connect_all(addr, 8).await).await;
+    assert_eq!(later, [staying.id(); 8]);
+}
+
+#[tokio::test]
 async fn a_disconnecting_worker_leaves_its_connections_to_the_others() {
     for policy in [Policy::RoundRobin, Policy::Shared, Policy::ReusePort] {
         let (mut cluster, workers) = net_cluster(policy, 2).await;

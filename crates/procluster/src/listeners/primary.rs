@@ -87,6 +87,9 @@ pub(crate) struct Registry {
     by_request: HashMap<(String, u32), Arc<Group>>,
     by_key: HashMap<u32, Arc<Group>>,
     next_key: u32,
+    /// Worker slots removed from the cluster: their reuseport sockets close
+    /// once they have no worker.
+    retired: std::collections::BTreeSet<usize>,
 }
 
 fn registry(inner: &Inner) -> MutexGuard<'_, Registry> {
@@ -497,6 +500,14 @@ fn leave(inner: &Arc<Inner>, group: &Arc<Group>, worker: WorkerId) {
             entry.holder = None;
         }
     }
+    let retired = match slot {
+        Slot::Worker(_) => true,
+        Slot::Index(index) => registry(inner).retired.contains(&index),
+        Slot::All => false,
+    };
+    if retired {
+        retire_socket(inner, group, &mut state, slot);
+    }
     if state.holders.is_empty() && !inner.keeps_listeners() {
         drop(state);
         close_group(inner, group);
@@ -505,6 +516,47 @@ fn leave(inner: &Arc<Inner>, group: &Arc<Group>, worker: WorkerId) {
     dispatch(inner, group.key, &mut state);
     if group.policy == Policy::ReusePort {
         drain_vacant(inner, group, &mut state);
+    }
+}
+
+/// Takes a reuseport slot's socket out of its group: what waits in its
+/// queue is accepted and handed to the remaining workers, then the socket is
+/// closed so the kernel stops routing new connections to it.
+///
+/// A connection that reaches the socket between the last `accept` and the
+/// `close` is reset by the kernel, unless `net.ipv4.tcp_migrate_req` (Linux
+/// 5.14 and later) lets it migrate to another socket of the port; the window
+/// is one system call wide.
+fn retire_socket(inner: &Arc<Inner>, group: &Arc<Group>, state: &mut GroupState, slot: Slot) {
+    let Some(entry) = state.sockets.remove(&slot) else {
+        return;
+    };
+    loop {
+        match entry.socket.accept() {
+            Ok((stream, _)) => state.distributor.offer(OwnedFd::from(stream)),
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+    }
+    drop(entry);
+    dispatch(inner, group.key, state);
+}
+
+/// The cluster no longer has slot `index` (it scaled down): its reuseport
+/// sockets close as soon as no worker holds them, their queues drained to
+/// the other workers first.
+pub(crate) fn retire_slot(inner: &Arc<Inner>, index: usize) {
+    registry(inner).retired.insert(index);
+    let groups: Vec<Arc<Group>> = registry(inner).by_key.values().cloned().collect();
+    for group in groups {
+        let mut state = group.state();
+        let vacant = state
+            .sockets
+            .get(&Slot::Index(index))
+            .is_some_and(|s| s.holder.is_none());
+        if vacant {
+            retire_socket(inner, &group, &mut state, Slot::Index(index));
+        }
     }
 }
 

@@ -415,7 +415,9 @@ impl Cluster {
             self.released += std::mem::take(&mut message.charge);
         }
         if self.released >= RELEASE_BATCH || (self.released > 0 && self.pending.is_empty()) {
-            self.inner.budget.add_permits(std::mem::take(&mut self.released));
+            self.inner
+                .budget
+                .add_permits(std::mem::take(&mut self.released));
         }
         event
     }
@@ -460,6 +462,14 @@ impl Cluster {
     /// closes them.
     pub fn keep_listeners(&self, keep: bool) {
         self.inner.keep_listeners.store(keep, Ordering::Relaxed);
+    }
+
+    /// Tells the cluster that worker slot `index` is gone for good (it
+    /// scaled down): once no worker holds it, the slot's reuseport sockets
+    /// are drained to the other workers and closed. Forking a worker for the
+    /// slot again brings it back.
+    pub fn retire_slot(&self, index: usize) {
+        crate::listeners::primary::retire_slot(&self.inner, index);
     }
 
     /// Closes every shared listener now.

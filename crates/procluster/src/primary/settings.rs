@@ -234,7 +234,7 @@ impl Default for Settings {
             message_budget: 64 * 1024 * 1024,
             own_process_group: false,
             workers: Workers::Auto,
-            policy: Policy::Shared,
+            policy: Policy::platform_default(),
             heartbeat_interval: None,
             program: Program::Procluster,
             fds: Vec::new(),

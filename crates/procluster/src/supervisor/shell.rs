@@ -675,7 +675,12 @@ impl Driver {
                 }
                 self.restarts[slot] += 1;
             }
-            SupervisorEvent::Scaled { to, .. } => self.restarts.truncate(to),
+            SupervisorEvent::Scaled { from, to } => {
+                self.restarts.truncate(to);
+                for slot in to..from {
+                    self.cluster.retire_slot(slot);
+                }
+            }
             SupervisorEvent::BreakerTripped { crashes, window } => {
                 self.breaker = Some((crashes, window));
             }
