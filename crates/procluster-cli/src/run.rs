@@ -101,6 +101,10 @@ struct Pending {
 
 type PendingMap = Arc<Mutex<HashMap<WorkerId, Pending>>>;
 
+/// With reuseport: each slot's own sockets, by (slot, listener), kept across
+/// the slot's restarts so its queue waits for the next worker.
+type SlotSockets = Arc<Mutex<HashMap<(usize, usize), Arc<OwnedFd>>>>;
+
 struct Primary {
     supervised: SupervisedCluster,
     handle: SupervisorHandle,
@@ -110,6 +114,7 @@ struct Primary {
     pending: PendingMap,
     notifier: Notifier,
     initial_workers: usize,
+    slot_sockets: SlotSockets,
     /// Kept for the primary's life: the notify sockets' directory.
     notify_dir: Option<PathBuf>,
 }
@@ -149,6 +154,7 @@ impl Primary {
             notify_dir: notify_dir.clone().unwrap_or_default(),
         };
         let pending: PendingMap = Arc::default();
+        let slot_sockets: SlotSockets = Arc::default();
         let workers = config.workers.resolve();
 
         let shim = ShimArgs {
@@ -182,6 +188,7 @@ impl Primary {
             heartbeat_interval: config.watchdog.map(|w| w / 2),
             on_fork: Some(fork_hook(
                 listeners.clone(),
+                slot_sockets.clone(),
                 readiness,
                 pending.clone(),
                 config.watchdog,
@@ -250,6 +257,7 @@ impl Primary {
             pending,
             notifier: Notifier::from_env(),
             initial_workers: workers,
+            slot_sockets,
             notify_dir,
         })
     }
@@ -372,6 +380,12 @@ impl Primary {
 
     fn on_supervisor_event(&self, event: &SupervisorEvent) {
         match event {
+            SupervisorEvent::Scaled { from, to } if to < from => {
+                // A removed slot's sockets close with its last worker, so the
+                // kernel stops routing connections to a queue nobody reads.
+                let mut sockets = self.slot_sockets.lock().unwrap_or_else(|e| e.into_inner());
+                sockets.retain(|(slot, _), _| slot < to);
+            }
             SupervisorEvent::RestartScheduled {
                 slot,
                 attempt,
@@ -500,11 +514,11 @@ async fn watch(worker: WorkerHandle, mut signals: Signals) {
 /// slot's own sockets (kept across that slot's restarts).
 fn fork_hook(
     listeners: Vec<Listener>,
+    slot_sockets: SlotSockets,
     readiness: Readiness,
     pending: PendingMap,
     watchdog: Option<Duration>,
 ) -> ForkHook {
-    let slot_sockets: Mutex<HashMap<(usize, usize), Arc<OwnedFd>>> = Mutex::default();
     ForkHook::new(move |id, options: &mut ForkOptions| {
         let slot = options.index.unwrap_or(0);
         for (i, listener) in listeners.iter().enumerate() {
