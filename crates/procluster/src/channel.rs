@@ -60,6 +60,9 @@ pub enum ChannelError {
         /// The limit in force.
         max: usize,
     },
+    /// The peer is not reading: its buffer is over the high-water mark.
+    #[error("the channel's buffer is full (the other side is not reading)")]
+    Full,
     /// More descriptors than one frame can carry.
     #[error("{0} file descriptors in one message, at most {MAX_FDS_PER_FRAME} are allowed")]
     TooManyFds(usize),
@@ -185,6 +188,30 @@ impl ChannelSender {
             }
             space.await;
         }
+    }
+
+    /// Queues a frame if the buffer is under its high-water mark, without
+    /// ever waiting: [`ChannelError::Full`] otherwise.
+    pub(crate) fn try_send_with(
+        &self,
+        kind: FrameKind,
+        format: Format,
+        fds: Vec<OwnedFd>,
+        write_payload: impl FnOnce(&mut Vec<u8>) -> io::Result<()>,
+    ) -> Result<(), ChannelError> {
+        if fds.len() > MAX_FDS_PER_FRAME {
+            return Err(ChannelError::TooManyFds(fds.len()));
+        }
+        let mut state = self.shared.lock();
+        if state.closed || state.close_requested {
+            return Err(ChannelError::Closed);
+        }
+        if state.buf.len() >= HIGH_WATER {
+            return Err(ChannelError::Full);
+        }
+        self.append(&mut state, kind, format, fds, write_payload)?;
+        self.flush(state);
+        Ok(())
     }
 
     /// Queues a frame without waiting, ignoring the high-water mark. For

@@ -138,20 +138,6 @@ pub(crate) fn adopt_inherited_fd(fd: RawFd) -> Option<OwnedFd> {
     Some(owned)
 }
 
-/// Duplicates a descriptor known only by number (for example one inherited
-/// through `LISTEN_FDS`), leaving the original alone. `None` if it is not
-/// open.
-pub(crate) fn duplicate_raw_fd(fd: RawFd) -> Option<OwnedFd> {
-    if fd < 0 {
-        return None;
-    }
-    // SAFETY: the borrow lasts for this statement only; `fcntl(F_GETFD)`
-    // fails harmlessly with EBADF when the number is not open.
-    let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-    rustix::io::fcntl_getfd(borrowed).ok()?;
-    borrowed.try_clone_to_owned().ok()
-}
-
 /// Takes a usable copy of a descriptor this process inherited by number (a
 /// socket passed by systemd through `LISTEN_FDS`): returns a close-on-exec
 /// duplicate and marks the original close-on-exec too, so it does not leak
@@ -181,11 +167,17 @@ pub(crate) fn remove_env(key: &str) {
     unsafe { std::env::remove_var(key) }
 }
 
+fn to_pid(pid: u32) -> std::io::Result<Pid> {
+    let invalid = || std::io::Error::from(std::io::ErrorKind::InvalidInput);
+    Pid::from_raw(i32::try_from(pid).map_err(|_| invalid())?).ok_or_else(invalid)
+}
+
 /// Sends `signal` to process `pid` (`kill(2)`).
 pub(crate) fn kill(pid: u32, signal: Signal) -> std::io::Result<()> {
-    let raw =
-        i32::try_from(pid).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
-    let pid =
-        Pid::from_raw(raw).ok_or_else(|| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
-    rustix::process::kill_process(pid, signal).map_err(Into::into)
+    rustix::process::kill_process(to_pid(pid)?, signal).map_err(Into::into)
+}
+
+/// Sends `signal` to every process of the group `pgid` (`killpg(3)`).
+pub(crate) fn kill_group(pgid: u32, signal: Signal) -> std::io::Result<()> {
+    rustix::process::kill_process_group(to_pid(pgid)?, signal).map_err(Into::into)
 }

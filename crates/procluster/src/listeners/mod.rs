@@ -325,21 +325,24 @@ impl TcpListener {
     }
 
     fn take_handed(&self) -> io::Result<Option<(TcpStream, SocketAddr)>> {
-        let next = {
+        let fd = {
             let mut state = self.handed.state();
             if state.closed {
                 return Err(disconnecting());
             }
-            state.queue.pop_front()
+            let Some(Queued { seq, fd, .. }) = state.queue.pop_front() else {
+                return Ok(None);
+            };
+            // Acknowledged under the lock, so the ack is on the channel before
+            // a concurrent disconnect's notice: the primary never hands this
+            // connection to a second worker.
+            self.send(Control::ConnectionAck {
+                key: self.key,
+                seq,
+                accepted: true,
+            });
+            fd
         };
-        let Some(Queued { seq, fd, .. }) = next else {
-            return Ok(None);
-        };
-        self.send(Control::ConnectionAck {
-            key: self.key,
-            seq,
-            accepted: true,
-        });
         let std_stream = std::net::TcpStream::from(fd);
         std_stream.set_nonblocking(true)?;
         let stream = TcpStream::from_std(std_stream)?;

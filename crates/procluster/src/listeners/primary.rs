@@ -17,6 +17,10 @@ use crate::WorkerId;
 use crate::primary::{Event, Inner, WorkerHandle, WorkerState};
 use crate::protocol::{Control, FrameKind, ListenReply, ListenSpec, Policy};
 
+/// Longest address a worker may report as listening (a Unix path is at most
+/// 108 bytes; this leaves room for any address).
+const MAX_ADDRESS_LEN: usize = 1024;
+
 /// Connections the primary accepts ahead of the workers, per listener; past
 /// this it stops accepting and the kernel's backlog holds the rest.
 const MAX_QUEUED: usize = 1024;
@@ -104,9 +108,19 @@ pub(crate) fn listen(
     spec: ListenSpec,
     ordinal: u32,
 ) {
-    let reply = match group_for(inner, &spec, ordinal) {
-        Ok(group) => join(inner, &group, worker),
-        Err(error) => Err(error),
+    let mut joined = None;
+    let reply = if worker.state() >= WorkerState::Disconnected {
+        // It disconnected meanwhile: it may not hold a listener any more.
+        Err(io::Error::new(
+            io::ErrorKind::NotConnected,
+            "the worker is disconnected from the cluster",
+        ))
+    } else {
+        group_for(inner, &spec, ordinal).and_then(|group| {
+            let answer = join(inner, &group, worker);
+            joined = Some(group);
+            answer
+        })
     };
     let (reply, fds) = match reply {
         Ok(answer) => answer,
@@ -128,20 +142,27 @@ pub(crate) fn listen(
         ListenReply::Failed { .. } => None,
     };
     let control = Control::ListenResult { seq, reply };
-    if worker
+    let sent = worker
         .shared
         .sender
-        .send_now(FrameKind::Control, &control.encode(), fds)
-        .is_ok()
-    {
-        if let Some(address) = listening {
-            report_listening(inner, worker, address);
-        }
+        .send_now(FrameKind::Control, &control.encode(), fds);
+    match (sent, listening, joined) {
+        (Ok(()), Some(address), _) => report_listening(inner, worker, address),
+        // The answer cannot reach the worker: it does not hold the listener.
+        (Err(_), _, Some(group)) => leave(inner, &group, worker.id()),
+        _ => {}
     }
 }
 
 /// Emits `Listening` for a worker (also for exclusive listeners it reports).
 pub(crate) fn report_listening(inner: &Inner, worker: &WorkerHandle, address: String) {
+    if address.len() > MAX_ADDRESS_LEN {
+        tracing::warn!(
+            worker = worker.id(),
+            "ignored a listening report with an overlong address"
+        );
+        return;
+    }
     crate::primary::advance(worker, WorkerState::Listening);
     inner.emit(Event::Listening {
         worker: worker.clone(),
@@ -215,7 +236,7 @@ fn create_group(inner: &Inner, key: u32, spec: &ListenSpec) -> io::Result<Group>
             unix_path = Some(path);
             socket
         }
-        ListenSpec::InheritedFd { fd } => inherited(*fd)?,
+        ListenSpec::InheritedFd { fd } => inherited(inner, *fd)?,
     };
     let address = bind::describe(&socket);
     let mode = if policy == Policy::RoundRobin {
@@ -254,16 +275,22 @@ fn create_group(inner: &Inner, key: u32, spec: &ListenSpec) -> io::Result<Group>
     })
 }
 
-/// A descriptor the primary inherited (for example from systemd), shared
-/// as is.
-fn inherited(fd: i32) -> io::Result<Socket> {
-    let owned = crate::sys::duplicate_raw_fd(fd).ok_or_else(|| {
+/// A socket the primary inherited from systemd (`LISTEN_FDS`), shared as
+/// is. Only those: a worker may not ask for any other descriptor of the
+/// primary (another worker's channel, say).
+fn inherited(inner: &Inner, fd: i32) -> io::Result<Socket> {
+    let not_found = || {
         io::Error::new(
             io::ErrorKind::NotFound,
-            format!("cannot listen on fd:{fd}: the primary has no such descriptor"),
+            format!("cannot listen on fd:{fd}: the primary did not inherit it through LISTEN_FDS"),
         )
-    })?;
-    Ok(Socket::from(owned))
+    };
+    if !inner.inherited_listen_fds.contains(&fd) {
+        return Err(not_found());
+    }
+    crate::sys::duplicate_inherited_fd(fd)
+        .map(Socket::from)
+        .ok_or_else(not_found)
 }
 
 type Answer = (ListenReply, Vec<OwnedFd>);
@@ -296,6 +323,7 @@ fn join(inner: &Arc<Inner>, group: &Arc<Group>, worker: &WorkerHandle) -> io::Re
             state.holders.insert(worker.id(), Slot::All);
             state.distributor.add_target(worker.id());
             ensure_acceptor(inner, group, &mut state, Slot::All);
+            dispatch(inner, key, &mut state);
             Ok((ListenReply::RoundRobin { key, address }, Vec::new()))
         }
         Policy::ReusePort => {
@@ -325,6 +353,8 @@ fn join(inner: &Arc<Inner>, group: &Arc<Group>, worker: &WorkerHandle) -> io::Re
             state.holders.insert(worker.id(), slot);
             state.distributor.add_target(worker.id());
             drain_vacant(inner, group, &mut state);
+            // Connections drained while nobody held the group go out now.
+            dispatch(inner, key, &mut state);
             Ok((ListenReply::Socket { key, address }, vec![fd]))
         }
     }

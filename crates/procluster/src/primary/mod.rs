@@ -231,6 +231,7 @@ impl ClusterBuilder {
             budget_total: budget,
             live: live_tx,
             listeners: Mutex::default(),
+            inherited_listen_fds: systemd_listen_fds(),
             keep_listeners: std::sync::atomic::AtomicBool::new(false),
         });
         Ok(Cluster {
@@ -266,6 +267,9 @@ pub(crate) struct Inner {
     live: watch::Sender<usize>,
     /// Listeners shared with workers.
     pub(crate) listeners: Mutex<crate::listeners::primary::Registry>,
+    /// The descriptors systemd passed to this process (`LISTEN_FDS`), which
+    /// workers may listen on by number.
+    pub(crate) inherited_listen_fds: std::ops::Range<i32>,
     /// Keep listeners open when no worker holds them (a supervisor that
     /// restarts workers wants the queued connections kept).
     keep_listeners: std::sync::atomic::AtomicBool,
@@ -481,6 +485,22 @@ impl Cluster {
     pub async fn wait_all_exited(&self) {
         let mut live = self.inner.live.subscribe();
         let _ = live.wait_for(|n| *n == 0).await;
+    }
+}
+
+/// The range of descriptors systemd passed to this process: `LISTEN_FDS`
+/// from fd 3, when `LISTEN_PID` (if set) names this process.
+fn systemd_listen_fds() -> std::ops::Range<i32> {
+    let for_us =
+        std::env::var("LISTEN_PID").map_or(true, |pid| pid.parse() == Ok(std::process::id()));
+    let count: i32 = std::env::var("LISTEN_FDS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    if for_us && count > 0 {
+        3..3 + count
+    } else {
+        3..3
     }
 }
 

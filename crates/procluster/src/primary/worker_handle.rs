@@ -82,6 +82,7 @@ pub(crate) struct Lifecycle {
     pub(crate) exit: Option<ExitStatus>,
     pub(crate) pid: Option<u32>,
     pub(crate) last_heartbeat: Option<std::time::Instant>,
+    pub(crate) reported_ready: bool,
     pub(crate) requests: u64,
 }
 
@@ -94,6 +95,9 @@ pub(crate) struct WorkerShared {
     /// Signals go through a pidfd where the OS has them, so a signal can never
     /// reach a recycled pid.
     pub(crate) pidfd: Option<OwnedFd>,
+    /// The worker leads a process group of its own: SIGKILL goes to the whole
+    /// group, so nothing it started outlives it.
+    pub(crate) own_group: bool,
     /// For a foreign program (no channel), the signal `disconnect` sends.
     pub(crate) stop_signal: Option<Signal>,
     /// The cluster's event stream, for readiness learnt outside the channel.
@@ -267,20 +271,31 @@ impl WorkerHandle {
     /// An I/O error from the OS; a worker that is already dead is not an
     /// error.
     pub fn kill(&self, signal: Signal) -> Result<(), Error> {
-        if self.is_dead() {
+        let Some(pid) = self.live_pid() else {
             return Ok(());
+        };
+        if signal == Signal::KILL && self.shared.own_group {
+            // The group id is the worker's pid, held while it is unreaped.
+            let _ = crate::sys::kill_group(pid, signal);
         }
         let result = match &self.shared.pidfd {
             Some(pidfd) => {
                 rustix::process::pidfd_send_signal(pidfd, signal).map_err(std::io::Error::from)
             }
-            None => crate::sys::kill(self.pid(), signal),
+            None => crate::sys::kill(pid, signal),
         };
         match result {
             Ok(()) => Ok(()),
             Err(e) if e.raw_os_error() == Some(rustix::io::Errno::SRCH.raw_os_error()) => Ok(()),
             Err(e) => Err(Error::io(format!("cannot signal worker {}", self.id()), e)),
         }
+    }
+
+    /// The pid while the process is not yet reaped (so it cannot have been
+    /// recycled).
+    fn live_pid(&self) -> Option<u32> {
+        let life = self.shared.lifecycle();
+        if life.exit.is_some() { None } else { life.pid }
     }
 
     /// Disconnects the worker gracefully: it closes its cluster listeners,

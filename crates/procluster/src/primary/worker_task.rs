@@ -94,9 +94,11 @@ pub(super) async fn fork(
                 exit: None,
                 pid,
                 last_heartbeat: None,
+                reported_ready: false,
                 requests: 0,
             }),
             pidfd,
+            own_group: settings.own_process_group,
             events: inner.events.clone(),
             stop_signal: match settings.program {
                 Program::Procluster => None,
@@ -213,41 +215,66 @@ async fn run(
     reader: Option<ChannelReader>,
     outputs: Vec<tokio::task::JoinHandle<()>>,
 ) {
+    // Frames read but not yet handed on: while they wait for room in the
+    // application's queue, the worker is still reaped and nothing else waits.
     let mut frames = Vec::new();
     // A foreign worker has no channel: it is "connected" until it exits.
     let foreign = reader.is_none();
-    let mut channel_open = !foreign;
     let mut reader = reader;
+    let mut reading = !foreign;
+    let mut ended: Option<Result<(), ChannelError>> = None;
     let mut status = None;
     let mut drain_deadline = None;
-    while channel_open || status.is_none() {
+    loop {
+        let channel_busy = reading || !frames.is_empty();
+        if !channel_busy && status.is_some() {
+            break;
+        }
+        let waiting = !frames.is_empty();
+        let user_bytes = user_bytes(&frames);
         tokio::select! {
-            read = read_frames(&mut reader, &mut frames), if channel_open => {
-                // Frames decoded before bad bytes are still good.
-                let delivered = deliver(&inner, &worker, &mut frames).await;
-                let outcome = match (read, delivered) {
-                    (Err(error), _) | (_, Err(error)) => Err(error),
-                    (Ok(more), Ok(())) => Ok(more),
-                };
-                match outcome {
-                    Ok(more) => channel_open = more,
-                    Err(error) => {
-                        misbehaved(&inner, &worker, &error);
-                        channel_open = false;
-                    }
+            read = read_frames(&mut reader, &mut frames), if reading && !waiting => {
+                if let Some(end) = read_end(read) {
+                    reading = false;
+                    ended = Some(end);
                 }
-                if !channel_open {
-                    mark_disconnected(&inner, &worker);
-                    worker.shared.sender.close();
+            }
+            reserved = reserve(&inner, user_bytes), if waiting => {
+                if let Err(error) = deliver(&inner, &worker, &mut frames, reserved) {
+                    reading = false;
+                    ended = Some(Err(error));
                 }
             }
             exit = child.wait(), if status.is_none() => {
-                status = Some(exit.map_or(ExitStatus::unknown(), ExitStatus::from_std));
+                let exit = exit.map_or(ExitStatus::unknown(), ExitStatus::from_std);
+                // Reaped: from now on no signal may go to this pid.
+                worker.shared.lifecycle().exit = Some(exit);
+                if worker.shared.own_group {
+                    // What it started in its group goes with it (as systemd's
+                    // KillMode=mixed); pid numbers are not reused this soon.
+                    if let Some(pid) = worker.shared.lifecycle().pid {
+                        let _ = crate::sys::kill_group(pid, Signal::KILL);
+                    }
+                }
+                status = Some(exit);
                 drain_deadline = Some(tokio::time::Instant::now() + DRAIN_AFTER_EXIT);
             }
-            () = sleep_until(drain_deadline), if channel_open && drain_deadline.is_some() => {
-                // Something else (a grandchild) holds the worker's end open.
-                channel_open = false;
+            () = sleep_until(drain_deadline), if channel_busy && drain_deadline.is_some() => {
+                // A grandchild holds the worker's end open, or nobody reads
+                // the events: the worker is gone, stop waiting for either.
+                if !frames.is_empty() {
+                    tracing::warn!(worker = worker.id(), dropped = frames.len(), "dropped messages of an exited worker nobody read");
+                    frames.clear();
+                }
+                reading = false;
+                ended.get_or_insert(Ok(()));
+            }
+        }
+        if !reading && frames.is_empty() {
+            if let Some(end) = ended.take() {
+                if let Err(error) = end {
+                    misbehaved(&inner, &worker, &error);
+                }
                 mark_disconnected(&inner, &worker);
                 worker.shared.sender.close();
             }
@@ -256,9 +283,9 @@ async fn run(
     if foreign {
         mark_disconnected(&inner, &worker);
     }
-    for output in outputs {
-        let _ = tokio::time::timeout(DRAIN_AFTER_EXIT, output).await;
-    }
+    // It may have listened after it disconnected: it holds nothing now.
+    crate::listeners::worker_gone(&inner, &worker);
+    drain_outputs(outputs).await;
     let status = status.unwrap_or(ExitStatus::unknown());
     let exited_after_disconnect = {
         let mut life = worker.shared.lifecycle();
@@ -275,6 +302,58 @@ async fn run(
             exited_after_disconnect,
         },
     );
+}
+
+/// What a read means for the channel: `None` to keep reading, or how it ended.
+fn read_end(read: Result<bool, ChannelError>) -> Option<Result<(), ChannelError>> {
+    match read {
+        Ok(true) => None,
+        Ok(false) => Some(Ok(())),
+        Err(error) => Some(Err(error)),
+    }
+}
+
+/// Waits for the worker's output to reach its end, up to one deadline for
+/// all streams; what a grandchild keeps open is abandoned.
+async fn drain_outputs(outputs: Vec<tokio::task::JoinHandle<()>>) {
+    let deadline = tokio::time::Instant::now() + DRAIN_AFTER_EXIT;
+    for mut output in outputs {
+        if tokio::time::timeout_at(deadline, &mut output)
+            .await
+            .is_err()
+        {
+            output.abort();
+        }
+    }
+}
+
+/// Bytes of user messages among `frames`, as the queue counts them.
+fn user_bytes(frames: &[Frame]) -> usize {
+    frames
+        .iter()
+        .filter(|f| f.kind != FrameKind::Control)
+        .map(|f| f.payload.len().max(1))
+        .sum()
+}
+
+/// Waits for room in the application's queue for `user_bytes`; returns the
+/// bytes reserved.
+///
+/// # Cancel safety
+/// Cancel safe: nothing is reserved unless the future completes.
+async fn reserve(inner: &Inner, user_bytes: usize) -> usize {
+    if user_bytes == 0 {
+        return 0;
+    }
+    let wanted = user_bytes.min(inner.budget_total) as u32;
+    match inner.budget.acquire_many(wanted).await {
+        Ok(permit) => {
+            permit.forget();
+            wanted as usize
+        }
+        // The semaphore is never closed; deliver without a reservation.
+        Err(_) => 0,
+    }
 }
 
 async fn read_frames(
@@ -294,32 +373,15 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     }
 }
 
-/// Hands decoded frames to the application or the control handler. Stops
-/// at the first frame that breaks the protocol; nothing after it counts.
-async fn deliver(
+/// Hands decoded frames to the application or the control handler, with
+/// `left` bytes reserved for them. Stops at the first frame that breaks the
+/// protocol; nothing after it counts.
+fn deliver(
     inner: &Arc<Inner>,
     worker: &WorkerHandle,
     frames: &mut Vec<Frame>,
+    mut left: usize,
 ) -> Result<(), ChannelError> {
-    if frames.is_empty() {
-        return Ok(());
-    }
-    let user_bytes: usize = frames
-        .iter()
-        .filter(|f| f.kind != FrameKind::Control)
-        .map(|f| f.payload.len().max(1))
-        .sum();
-    let mut left = 0;
-    if user_bytes > 0 {
-        let wanted = user_bytes.min(inner.budget_total) as u32;
-        match inner.budget.clone().acquire_many_owned(wanted).await {
-            Ok(permit) => {
-                permit.forget();
-                left = wanted as usize;
-            }
-            Err(_) => return Ok(()),
-        }
-    }
     let mut batch = Vec::new();
     let mut outcome = Ok(());
     for frame in frames.drain(..) {
@@ -350,7 +412,7 @@ async fn deliver(
             }
             FrameKind::Relayed => {
                 flush(inner, &mut batch);
-                relay(inner, worker, frame).await;
+                relay(inner, worker, frame);
             }
             FrameKind::Control => {
                 flush(inner, &mut batch);
@@ -361,6 +423,7 @@ async fn deliver(
             }
         }
     }
+    inner.budget.add_permits(left);
     flush(inner, &mut batch);
     outcome
 }
@@ -394,7 +457,13 @@ fn handle_control(inner: &Arc<Inner>, worker: &WorkerHandle, control: Control, f
             // The worker asks; tell it to go ahead, as if we had asked.
             worker.disconnect();
         }
-        Control::Ready => inner.emit(Event::Ready(worker.clone())),
+        Control::Ready => {
+            // Once per worker: a worker repeating itself cannot grow the queue.
+            let first = !std::mem::replace(&mut worker.shared.lifecycle().reported_ready, true);
+            if first {
+                inner.emit(Event::Ready(worker.clone()));
+            }
+        }
         Control::Heartbeat => {
             worker.shared.lifecycle().last_heartbeat = Some(std::time::Instant::now())
         }
@@ -436,7 +505,10 @@ fn misbehaved(inner: &Arc<Inner>, worker: &WorkerHandle, error: &ChannelError) {
     let _ = worker.kill(Signal::KILL);
 }
 
-async fn relay(inner: &Arc<Inner>, from: &WorkerHandle, frame: Frame) {
+/// Forwards a worker-to-worker message without ever waiting on the target:
+/// a target whose channel is full or gone loses the message (logged), and
+/// the sender's task carries on.
+fn relay(inner: &Arc<Inner>, from: &WorkerHandle, frame: Frame) {
     let target = u32::from_le_bytes(
         frame.payload[..4]
             .try_into()
@@ -451,16 +523,15 @@ async fn relay(inner: &Arc<Inner>, from: &WorkerHandle, frame: Frame) {
         return;
     };
     let source = from.id().to_le_bytes();
-    let result = to
-        .shared
-        .sender
-        .send_with(FrameKind::Relayed, frame.format, frame.fds, |buf| {
-            buf.extend_from_slice(&source);
-            buf.extend_from_slice(&frame.payload[4..]);
-            Ok(())
-        })
-        .await;
+    let result =
+        to.shared
+            .sender
+            .try_send_with(FrameKind::Relayed, frame.format, frame.fds, |buf| {
+                buf.extend_from_slice(&source);
+                buf.extend_from_slice(&frame.payload[4..]);
+                Ok(())
+            });
     if let Err(error) = result {
-        tracing::warn!(from = from.id(), to = target, %error, "could not relay a message");
+        tracing::warn!(from = from.id(), to = target, %error, "dropped a relayed message");
     }
 }
