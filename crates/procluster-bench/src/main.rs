@@ -4,7 +4,9 @@
 
 mod http;
 mod ipc;
+mod reliability;
 mod report;
+mod supervision;
 
 use clap::{Parser, Subcommand};
 use procluster::Role;
@@ -28,17 +30,47 @@ enum Bench {
         #[arg(long, default_value_t = 0)]
         port: u16,
     },
+    /// Reliability checks under load: chaos, reloads, graceful stop, primary
+    /// kill, crash cycles; exits non-zero if a check fails.
+    ///
+    /// Every scenario runs on loopback under a Rust Connection: close load:
+    /// chaos (a random worker SIGKILLed every 100 ms for 20 s,
+    /// reuseport and round-robin; every failed request must be a connection
+    /// a killed worker held), 10 rolling reloads with zero failures, graceful
+    /// stop with no response cut, SIGKILL of the primary leaves no worker,
+    /// 1000 crash/restart cycles with flat fds/RSS and no zombies. Prints a
+    /// table and one JSON line; exits non-zero if a check fails.
+    Reliability(reliability::ReliabilityArgs),
+    /// Supervision figures: SIGKILL → replacement listening (no backoff),
+    /// rolling reload of 4 workers, primary RSS with 16 workers beside Node's.
+    Supervision(supervision::SupervisionArgs),
+    /// A supervised HTTP cluster of bench workers, like the hello example but
+    /// with --backoff-ms, --no-breaker and --delay-ms (used by `reliability`
+    /// and `supervision`).
+    #[command(hide = true)]
+    SupervisedServer(supervision::ServerArgs),
 }
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     if let Role::Worker(worker) = procluster::role()? {
-        ipc::worker_main(worker).await;
+        if supervision::is_http_worker() {
+            supervision::http_worker_main(worker).await?;
+        } else {
+            ipc::worker_main(worker).await;
+        }
         return Ok(());
     }
     match Args::parse().bench {
         Bench::Ipc(args) => ipc::run(args).await,
         Bench::Http(args) => Ok(tokio::task::spawn_blocking(move || http::run(args)).await??),
         Bench::IdealServer { port } => http::ideal_server_main(port).await,
+        Bench::Reliability(args) => {
+            Ok(tokio::task::spawn_blocking(move || reliability::run(args)).await??)
+        }
+        Bench::Supervision(args) => supervision::run(args)
+            .await
+            .map_err(|e| e as Box<dyn std::error::Error>),
+        Bench::SupervisedServer(args) => supervision::server_main(args).await,
     }
 }

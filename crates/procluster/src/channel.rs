@@ -249,7 +249,7 @@ impl ChannelSender {
         if lone && spaced {
             state.last_direct = Some(std::time::Instant::now());
             let fds = state.fds.front().map_or(&[][..], |(_, fds)| &fds[..]);
-            if let Ok(written) = send_now(&self.shared.socket, &state.buf, fds) {
+            if let Ok(written) = try_sendmsg(&self.shared.socket, &state.buf, fds) {
                 if written > 0 {
                     state.fds.clear();
                 }
@@ -385,7 +385,7 @@ async fn send_segment(fd: &UnixStream, mut bytes: &[u8], mut fds: &[OwnedFd]) ->
     let total = bytes.len();
     while !bytes.is_empty() {
         fd.writable().await?;
-        match fd.try_io(Interest::WRITABLE, || send_now(fd, bytes, fds)) {
+        match fd.try_io(Interest::WRITABLE, || try_sendmsg(fd, bytes, fds)) {
             Ok(n) => {
                 fds = &[];
                 bytes = &bytes[n..];
@@ -402,7 +402,7 @@ async fn send_segment(fd: &UnixStream, mut bytes: &[u8], mut fds: &[OwnedFd]) ->
 }
 
 /// One non-blocking `sendmsg` of `bytes`, with `fds` on its first byte.
-fn send_now(socket: &UnixStream, bytes: &[u8], fds: &[OwnedFd]) -> io::Result<usize> {
+fn try_sendmsg(socket: &UnixStream, bytes: &[u8], fds: &[OwnedFd]) -> io::Result<usize> {
     let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(|f| f.as_fd()).collect();
     let iov = [IoSlice::new(bytes)];
     let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS_PER_FRAME))];
@@ -459,6 +459,12 @@ impl ChannelReader {
                     return Ok(true);
                 }
                 Err(ChannelError::Io(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+                // A peer that exits with our frames unread resets the
+                // socket: that is its end, not a protocol error.
+                Err(ChannelError::Io(e)) if e.kind() == io::ErrorKind::ConnectionReset => {
+                    self.decoder.finish()?;
+                    return Ok(false);
+                }
                 Err(e) => return Err(e),
             }
         }

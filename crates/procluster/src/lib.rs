@@ -77,11 +77,15 @@ pub mod env_keys {
     pub const MAX_FRAME: &str = "PROCLUSTER_MAX_FRAME";
     /// Heartbeat interval in milliseconds.
     pub const HEARTBEAT_MS: &str = "PROCLUSTER_HEARTBEAT_MS";
+    /// Delay between closing a disconnecting worker's listeners and firing
+    /// its shutdown signal, in milliseconds.
+    pub const SHUTDOWN_GRACE_MS: &str = "PROCLUSTER_SHUTDOWN_GRACE_MS";
     /// Overrides the port-sharing policy: `shared`, `round-robin` or
     /// `reuseport`. Read by the primary; not internal.
     pub const SCHED_POLICY: &str = "PROCLUSTER_SCHED_POLICY";
 
-    pub(crate) const INTERNAL: [&str; 6] = [
+    pub(crate) const INTERNAL: [&str; 7] = [
+        SHUTDOWN_GRACE_MS,
         WORKER_ID,
         WORKER_INDEX,
         CHANNEL_FD,
@@ -112,8 +116,10 @@ impl Role {
 /// In a worker, the first call reads and removes the internal environment
 /// (so the worker's own children are not mistaken for workers), takes the
 /// channel at fd 3 and reports the worker online. Later calls return the same
-/// role. Call it early in `main`, before the program starts threads that read
-/// the environment.
+/// role. Call it first thing in `main`: removing environment variables must
+/// not race with other threads reading the environment (`getenv` in C code,
+/// such as a DNS lookup or a time zone load), so no thread of the program
+/// should be doing that yet. A Tokio runtime's own threads do not.
 ///
 /// # Errors
 /// [`Error::NoRuntime`] in a worker called outside a Tokio runtime, and
@@ -129,12 +135,29 @@ pub fn role() -> Result<Role> {
     if let Some(role) = ROLE.get() {
         return Ok(role.clone());
     }
+    if BROKEN.get().is_some() {
+        // A worker whose start failed stays a broken worker: it must not
+        // take itself for a primary on a second call.
+        return Err(Error::BrokenWorkerEnvironment {
+            id: String::new(),
+            fd: String::new(),
+        });
+    }
     let role = match take_worker_env()? {
         None => Role::Primary,
-        Some(env) => Role::Worker(worker::Worker::start(env)?),
+        Some(env) => match worker::Worker::start(env) {
+            Ok(worker) => Role::Worker(worker),
+            Err(error) => {
+                let _ = BROKEN.set(());
+                return Err(error);
+            }
+        },
     };
     Ok(ROLE.get_or_init(|| role).clone())
 }
+
+/// Set when a worker's start failed after its environment was consumed.
+static BROKEN: OnceLock<()> = OnceLock::new();
 
 fn take_worker_env() -> Result<Option<worker::WorkerEnv>> {
     // The channel marks a library worker. A program run by the `procluster`
@@ -159,22 +182,30 @@ fn take_worker_env() -> Result<Option<worker::WorkerEnv>> {
     let heartbeat = var(env_keys::HEARTBEAT_MS)
         .and_then(|v| v.parse().ok())
         .map(std::time::Duration::from_millis);
-    for key in env_keys::INTERNAL {
-        sys::remove_env(key);
-    }
+    let shutdown_grace = var(env_keys::SHUTDOWN_GRACE_MS)
+        .and_then(|v| v.parse().ok())
+        .map_or(
+            primary::DEFAULT_SHUTDOWN_GRACE,
+            std::time::Duration::from_millis,
+        );
     let broken = || Error::BrokenWorkerEnvironment {
         id: id_text.clone(),
         fd: fd_text.clone(),
     };
+    // Validated before anything is consumed, so a failure repeats itself.
     let id: WorkerId = id_text.parse().map_err(|_| broken())?;
     let fd: i32 = fd_text.parse().map_err(|_| broken())?;
     let channel = sys::adopt_inherited_fd(fd).ok_or_else(broken)?;
+    for key in env_keys::INTERNAL {
+        sys::remove_env(key);
+    }
     Ok(Some(worker::WorkerEnv {
         id,
         index,
         format,
         max_frame,
         heartbeat,
+        shutdown_grace,
         channel,
     }))
 }

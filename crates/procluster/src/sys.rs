@@ -22,6 +22,11 @@ impl ChildFds {
         self.moves.push((fd, target));
     }
 
+    /// The highest fd number a descriptor is moved to in the child.
+    pub(crate) fn highest_target(&self) -> RawFd {
+        self.moves.iter().map(|(_, t)| *t).max().unwrap_or(2)
+    }
+
     /// The highest target fd, to pick scratch numbers above it.
     fn scratch_base(&self) -> RawFd {
         let highest_source = self
@@ -160,10 +165,12 @@ pub(crate) fn duplicate_inherited_fd(fd: RawFd) -> Option<OwnedFd> {
 
 /// Removes an internal variable from the process environment.
 pub(crate) fn remove_env(key: &str) {
-    // SAFETY: called once per variable while the worker identifies itself at
-    // start-up (`procluster::role()`), before the library starts any thread
-    // of its own. The documented contract of `role()` asks callers not to
-    // read the environment from other threads at the same time.
+    // SAFETY: `remove_var` is sound only while no other thread reads or
+    // writes the environment. It runs once per variable inside the first
+    // call of `procluster::role()`, whose documented contract is to be called
+    // first thing in `main`, before the program has threads that touch the
+    // environment; the Tokio runtime's worker threads, which exist by then,
+    // do not read it after start-up.
     unsafe { std::env::remove_var(key) }
 }
 

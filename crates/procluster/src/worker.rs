@@ -64,6 +64,7 @@ pub(crate) struct WorkerInner {
     next_seq: AtomicU32,
     requests: std::sync::atomic::AtomicU64,
     requests_report_due: AtomicBool,
+    shutdown_grace: Duration,
     pub(crate) pending_listens: Mutex<HashMap<u32, ListenWaiter>>,
     pub(crate) connections: crate::listeners::ConnectionRouter,
 }
@@ -81,6 +82,7 @@ pub(crate) struct WorkerEnv {
     pub(crate) format: Format,
     pub(crate) max_frame: usize,
     pub(crate) heartbeat: Option<Duration>,
+    pub(crate) shutdown_grace: Duration,
     pub(crate) channel: OwnedFd,
 }
 
@@ -112,6 +114,7 @@ impl Worker {
             next_seq: AtomicU32::new(1),
             requests: Default::default(),
             requests_report_due: AtomicBool::new(false),
+            shutdown_grace: env.shutdown_grace,
             pending_listens: Mutex::new(HashMap::new()),
             connections: crate::listeners::ConnectionRouter::default(),
         });
@@ -301,17 +304,29 @@ impl Worker {
 }
 
 impl WorkerInner {
-    fn disconnect(&self) {
+    /// Closes the cluster listeners at once, tells the primary, and fires the
+    /// shutdown signal after the grace period: connections accepted just
+    /// before have time to deliver their request, which a server's graceful
+    /// shutdown (hyper's) would otherwise close unanswered.
+    fn disconnect(self: &Arc<Self>) {
         if self.disconnected.swap(true, Ordering::SeqCst) {
             return;
         }
-        self.shutdown.send_replace(true);
         self.connections.close_all(&self.sender);
         let _ = self.sender.send_now(
             FrameKind::Control,
             &Control::Disconnected.encode(),
             Vec::new(),
         );
+        if self.shutdown_grace.is_zero() {
+            self.shutdown.send_replace(true);
+            return;
+        }
+        let inner = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(inner.shutdown_grace).await;
+            inner.shutdown.send_replace(true);
+        });
     }
 }
 

@@ -21,10 +21,17 @@ pub(crate) enum Mode {
     Push,
 }
 
+/// In push mode, connections one worker may hold unacknowledged: a worker
+/// that stopped reading its channel cannot collect connections (and the
+/// primary's descriptors) without bound.
+const PUSH_WINDOW: usize = 64;
+
 #[derive(Debug)]
 struct Target {
     worker: WorkerId,
     credit: usize,
+    /// Connections handed to it and not yet acknowledged.
+    unacked: usize,
 }
 
 /// Connections waiting for a worker, and connections handed out but not yet
@@ -68,7 +75,11 @@ impl<C> Distributor<C> {
 
     pub(crate) fn add_target(&mut self, worker: WorkerId) {
         if !self.targets.iter().any(|t| t.worker == worker) {
-            self.targets.push(Target { worker, credit: 0 });
+            self.targets.push(Target {
+                worker,
+                credit: 0,
+                unacked: 0,
+            });
         }
     }
 
@@ -114,6 +125,9 @@ impl<C> Distributor<C> {
             _ => return None,
         }
         let (_, conn) = self.in_flight.remove(&seq)?;
+        if let Some(target) = self.targets.iter_mut().find(|t| t.worker == worker) {
+            target.unacked = target.unacked.saturating_sub(1);
+        }
         if accepted {
             Some(conn)
         } else {
@@ -143,6 +157,7 @@ impl<C> Distributor<C> {
                 if self.mode == Mode::Credit {
                     self.targets[index].credit -= 1;
                 }
+                self.targets[index].unacked += 1;
                 self.in_flight.insert(seq, (worker, conn));
             } else {
                 self.queue.push_front(conn);
@@ -156,7 +171,12 @@ impl<C> Distributor<C> {
         let n = self.targets.len();
         for step in 0..n {
             let index = (self.cursor + step) % n;
-            if self.mode == Mode::Push || self.targets[index].credit > 0 {
+            let target = &self.targets[index];
+            let can_take = match self.mode {
+                Mode::Push => target.unacked < PUSH_WINDOW,
+                Mode::Credit => target.credit > 0,
+            };
+            if can_take {
                 self.cursor = (index + 1) % n;
                 return Some(index);
             }
@@ -263,6 +283,27 @@ mod tests {
         });
         assert_eq!(sent, [(2, 9)]);
         assert!(d.targets.iter().all(|t| t.worker == 2));
+    }
+
+    #[test]
+    fn a_worker_that_never_acknowledges_stops_getting_pushed_connections() {
+        let mut d = Distributor::new(Mode::Push);
+        d.add_target(1);
+        d.add_target(2);
+        for c in 0..(PUSH_WINDOW as u32 * 3) {
+            d.offer(c);
+        }
+        let sent = hand_out(&mut d);
+        let to_1 = sent.iter().filter(|s| s.0 == 1).count();
+        assert_eq!(to_1, PUSH_WINDOW);
+        assert_eq!(d.queued(), PUSH_WINDOW);
+        // Worker 2 takes its share; the rest go to it, not to the deaf one.
+        for (w, seq, _) in sent.iter().filter(|s| s.0 == 2) {
+            d.ack(*w, *seq, true);
+        }
+        let more = hand_out(&mut d);
+        assert!(more.iter().all(|s| s.0 == 2));
+        assert_eq!(d.queued(), 0);
     }
 
     #[test]

@@ -160,12 +160,7 @@ fn refuse_queued(key: u32, handed: &Handed, sender: &crate::channel::ChannelSend
         state.queue.drain(..).map(|queued| queued.seq).collect()
     };
     for seq in refused {
-        let ack = Control::ConnectionAck {
-            key,
-            seq,
-            accepted: false,
-        };
-        let _ = sender.send_now(FrameKind::Control, &ack.encode(), Vec::new());
+        refuse(sender, key, seq);
     }
     handed.arrived.notify_waiters();
 }

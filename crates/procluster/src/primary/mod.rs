@@ -32,7 +32,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::{Semaphore, mpsc, watch};
 
 pub use output::{LineSplitter, MAX_LINE, OutputHook, OutputLine, Stream};
-pub use settings::{ChildFd, ForkHook, ForkOptions, Program, Settings, Stdio, Workers};
+pub use settings::{
+    ChildFd, DEFAULT_SHUTDOWN_GRACE, ForkHook, ForkOptions, Program, Settings, Stdio, Workers,
+};
 pub(crate) use worker_handle::dup_all;
 pub use worker_handle::{ExitStatus, WorkerHandle, WorkerState};
 pub(crate) use worker_task::advance;
@@ -557,6 +559,12 @@ pub(crate) fn worker_env(
     ];
     if let Some(index) = options.index {
         env.push((env_keys::WORKER_INDEX, index.to_string()));
+    }
+    if settings.shutdown_grace != DEFAULT_SHUTDOWN_GRACE {
+        env.push((
+            env_keys::SHUTDOWN_GRACE_MS,
+            settings.shutdown_grace.as_millis().to_string(),
+        ));
     }
     if let Some(every) = settings.heartbeat_interval {
         env.push((env_keys::HEARTBEAT_MS, every.as_millis().to_string()));

@@ -11,6 +11,11 @@ use super::output::OutputHook;
 use crate::protocol::{DEFAULT_MAX_FRAME_LEN, Format, Policy};
 use crate::{Signal, WorkerId};
 
+/// The default [`Settings::shutdown_grace`]: enough for a client that just
+/// connected to send its request, so that a server's graceful shutdown
+/// answers it instead of closing it.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_millis(100);
+
 /// Where a worker's standard output and error go.
 #[derive(Clone, Default)]
 pub enum Stdio {
@@ -170,6 +175,10 @@ pub struct Settings {
     pub policy: Policy,
     /// How often workers send heartbeats (`None`: never).
     pub heartbeat_interval: Option<Duration>,
+    /// How long a disconnecting worker keeps serving connections it already
+    /// accepted before its shutdown signal fires (its listeners close at
+    /// once). Default [`DEFAULT_SHUTDOWN_GRACE`].
+    pub shutdown_grace: Duration,
     /// A procluster program (the default) or a foreign one.
     pub program: Program,
     /// Descriptors every worker finds at given numbers (for example shared
@@ -236,6 +245,7 @@ impl Default for Settings {
             workers: Workers::Auto,
             policy: Policy::platform_default(),
             heartbeat_interval: None,
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             program: Program::Procluster,
             fds: Vec::new(),
             on_fork: None,

@@ -4,6 +4,7 @@
 //! exits, not the process. Tokio's blocking threads come and go, so every
 //! worker is forked from a dedicated thread that lives as long as the primary.
 
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::OnceLock;
 use std::sync::mpsc;
 
@@ -30,12 +31,14 @@ fn spawner() -> &'static mpsc::Sender<Job> {
 }
 
 /// Spawns `command` on the spawner thread, registering the child with the
-/// current runtime so it is reaped there.
-pub(crate) async fn spawn(mut command: Command) -> std::io::Result<Child> {
+/// current runtime so it is reaped there. `highest_target` is the highest fd
+/// number the child's descriptors are moved to.
+pub(crate) async fn spawn(mut command: Command, highest_target: RawFd) -> std::io::Result<Child> {
     let runtime = Handle::current();
     let (tx, rx) = oneshot::channel();
     let job: Job = Box::new(move || {
         let _entered = runtime.enter();
+        let _placeholders = occupy_low_fds(highest_target);
         let _ = tx.send(command.spawn());
     });
     spawner()
@@ -43,4 +46,25 @@ pub(crate) async fn spawn(mut command: Command) -> std::io::Result<Child> {
         .map_err(|_| std::io::Error::other("the procluster spawner thread has stopped"))?;
     rx.await
         .map_err(|_| std::io::Error::other("the procluster spawner thread dropped a request"))?
+}
+
+/// Fills every free fd number from 3 to `highest` with a placeholder.
+///
+/// `Command::spawn` reports a failed `exec` through a close-on-exec pipe it
+/// opens at the lowest free numbers; if that pipe sat on a number the child
+/// moves a descriptor to, the move would close it and an `exec` failure
+/// (a missing program) would go unreported, written into the moved
+/// descriptor instead. With the low numbers taken, the pipe lands above.
+fn occupy_low_fds(highest: RawFd) -> Vec<OwnedFd> {
+    let mut placeholders = Vec::new();
+    let Ok(null) = std::fs::File::open("/dev/null") else {
+        return placeholders;
+    };
+    while let Ok(copy) = rustix::io::fcntl_dupfd_cloexec(&null, 3) {
+        if copy.as_raw_fd() > highest {
+            break;
+        }
+        placeholders.push(copy);
+    }
+    placeholders
 }

@@ -72,12 +72,15 @@ pub(super) async fn fork(
             .map_err(|e| Error::io("cannot duplicate a descriptor for a worker", e))?;
         fds.place(copy, placed.target);
     }
+    let highest_target = fds.highest_target();
     crate::sys::prepare_child(&mut command, fds, settings.own_process_group);
 
-    let mut child = spawn::spawn(command).await.map_err(|source| Error::Spawn {
-        program: program.clone(),
-        source,
-    })?;
+    let mut child = spawn::spawn(command, highest_target)
+        .await
+        .map_err(|source| Error::Spawn {
+            program: program.clone(),
+            source,
+        })?;
     let pid = child.id();
     let pidfd = pid.and_then(open_pidfd);
     let (sender, reader) = channel::open(ours, settings.max_frame)

@@ -664,6 +664,11 @@ impl Driver {
     /// Keeps the status and the reload waiters up to date.
     fn observe(&mut self, event: &SupervisorEvent) {
         match *event {
+            SupervisorEvent::StopStarted { .. } => {
+                // Refuse new connections now rather than queue them for
+                // workers that are leaving.
+                self.cluster.close_listeners();
+            }
             SupervisorEvent::WorkerReady { worker, .. } => {
                 if let Some(t) = cluster_id(worker).and_then(|id| self.workers.get_mut(&id)) {
                     t.phase = WorkerPhase::Ready;
