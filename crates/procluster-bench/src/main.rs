@@ -51,8 +51,20 @@ enum Bench {
     SupervisedServer(supervision::ServerArgs),
 }
 
-#[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// `PROCLUSTER_BENCH_RUNTIME=current-thread` runs the bench, and (through
+/// the inherited environment) its workers, on Tokio's single-threaded
+/// runtime instead of the default multi-threaded one.
+const RUNTIME_ENV: &str = "PROCLUSTER_BENCH_RUNTIME";
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let mut runtime = match std::env::var(RUNTIME_ENV).as_deref() {
+        Ok("current-thread") => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
+    runtime.enable_all().build()?.block_on(run())
+}
+
+async fn run() -> Result<(), Box<dyn std::error::Error>> {
     if let Role::Worker(worker) = procluster::role()? {
         if supervision::is_http_worker() {
             supervision::http_worker_main(worker).await?;

@@ -69,8 +69,22 @@ fn parse_options() -> Result<Options, String> {
     Ok(options)
 }
 
-#[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // The primary only passes things around: Tokio's single-threaded runtime
+    // suits it best. Workers serve requests on all their threads.
+    let runtime = if procluster::is_worker_process() {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+    };
+    runtime.block_on(run())
+}
+
+async fn run() -> Result<(), Box<dyn std::error::Error>> {
     let options = match parse_options() {
         Ok(options) => options,
         Err(message) => {

@@ -29,6 +29,16 @@ use crate::protocol::{
     Format, Frame, FrameDecoder, FrameKind, HEADER_LEN, Header, MAX_FDS_PER_FRAME, ProtocolError,
 };
 
+/// A descriptor queued for sending. `sendmsg` copies descriptors into the
+/// peer without consuming ours, so a descriptor the caller keeps (a
+/// connection the primary holds until a worker acknowledges it) is shared
+/// rather than duplicated.
+pub(crate) type SharedFd = Arc<OwnedFd>;
+
+fn shared(fds: Vec<OwnedFd>) -> Vec<SharedFd> {
+    fds.into_iter().map(Arc::new).collect()
+}
+
 /// Above this many buffered bytes, senders wait for the writer to catch up.
 /// A single frame larger than this is still accepted when the buffer is empty.
 const HIGH_WATER: usize = 4 * 1024 * 1024;
@@ -114,7 +124,7 @@ pub(crate) fn open(
 struct SendState {
     buf: Vec<u8>,
     /// Offsets in `buf` of frames that carry descriptors, with them.
-    fds: VecDeque<(usize, Vec<OwnedFd>)>,
+    fds: VecDeque<(usize, Vec<SharedFd>)>,
     /// Set once the channel can no longer send.
     closed: bool,
     /// Ask the writer to shut down the socket's sending side once drained.
@@ -181,7 +191,7 @@ impl ChannelSender {
                     return Err(ChannelError::Closed);
                 }
                 if state.buf.is_empty() || state.buf.len() < HIGH_WATER {
-                    self.append(&mut state, kind, format, fds, write_payload)?;
+                    self.append(&mut state, kind, format, shared(fds), write_payload)?;
                     self.flush(state);
                     return Ok(());
                 }
@@ -209,7 +219,7 @@ impl ChannelSender {
         if state.buf.len() >= HIGH_WATER {
             return Err(ChannelError::Full);
         }
-        self.append(&mut state, kind, format, fds, write_payload)?;
+        self.append(&mut state, kind, format, shared(fds), write_payload)?;
         self.flush(state);
         Ok(())
     }
@@ -221,6 +231,16 @@ impl ChannelSender {
         kind: FrameKind,
         payload: &[u8],
         fds: Vec<OwnedFd>,
+    ) -> Result<(), ChannelError> {
+        self.send_now_shared(kind, payload, shared(fds))
+    }
+
+    /// [`ChannelSender::send_now`] with descriptors the caller keeps too.
+    pub(crate) fn send_now_shared(
+        &self,
+        kind: FrameKind,
+        payload: &[u8],
+        fds: Vec<SharedFd>,
     ) -> Result<(), ChannelError> {
         if fds.len() > MAX_FDS_PER_FRAME {
             return Err(ChannelError::TooManyFds(fds.len()));
@@ -268,7 +288,7 @@ impl ChannelSender {
         state: &mut SendState,
         kind: FrameKind,
         format: Format,
-        fds: Vec<OwnedFd>,
+        fds: Vec<SharedFd>,
         write_payload: impl FnOnce(&mut Vec<u8>) -> io::Result<()>,
     ) -> Result<(), ChannelError> {
         let start = state.buf.len();
@@ -360,7 +380,7 @@ async fn write_loop(fd: Arc<UnixStream>, shared: Arc<SendShared>) {
 async fn write_all(
     fd: &UnixStream,
     buf: &[u8],
-    mut fds: VecDeque<(usize, Vec<OwnedFd>)>,
+    mut fds: VecDeque<(usize, Vec<SharedFd>)>,
 ) -> io::Result<()> {
     let mut pos = 0;
     while pos < buf.len() {
@@ -381,7 +401,11 @@ async fn write_all(
 
 /// Sends one segment; descriptors go with its first byte. Returns bytes sent
 /// (the whole segment).
-async fn send_segment(fd: &UnixStream, mut bytes: &[u8], mut fds: &[OwnedFd]) -> io::Result<usize> {
+async fn send_segment(
+    fd: &UnixStream,
+    mut bytes: &[u8],
+    mut fds: &[SharedFd],
+) -> io::Result<usize> {
     let total = bytes.len();
     while !bytes.is_empty() {
         fd.writable().await?;
@@ -402,7 +426,7 @@ async fn send_segment(fd: &UnixStream, mut bytes: &[u8], mut fds: &[OwnedFd]) ->
 }
 
 /// One non-blocking `sendmsg` of `bytes`, with `fds` on its first byte.
-fn try_sendmsg(socket: &UnixStream, bytes: &[u8], fds: &[OwnedFd]) -> io::Result<usize> {
+fn try_sendmsg(socket: &UnixStream, bytes: &[u8], fds: &[SharedFd]) -> io::Result<usize> {
     let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(|f| f.as_fd()).collect();
     let iov = [IoSlice::new(bytes)];
     let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS_PER_FRAME))];

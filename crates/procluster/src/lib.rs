@@ -126,7 +126,7 @@ impl Role {
 /// [`Error::BrokenWorkerEnvironment`] when the environment names a worker but
 /// its channel is not there.
 pub fn role() -> Result<Role> {
-    static ROLE: OnceLock<Role> = OnceLock::new();
+    static ROLE: &OnceLock<Role> = &ROLE_CACHE;
     static START: std::sync::Mutex<()> = std::sync::Mutex::new(());
     if let Some(role) = ROLE.get() {
         return Ok(role.clone());
@@ -155,6 +155,9 @@ pub fn role() -> Result<Role> {
     };
     Ok(ROLE.get_or_init(|| role).clone())
 }
+
+/// The role, once known.
+static ROLE_CACHE: OnceLock<Role> = OnceLock::new();
 
 /// Set when a worker's start failed after its environment was consumed.
 static BROKEN: OnceLock<()> = OnceLock::new();
@@ -208,6 +211,23 @@ fn take_worker_env() -> Result<Option<worker::WorkerEnv>> {
         shutdown_grace,
         channel,
     }))
+}
+
+/// Whether this process was started as a worker of a procluster primary,
+/// without starting anything: for choosing a runtime before building one
+/// (a primary does little work and runs best on Tokio's single-threaded
+/// runtime; workers usually want the multi-threaded one).
+///
+/// ```no_run
+/// let runtime = if procluster::is_worker_process() {
+///     tokio::runtime::Builder::new_multi_thread().enable_all().build()
+/// } else {
+///     tokio::runtime::Builder::new_current_thread().enable_all().build()
+/// };
+/// ```
+pub fn is_worker_process() -> bool {
+    std::env::var_os(env_keys::CHANNEL_FD).is_some()
+        || matches!(ROLE_CACHE.get(), Some(Role::Worker(_)))
 }
 
 /// Reads `PROCLUSTER_SCHED_POLICY`.

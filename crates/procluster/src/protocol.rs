@@ -582,6 +582,8 @@ pub enum Control {
         key: u32,
         /// Sequence number to acknowledge.
         seq: u64,
+        /// The client's address, as `accept` gave it to the primary.
+        peer: Option<std::net::SocketAddr>,
     },
     /// Worker → primary: whether the connection `seq` was taken.
     ConnectionAck {
@@ -592,6 +594,10 @@ pub enum Control {
         /// `false` if the worker refused it (listener closed, queue full); the
         /// primary then hands it to another worker.
         accepted: bool,
+        /// Credit granted with the answer (see [`Control::Credit`]): a
+        /// worker that keeps a connection in reserve renews it here, saving
+        /// a message per connection.
+        credit: u32,
     },
     /// Worker → primary: the application waits in `accept()` for `n` more
     /// connections on a round-robin listener.
@@ -765,6 +771,7 @@ mod tests {
                 },
             },
             Control::Connection {
+                peer: Some("127.0.0.1:9".parse().unwrap()),
                 key: 1,
                 seq: u64::MAX,
             },

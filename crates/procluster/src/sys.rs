@@ -188,3 +188,19 @@ pub(crate) fn kill(pid: u32, signal: Signal) -> std::io::Result<()> {
 pub(crate) fn kill_group(pgid: u32, signal: Signal) -> std::io::Result<()> {
     rustix::process::kill_process_group(to_pid(pgid)?, signal).map_err(Into::into)
 }
+
+/// Registers a descriptor this process owns with the Tokio reactor, for
+/// readiness-driven IO that Tokio's own socket types do not offer (accepting
+/// a connection without registering it).
+///
+/// # Errors
+/// When the reactor refuses the registration.
+pub(crate) fn async_fd(fd: OwnedFd) -> std::io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
+    // SAFETY: `fd` is an `OwnedFd` moved into the `AsyncFd`, which owns it
+    // for its whole life: it stays open and names the same description until
+    // the `AsyncFd` is dropped, and `OwnedFd::as_raw_fd` always returns it.
+    unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+            .map_err(|e| e.into_parts().1)
+    }
+}

@@ -373,8 +373,8 @@ async fn dispatch(
                     let _ = waiter.send((reply, frame.fds));
                 }
             }
-            Ok(Control::Connection { key, seq }) => {
-                crate::listeners::incoming_connection(inner, key, seq, frame.fds)
+            Ok(Control::Connection { key, seq, peer }) => {
+                crate::listeners::incoming_connection(inner, key, seq, peer, frame.fds)
             }
             Ok(other) => tracing::debug!(?other, "ignoring an unexpected control message"),
             Err(error) => primary_gone(&format!("the primary sent a bad control message: {error}")),

@@ -70,6 +70,7 @@ pub const DEFAULT_PREFETCH: u32 = 2;
 struct Queued {
     seq: u64,
     fd: OwnedFd,
+    peer: Option<SocketAddr>,
     /// Arrived while no `accept()` was waiting (on prefetch credit).
     ahead: bool,
 }
@@ -170,6 +171,7 @@ pub(crate) fn incoming_connection(
     inner: &Arc<WorkerInner>,
     key: u32,
     seq: u64,
+    peer: Option<SocketAddr>,
     mut fds: Vec<OwnedFd>,
 ) {
     let handed = inner.connections.table().get(&key).and_then(Weak::upgrade);
@@ -181,7 +183,12 @@ pub(crate) fn incoming_connection(
                 None
             } else {
                 let ahead = state.waiting <= state.queue.len();
-                state.queue.push_back(Queued { seq, fd, ahead });
+                state.queue.push_back(Queued {
+                    seq,
+                    fd,
+                    peer,
+                    ahead,
+                });
                 Some(ahead)
             }
         }
@@ -208,6 +215,7 @@ fn refuse(sender: &crate::channel::ChannelSender, key: u32, seq: u64) {
         key,
         seq,
         accepted: false,
+        credit: 0,
     };
     let _ = sender.send_now(FrameKind::Control, &ack.encode(), Vec::new());
 }
@@ -325,9 +333,13 @@ impl TcpListener {
             if state.closed {
                 return Err(disconnecting());
             }
-            let Some(Queued { seq, fd, .. }) = state.queue.pop_front() else {
+            let Some(Queued { seq, fd, peer, .. }) = state.queue.pop_front() else {
                 return Ok(None);
             };
+            // With a reserve, the connection taken is replaced at once: the
+            // credit rides on the ack instead of a message of its own.
+            let credit = u32::from(self.round_robin && state.prefetch > 0);
+            state.granted += credit as usize;
             // Acknowledged under the lock, so the ack is on the channel before
             // a concurrent disconnect's notice: the primary never hands this
             // connection to a second worker.
@@ -335,13 +347,18 @@ impl TcpListener {
                 key: self.key,
                 seq,
                 accepted: true,
+                credit,
             });
-            fd
+            (fd, peer)
         };
-        let std_stream = std::net::TcpStream::from(fd);
-        std_stream.set_nonblocking(true)?;
-        let stream = TcpStream::from_std(std_stream)?;
-        let peer = stream.peer_addr().unwrap_or(self.local_addr);
+        let (fd, peer) = fd;
+        // The primary accepted it non-blocking (the flag belongs to the
+        // connection, shared with the primary's copy).
+        let stream = TcpStream::from_std(std::net::TcpStream::from(fd))?;
+        let peer = match peer {
+            Some(peer) => peer,
+            None => stream.peer_addr().unwrap_or(self.local_addr),
+        };
         Ok(Some((stream, peer)))
     }
 
@@ -629,9 +646,12 @@ pub(crate) fn handle_control(
         } => primary::listen(inner, worker, seq, spec, ordinal),
         Control::Listening { address } => primary::report_listening(inner, worker, address),
         Control::CloseListener { key } => primary::close(inner, worker.id(), key),
-        Control::ConnectionAck { key, seq, accepted } => {
-            primary::ack(inner, worker.id(), key, seq, accepted)
-        }
+        Control::ConnectionAck {
+            key,
+            seq,
+            accepted,
+            credit,
+        } => primary::ack(inner, worker.id(), key, seq, accepted, credit),
         Control::Credit { key, n } => primary::credit(inner, worker.id(), key, n),
         other => tracing::debug!(
             worker = worker.id(),

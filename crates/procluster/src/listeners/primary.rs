@@ -14,6 +14,7 @@ use tokio::sync::Notify;
 use super::bind::{self, TcpBind};
 use super::distributor::{Distributor, Mode};
 use crate::WorkerId;
+use crate::channel::SharedFd;
 use crate::primary::{Event, Inner, WorkerHandle, WorkerState};
 use crate::protocol::{Control, FrameKind, ListenReply, ListenSpec, Policy};
 
@@ -27,6 +28,13 @@ const MAX_QUEUED: usize = 1024;
 /// Pause after an accept error such as `EMFILE`, so the primary backs off
 /// instead of spinning.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
+
+/// A connection the primary accepted and holds until a worker takes it.
+#[derive(Debug)]
+struct Accepted {
+    fd: SharedFd,
+    peer: Option<std::net::SocketAddr>,
+}
 
 /// Which socket of a group a worker gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -58,7 +66,7 @@ impl Drop for GroupSocket {
 struct GroupState {
     holders: BTreeMap<WorkerId, Slot>,
     sockets: BTreeMap<Slot, GroupSocket>,
-    distributor: Distributor<OwnedFd>,
+    distributor: Distributor<Accepted>,
     /// A reuseport group's first socket, bound to learn the port, until a
     /// slot claims it.
     spare: Option<Socket>,
@@ -408,7 +416,7 @@ fn drain_vacant(inner: &Arc<Inner>, group: &Arc<Group>, state: &mut GroupState) 
 }
 
 async fn accept_loop(inner: std::sync::Weak<Inner>, group: Arc<Group>, socket: OwnedFd) {
-    let listener = match tokio::net::TcpListener::from_std(std::net::TcpListener::from(socket)) {
+    let listener = match crate::sys::async_fd(socket) {
         Ok(listener) => listener,
         Err(error) => {
             tracing::error!(address = %group.address, %error, "cannot accept connections");
@@ -424,17 +432,14 @@ async fn accept_loop(inner: std::sync::Weak<Inner>, group: Arc<Group>, socket: O
             room.await;
             continue;
         }
-        match listener.accept().await {
-            Ok((stream, _)) => {
+        match accept_raw(&listener).await {
+            Ok(stream) => {
                 let Some(inner) = inner.upgrade() else { return };
-                let Ok(stream) = stream.into_std() else {
-                    continue;
-                };
                 let mut state = group.state();
                 if state.closed {
                     return;
                 }
-                state.distributor.offer(OwnedFd::from(stream));
+                state.distributor.offer(stream);
                 dispatch(&inner, group.key, &mut state);
             }
             Err(error) if is_transient(&error) => {}
@@ -442,6 +447,28 @@ async fn accept_loop(inner: std::sync::Weak<Inner>, group: Arc<Group>, socket: O
                 tracing::warn!(address = %group.address, %error, "accept failed; pausing");
                 tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
             }
+        }
+    }
+}
+
+/// Accepts one connection as a bare descriptor: it only passes through the
+/// primary, so it is never registered with the primary's event loop (which
+/// would cost two `epoll_ctl` calls per connection).
+async fn accept_raw(listener: &tokio::io::unix::AsyncFd<OwnedFd>) -> io::Result<Accepted> {
+    use rustix::net::SocketFlags;
+    loop {
+        let mut ready = listener.readable().await?;
+        let accepted = ready.try_io(|socket| {
+            // Non-blocking, as the worker's runtime wants it (the flag
+            // belongs to the connection, so the worker need not set it).
+            let flags = SocketFlags::CLOEXEC | SocketFlags::NONBLOCK;
+            rustix::net::acceptfrom_with(socket.get_ref(), flags).map_err(io::Error::from)
+        });
+        if let Ok(result) = accepted {
+            return result.map(|(fd, peer)| Accepted {
+                fd: SharedFd::new(fd),
+                peer: peer.and_then(|p| std::net::SocketAddr::try_from(p).ok()),
+            });
         }
     }
 }
@@ -461,14 +488,16 @@ fn dispatch(inner: &Inner, key: u32, state: &mut GroupState) {
         let Some(worker) = inner.worker(worker_id) else {
             return false;
         };
-        let Ok(copy) = conn.try_clone() else {
-            return false;
+        let copy = conn.fd.clone();
+        let control = Control::Connection {
+            key,
+            seq,
+            peer: conn.peer,
         };
-        let control = Control::Connection { key, seq };
         worker
             .shared
             .sender
-            .send_now(FrameKind::Control, &control.encode(), vec![copy])
+            .send_now_shared(FrameKind::Control, &control.encode(), vec![copy])
             .is_ok()
     });
 }
@@ -478,14 +507,22 @@ fn group_by_key(inner: &Inner, key: u32) -> Option<Arc<Group>> {
 }
 
 /// A worker's answer for a handed connection.
-pub(crate) fn ack(inner: &Arc<Inner>, worker: WorkerId, key: u32, seq: u64, accepted: bool) {
+pub(crate) fn ack(
+    inner: &Arc<Inner>,
+    worker: WorkerId,
+    key: u32,
+    seq: u64,
+    accepted: bool,
+    credit: u32,
+) {
     let Some(group) = group_by_key(inner, key) else {
         return;
     };
     let mut state = group.state();
     // A taken connection: our copy closes here.
     drop(state.distributor.ack(worker, seq, accepted));
-    if !accepted {
+    state.distributor.credit(worker, credit as usize);
+    if !accepted || credit > 0 {
         dispatch(inner, key, &mut state);
     }
     drop(state);
@@ -563,7 +600,15 @@ fn retire_socket(inner: &Arc<Inner>, group: &Arc<Group>, state: &mut GroupState,
     };
     loop {
         match entry.socket.accept() {
-            Ok((stream, _)) => state.distributor.offer(OwnedFd::from(stream)),
+            Ok((stream, peer)) => {
+                // Workers take connections as they come: non-blocking.
+                if stream.set_nonblocking(true).is_ok() {
+                    state.distributor.offer(Accepted {
+                        fd: SharedFd::new(OwnedFd::from(stream)),
+                        peer: peer.as_socket(),
+                    });
+                }
+            }
             Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
             Err(_) => break,
         }
