@@ -228,9 +228,9 @@ pub async fn run(args: IpcArgs) -> Result<(), Box<dyn std::error::Error>> {
         ),
     ];
     print_table(&rows, "procluster", "node");
-    let runtime =
-        std::env::var("PROCLUSTER_BENCH_RUNTIME").unwrap_or_else(|_| "multi-thread".into());
-    println!("(procluster side on Tokio's {runtime} runtime)");
+    let runtime = std::env::var("PROCLUSTER_BENCH_RUNTIME")
+        .unwrap_or_else(|_| "primary current-thread, workers multi-thread".into());
+    println!("(procluster runtimes: {runtime})");
     let json = serde_json::json!({
         "runtime": runtime, "bench": "ipc", "messages": args.messages, "rows": to_json(&rows), "node_raw": node });
     println!("{json}");

@@ -51,15 +51,22 @@ enum Bench {
     SupervisedServer(supervision::ServerArgs),
 }
 
-/// `PROCLUSTER_BENCH_RUNTIME=current-thread` runs the bench, and (through
-/// the inherited environment) its workers, on Tokio's single-threaded
-/// runtime instead of the default multi-threaded one.
+/// By default the bench runs as procluster recommends: the primary on
+/// Tokio's single-threaded runtime, workers on the multi-threaded one.
+/// `PROCLUSTER_BENCH_RUNTIME=current-thread` or `multi-thread` puts both
+/// sides (workers inherit the variable) on that runtime instead.
 const RUNTIME_ENV: &str = "PROCLUSTER_BENCH_RUNTIME";
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let mut runtime = match std::env::var(RUNTIME_ENV).as_deref() {
-        Ok("current-thread") => tokio::runtime::Builder::new_current_thread(),
-        _ => tokio::runtime::Builder::new_multi_thread(),
+    let single = match std::env::var(RUNTIME_ENV).as_deref() {
+        Ok("current-thread") => true,
+        Ok("multi-thread") => false,
+        _ => !procluster::is_worker_process(),
+    };
+    let mut runtime = if single {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
     };
     runtime.enable_all().build()?.block_on(run())
 }
