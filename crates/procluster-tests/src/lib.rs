@@ -556,3 +556,16 @@ pub fn hello_in(event: &procluster::supervisor::SupervisedEvent) -> Option<Hello
         _ => None,
     }
 }
+
+/// The resident set size of process `pid` in bytes (`VmRSS` of
+/// `/proc/PID/status`, as the supervisor samples it); `None` once it is gone.
+pub fn rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line["VmRSS:".len()..]
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
+}

@@ -62,6 +62,14 @@ async fn main() {
             }
             serve(worker).await;
         }
+        "first-worker-leaks" => {
+            say_ready(&worker).await;
+            if worker.id() == 1 {
+                leak(worker).await;
+            } else {
+                serve(worker).await;
+            }
+        }
         other => {
             eprintln!("unknown mode {other}");
             std::process::exit(2);
@@ -411,5 +419,36 @@ async fn ready_then_hang(worker: Worker) {
     }
     loop {
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Grows the resident memory by 4 MiB every 20 ms, writing to every page so
+/// the memory is really resident, up to 512 MiB and never more; exits once
+/// disconnected.
+async fn leak(worker: Worker) {
+    const STEP: usize = 4 << 20;
+    const BOUND: usize = 512 << 20;
+    // Every 4 KiB touches every page, whatever the page size.
+    const PAGE: usize = 4096;
+    let shutdown = worker.shutdown_signal();
+    tokio::pin!(shutdown);
+    let mut every = tokio::time::interval(Duration::from_millis(20));
+    let mut kept: Vec<Vec<u8>> = Vec::new();
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            message = worker.recv() => {
+                if message.is_none() {
+                    break;
+                }
+            }
+            _ = every.tick(), if kept.len() * STEP < BOUND => {
+                let mut chunk = vec![0u8; STEP];
+                for byte in chunk.iter_mut().step_by(PAGE) {
+                    *byte = 1;
+                }
+                kept.push(std::hint::black_box(chunk));
+            }
+        }
     }
 }

@@ -647,3 +647,162 @@ async fn with_listening_readiness_a_worker_is_ready_once_it_listens() {
     }
     stop_ok(supervised).await;
 }
+
+#[tokio::test]
+async fn a_worker_whose_memory_grows_past_max_rss_is_recycled_new_worker_first() {
+    const MIB: u64 = 1 << 20;
+    // What an idle test worker holds, so the limit sits 64 MiB above it.
+    let mut idle = builder("serve").build().unwrap();
+    let probe = idle.fork().await.unwrap();
+    until(&mut idle, |e| matches!(e, Event::Online(_)).then_some(())).await;
+    let baseline = rss_bytes(probe.pid()).expect("VmRSS of an idle worker");
+    probe.disconnect();
+    drain(&mut idle).await;
+    let limit = baseline + 64 * MIB;
+
+    let mut supervisor = config(1);
+    supervisor.recycle = RecycleConfig {
+        max_rss: Some(limit),
+        ..RecycleConfig::default()
+    };
+    let mode = "first-worker-leaks";
+    let settings = Settings {
+        exec: Some(crate::test_worker().into()),
+        args: Some(vec![mode.into()]),
+        stdio: Stdio::Null,
+        ..Settings::default()
+    };
+    let cluster = builder(mode).settings(settings).build().unwrap();
+    let options = SupervisionOptions {
+        supervisor,
+        readiness: Readiness::Explicit,
+        sample_interval: Duration::from_millis(20),
+        ..SupervisionOptions::default()
+    };
+    let mut supervised = SupervisedCluster::start(cluster, options).unwrap();
+
+    // Until the leaking worker has exited, noting its RSS when recycled.
+    let (mut leaker, mut old, mut rss_when_recycled) = (None, None, None);
+    let (_, events) = until_supervised(&mut supervised, |e| {
+        if let Some(hello) = hello_in(e).filter(|h| h.id == 1) {
+            leaker = Some(hello);
+        }
+        match sup(e) {
+            Some(SupervisorEvent::Recycled { old: o, .. }) => {
+                old = Some(*o);
+                rss_when_recycled = leaker.and_then(|h| rss_bytes(h.pid));
+                None
+            }
+            Some(SupervisorEvent::WorkerExited { worker, .. }) if Some(*worker) == old => Some(()),
+            _ => None,
+        }
+    })
+    .await;
+    let leaker = leaker.expect("the first worker said hello");
+    let old = old.expect("a recycle");
+    assert_eq!(old, wid(leaker.id));
+
+    let position = |pred: &dyn Fn(&SupervisedEvent) -> bool| {
+        events.iter().position(pred).expect("event present")
+    };
+    let (started, reason) = events
+        .iter()
+        .enumerate()
+        .find_map(|(i, e)| match sup(e) {
+            Some(SupervisorEvent::RecycleStarted {
+                slot: 0,
+                worker,
+                reason,
+            }) if *worker == old => Some((i, *reason)),
+            _ => None,
+        })
+        .expect("RecycleStarted for the leaking worker");
+    let RecycleReason::Memory { rss, limit: l } = reason else {
+        panic!("recycled for {reason:?}, not memory");
+    };
+    assert_eq!(l, limit);
+    assert!(rss > limit, "{rss} > {limit}");
+    let overshoot = rss - limit;
+    // The worker stops growing at 512 MiB: the recycle came before.
+    assert!(
+        rss < baseline + 512 * MIB,
+        "recycled only at {} MiB (limit {} MiB)",
+        rss / MIB,
+        limit / MIB
+    );
+    let (recycled, new) = events
+        .iter()
+        .enumerate()
+        .find_map(|(i, e)| match sup(e) {
+            Some(SupervisorEvent::Recycled {
+                slot: 0,
+                old: o,
+                new,
+                reason: r,
+            }) if *o == old && *r == reason => Some((i, *new)),
+            _ => None,
+        })
+        .expect("Recycled with the same reason");
+    let spawned = position(&|e| {
+        matches!(sup(e),
+        Some(SupervisorEvent::WorkerSpawned { slot: 0, worker, .. }) if *worker == new)
+    });
+    let new_ready = position(&|e| {
+        matches!(sup(e),
+        Some(SupervisorEvent::WorkerReady { slot: 0, worker, .. }) if *worker == new)
+    });
+    let old_disconnected = position(&|e| {
+        matches!(e,
+        SupervisedEvent::Cluster(Event::Disconnect(w)) if w.id() == leaker.id)
+    });
+    let (old_exit, status, after_disconnect) = events
+        .iter()
+        .enumerate()
+        .find_map(|(i, e)| match e {
+            SupervisedEvent::Cluster(Event::Exit {
+                worker,
+                status,
+                exited_after_disconnect,
+            }) if worker.id() == leaker.id => Some((i, *status, *exited_after_disconnect)),
+            _ => None,
+        })
+        .expect("the leaking worker exits");
+    assert!(
+        started < spawned
+            && spawned < new_ready
+            && new_ready < recycled
+            && recycled < old_disconnected
+            && old_disconnected < old_exit,
+        "new worker first: started {started}, spawned {spawned}, ready {new_ready}, \
+         recycled {recycled}, disconnected {old_disconnected}, exit {old_exit}"
+    );
+    assert!(status.success() && after_disconnect, "{status}");
+    assert!(matches!(
+        events.last().and_then(sup),
+        Some(SupervisorEvent::WorkerExited { expected: true, .. })
+    ));
+    eprintln!(
+        "baseline {} KiB, limit {} KiB, sample {} KiB (overshoot {} KiB), \
+         RSS when recycled {:?} KiB",
+        baseline / 1024,
+        limit / 1024,
+        rss / 1024,
+        overshoot / 1024,
+        rss_when_recycled.map(|r| r / 1024)
+    );
+
+    let replacement = hellos_after(&events, &mut supervised, 2)
+        .await
+        .into_iter()
+        .find(|h| h.id != leaker.id)
+        .expect("the replacement said hello");
+    assert_eq!((wid(replacement.id), replacement.index), (new, Some(0)));
+    assert!(!alive(leaker.pid));
+    let events = stop_ok(supervised).await;
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(sup(e), Some(SupervisorEvent::RecycleStarted { .. }))),
+        "the replacement, which does not leak, is not recycled"
+    );
+}
