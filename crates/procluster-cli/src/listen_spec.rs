@@ -139,7 +139,7 @@ pub fn bind(spec: &ListenSpec, index: usize, options: BindOptions) -> io::Result
         Endpoint::Unix(path) => unix(path)?,
     };
     Ok(Bound {
-        address: describe(&socket),
+        address: procluster::listeners::describe_socket(&socket),
         name,
         socket: socket.into(),
     })
@@ -253,22 +253,6 @@ fn bind_error(error: io::Error, address: &str) -> io::Error {
         error.kind(),
         format!("cannot listen on {address}: {error}{advice}"),
     )
-}
-
-/// `tcp://…`, `udp://…` or `unix:…`, as bound.
-pub fn describe(socket: &impl std::os::fd::AsFd) -> String {
-    let socket = socket2::SockRef::from(socket);
-    let Ok(local) = socket.local_addr() else {
-        return "unknown".into();
-    };
-    let stream = socket.r#type().map(|t| t == Type::STREAM).unwrap_or(true);
-    if let Some(addr) = local.as_socket() {
-        return format!("{}://{addr}", if stream { "tcp" } else { "udp" });
-    }
-    match local.as_pathname() {
-        Some(path) => format!("unix:{}", path.display()),
-        None => "unix:(unnamed)".into(),
-    }
 }
 
 #[cfg(test)]

@@ -582,7 +582,7 @@ fn open_listeners(specs: &[ListenSpec], policy: PolicyArg) -> Result<Vec<Listene
             .enumerate()
             .map(|(i, s)| Listener {
                 name: s.name.unwrap_or_else(|| format!("listen{i}")),
-                address: listen_spec::describe(&s.socket),
+                address: procluster::listeners::describe_socket(&s.socket),
                 socket: Arc::new(s.socket),
                 per_slot: false,
             })
@@ -593,13 +593,13 @@ fn open_listeners(specs: &[ListenSpec], policy: PolicyArg) -> Result<Vec<Listene
         let name = spec.name.clone().unwrap_or_else(|| format!("listen{i}"));
         let passed = inherited.iter().position(|s| {
             s.name.as_deref() == spec.name.as_deref() && spec.name.is_some()
-                || same_address(&listen_spec::describe(&s.socket), spec)
+                || same_address(&procluster::listeners::describe_socket(&s.socket), spec)
         });
         if let Some(at) = passed {
             let socket = inherited.remove(at).socket;
             listeners.push(Listener {
                 name,
-                address: listen_spec::describe(&socket),
+                address: procluster::listeners::describe_socket(&socket),
                 socket: Arc::new(socket),
                 per_slot: false,
             });

@@ -178,25 +178,15 @@ impl ChannelSender {
         fds: Vec<OwnedFd>,
         write_payload: impl FnOnce(&mut Vec<u8>) -> io::Result<()>,
     ) -> Result<(), ChannelError> {
-        if fds.len() > MAX_FDS_PER_FRAME {
-            return Err(ChannelError::TooManyFds(fds.len()));
-        }
+        let mut frame = Some((fds, write_payload));
         loop {
             let space = self.shared.space_freed.notified();
             tokio::pin!(space);
             space.as_mut().enable();
-            {
-                let mut state = self.shared.lock();
-                if state.closed || state.close_requested {
-                    return Err(ChannelError::Closed);
-                }
-                if state.buf.is_empty() || state.buf.len() < HIGH_WATER {
-                    self.append(&mut state, kind, format, shared(fds), write_payload)?;
-                    self.flush(state);
-                    return Ok(());
-                }
+            match self.queue_if_room(kind, format, &mut frame) {
+                Err(ChannelError::Full) => space.await,
+                done => return done,
             }
-            space.await;
         }
     }
 
@@ -209,8 +199,21 @@ impl ChannelSender {
         fds: Vec<OwnedFd>,
         write_payload: impl FnOnce(&mut Vec<u8>) -> io::Result<()>,
     ) -> Result<(), ChannelError> {
-        if fds.len() > MAX_FDS_PER_FRAME {
-            return Err(ChannelError::TooManyFds(fds.len()));
+        self.queue_if_room(kind, format, &mut Some((fds, write_payload)))
+    }
+
+    /// Takes the frame out of `frame` and queues it, unless the buffer is
+    /// over its high-water mark (a frame larger than the mark still goes into
+    /// an empty buffer): then [`ChannelError::Full`], with `frame` untouched.
+    fn queue_if_room(
+        &self,
+        kind: FrameKind,
+        format: Format,
+        frame: &mut Option<(Vec<OwnedFd>, impl FnOnce(&mut Vec<u8>) -> io::Result<()>)>,
+    ) -> Result<(), ChannelError> {
+        let fd_count = frame.as_ref().map_or(0, |(fds, _)| fds.len());
+        if fd_count > MAX_FDS_PER_FRAME {
+            return Err(ChannelError::TooManyFds(fd_count));
         }
         let mut state = self.shared.lock();
         if state.closed || state.close_requested {
@@ -219,6 +222,7 @@ impl ChannelSender {
         if state.buf.len() >= HIGH_WATER {
             return Err(ChannelError::Full);
         }
+        let (fds, write_payload) = frame.take().ok_or(ChannelError::Closed)?;
         self.append(&mut state, kind, format, shared(fds), write_payload)?;
         self.flush(state);
         Ok(())

@@ -110,8 +110,16 @@ fn with_context(error: io::Error, context: &str) -> io::Error {
     io::Error::new(error.kind(), format!("{context}: {error}"))
 }
 
-/// The address a socket is bound to, as `tcp://…`, `udp://…` or `unix:…`.
-pub(crate) fn describe(socket: &Socket) -> String {
+/// The address a socket is bound to, as `tcp://…`, `udp://…` or `unix:…`
+/// (the form `Event::Listening` and the CLI's `status` report).
+///
+/// ```
+/// let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+/// let port = listener.local_addr().unwrap().port();
+/// assert_eq!(procluster::listeners::describe_socket(&listener), format!("tcp://127.0.0.1:{port}"));
+/// ```
+pub fn describe_socket(socket: &impl std::os::fd::AsFd) -> String {
+    let socket = socket2::SockRef::from(socket);
     let Ok(local) = socket.local_addr() else {
         return "unknown".into();
     };

@@ -40,7 +40,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, oneshot};
 
-pub use bind::DEFAULT_BACKLOG;
+pub use bind::{DEFAULT_BACKLOG, describe_socket};
 
 use crate::primary::{Inner, WorkerHandle};
 use crate::protocol::{Control, FrameKind, ListenReply, ListenSpec};
@@ -520,7 +520,7 @@ impl Worker {
                 reuse_port: false,
             },
         )?;
-        let address = bind::describe(&socket);
+        let address = bind::describe_socket(&socket);
         let std_listener = std::net::TcpListener::from(OwnedFd::from(socket));
         let listener = tokio::net::TcpListener::from_std(std_listener)?;
         let local_addr = listener.local_addr()?;

@@ -246,7 +246,7 @@ fn create_group(inner: &Inner, key: u32, spec: &ListenSpec) -> io::Result<Group>
         }
         ListenSpec::InheritedFd { fd } => inherited(inner, *fd)?,
     };
-    let address = bind::describe(&socket);
+    let address = bind::describe_socket(&socket);
     let mode = if policy == Policy::RoundRobin {
         Mode::Credit
     } else {
