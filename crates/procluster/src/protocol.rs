@@ -541,6 +541,12 @@ pub enum Control {
     Ready,
     /// Worker → primary: the worker's runtime is alive.
     Heartbeat,
+    /// Worker → primary: the application has read this many more bytes of
+    /// user messages (the primary's window of unread bytes reopens).
+    Consumed {
+        /// Bytes read since the last report.
+        bytes: u64,
+    },
     /// Worker → primary: requests served so far (for recycling after N).
     Requests {
         /// Running total.

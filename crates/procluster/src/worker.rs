@@ -64,6 +64,8 @@ pub(crate) struct WorkerInner {
     next_seq: AtomicU32,
     requests: std::sync::atomic::AtomicU64,
     requests_report_due: AtomicBool,
+    /// Bytes of user messages read and not yet reported to the primary.
+    consumed: std::sync::atomic::AtomicUsize,
     shutdown_grace: Duration,
     pub(crate) pending_listens: Mutex<HashMap<u32, ListenWaiter>>,
     pub(crate) connections: crate::listeners::ConnectionRouter,
@@ -71,6 +73,9 @@ pub(crate) struct WorkerInner {
 
 /// Where the primary's answer to a listen request goes.
 pub(crate) type ListenWaiter = oneshot::Sender<(ListenReply, Vec<OwnedFd>)>;
+
+/// Read bytes a worker reports at once (see [`Control::Consumed`]).
+const CONSUMED_REPORT: usize = 1024 * 1024;
 
 /// How often a worker reports its request count.
 const REQUESTS_REPORT_INTERVAL: Duration = Duration::from_millis(5);
@@ -114,6 +119,7 @@ impl Worker {
             next_seq: AtomicU32::new(1),
             requests: Default::default(),
             requests_report_due: AtomicBool::new(false),
+            consumed: Default::default(),
             shutdown_grace: env.shutdown_grace,
             pending_listens: Mutex::new(HashMap::new()),
             connections: crate::listeners::ConnectionRouter::default(),
@@ -228,7 +234,29 @@ impl Worker {
         if charge > 0 {
             self.inner.inbox_budget.add_permits(charge);
         }
+        self.report_consumed(message.payload.len());
         Some(message)
+    }
+
+    /// Tells the primary what the application has read, every
+    /// [`CONSUMED_REPORT`] bytes, so it keeps sending. What is not reported
+    /// yet is far below the primary's window, so it never stalls a sender.
+    fn report_consumed(&self, bytes: usize) {
+        let total = self
+            .inner
+            .consumed
+            .fetch_add(bytes.max(1), Ordering::Relaxed)
+            + bytes.max(1);
+        if total >= CONSUMED_REPORT {
+            let bytes = self.inner.consumed.swap(0, Ordering::Relaxed) as u64;
+            if bytes > 0 {
+                let report = Control::Consumed { bytes }.encode();
+                let _ = self
+                    .inner
+                    .sender
+                    .send_now(FrameKind::Control, &report, Vec::new());
+            }
+        }
     }
 
     /// Tells the primary this worker is ready to serve, for clusters that

@@ -25,6 +25,8 @@ async fn main() {
             worker.disconnect();
             worker.shutdown_signal().await;
         }
+        // Never reads its messages; leaves when disconnected.
+        "deaf" => worker.shutdown_signal().await,
         "print" => {
             println!("line one from {}", worker.id());
             print!("unterminated tail");

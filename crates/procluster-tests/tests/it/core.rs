@@ -287,3 +287,38 @@ async fn the_events_end_once_the_last_worker_has_exited_on_a_multi_threaded_runt
         assert!(after.is_none(), "round {round}: {after:?}");
     }
 }
+
+#[tokio::test]
+async fn a_worker_that_never_reads_its_messages_can_still_be_disconnected() {
+    let mut cluster = builder("deaf").build().unwrap();
+    let worker = cluster.fork().await.unwrap();
+    until(&mut cluster, |e| {
+        matches!(e, Event::Online(_)).then_some(())
+    })
+    .await;
+    // 80 MiB it will never read: more than its inbox and the primary's window.
+    let sender = worker.clone();
+    let flood = tokio::spawn(async move {
+        let chunk = "x".repeat(1024 * 1024);
+        for _ in 0..80 {
+            if sender.send(&chunk).await.is_err() {
+                return;
+            }
+        }
+    });
+    // The primary stops sending at its window, so the disconnect gets through.
+    worker.disconnect();
+    let (after_disconnect, _) = until(&mut cluster, |e| match e {
+        Event::Exit {
+            exited_after_disconnect,
+            ..
+        } => Some(*exited_after_disconnect),
+        _ => None,
+    })
+    .await;
+    assert!(after_disconnect);
+    tokio::time::timeout(DEADLINE, flood)
+        .await
+        .expect("the sender gives up once the worker is gone")
+        .unwrap();
+}

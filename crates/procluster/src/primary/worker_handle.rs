@@ -10,6 +10,11 @@ use crate::channel::ChannelSender;
 use crate::protocol::{Control, Format, FrameKind};
 use crate::{Error, Signal, WorkerId};
 
+/// Bytes of user messages a worker may hold unread before senders wait.
+/// Half of the worker's own inbox budget, so the worker never has to stop
+/// reading its channel.
+pub(crate) const UNREAD_WINDOW: usize = 32 * 1024 * 1024;
+
 /// Where a worker is in its life, in Node's order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum WorkerState {
@@ -95,6 +100,11 @@ pub(crate) struct WorkerShared {
     /// Signals go through a pidfd where the OS has them, so a signal can never
     /// reach a recycled pid.
     pub(crate) pidfd: Option<OwnedFd>,
+    /// Bytes of user messages sent to the worker and not yet read by its
+    /// application (it reports what it reads).
+    pub(crate) unread: Mutex<usize>,
+    /// Wakes senders when the worker reports reading.
+    pub(crate) unread_room: tokio::sync::Notify,
     /// The worker leads a process group of its own: SIGKILL goes to the whole
     /// group, so nothing it started outlives it.
     pub(crate) own_group: bool,
@@ -253,14 +263,56 @@ impl WorkerHandle {
         if self.state() >= WorkerState::Disconnected {
             return Err(Error::NotConnected(self.id()));
         }
+        self.wait_for_window().await?;
         let format = self.shared.format;
+        let mut len = 0;
         self.shared
             .sender
             .send_with(FrameKind::User, format, fds, |buf| {
-                crate::message::encode_into(format, value, buf)
+                let start = buf.len();
+                let encoded = crate::message::encode_into(format, value, buf);
+                len = buf.len() - start;
+                encoded
             })
             .await
-            .map_err(|e| self.map_send_error(e))
+            .map_err(|e| self.map_send_error(e))?;
+        self.charge_unread(len);
+        Ok(())
+    }
+
+    /// Waits while the worker holds [`UNREAD_WINDOW`] bytes it has not read:
+    /// the channel then never fills with user messages, so control messages
+    /// (a disconnect, a connection) always get through.
+    async fn wait_for_window(&self) -> Result<(), Error> {
+        loop {
+            let room = self.shared.unread_room.notified();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            if *self.shared.unread.lock().unwrap_or_else(|e| e.into_inner()) < UNREAD_WINDOW {
+                return Ok(());
+            }
+            if self.state() >= WorkerState::Disconnected {
+                return Err(Error::NotConnected(self.id()));
+            }
+            room.await;
+        }
+    }
+
+    pub(crate) fn charge_unread(&self, bytes: usize) {
+        *self.shared.unread.lock().unwrap_or_else(|e| e.into_inner()) += bytes.max(1);
+    }
+
+    /// The worker read `bytes` more.
+    pub(crate) fn consumed(&self, bytes: u64) {
+        let mut unread = self.shared.unread.lock().unwrap_or_else(|e| e.into_inner());
+        *unread = unread.saturating_sub(usize::try_from(bytes).unwrap_or(usize::MAX));
+        drop(unread);
+        self.shared.unread_room.notify_waiters();
+    }
+
+    /// Whether the worker's window of unread messages has room.
+    pub(crate) fn has_window(&self) -> bool {
+        *self.shared.unread.lock().unwrap_or_else(|e| e.into_inner()) < UNREAD_WINDOW
     }
 
     /// Sends `signal` to the worker process (SIGTERM if you have no reason to

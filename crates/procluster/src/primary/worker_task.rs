@@ -101,6 +101,8 @@ pub(super) async fn fork(
                 requests: 0,
             }),
             pidfd,
+            unread: Mutex::new(0),
+            unread_room: tokio::sync::Notify::new(),
             own_group: settings.own_process_group,
             events: inner.events.clone(),
             stop_signal: match settings.program {
@@ -471,6 +473,7 @@ fn handle_control(inner: &Arc<Inner>, worker: &WorkerHandle, control: Control, f
             worker.shared.lifecycle().last_heartbeat = Some(std::time::Instant::now())
         }
         Control::Requests { total } => worker.shared.lifecycle().requests = total,
+        Control::Consumed { bytes } => worker.consumed(bytes),
         other => crate::listeners::handle_control(inner, worker, other, fds),
     }
 }
@@ -487,6 +490,7 @@ pub(crate) fn advance(worker: &WorkerHandle, state: WorkerState) -> bool {
 }
 
 fn mark_disconnected(inner: &Arc<Inner>, worker: &WorkerHandle) {
+    worker.shared.unread_room.notify_waiters();
     if advance(worker, WorkerState::Disconnected) {
         crate::listeners::worker_gone(inner, worker);
         inner.emit(Event::Disconnect(worker.clone()));
@@ -525,6 +529,15 @@ fn relay(inner: &Arc<Inner>, from: &WorkerHandle, frame: Frame) {
         );
         return;
     };
+    if !to.has_window() {
+        tracing::warn!(
+            from = from.id(),
+            to = target,
+            "dropped a relayed message: the target is not reading"
+        );
+        return;
+    }
+    let bytes = frame.payload.len() - 4;
     let source = from.id().to_le_bytes();
     let result =
         to.shared
@@ -534,7 +547,10 @@ fn relay(inner: &Arc<Inner>, from: &WorkerHandle, frame: Frame) {
                 buf.extend_from_slice(&frame.payload[4..]);
                 Ok(())
             });
-    if let Err(error) = result {
-        tracing::warn!(from = from.id(), to = target, %error, "dropped a relayed message");
+    match result {
+        Ok(()) => to.charge_unread(bytes),
+        Err(error) => {
+            tracing::warn!(from = from.id(), to = target, %error, "dropped a relayed message")
+        }
     }
 }
