@@ -138,7 +138,11 @@ impl Primary {
 
         let notify_dir = match config.ready {
             ReadyMode::Notify => {
-                let dir = control_path.with_extension("notify");
+                // Not beside the control socket: workers that run as another
+                // user must reach their notify sockets.
+                let dir =
+                    std::env::temp_dir().join(format!("procluster-notify-{}", std::process::id()));
+                let _ = std::fs::remove_dir_all(&dir);
                 crate::control::server::private_dir(&dir)?;
                 if let Some(uid) = identity.uid {
                     let owner = Some(rustix::process::Uid::from_raw(uid));
@@ -152,6 +156,7 @@ impl Primary {
         let readiness = Readiness {
             mode: config.ready,
             notify_dir: notify_dir.clone().unwrap_or_default(),
+            owner: identity.uid.map(|uid| (uid, identity.gid)),
         };
         let pending: PendingMap = Arc::default();
         let slot_sockets: SlotSockets = Arc::default();

@@ -89,8 +89,11 @@ impl ControlSocket {
     }
 }
 
-/// Creates `dir` mode 0700, or checks an existing one is ours and private.
+/// Creates `dir` mode 0700, or checks an existing one is ours. An existing
+/// directory keeps its mode (it may be the application's own): the socket
+/// itself is 0600 and every caller's credentials are checked.
 pub fn private_dir(dir: &Path) -> io::Result<()> {
+    let existed = dir.is_dir();
     match std::fs::create_dir_all(dir) {
         Ok(()) => {}
         Err(e) => {
@@ -112,7 +115,7 @@ pub fn private_dir(dir: &Path) -> io::Result<()> {
             ),
         ));
     }
-    if meta.mode() & 0o077 != 0 {
+    if !existed && meta.mode() & 0o077 != 0 {
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
     }
     Ok(())

@@ -83,6 +83,9 @@ pub struct Readiness {
     pub mode: ReadyMode,
     /// Where per-worker notify sockets go.
     pub notify_dir: PathBuf,
+    /// The user (and group) workers run as, who must be able to write to
+    /// their notify socket.
+    pub owner: Option<(u32, Option<u32>)>,
 }
 
 impl Readiness {
@@ -104,6 +107,11 @@ impl Readiness {
             ReadyMode::Notify => {
                 let path = self.notify_dir.join(format!("{seq}.sock"));
                 let socket = notify::bind(&path)?;
+                if let Some((uid, gid)) = self.owner {
+                    let owner = Some(rustix::process::Uid::from_raw(uid));
+                    let group = gid.map(rustix::process::Gid::from_raw);
+                    rustix::fs::chown(&path, owner, group).map_err(std::io::Error::from)?;
+                }
                 extras
                     .env
                     .push(("NOTIFY_SOCKET".into(), path.display().to_string()));

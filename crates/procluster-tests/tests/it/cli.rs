@@ -683,3 +683,340 @@ async fn control_commands_without_a_primary_fail_clearly() {
     assert_eq!(out.status.code(), Some(3));
     assert!(String::from_utf8_lossy(&out.stderr).contains("is it running"));
 }
+
+/// Runs as `python3 -c LAUNCHER PROGRAM ARGS...`, standing in for systemd:
+/// binds a TCP socket on a kernel-chosen port of 127.0.0.1, places it at
+/// fd 3, sets `LISTEN_FDS=1`, `LISTEN_PID` (its own pid, which `execve`
+/// keeps), `LISTEN_FDNAMES=web` and `NOTIFY_SOCKET` (from `TEST_NOTIFY`),
+/// prints the port, then becomes PROGRAM.
+const SYSTEMD_LAUNCHER: &str = r#"
+import os, socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", 0))
+s.listen(128)
+port = s.getsockname()[1]
+if s.fileno() != 3:
+    os.dup2(s.fileno(), 3)
+os.set_inheritable(3, True)
+env = dict(os.environ)
+env.update(LISTEN_FDS="1", LISTEN_PID=str(os.getpid()), LISTEN_FDNAMES="web",
+           NOTIFY_SOCKET=env.pop("TEST_NOTIFY"))
+print("launcher port %d" % port, flush=True)
+os.execve(sys.argv[1], sys.argv[1:], env)
+"#;
+
+/// A worker for `--watchdog` (run as `python3 -c`, in the primary's
+/// directory): sends READY=1, then WATCHDOG=1 every 30 ms. If the file
+/// `hang-INDEX` exists it stops pinging after 5 pings but stays alive. On
+/// SIGABRT it removes `hang-INDEX` (so its replacement behaves), creates
+/// `aborted-PID` and exits 3.
+const WATCHDOG_WORKER: &str = r#"
+import os, signal, socket, time
+index = os.environ["PROCLUSTER_WORKER_INDEX"]
+hang = "hang-" + index
+def aborted(*_):
+    try:
+        os.remove(hang)
+    except FileNotFoundError:
+        pass
+    open("aborted-%d" % os.getpid(), "w").close()
+    os._exit(3)
+signal.signal(signal.SIGABRT, aborted)
+pings = 5 if os.path.exists(hang) else None
+print("watchdog worker pid %d index %s usec %s for %s" % (os.getpid(), index,
+      os.environ.get("WATCHDOG_USEC"), os.environ.get("WATCHDOG_PID")), flush=True)
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+s.sendto(b"READY=1", os.environ["NOTIFY_SOCKET"])
+sent = 0
+while pings is None or sent < pings:
+    s.sendto(b"WATCHDOG=1", os.environ["NOTIFY_SOCKET"])
+    sent += 1
+    time.sleep(0.03)
+while True:
+    signal.pause()
+"#;
+
+impl Run {
+    /// Starts `procluster run --control PATH ARGS -- PROGRAM` as systemd
+    /// would: through [`SYSTEMD_LAUNCHER`], which passes one listening
+    /// socket named `web` and a `NOTIFY_SOCKET` bound here. Returns the run,
+    /// the notify socket, and the port the launcher bound.
+    async fn under_systemd(
+        args: &[&str],
+        program: &[&str],
+        files: &[&str],
+    ) -> (Self, tokio::net::UnixDatagram, u16) {
+        let dir = TempDir::new("cli-systemd");
+        std::fs::write(dir.0.join("worker.py"), PY_WORKER).unwrap();
+        for file in files {
+            std::fs::write(dir.0.join(file), "").unwrap();
+        }
+        let notify_path = dir.0.join("systemd-notify.sock");
+        let notify = tokio::net::UnixDatagram::bind(&notify_path).unwrap();
+        let control = dir.0.join("control.sock");
+        let mut child = Command::new("python3")
+            .arg("-c")
+            .arg(SYSTEMD_LAUNCHER)
+            .arg(procluster())
+            .arg("run")
+            .arg("--control")
+            .arg(&control)
+            .args(args)
+            .arg("--")
+            .args(program)
+            .current_dir(&dir.0)
+            .env("TEST_NOTIFY", &notify_path)
+            .env_remove("LISTEN_FDS")
+            .env_remove("LISTEN_PID")
+            .env_remove("LISTEN_FDNAMES")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start the launcher");
+        let (stdout, out_reader) = collect(child.stdout.take().unwrap());
+        let (stderr, err_reader) = collect(child.stderr.take().unwrap());
+        let run = Self {
+            child,
+            control,
+            dir,
+            stdout,
+            stderr,
+            readers: vec![out_reader, err_reader],
+        };
+        run.printed("launcher port ", 1).await;
+        let port = run
+            .stdout
+            .lock()
+            .unwrap()
+            .iter()
+            .find_map(|l| l.strip_prefix("launcher port ")?.trim().parse().ok())
+            .expect("the launcher prints its port");
+        (run, notify, port)
+    }
+}
+
+/// The next datagram on the primary's `NOTIFY_SOCKET`, within [`DEADLINE`].
+async fn notified(socket: &tokio::net::UnixDatagram, run: &Run) -> String {
+    let mut buf = [0u8; 4096];
+    let n = tokio::time::timeout(DEADLINE, socket.recv(&mut buf))
+        .await
+        .unwrap_or_else(|_| panic!("no sd_notify message from the primary\n{}", run.output()))
+        .unwrap();
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+/// `Uid:` or `Gid:` of /proc/PID/status: real, effective, saved, fs.
+fn proc_ids(pid: u32, key: &str) -> Vec<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status"))
+        .split_whitespace()
+        .map(|n| n.parse().unwrap())
+        .collect()
+}
+
+/// The id (third field) of `name` in /etc/passwd or /etc/group.
+fn etc_id(file: &str, name: &str) -> Option<u32> {
+    std::fs::read_to_string(file)
+        .ok()?
+        .lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .find(|f| f.len() > 2 && f[0] == name)?[2]
+        .parse()
+        .ok()
+}
+
+#[tokio::test]
+async fn under_systemd_the_primary_serves_the_passed_socket_and_reports_its_state() {
+    let (mut run, notify, port) = Run::under_systemd(
+        &["-w", "2", "--ready", "notify"],
+        &["python3", "worker.py"],
+        &["gate"],
+    )
+    .await;
+    let starting = run
+        .status_until("both workers run", |s| {
+            s["workers"].as_array().unwrap().len() == 2
+        })
+        .await;
+    assert_eq!(
+        starting["pid"].as_u64(),
+        Some(u64::from(run.child.id().unwrap())),
+        "the launcher became the primary"
+    );
+    assert_eq!(
+        starting["listeners"],
+        serde_json::json!([{"name": "web", "address": format!("tcp://127.0.0.1:{port}")}]),
+        "the passed socket, under its LISTEN_FDNAMES name, and no other"
+    );
+    let mut buf = [0u8; 4096];
+    assert!(
+        matches!(notify.try_recv(&mut buf), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "nothing is reported before the workers are ready"
+    );
+    std::fs::write(run.dir.0.join("go"), "").unwrap();
+    assert_eq!(notified(&notify, &run).await, "READY=1");
+    let ready = run.until_ready(2).await;
+    served_by_all(port, &pids(&ready)).await;
+    run.printed("listen-env ok", 2).await;
+    assert!(!run.output().contains("listen-env bad"), "{}", run.output());
+
+    let (code, out, err) = run.ctl(&["reload", "--wait"]).await;
+    assert_eq!(code, 0, "{out}{err}\n{}", run.output());
+    let reloading = notified(&notify, &run).await;
+    assert!(
+        reloading.starts_with("RELOADING=1\nMONOTONIC_USEC="),
+        "{reloading:?}"
+    );
+    assert_eq!(notified(&notify, &run).await, "READY=1");
+    let after = run.until_ready(2).await;
+    served_by_all(port, &pids(&after)).await;
+
+    let (code, _, _) = run.ctl(&["stop"]).await;
+    assert_eq!(code, 0);
+    assert_eq!(notified(&notify, &run).await, "STOPPING=1");
+    assert_eq!(run.exit_code().await, 0, "{}", run.output());
+    assert!(
+        matches!(notify.try_recv(&mut buf), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "the workers' own READY=1 never reach systemd's socket"
+    );
+}
+
+#[tokio::test]
+async fn workers_run_as_the_given_user_and_group_on_the_port_the_primary_bound() {
+    let (Some(uid), Some(gid)) = (
+        etc_id("/etc/passwd", "nobody"),
+        etc_id("/etc/group", "nogroup"),
+    ) else {
+        eprintln!("no user nobody or group nogroup; skipping");
+        return;
+    };
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("not root; skipping");
+        return;
+    }
+    // The worker comes on the command line: `run` makes the directory of
+    // the control socket (here the run's directory, worker.py's too) 0700
+    // root, unreadable to nobody.
+    let worker = PY_WORKER.replace("os.path.dirname(os.path.abspath(__file__))", "os.getcwd()");
+    let run = Run::start(
+        &[
+            "-w",
+            "2",
+            "-l",
+            "127.0.0.1:0",
+            "--user",
+            "nobody",
+            "--group",
+            "nogroup",
+        ],
+        &["python3", "-c", &worker],
+        &[],
+    )
+    .await;
+    run.until_ready(2).await;
+    let status = run.try_status().await.unwrap();
+    let workers = pids(&status);
+    assert_eq!(workers.len(), 2, "{status}");
+    // Having served, each worker is past the shim's switch and exec.
+    served_by_all(Run::port(&status), &workers).await;
+    run.printed("listen-env ok", 2).await;
+    for &pid in &workers {
+        assert_eq!(proc_ids(pid, "Uid:"), [uid; 4], "worker {pid}");
+        assert_eq!(proc_ids(pid, "Gid:"), [gid; 4], "worker {pid}");
+        assert_eq!(proc_ids(pid, "Groups:"), [gid], "worker {pid}");
+    }
+    assert_eq!(
+        proc_ids(run.child.id().unwrap(), "Uid:"),
+        [0; 4],
+        "the primary stays root"
+    );
+}
+
+#[tokio::test]
+async fn a_worker_that_stops_sending_watchdog_gets_sigabrt_and_is_replaced() {
+    let run = Run::start(
+        &["-w", "2", "--ready", "notify", "--watchdog", "300ms"],
+        &["python3", "-c", WATCHDOG_WORKER],
+        &["hang-0"],
+    )
+    .await;
+    let first = run.until_ready(2).await;
+    let slot = |status: &Value, index: u64| -> (u32, u64) {
+        let worker = status["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|w| w["index"] == index)
+            .unwrap_or_else(|| panic!("no worker in slot {index}: {status}"))
+            .clone();
+        (
+            worker["pid"].as_u64().unwrap() as u32,
+            worker["restarts"].as_u64().unwrap(),
+        )
+    };
+    let (hung, _) = slot(&first, 0);
+    let (healthy, _) = slot(&first, 1);
+    let after = run
+        .status_until("slot 0 has a new ready worker", |s| {
+            s["workers"].as_array().unwrap().iter().any(|w| {
+                w["index"] == 0
+                    && w["pid"].as_u64() != Some(u64::from(hung))
+                    && w["state"] == "ready"
+            })
+        })
+        .await;
+    assert!(
+        run.dir.0.join(format!("aborted-{hung}")).exists(),
+        "the hung worker got SIGABRT\n{}",
+        run.output()
+    );
+    assert!(!alive(hung));
+    assert_eq!(slot(&after, 0).1, 1, "one restart in slot 0: {after}");
+    assert_eq!(
+        slot(&after, 1),
+        (healthy, 0),
+        "the worker that kept pinging stays"
+    );
+    assert!(
+        run.output().contains("stopped sending WATCHDOG=1"),
+        "{}",
+        run.output()
+    );
+    run.printed(&format!("usec 300000 for {hung}"), 1).await;
+}
+
+/// Fails today: with --user the worker cannot send READY=1. Its
+/// NOTIFY_SOCKET is `CONTROL.notify/ID.sock`, which sits in the control
+/// socket's directory (made 0700 root by `run`), and the socket file itself is
+/// root's, mode 0755 by the umask, so `sendto` from uid nobody is EACCES.
+#[tokio::test]
+async fn workers_running_as_another_user_can_report_readiness() {
+    if etc_id("/etc/passwd", "nobody").is_none() || !rustix::process::geteuid().is_root() {
+        eprintln!("no user nobody, or not root; skipping");
+        return;
+    }
+    let worker = PY_WORKER.replace("os.path.dirname(os.path.abspath(__file__))", "os.getcwd()");
+    let run = Run::start(
+        &[
+            "-w",
+            "2",
+            "-l",
+            "127.0.0.1:0",
+            "--user",
+            "nobody",
+            "--ready",
+            "notify",
+        ],
+        &["python3", "-c", &worker],
+        &[],
+    )
+    .await;
+    let ready = run.until_ready(2).await;
+    served_by_all(Run::port(&ready), &pids(&ready)).await;
+}
