@@ -9,6 +9,7 @@
 //! output `inherit`ed, `prefixed` or `null`. Prints `online PID` for each
 //! worker once it is online, then `ready`. Then, by THEN:
 //! - `wait`: waits forever (for the test to kill it);
+//! - `until-exit`: returns once every worker has ended by itself;
 //! - `return`: at a line on stdin, returns from `main`;
 //! - `panic`: at a line on stdin, panics;
 //! - `disconnect`: at a line on stdin, disconnects every worker, waits until
@@ -52,6 +53,11 @@ async fn main() {
         }
     }
     println!("ready");
+    if then == "until-exit" {
+        // Until every worker has ended, by itself.
+        while cluster.next_event().await.is_some() {}
+        return;
+    }
     if then == "wait" {
         std::future::pending::<()>().await;
     }

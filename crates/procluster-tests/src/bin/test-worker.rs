@@ -25,6 +25,11 @@ async fn main() {
             worker.disconnect();
             worker.shutdown_signal().await;
         }
+        // Asks for a privileged port and prints how that went.
+        "privileged-listen" => match worker.listen_tcp("127.0.0.1:1").await {
+            Ok(_) => println!("listening"),
+            Err(error) => println!("error {:?}: {error}", error.kind()),
+        },
         // Never reads its messages; leaves when disconnected.
         "deaf" => worker.shutdown_signal().await,
         "print" => {

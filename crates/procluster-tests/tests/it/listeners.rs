@@ -305,9 +305,9 @@ async fn an_address_that_cannot_be_bound_fails_in_the_worker_naming_it() {
         let (mut cluster, workers) = net_cluster(policy, 1).await;
         let a = &workers[0];
 
-        if root || unprivileged_start <= 1 {
-            eprintln!("skipping the EACCES case: running as root or port 1 is unprivileged here");
-        } else {
+        if root && unprivileged_start > 1 {
+            privileged_port_as_another_user(policy);
+        } else if unprivileged_start > 1 {
             let answers = ask_each(&mut cluster, &[a], &tcp("127.0.0.1:1", 1)).await;
             let (kind, message) = answers.failure(a.id());
             assert_eq!(kind, "PermissionDenied", "{policy:?}: {message}");
@@ -334,6 +334,41 @@ async fn an_address_that_cannot_be_bound_fails_in_the_worker_naming_it() {
         let ok = ask_each(&mut cluster, &[a], &tcp("127.0.0.1:0", 1)).await;
         assert_eq!(ask_tcp(ok.address(a.id())).await.unwrap().0, a.id());
     }
+}
+
+/// As root, port 1 binds: run a primary as `nobody` (with `setpriv`) whose
+/// worker asks for it, and read what the worker got.
+fn privileged_port_as_another_user(policy: Policy) {
+    let dir = std::env::temp_dir().join(format!("procluster-eacces-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut programs = Vec::new();
+    for program in [crate::test_primary(), crate::test_worker()] {
+        let copy = dir.join(std::path::Path::new(program).file_name().unwrap());
+        std::fs::copy(program, &copy).unwrap();
+        programs.push(copy);
+    }
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let output = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(&programs[0])
+        .arg(&programs[1])
+        .args(["privileged-listen", "1", "inherit", "until-exit"])
+        .env("PROCLUSTER_SCHED_POLICY", policy.name())
+        .current_dir(&dir)
+        .output()
+        .expect("run setpriv (util-linux)");
+    let _ = std::fs::remove_dir_all(&dir);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{policy:?}: {output:?}");
+    assert!(
+        stdout.contains("error PermissionDenied"),
+        "{policy:?}: {stdout}"
+    );
+    assert!(
+        stdout.contains("127.0.0.1:1"),
+        "{policy:?}: the message names the address: {stdout}"
+    );
 }
 
 #[tokio::test]
