@@ -22,7 +22,10 @@ use rustix::net::{
     SendAncillaryMessage, SendFlags,
 };
 use tokio::io::Interest;
-use tokio::net::UnixStream;
+use tokio::io::unix::AsyncFd;
+
+/// The channel's socket, registered with the runtime's reactor.
+type UnixStream = AsyncFd<OwnedFd>;
 use tokio::sync::Notify;
 
 use crate::protocol::{
@@ -101,9 +104,10 @@ pub(crate) fn open(
     max_frame: usize,
 ) -> io::Result<(ChannelSender, ChannelReader)> {
     rustix::io::ioctl_fionbio(&socket, true)?;
-    let fd = Arc::new(UnixStream::from_std(std::os::unix::net::UnixStream::from(
+    let fd = Arc::new(crate::sys::async_fd(
         socket,
-    ))?);
+        Interest::READABLE | Interest::WRITABLE,
+    )?);
     let shared = Arc::new(SendShared {
         socket: fd.clone(),
         state: Mutex::new(SendState::default()),
@@ -273,7 +277,7 @@ impl ChannelSender {
         if lone && spaced {
             state.last_direct = Some(std::time::Instant::now());
             let fds = state.fds.front().map_or(&[][..], |(_, fds)| &fds[..]);
-            if let Ok(written) = try_sendmsg(&self.shared.socket, &state.buf, fds) {
+            if let Ok(written) = try_sendmsg(self.shared.socket.get_ref(), &state.buf, fds) {
                 if written > 0 {
                     state.fds.clear();
                 }
@@ -365,7 +369,7 @@ async fn write_loop(fd: Arc<UnixStream>, shared: Arc<SendShared>) {
             return;
         }
         if close && shared.lock().buf.is_empty() {
-            let _ = rustix::net::shutdown(&*fd, rustix::net::Shutdown::Write);
+            let _ = rustix::net::shutdown(fd.get_ref(), rustix::net::Shutdown::Write);
             shared.lock().closed = true;
             shared.space_freed.notify_waiters();
             return;
@@ -412,25 +416,22 @@ async fn send_segment(
 ) -> io::Result<usize> {
     let total = bytes.len();
     while !bytes.is_empty() {
-        fd.writable().await?;
-        match fd.try_io(Interest::WRITABLE, || try_sendmsg(fd, bytes, fds)) {
-            Ok(n) => {
+        let mut ready = fd.writable().await?;
+        match ready.try_io(|socket| try_sendmsg(socket.get_ref(), bytes, fds)) {
+            Ok(Ok(n)) => {
                 fds = &[];
                 bytes = &bytes[n..];
             }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock
-                ) => {}
-            Err(e) => return Err(e),
+            Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+            Ok(Err(e)) => return Err(e),
+            Err(_would_block) => {}
         }
     }
     Ok(total)
 }
 
 /// One non-blocking `sendmsg` of `bytes`, with `fds` on its first byte.
-fn try_sendmsg(socket: &UnixStream, bytes: &[u8], fds: &[SharedFd]) -> io::Result<usize> {
+fn try_sendmsg(socket: &OwnedFd, bytes: &[u8], fds: &[SharedFd]) -> io::Result<usize> {
     let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(|f| f.as_fd()).collect();
     let iov = [IoSlice::new(bytes)];
     let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS_PER_FRAME))];
@@ -465,14 +466,23 @@ impl ChannelReader {
     /// Cancel safe: bytes read are kept in the decoder.
     pub(crate) async fn read_frames(&mut self, out: &mut Vec<Frame>) -> Result<bool, ChannelError> {
         loop {
-            self.fd.readable().await?;
+            let mut ready = self.fd.readable().await?;
             let scratch = &mut self.scratch;
-            let fd = &self.fd;
-            let received = match fd.try_io(Interest::READABLE, || receive(fd, scratch)) {
-                Ok(received) => received,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => Err(ChannelError::Io(e)),
+            let capacity = scratch.len();
+            let received = match ready.try_io(|socket| receive(socket.get_ref(), scratch)) {
+                Ok(Ok(received)) => received,
+                Ok(Err(e)) => Err(ChannelError::Io(e)),
+                Err(_would_block) => continue,
             };
+            let drained =
+                matches!(&received, Ok((n, fds)) if *n > 0 && *n < capacity && fds.is_empty());
+            if drained && cfg!(any(target_os = "linux", target_os = "android")) {
+                // On Linux a short read without descriptors emptied the
+                // socket (a read that takes descriptors stops early, after
+                // their message): the next read waits for the reactor instead
+                // of paying a system call to learn it.
+                ready.clear_ready();
+            }
             match received {
                 Ok((0, fds)) => {
                     drop(fds);
@@ -502,7 +512,7 @@ impl ChannelReader {
 /// One `recvmsg`. The outer `io::Result` is only for would-block, so that
 /// `try_io` can clear readiness; everything else is in the inner result.
 fn receive(
-    socket: &UnixStream,
+    socket: &OwnedFd,
     buf: &mut [u8],
 ) -> io::Result<Result<(usize, Vec<OwnedFd>), ChannelError>> {
     let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS_PER_FRAME))];

@@ -195,12 +195,14 @@ pub(crate) fn kill_group(pgid: u32, signal: Signal) -> std::io::Result<()> {
 ///
 /// # Errors
 /// When the reactor refuses the registration.
-pub(crate) fn async_fd(fd: OwnedFd) -> std::io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
+pub(crate) fn async_fd(
+    fd: OwnedFd,
+    interest: tokio::io::Interest,
+) -> std::io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
     // SAFETY: `fd` is an `OwnedFd` moved into the `AsyncFd`, which owns it
     // for its whole life: it stays open and names the same description until
     // the `AsyncFd` is dropped, and `OwnedFd::as_raw_fd` always returns it.
     unsafe {
-        tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
-            .map_err(|e| e.into_parts().1)
+        tokio::io::unix::AsyncFd::register_with_interest(fd, interest).map_err(|e| e.into_parts().1)
     }
 }

@@ -416,7 +416,7 @@ fn drain_vacant(inner: &Arc<Inner>, group: &Arc<Group>, state: &mut GroupState) 
 }
 
 async fn accept_loop(inner: std::sync::Weak<Inner>, group: Arc<Group>, socket: OwnedFd) {
-    let listener = match crate::sys::async_fd(socket) {
+    let listener = match crate::sys::async_fd(socket, tokio::io::Interest::READABLE) {
         Ok(listener) => listener,
         Err(error) => {
             tracing::error!(address = %group.address, %error, "cannot accept connections");
