@@ -137,6 +137,8 @@ struct SendState {
     writing: bool,
     /// When a sender last wrote directly.
     last_direct: Option<std::time::Instant>,
+    /// The writer has been woken for what is queued and not yet taken it.
+    writer_called: bool,
 }
 
 struct SendShared {
@@ -287,8 +289,13 @@ impl ChannelSender {
                 return;
             }
         }
+        // One wake-up per batch: the writer takes everything queued when it
+        // runs, so only the first frame after its last take needs to call it.
+        let wake = !std::mem::replace(&mut state.writer_called, true);
         drop(state);
-        self.shared.flush_wanted.notify_one();
+        if wake {
+            self.shared.flush_wanted.notify_one();
+        }
     }
 
     fn append(
@@ -347,6 +354,9 @@ async fn write_loop(fd: Arc<UnixStream>, shared: Arc<SendShared>) {
     loop {
         let taken = {
             let mut state = shared.lock();
+            // Whatever woke us is taken now, or was written directly by a
+            // sender: the next frame queued must call us again.
+            state.writer_called = false;
             if state.buf.is_empty() && !state.close_requested {
                 None
             } else {

@@ -322,3 +322,29 @@ async fn a_worker_that_never_reads_its_messages_can_still_be_disconnected() {
         .expect("the sender gives up once the worker is gone")
         .unwrap();
 }
+
+#[tokio::test]
+async fn thousands_of_quick_round_trips_never_stall() {
+    // Each side alternates writes made directly by the sender with writes
+    // left to its writer task; every one of them must arrive.
+    let mut cluster = builder("serve").build().unwrap();
+    let worker = cluster.fork().await.unwrap();
+    until(&mut cluster, |e| {
+        matches!(e, Event::Online(_)).then_some(())
+    })
+    .await;
+    for i in 0..3000 {
+        let text = format!("r{i}");
+        worker.send(&Command::Echo(text.clone())).await.unwrap();
+        let (reply, _) = until(&mut cluster, |e| match e {
+            Event::Message { message, .. } => Some(message.decode::<Reply>().unwrap()),
+            _ => None,
+        })
+        .await;
+        assert!(
+            matches!(reply, Reply::Echo(ref echoed) if *echoed == text),
+            "{reply:?}"
+        );
+    }
+    worker.disconnect();
+}
