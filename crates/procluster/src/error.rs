@@ -61,6 +61,17 @@ pub enum Error {
 }
 
 impl Error {
+    /// A failed send: a closed channel becomes `closed` (the peer is gone),
+    /// a payload that would not serialise [`Error::Encode`].
+    pub(crate) fn from_send(error: ChannelError, closed: Error) -> Self {
+        match error {
+            ChannelError::Closed => closed,
+            // The channel's only IO error while queueing is the serialiser's.
+            ChannelError::Io(e) => Self::Encode(e),
+            other => Self::Channel(other),
+        }
+    }
+
     pub(crate) fn io(context: impl Into<String>, source: io::Error) -> Self {
         Self::Io {
             context: context.into(),

@@ -561,8 +561,6 @@ pub enum Control {
         /// How many earlier requests for the same spec this worker made: the
         /// k-th `listen(0)` of every worker shares one port.
         ordinal: u32,
-        /// Bypass the primary: the worker binds itself.
-        exclusive: bool,
     },
     /// Primary → worker: the answer to [`Control::Listen`] with the same `seq`.
     ListenResult {
@@ -767,7 +765,6 @@ mod tests {
                     ipv6_only: None,
                 },
                 ordinal: 0,
-                exclusive: false,
             },
             Control::ListenResult {
                 seq: 3,

@@ -27,7 +27,7 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 
-use crate::channel::{ChannelError, ChannelReader, ChannelSender};
+use crate::channel::{ChannelReader, ChannelSender};
 use crate::message::Message;
 use crate::protocol::{Control, Format, Frame, FrameKind, ListenReply};
 use crate::{Error, WorkerId};
@@ -202,11 +202,7 @@ impl Worker {
                 crate::message::encode_into(format, value, buf)
             })
             .await
-            .map_err(|e| match e {
-                ChannelError::Closed => Error::ChannelClosed,
-                ChannelError::Io(e) => Error::Encode(e),
-                other => Error::Channel(other),
-            })
+            .map_err(|e| Error::from_send(e, Error::ChannelClosed))
     }
 
     /// The next message from the primary (or relayed from another worker);

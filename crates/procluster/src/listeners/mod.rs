@@ -604,12 +604,7 @@ impl Worker {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(seq, tx);
-        let request = Control::Listen {
-            seq,
-            spec,
-            ordinal,
-            exclusive: false,
-        };
+        let request = Control::Listen { seq, spec, ordinal };
         self.inner
             .sender
             .send_now(FrameKind::Control, &request.encode(), Vec::new())

@@ -275,7 +275,7 @@ impl WorkerHandle {
                 encoded
             })
             .await
-            .map_err(|e| self.map_send_error(e))?;
+            .map_err(|e| Error::from_send(e, Error::NotConnected(self.id())))?;
         self.charge_unread(len);
         Ok(())
     }
@@ -382,16 +382,6 @@ impl WorkerHandle {
             &Control::Disconnect.encode(),
             Vec::new(),
         );
-    }
-
-    fn map_send_error(&self, error: crate::channel::ChannelError) -> Error {
-        match error {
-            crate::channel::ChannelError::Closed => Error::NotConnected(self.id()),
-            crate::channel::ChannelError::Io(e) if e.kind() == std::io::ErrorKind::Other => {
-                Error::Encode(e)
-            }
-            other => Error::Channel(other),
-        }
     }
 }
 
