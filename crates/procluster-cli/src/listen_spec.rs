@@ -3,11 +3,12 @@
 
 use std::fmt;
 use std::io;
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 
-use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+use procluster::listeners::bind::{self, bind_error};
+use socket2::{Domain, SockAddr, Socket, Type};
 
 /// What to listen on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -134,8 +135,8 @@ pub fn bind(spec: &ListenSpec, index: usize, options: BindOptions) -> io::Result
         .clone()
         .unwrap_or_else(|| format!("listen{index}"));
     let socket = match &spec.endpoint {
-        Endpoint::Tcp(addr) => tcp(resolve(addr)?, options.reuse_port)?,
-        Endpoint::Udp(addr) => udp(resolve(addr)?, options.reuse_port)?,
+        Endpoint::Tcp(addr) => tcp(bind::parse_addr(addr)?, options.reuse_port)?,
+        Endpoint::Udp(addr) => udp(bind::parse_addr(addr)?, options.reuse_port)?,
         Endpoint::Unix(path) => unix(path)?,
     };
     Ok(Bound {
@@ -161,55 +162,24 @@ pub fn bind_again(first: &Bound) -> io::Result<OwnedFd> {
     Ok(again.into())
 }
 
-fn resolve(addr: &str) -> io::Result<SocketAddr> {
-    if let Ok(parsed) = addr.parse() {
-        return Ok(parsed);
-    }
-    addr.to_socket_addrs()
-        .map_err(|e| io::Error::new(e.kind(), format!("cannot resolve {addr}: {e}")))?
-        .next()
-        .ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("{addr} resolves to no address"),
-            )
-        })
-}
-
+/// The library's TCP socket, left blocking as systemd hands sockets over
+/// (the flag belongs to the socket that every worker shares).
 fn tcp(addr: SocketAddr, reuse_port: bool) -> io::Result<Socket> {
-    let name = format!("tcp://{addr}");
-    let socket = Socket::new(
-        Domain::for_address(addr),
-        Type::STREAM.cloexec(),
-        Some(Protocol::TCP),
+    let socket = bind::tcp(
+        addr,
+        bind::TcpBind {
+            reuse_port,
+            ..Default::default()
+        },
     )?;
-    socket.set_reuse_address(true)?;
-    if reuse_port {
-        socket.set_reuse_port(true)?;
-    }
-    if addr.is_ipv6() {
-        socket.set_only_v6(false)?;
-    }
-    socket
-        .bind(&addr.into())
-        .map_err(|e| bind_error(e, &name))?;
-    socket.listen(1024).map_err(|e| bind_error(e, &name))?;
+    socket.set_nonblocking(false)?;
     Ok(socket)
 }
 
+/// The library's UDP socket, left blocking.
 fn udp(addr: SocketAddr, reuse_port: bool) -> io::Result<Socket> {
-    let name = format!("udp://{addr}");
-    let socket = Socket::new(
-        Domain::for_address(addr),
-        Type::DGRAM.cloexec(),
-        Some(Protocol::UDP),
-    )?;
-    if reuse_port {
-        socket.set_reuse_port(true)?;
-    }
-    socket
-        .bind(&addr.into())
-        .map_err(|e| bind_error(e, &name))?;
+    let socket = bind::udp(addr, reuse_port)?;
+    socket.set_nonblocking(false)?;
     Ok(socket)
 }
 
@@ -237,22 +207,6 @@ fn unix(path: &std::path::Path) -> io::Result<Socket> {
     socket.bind(&address).map_err(|e| bind_error(e, &name))?;
     socket.listen(1024).map_err(|e| bind_error(e, &name))?;
     Ok(socket)
-}
-
-fn bind_error(error: io::Error, address: &str) -> io::Error {
-    let advice = match error.kind() {
-        io::ErrorKind::AddrInUse => {
-            " (another process listens there; pick another port or stop it)"
-        }
-        io::ErrorKind::PermissionDenied => " (ports below 1024 need root or CAP_NET_BIND_SERVICE)",
-        io::ErrorKind::AddrNotAvailable => " (no local interface has that address)",
-        io::ErrorKind::AlreadyExists => " (a file that is not a socket is in the way)",
-        _ => "",
-    };
-    io::Error::new(
-        error.kind(),
-        format!("cannot listen on {address}: {error}{advice}"),
-    )
 }
 
 #[cfg(test)]

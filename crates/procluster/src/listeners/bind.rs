@@ -1,4 +1,5 @@
-//! Creating listening sockets, with errors that name the address.
+//! Creating listening sockets, with errors that name the address. Public so
+//! that the `procluster` command binds its sockets the same way.
 
 use std::io;
 use std::net::SocketAddr;
@@ -11,14 +12,21 @@ pub const DEFAULT_BACKLOG: u32 = 1024;
 
 /// Options for a TCP listening socket.
 #[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct TcpBind {
+pub struct TcpBind {
+    /// `listen()` backlog (default [`DEFAULT_BACKLOG`]).
     pub backlog: Option<u32>,
+    /// For an IPv6 address: IPv6 only (default: dual stack).
     pub ipv6_only: Option<bool>,
+    /// `SO_REUSEPORT`, to bind the same address again.
     pub reuse_port: bool,
 }
 
-/// Parses `host:port` (IPv6 in brackets) into a socket address.
-pub(crate) fn parse_addr(addr: &str) -> io::Result<SocketAddr> {
+/// Parses `host:port` (IPv6 in brackets) into a socket address, resolving a
+/// host name.
+///
+/// # Errors
+/// When the host does not resolve.
+pub fn parse_addr(addr: &str) -> io::Result<SocketAddr> {
     use std::net::ToSocketAddrs;
     if let Ok(parsed) = addr.parse() {
         return Ok(parsed);
@@ -34,8 +42,12 @@ pub(crate) fn parse_addr(addr: &str) -> io::Result<SocketAddr> {
         })
 }
 
-/// Binds and listens on a TCP address.
-pub(crate) fn tcp(addr: SocketAddr, options: TcpBind) -> io::Result<Socket> {
+/// Binds and listens on a TCP address; the socket is close-on-exec and
+/// non-blocking.
+///
+/// # Errors
+/// The bind error, naming the address (see [`bind_error`]).
+pub fn tcp(addr: SocketAddr, options: TcpBind) -> io::Result<Socket> {
     let socket = Socket::new(
         Domain::for_address(addr),
         Type::STREAM.cloexec(),
@@ -63,13 +75,21 @@ pub(crate) fn tcp(addr: SocketAddr, options: TcpBind) -> io::Result<Socket> {
     Ok(socket)
 }
 
-/// Binds a UDP socket.
-pub(crate) fn udp(addr: SocketAddr) -> io::Result<Socket> {
+/// Binds a UDP socket, close-on-exec and non-blocking; `reuse_port` sets
+/// `SO_REUSEPORT` to bind the same address again.
+///
+/// # Errors
+/// The bind error, naming the address.
+pub fn udp(addr: SocketAddr, reuse_port: bool) -> io::Result<Socket> {
     let socket = Socket::new(
         Domain::for_address(addr),
         Type::DGRAM.cloexec(),
         Some(Protocol::UDP),
     )?;
+    if reuse_port {
+        #[cfg(all(unix, not(target_os = "solaris"), not(target_os = "illumos")))]
+        socket.set_reuse_port(true)?;
+    }
     socket.set_nonblocking(true)?;
     socket
         .bind(&addr.into())
@@ -91,13 +111,14 @@ pub(crate) fn unix(path: &Path, backlog: Option<u32>) -> io::Result<Socket> {
 
 /// The error of a failed bind, naming the address, with advice for the
 /// usual causes.
-pub(crate) fn bind_error(error: io::Error, address: &str) -> io::Error {
+pub fn bind_error(error: io::Error, address: &str) -> io::Error {
     let advice = match error.kind() {
         io::ErrorKind::AddrInUse => {
             " (another process listens there; pick another port or stop it)"
         }
         io::ErrorKind::PermissionDenied => " (ports below 1024 need root or CAP_NET_BIND_SERVICE)",
         io::ErrorKind::AddrNotAvailable => " (no local interface has that address)",
+        io::ErrorKind::AlreadyExists => " (a file that is not a socket is in the way)",
         _ => "",
     };
     io::Error::new(

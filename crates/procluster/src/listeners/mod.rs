@@ -26,7 +26,7 @@
 //! # }
 //! ```
 
-mod bind;
+pub mod bind;
 mod distributor;
 pub(crate) mod primary;
 

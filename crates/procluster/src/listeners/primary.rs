@@ -237,7 +237,7 @@ fn create_group(inner: &Inner, key: u32, spec: &ListenSpec) -> io::Result<Group>
             tcp_bind = Some((bound, options));
             socket
         }
-        ListenSpec::Udp { addr } => bind::udp(bind::parse_addr(addr)?)?,
+        ListenSpec::Udp { addr } => bind::udp(bind::parse_addr(addr)?, false)?,
         ListenSpec::Unix { path, backlog } => {
             let path = PathBuf::from(path);
             let socket = bind::unix(&path, *backlog)?;
