@@ -70,17 +70,13 @@ fn parse_options() -> Result<Options, String> {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    // The primary only passes things around: Tokio's single-threaded runtime
-    // suits it best. Workers serve requests on all their threads.
-    let runtime = if procluster::is_worker_process() {
-        tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()?
-    } else {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?
-    };
+    // One worker per core is the parallelism, as in Node: each process runs
+    // Tokio's single-threaded runtime, which spares the cross-thread
+    // wake-ups a multi-threaded one would pay in every worker. The primary
+    // only passes things around.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(run())
 }
 

@@ -506,7 +506,7 @@ pub enum ListenReply {
         /// The address actually bound, as text.
         address: String,
     },
-    /// Connections will arrive as [`Control::Connection`] messages.
+    /// Connections will arrive as [`Control::Connections`] messages.
     RoundRobin {
         /// The key of the listener in the primary.
         key: u32,
@@ -580,14 +580,13 @@ pub enum Control {
         /// The listener's key.
         key: u32,
     },
-    /// Primary → worker: an accepted connection rides with this message.
-    Connection {
-        /// The listener it was accepted on.
+    /// Primary → worker: accepted connections ride with this message, one
+    /// descriptor per entry of `handed`, in the same order.
+    Connections {
+        /// The listener they were accepted on.
         key: u32,
-        /// Sequence number to acknowledge.
-        seq: u64,
-        /// The client's address, as `accept` gave it to the primary.
-        peer: Option<std::net::SocketAddr>,
+        /// What the worker needs to know of each connection.
+        handed: Vec<HandedConnection>,
     },
     /// Worker → primary: whether the connection `seq` was taken.
     ConnectionAck {
@@ -611,6 +610,15 @@ pub enum Control {
         /// How many more connections the worker will take now.
         n: u32,
     },
+}
+
+/// One connection of a [`Control::Connections`] message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandedConnection {
+    /// Sequence number the worker acknowledges it with.
+    pub seq: u64,
+    /// The client's address, as `accept` gave it to the primary.
+    pub peer: Option<std::net::SocketAddr>,
 }
 
 impl Control {
@@ -773,10 +781,15 @@ mod tests {
                     message: "in use".into(),
                 },
             },
-            Control::Connection {
-                peer: Some("127.0.0.1:9".parse().unwrap()),
+            Control::Connections {
                 key: 1,
-                seq: u64::MAX,
+                handed: vec![
+                    HandedConnection {
+                        seq: u64::MAX,
+                        peer: Some("127.0.0.1:9".parse().unwrap()),
+                    },
+                    HandedConnection { seq: 2, peer: None },
+                ],
             },
         ];
         for c in all {

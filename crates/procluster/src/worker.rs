@@ -397,8 +397,8 @@ async fn dispatch(
                     let _ = waiter.send((reply, frame.fds));
                 }
             }
-            Ok(Control::Connection { key, seq, peer }) => {
-                crate::listeners::incoming_connection(inner, key, seq, peer, frame.fds)
+            Ok(Control::Connections { key, handed }) => {
+                crate::listeners::incoming_connections(inner, key, handed, frame.fds)
             }
             Ok(other) => tracing::debug!(?other, "ignoring an unexpected control message"),
             Err(error) => primary_gone(&format!("the primary sent a bad control message: {error}")),

@@ -26,6 +26,10 @@ pub(crate) enum Mode {
 /// primary's descriptors) without bound.
 const PUSH_WINDOW: usize = 64;
 
+/// Most connections handed to one worker in one message (one descriptor
+/// each).
+pub(crate) const MAX_BATCH: usize = crate::protocol::MAX_FDS_PER_FRAME;
+
 #[derive(Debug)]
 struct Target {
     worker: WorkerId,
@@ -141,26 +145,55 @@ impl<C> Distributor<C> {
         }
     }
 
-    /// Hands queued connections to workers that can take them, calling
-    /// `send(worker, seq, &conn)`; a `false` from `send` means that worker's
-    /// channel is gone: it is removed and the connection goes elsewhere.
-    pub(crate) fn dispatch(&mut self, mut send: impl FnMut(WorkerId, u64, &C) -> bool) {
-        while !self.queue.is_empty() {
-            let Some(index) = self.next_target() else {
-                return;
-            };
-            let worker = self.targets[index].worker;
-            let conn = self.queue.pop_front().expect("queue checked non-empty");
-            let seq = self.next_seq;
-            self.next_seq += 1;
-            if send(worker, seq, &conn) {
+    /// Hands queued connections to workers that can take them, in
+    /// round-robin order, calling `send(worker, batch)` once per worker with
+    /// every connection it got this time (at most [`MAX_BATCH`] per call),
+    /// each with its sequence number. A `false` from `send` means that
+    /// worker's channel is gone: it is removed and its connections go
+    /// elsewhere.
+    pub(crate) fn dispatch(&mut self, mut send: impl FnMut(WorkerId, &[(u64, &C)]) -> bool) {
+        loop {
+            let mut batches: Vec<(WorkerId, Vec<u64>)> = Vec::new();
+            while !self.queue.is_empty() {
+                let Some(index) = self.next_target() else {
+                    break;
+                };
+                let conn = self.queue.pop_front().expect("queue checked non-empty");
+                let seq = self.next_seq;
+                self.next_seq += 1;
+                let target = &mut self.targets[index];
                 if self.mode == Mode::Credit {
-                    self.targets[index].credit -= 1;
+                    target.credit -= 1;
                 }
-                self.targets[index].unacked += 1;
+                target.unacked += 1;
+                let worker = target.worker;
                 self.in_flight.insert(seq, (worker, conn));
-            } else {
-                self.queue.push_front(conn);
+                match batches
+                    .iter_mut()
+                    .find(|(w, seqs)| *w == worker && seqs.len() < MAX_BATCH)
+                {
+                    Some((_, seqs)) => seqs.push(seq),
+                    None => batches.push((worker, vec![seq])),
+                }
+            }
+            let mut failed: Vec<WorkerId> = Vec::new();
+            for (worker, seqs) in &batches {
+                if failed.contains(worker) {
+                    continue;
+                }
+                let batch: Vec<(u64, &C)> = seqs
+                    .iter()
+                    .filter_map(|seq| self.in_flight.get(seq).map(|(_, conn)| (*seq, conn)))
+                    .collect();
+                if !send(*worker, &batch) {
+                    failed.push(*worker);
+                }
+            }
+            if failed.is_empty() {
+                return;
+            }
+            // Their connections return to the queue, in order, for the others.
+            for worker in failed {
                 self.remove_target(worker);
             }
         }
@@ -198,10 +231,12 @@ mod tests {
 
     fn hand_out(d: &mut Distributor<u32>) -> Vec<(WorkerId, u64, u32)> {
         let mut sent = Vec::new();
-        d.dispatch(|w, seq, c| {
-            sent.push((w, seq, *c));
+        d.dispatch(|w, batch| {
+            sent.extend(batch.iter().map(|(seq, c)| (w, *seq, **c)));
             true
         });
+        // In the order they were assigned.
+        sent.sort_by_key(|s| s.1);
         sent
     }
 
@@ -274,11 +309,11 @@ mod tests {
         d.add_target(2);
         d.offer(9);
         let mut sent = Vec::new();
-        d.dispatch(|w, _, c| {
+        d.dispatch(|w, batch| {
             if w == 1 {
                 return false;
             }
-            sent.push((w, *c));
+            sent.extend(batch.iter().map(|(_, c)| (w, **c)));
             true
         });
         assert_eq!(sent, [(2, 9)]);
@@ -304,6 +339,36 @@ mod tests {
         let more = hand_out(&mut d);
         assert!(more.iter().all(|s| s.0 == 2));
         assert_eq!(d.queued(), 0);
+    }
+
+    #[test]
+    fn each_worker_gets_its_share_in_one_message_of_bounded_size() {
+        let mut d = Distributor::new(Mode::Push);
+        d.add_target(1);
+        d.add_target(2);
+        let total = MAX_BATCH + 10;
+        for c in 0..total as u32 {
+            d.offer(c);
+        }
+        let mut calls = Vec::new();
+        d.dispatch(|w, batch| {
+            calls.push((w, batch.len()));
+            true
+        });
+        // Round-robin: half each, and each half fits in one message.
+        assert_eq!(calls, [(1, total / 2), (2, total / 2)]);
+        let mut d = Distributor::new(Mode::Credit);
+        d.add_target(1);
+        d.credit(1, MAX_BATCH + 1);
+        for c in 0..(MAX_BATCH + 1) as u32 {
+            d.offer(c);
+        }
+        let mut sizes = Vec::new();
+        d.dispatch(|_, batch| {
+            sizes.push(batch.len());
+            true
+        });
+        assert_eq!(sizes, [MAX_BATCH, 1]);
     }
 
     #[test]

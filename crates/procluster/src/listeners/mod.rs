@@ -36,6 +36,7 @@ use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Instant;
 
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, oneshot};
@@ -43,7 +44,7 @@ use tokio::sync::{Notify, oneshot};
 pub use bind::{DEFAULT_BACKLOG, describe_socket};
 
 use crate::primary::{Inner, WorkerHandle};
-use crate::protocol::{Control, FrameKind, ListenReply, ListenSpec};
+use crate::protocol::{Control, FrameKind, HandedConnection, ListenReply, ListenSpec};
 use crate::worker::{Worker, WorkerInner};
 
 /// Options for [`Worker::listen_tcp_with`].
@@ -64,15 +65,16 @@ pub struct TcpOptions {
 }
 
 /// Connections handed ahead of `accept()` calls on a round-robin listener.
-pub const DEFAULT_PREFETCH: u32 = 2;
+pub const DEFAULT_PREFETCH: u32 = 16;
 
 /// A connection handed by the primary, not yet taken by `accept()`.
 struct Queued {
     seq: u64,
     fd: OwnedFd,
     peer: Option<SocketAddr>,
-    /// Arrived while no `accept()` was waiting (on prefetch credit).
-    ahead: bool,
+    /// When it arrived, if no `accept()` was waiting for it then (it came
+    /// on prefetch credit).
+    ahead: Option<Instant>,
 }
 
 /// How long a connection handed ahead of `accept()` may wait for the
@@ -90,7 +92,26 @@ struct HandedState {
     granted: usize,
     /// Extra credit beyond the waiting `accept()` calls.
     prefetch: usize,
+    /// A task watches connections queued ahead of `accept()` calls.
+    patrolled: bool,
     closed: bool,
+}
+
+impl HandedState {
+    /// Credit to grant the primary now, counted as granted: enough to cover
+    /// the waiting `accept()` calls plus the prefetch reserve. While the
+    /// waiting calls are covered, the reserve is topped up only once half of
+    /// it is used, so connections come in batches, one message each.
+    fn credit_due(&mut self) -> usize {
+        let wanted = (self.waiting + self.prefetch).saturating_sub(self.queue.len());
+        let grant = wanted.saturating_sub(self.granted);
+        let starving = self.granted + self.queue.len() < self.waiting;
+        if grant == 0 || (!starving && grant < self.prefetch.div_ceil(2)) {
+            return 0;
+        }
+        self.granted += grant;
+        grant
+    }
 }
 
 #[derive(Default)]
@@ -166,47 +187,56 @@ fn refuse_queued(key: u32, handed: &Handed, sender: &crate::channel::ChannelSend
     handed.arrived.notify_waiters();
 }
 
-/// A connection handed to this worker by the primary.
-pub(crate) fn incoming_connection(
+/// Connections handed to this worker by the primary, one descriptor each.
+pub(crate) fn incoming_connections(
     inner: &Arc<WorkerInner>,
     key: u32,
-    seq: u64,
-    peer: Option<SocketAddr>,
-    mut fds: Vec<OwnedFd>,
+    handed_connections: Vec<HandedConnection>,
+    fds: Vec<OwnedFd>,
 ) {
     let handed = inner.connections.table().get(&key).and_then(Weak::upgrade);
-    let queued = match (&handed, fds.pop()) {
-        (Some(handed), Some(fd)) => {
-            let mut state = handed.state();
+    let mut refused = Vec::new();
+    let mut queued = 0;
+    let mut start_patrol = false;
+    {
+        let mut state = handed.as_ref().map(|h| h.state());
+        let mut fds = fds.into_iter();
+        let now = Instant::now();
+        for HandedConnection { seq, peer } in handed_connections {
+            let fd = fds.next();
+            let Some((state, fd)) = state.as_mut().zip(fd) else {
+                refused.push(seq);
+                continue;
+            };
             state.granted = state.granted.saturating_sub(1);
             if state.closed {
-                None
-            } else {
-                let ahead = state.waiting <= state.queue.len();
-                state.queue.push_back(Queued {
-                    seq,
-                    fd,
-                    peer,
-                    ahead,
-                });
-                Some(ahead)
+                refused.push(seq);
+                continue;
+            }
+            let ahead = state.waiting <= state.queue.len();
+            state.queue.push_back(Queued {
+                seq,
+                fd,
+                peer,
+                ahead: ahead.then_some(now),
+            });
+            queued += 1;
+            if ahead && !state.patrolled {
+                state.patrolled = true;
+                start_patrol = true;
             }
         }
-        _ => None,
-    };
-    match (queued, handed) {
-        (Some(ahead), Some(handed)) => {
+    }
+    if let Some(handed) = handed {
+        for _ in 0..queued {
             handed.arrived.notify_one();
-            if ahead {
-                tokio::spawn(give_back_if_untaken(
-                    Arc::downgrade(inner),
-                    key,
-                    handed,
-                    seq,
-                ));
-            }
         }
-        _ => refuse(&inner.sender, key, seq),
+        if start_patrol {
+            tokio::spawn(give_back_untaken(Arc::downgrade(inner), key, handed));
+        }
+    }
+    for seq in refused {
+        refuse(&inner.sender, key, seq);
     }
 }
 
@@ -220,27 +250,40 @@ fn refuse(sender: &crate::channel::ChannelSender, key: u32, seq: u64) {
     let _ = sender.send_now(FrameKind::Control, &ack.encode(), Vec::new());
 }
 
-/// Gives a prefetched connection back to the primary if the application has
-/// not taken it in time; the primary then stops feeding this worker until
-/// its application calls `accept()` again.
-async fn give_back_if_untaken(inner: Weak<WorkerInner>, key: u32, handed: Arc<Handed>, seq: u64) {
-    tokio::time::sleep(PREFETCH_PATIENCE).await;
-    let Some(inner) = inner.upgrade() else { return };
-    let stale: Vec<u64> = {
-        let mut state = handed.state();
-        if state.waiting > 0 || !state.queue.iter().any(|q| q.seq == seq) {
-            return;
+/// Watches the connections handed ahead of `accept()` calls (one task per
+/// listener while there are any): if the application has taken none of them
+/// in time, they go back to the primary, which then stops feeding this
+/// worker until its application calls `accept()` again.
+async fn give_back_untaken(inner: Weak<WorkerInner>, key: u32, handed: Arc<Handed>) {
+    let mut deadline = Instant::now() + PREFETCH_PATIENCE;
+    loop {
+        tokio::time::sleep_until(deadline.into()).await;
+        let Some(inner) = inner.upgrade() else { return };
+        let stale: Vec<u64> = {
+            let mut state = handed.state();
+            let Some(oldest) = state.queue.iter().find_map(|q| q.ahead) else {
+                state.patrolled = false;
+                return;
+            };
+            let due = oldest + PREFETCH_PATIENCE;
+            if state.waiting > 0 || due > Instant::now() {
+                // Being taken, or not old enough yet: look again later.
+                deadline = due.max(Instant::now() + PREFETCH_PATIENCE / 4);
+                continue;
+            }
+            // Nobody is accepting: every connection queued ahead goes back,
+            // and the primary forgets this worker's credit, as do we.
+            state.granted = 0;
+            state.patrolled = false;
+            let (back, keep): (VecDeque<Queued>, VecDeque<Queued>) =
+                state.queue.drain(..).partition(|q| q.ahead.is_some());
+            state.queue = keep;
+            back.into_iter().map(|q| q.seq).collect()
+        };
+        for seq in stale {
+            refuse(&inner.sender, key, seq);
         }
-        // Nobody is accepting: every connection queued ahead goes back, and
-        // the primary forgets this worker's credit, as do we.
-        state.granted = 0;
-        let (back, keep): (VecDeque<Queued>, VecDeque<Queued>) =
-            state.queue.drain(..).partition(|q| q.ahead);
-        state.queue = keep;
-        back.into_iter().map(|q| q.seq).collect()
-    };
-    for seq in stale {
-        refuse(&inner.sender, key, seq);
+        return;
     }
 }
 
@@ -311,10 +354,7 @@ impl TcpListener {
                 return Err(disconnecting());
             }
             state.waiting += 1;
-            let wanted = (state.waiting + state.prefetch).saturating_sub(state.queue.len());
-            let grant = wanted.saturating_sub(state.granted);
-            state.granted += grant;
-            grant
+            state.credit_due()
         };
         if grant > 0 && self.round_robin {
             self.send(Control::Credit {
@@ -336,10 +376,13 @@ impl TcpListener {
             let Some(Queued { seq, fd, peer, .. }) = state.queue.pop_front() else {
                 return Ok(None);
             };
-            // With a reserve, the connection taken is replaced at once: the
-            // credit rides on the ack instead of a message of its own.
-            let credit = u32::from(self.round_robin && state.prefetch > 0);
-            state.granted += credit as usize;
+            // Credit to replace what was taken rides on the ack instead of a
+            // message of its own.
+            let credit = if self.round_robin {
+                state.credit_due() as u32
+            } else {
+                0
+            };
             // Acknowledged under the lock, so the ack is on the channel before
             // a concurrent disconnect's notice: the primary never hands this
             // connection to a second worker.

@@ -16,7 +16,7 @@ use super::distributor::{Distributor, Mode};
 use crate::WorkerId;
 use crate::channel::SharedFd;
 use crate::primary::{Event, Inner, WorkerHandle, WorkerState};
-use crate::protocol::{Control, FrameKind, ListenReply, ListenSpec, Policy};
+use crate::protocol::{Control, FrameKind, HandedConnection, ListenReply, ListenSpec, Policy};
 
 /// Longest address a worker may report as listening (a Unix path is at most
 /// 108 bytes; this leaves room for any address).
@@ -28,6 +28,8 @@ const MAX_QUEUED: usize = 1024;
 /// Pause after an accept error such as `EMFILE`, so the primary backs off
 /// instead of spinning.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
+/// Most connections accepted in one go before they are handed out.
+const ACCEPT_BURST: usize = 64;
 
 /// A connection the primary accepted and holds until a worker takes it.
 #[derive(Debug)]
@@ -427,19 +429,21 @@ async fn accept_loop(inner: std::sync::Weak<Inner>, group: Arc<Group>, socket: O
         let room = group.room.notified();
         tokio::pin!(room);
         room.as_mut().enable();
-        let full = group.state().distributor.queued() >= MAX_QUEUED;
-        if full {
+        let room_left = MAX_QUEUED.saturating_sub(group.state().distributor.queued());
+        if room_left == 0 {
             room.await;
             continue;
         }
-        match accept_raw(&listener).await {
-            Ok(stream) => {
+        match accept_burst(&listener, room_left.min(ACCEPT_BURST)).await {
+            Ok(burst) => {
                 let Some(inner) = inner.upgrade() else { return };
                 let mut state = group.state();
                 if state.closed {
                     return;
                 }
-                state.distributor.offer(stream);
+                for accepted in burst {
+                    state.distributor.offer(accepted);
+                }
                 dispatch(&inner, group.key, &mut state);
             }
             Err(error) if is_transient(&error) => {}
@@ -451,24 +455,40 @@ async fn accept_loop(inner: std::sync::Weak<Inner>, group: Arc<Group>, socket: O
     }
 }
 
-/// Accepts one connection as a bare descriptor: it only passes through the
-/// primary, so it is never registered with the primary's event loop (which
-/// would cost two `epoll_ctl` calls per connection).
-async fn accept_raw(listener: &tokio::io::unix::AsyncFd<OwnedFd>) -> io::Result<Accepted> {
+/// Accepts what the listening socket has waiting, up to `max`, as bare
+/// descriptors: they only pass through the primary, so they are never
+/// registered with the primary's event loop (which would cost two
+/// `epoll_ctl` calls per connection). A burst goes to the workers in one
+/// message each.
+async fn accept_burst(
+    listener: &tokio::io::unix::AsyncFd<OwnedFd>,
+    max: usize,
+) -> io::Result<Vec<Accepted>> {
     use rustix::net::SocketFlags;
+    let mut burst = Vec::new();
     loop {
         let mut ready = listener.readable().await?;
-        let accepted = ready.try_io(|socket| {
-            // Non-blocking, as the worker's runtime wants it (the flag
-            // belongs to the connection, so the worker need not set it).
-            let flags = SocketFlags::CLOEXEC | SocketFlags::NONBLOCK;
-            rustix::net::acceptfrom_with(socket.get_ref(), flags).map_err(io::Error::from)
-        });
-        if let Ok(result) = accepted {
-            return result.map(|(fd, peer)| Accepted {
-                fd: SharedFd::new(fd),
-                peer: peer.and_then(|p| std::net::SocketAddr::try_from(p).ok()),
+        while burst.len() < max {
+            let accepted = ready.try_io(|socket| {
+                // Non-blocking, as the worker's runtime wants it (the flag
+                // belongs to the connection, so the worker need not set it).
+                let flags = SocketFlags::CLOEXEC | SocketFlags::NONBLOCK;
+                rustix::net::acceptfrom_with(socket.get_ref(), flags).map_err(io::Error::from)
             });
+            match accepted {
+                Ok(Ok((fd, peer))) => burst.push(Accepted {
+                    fd: SharedFd::new(fd),
+                    peer: peer.and_then(|p| std::net::SocketAddr::try_from(p).ok()),
+                }),
+                // What was accepted goes out; the error comes back next time.
+                Ok(Err(_)) if !burst.is_empty() => return Ok(burst),
+                Ok(Err(error)) => return Err(error),
+                // Nothing more waiting.
+                Err(_would_block) => break,
+            }
+        }
+        if !burst.is_empty() {
+            return Ok(burst);
         }
     }
 }
@@ -482,22 +502,28 @@ fn is_transient(error: &io::Error) -> bool {
     )
 }
 
-/// Hands queued connections to workers.
+/// Hands queued connections to workers: one message per worker, its
+/// connections' descriptors attached.
 fn dispatch(inner: &Inner, key: u32, state: &mut GroupState) {
-    state.distributor.dispatch(|worker_id, seq, conn| {
+    state.distributor.dispatch(|worker_id, batch| {
         let Some(worker) = inner.worker(worker_id) else {
             return false;
         };
-        let copy = conn.fd.clone();
-        let control = Control::Connection {
+        let fds = batch.iter().map(|(_, conn)| conn.fd.clone()).collect();
+        let control = Control::Connections {
             key,
-            seq,
-            peer: conn.peer,
+            handed: batch
+                .iter()
+                .map(|(seq, conn)| HandedConnection {
+                    seq: *seq,
+                    peer: conn.peer,
+                })
+                .collect(),
         };
         worker
             .shared
             .sender
-            .send_now_shared(FrameKind::Control, &control.encode(), vec![copy])
+            .send_now_shared(FrameKind::Control, &control.encode(), fds)
             .is_ok()
     });
 }
