@@ -30,6 +30,10 @@ pub struct IpcArgs {
     /// Skip the Node side.
     #[arg(long)]
     no_node: bool,
+    /// Busy-poll window (µs) for the extra round-trip rows measured with
+    /// `ClusterBuilder::busy_poll`; 0 skips them.
+    #[arg(long, default_value_t = 50)]
+    busy_poll_us: u64,
 }
 
 /// Everything a bench primary and worker say to each other. One type, so
@@ -57,9 +61,14 @@ pub async fn worker_main(worker: Worker) {
 }
 
 async fn cluster(format: Format) -> Cluster {
+    cluster_with(format, Duration::ZERO).await
+}
+
+async fn cluster_with(format: Format, busy_poll: Duration) -> Cluster {
     Cluster::builder()
         .workers(0)
         .format(format)
+        .busy_poll(busy_poll)
         .build()
         .expect("cluster")
 }
@@ -98,8 +107,8 @@ async fn throughput(format: Format, messages: u64) -> f64 {
     rate
 }
 
-async fn pingpong(format: Format, rounds: usize) -> (f64, f64) {
-    let mut cluster = cluster(format).await;
+async fn pingpong(format: Format, rounds: usize, busy_poll: Duration) -> (f64, f64) {
+    let mut cluster = cluster_with(format, busy_poll).await;
     let worker = online(&mut cluster).await;
     let mut samples = Vec::with_capacity(rounds);
     for n in 0..(1000 + rounds) as u64 {
@@ -194,13 +203,22 @@ pub async fn run(args: IpcArgs) -> Result<(), Box<dyn std::error::Error>> {
     };
     let json_rate = throughput(Format::Json, args.messages).await;
     let binary_rate = throughput(Format::Binary, args.messages).await;
-    let (json_p50, json_p99) = pingpong(Format::Json, args.pingpongs).await;
-    let (bin_p50, bin_p99) = pingpong(Format::Binary, args.pingpongs).await;
+    let (json_p50, json_p99) = pingpong(Format::Json, args.pingpongs, Duration::ZERO).await;
+    let (bin_p50, bin_p99) = pingpong(Format::Binary, args.pingpongs, Duration::ZERO).await;
+    let busy_poll = Duration::from_micros(args.busy_poll_us);
+    let polled = if busy_poll.is_zero() {
+        None
+    } else {
+        Some((
+            pingpong(Format::Json, args.pingpongs, busy_poll).await,
+            pingpong(Format::Binary, args.pingpongs, busy_poll).await,
+        ))
+    };
     let fork_ms = fork_online(args.forks).await;
     let node_rate = field(&["throughput", "msgs_per_sec"]);
     let node_p50 = field(&["pingpong", "p50_us"]);
     let node_p99 = field(&["pingpong", "p99_us"]);
-    let rows = vec![
+    let mut rows = vec![
         Row::compared(
             "throughput worker→primary, JSON",
             "msg/s",
@@ -219,17 +237,26 @@ pub async fn run(args: IpcArgs) -> Result<(), Box<dyn std::error::Error>> {
         Row::compared("round trip p99, JSON", "µs", json_p99, node_p99, false),
         Row::compared("round trip p50, binary", "µs", bin_p50, node_p50, false),
         Row::compared("round trip p99, binary", "µs", bin_p99, node_p99, false),
-        Row::compared(
-            "fork→online median",
-            "ms",
-            fork_ms,
-            field(&["fork_online", "median_ms"]),
-            false,
-        ),
     ];
+    if let Some(((jp50, jp99), (bp50, bp99))) = polled {
+        let label = |what: &str| format!("round trip {what}, busy_poll {} µs", args.busy_poll_us);
+        rows.extend([
+            Row::compared(&label("p50, JSON"), "µs", jp50, node_p50, false),
+            Row::compared(&label("p99, JSON"), "µs", jp99, node_p99, false),
+            Row::compared(&label("p50, binary"), "µs", bp50, node_p50, false),
+            Row::compared(&label("p99, binary"), "µs", bp99, node_p99, false),
+        ]);
+    }
+    rows.push(Row::compared(
+        "fork→online median",
+        "ms",
+        fork_ms,
+        field(&["fork_online", "median_ms"]),
+        false,
+    ));
     print_table(&rows, "procluster", "node");
     let runtime = std::env::var("PROCLUSTER_BENCH_RUNTIME")
-        .unwrap_or_else(|_| "primary current-thread, workers multi-thread".into());
+        .unwrap_or_else(|_| "current-thread (primary and worker)".into());
     println!("(procluster runtimes: {runtime})");
     let json = serde_json::json!({
         "runtime": runtime, "bench": "ipc", "messages": args.messages, "rows": to_json(&rows), "node_raw": node });

@@ -51,17 +51,20 @@ enum Bench {
     SupervisedServer(supervision::ServerArgs),
 }
 
-/// By default the bench runs as procluster recommends: the primary on
-/// Tokio's single-threaded runtime, workers on the multi-threaded one.
-/// `PROCLUSTER_BENCH_RUNTIME=current-thread` or `multi-thread` puts both
-/// sides (workers inherit the variable) on that runtime instead.
+/// By default the bench runs as procluster recommends for one worker per
+/// core: primary and workers on Tokio's single-threaded runtime.
+/// `PROCLUSTER_BENCH_RUNTIME=multi-thread` puts both sides (workers inherit
+/// the variable) on the multi-threaded one, `multi-thread-workers` only the
+/// workers.
 const RUNTIME_ENV: &str = "PROCLUSTER_BENCH_RUNTIME";
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // Single-threaded primary and workers unless told otherwise, as the
+    // README recommends for one worker per core.
     let single = match std::env::var(RUNTIME_ENV).as_deref() {
-        Ok("current-thread") => true,
         Ok("multi-thread") => false,
-        _ => !procluster::is_worker_process(),
+        Ok("multi-thread-workers") => !procluster::is_worker_process(),
+        _ => true,
     };
     let mut runtime = if single {
         tokio::runtime::Builder::new_current_thread()

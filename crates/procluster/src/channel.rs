@@ -16,6 +16,7 @@ use std::io::{self, IoSlice, IoSliceMut};
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use rustix::net::{
     RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags, SendAncillaryBuffer,
@@ -120,6 +121,8 @@ pub(crate) fn open(
         fd,
         decoder: FrameDecoder::new(max_frame),
         scratch: vec![0; READ_CHUNK].into_boxed_slice(),
+        busy_poll: Duration::ZERO,
+        last_read: None,
     };
     Ok((ChannelSender { shared }, reader))
 }
@@ -462,9 +465,30 @@ pub(crate) struct ChannelReader {
     fd: Arc<UnixStream>,
     decoder: FrameDecoder,
     scratch: Box<[u8]>,
+    /// How long after a read the reader keeps polling the socket itself
+    /// instead of waiting for the reactor (zero: never).
+    busy_poll: Duration,
+    /// When bytes last arrived.
+    last_read: Option<Instant>,
 }
 
 impl ChannelReader {
+    /// After each read, keep polling the socket for `window` before waiting
+    /// on the reactor again: the reply to a message just sent is picked up
+    /// without the event loop going to sleep and being woken, at the price
+    /// of the CPU spent polling. Other tasks keep running meanwhile (the
+    /// reader yields between polls).
+    pub(crate) fn set_busy_poll(&mut self, window: Duration) {
+        self.busy_poll = window;
+    }
+
+    fn busy_polling(&self) -> bool {
+        !self.busy_poll.is_zero()
+            && self
+                .last_read
+                .is_some_and(|at| at.elapsed() < self.busy_poll)
+    }
+
     /// Reads once and appends every frame completed by what arrived to `out`.
     /// Returns `Ok(false)` at a clean end of stream.
     ///
@@ -476,22 +500,38 @@ impl ChannelReader {
     /// Cancel safe: bytes read are kept in the decoder.
     pub(crate) async fn read_frames(&mut self, out: &mut Vec<Frame>) -> Result<bool, ChannelError> {
         loop {
-            let mut ready = self.fd.readable().await?;
-            let scratch = &mut self.scratch;
-            let capacity = scratch.len();
-            let received = match ready.try_io(|socket| receive(socket.get_ref(), scratch)) {
-                Ok(Ok(received)) => received,
-                Ok(Err(e)) => Err(ChannelError::Io(e)),
-                Err(_would_block) => continue,
+            let received = if self.busy_polling() {
+                match receive(self.fd.get_ref(), &mut self.scratch) {
+                    Ok(received) => received,
+                    Err(_would_block) => {
+                        // Let the other tasks run (the runtime polls its
+                        // reactor without sleeping), then look again.
+                        tokio::task::yield_now().await;
+                        continue;
+                    }
+                }
+            } else {
+                let mut ready = self.fd.readable().await?;
+                let scratch = &mut self.scratch;
+                let capacity = scratch.len();
+                let received = match ready.try_io(|socket| receive(socket.get_ref(), scratch)) {
+                    Ok(Ok(received)) => received,
+                    Ok(Err(e)) => Err(ChannelError::Io(e)),
+                    Err(_would_block) => continue,
+                };
+                let drained =
+                    matches!(&received, Ok((n, fds)) if *n > 0 && *n < capacity && fds.is_empty());
+                if drained && cfg!(any(target_os = "linux", target_os = "android")) {
+                    // On Linux a short read without descriptors emptied the
+                    // socket (a read that takes descriptors stops early,
+                    // after their message): the next read waits for the
+                    // reactor instead of paying a system call to learn it.
+                    ready.clear_ready();
+                }
+                received
             };
-            let drained =
-                matches!(&received, Ok((n, fds)) if *n > 0 && *n < capacity && fds.is_empty());
-            if drained && cfg!(any(target_os = "linux", target_os = "android")) {
-                // On Linux a short read without descriptors emptied the
-                // socket (a read that takes descriptors stops early, after
-                // their message): the next read waits for the reactor instead
-                // of paying a system call to learn it.
-                ready.clear_ready();
+            if !self.busy_poll.is_zero() {
+                self.last_read = Some(Instant::now());
             }
             match received {
                 Ok((0, fds)) => {

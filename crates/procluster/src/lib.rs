@@ -80,12 +80,16 @@ pub mod env_keys {
     /// Delay between closing a disconnecting worker's listeners and firing
     /// its shutdown signal, in milliseconds.
     pub const SHUTDOWN_GRACE_MS: &str = "PROCLUSTER_SHUTDOWN_GRACE_MS";
+    /// The channel's busy-poll window in microseconds (see
+    /// [`crate::primary::ClusterBuilder::busy_poll`]).
+    pub const BUSY_POLL_US: &str = "PROCLUSTER_BUSY_POLL_US";
     /// Overrides the port-sharing policy: `shared`, `round-robin` or
     /// `reuseport`. Read by the primary; not internal.
     pub const SCHED_POLICY: &str = "PROCLUSTER_SCHED_POLICY";
 
-    pub(crate) const INTERNAL: [&str; 7] = [
+    pub(crate) const INTERNAL: [&str; 8] = [
         SHUTDOWN_GRACE_MS,
+        BUSY_POLL_US,
         WORKER_ID,
         WORKER_INDEX,
         CHANNEL_FD,
@@ -191,6 +195,9 @@ fn take_worker_env() -> Result<Option<worker::WorkerEnv>> {
             primary::DEFAULT_SHUTDOWN_GRACE,
             std::time::Duration::from_millis,
         );
+    let busy_poll = var(env_keys::BUSY_POLL_US)
+        .and_then(|v| v.parse().ok())
+        .map_or(std::time::Duration::ZERO, std::time::Duration::from_micros);
     let broken = || Error::BrokenWorkerEnvironment {
         id: id_text.clone(),
         fd: fd_text.clone(),
@@ -209,6 +216,7 @@ fn take_worker_env() -> Result<Option<worker::WorkerEnv>> {
         max_frame,
         heartbeat,
         shutdown_grace,
+        busy_poll,
         channel,
     }))
 }

@@ -88,6 +88,7 @@ pub(crate) struct WorkerEnv {
     pub(crate) max_frame: usize,
     pub(crate) heartbeat: Option<Duration>,
     pub(crate) shutdown_grace: Duration,
+    pub(crate) busy_poll: Duration,
     pub(crate) channel: OwnedFd,
 }
 
@@ -104,8 +105,9 @@ impl Worker {
         crate::protocol::encode_frame(&mut online, FrameKind::Control, Format::Binary, 0, &hello);
         rustix::io::write(&env.channel, &online)
             .map_err(|e| Error::io("cannot write to the worker's channel", e.into()))?;
-        let (sender, reader) = crate::channel::open(env.channel, env.max_frame)
+        let (sender, mut reader) = crate::channel::open(env.channel, env.max_frame)
             .map_err(|e| Error::io("cannot open the worker's channel", e))?;
+        reader.set_busy_poll(env.busy_poll);
         let (inbox_tx, inbox_rx) = mpsc::unbounded_channel();
         let inner = Arc::new(WorkerInner {
             id: env.id,

@@ -1,5 +1,7 @@
 //! Roles, messages, lifecycle events and stopping.
 
+use std::time::Duration;
+
 use procluster::Signal;
 use procluster::primary::{Cluster, Event, WorkerHandle, WorkerState};
 use procluster_tests::*;
@@ -321,6 +323,42 @@ async fn a_worker_that_never_reads_its_messages_can_still_be_disconnected() {
         .await
         .expect("the sender gives up once the worker is gone")
         .unwrap();
+}
+
+#[tokio::test]
+async fn busy_polling_channels_answer_quick_round_trips_and_messages_after_a_pause() {
+    let mut cluster = builder("serve")
+        .busy_poll(Duration::from_micros(200))
+        .build()
+        .unwrap();
+    let worker = cluster.fork().await.unwrap();
+    until(&mut cluster, |e| {
+        matches!(e, Event::Online(_)).then_some(())
+    })
+    .await;
+    let mut echo = async |text: String| {
+        worker.send(&Command::Echo(text.clone())).await.unwrap();
+        let (reply, _) = until(&mut cluster, |e| match e {
+            Event::Message { message, .. } => Some(message.decode::<Reply>().unwrap()),
+            _ => None,
+        })
+        .await;
+        assert!(
+            matches!(reply, Reply::Echo(ref echoed) if *echoed == text),
+            "{reply:?}"
+        );
+    };
+    // Round trips inside the window: both readers poll.
+    for i in 0..2000 {
+        echo(format!("r{i}")).await;
+    }
+    // Idle for longer than the window: both readers wait on their event
+    // loops again, and the next message still wakes them.
+    for i in 0..3 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        echo(format!("after a pause {i}")).await;
+    }
+    worker.disconnect();
 }
 
 #[tokio::test]

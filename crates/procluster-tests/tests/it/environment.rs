@@ -20,6 +20,8 @@ async fn a_worker_gets_cluster_and_fork_env_and_the_cwd_but_no_internal_variable
     let mut cluster = builder("serve")
         .env("FOR_EVERY_WORKER", "cluster")
         .cwd(&dir.0)
+        // A setting that travels through the environment too.
+        .busy_poll(std::time::Duration::from_micros(20))
         .build()
         .unwrap();
     let plain = cluster.fork().await.unwrap();

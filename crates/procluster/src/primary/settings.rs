@@ -179,6 +179,9 @@ pub struct Settings {
     /// accepted before its shutdown signal fires (its listeners close at
     /// once). Default [`DEFAULT_SHUTDOWN_GRACE`].
     pub shutdown_grace: Duration,
+    /// How long a channel keeps polling its socket after a read before it
+    /// waits on the event loop (zero: never; see `ClusterBuilder::busy_poll`).
+    pub busy_poll: Duration,
     /// A procluster program (the default) or a foreign one.
     pub program: Program,
     /// Descriptors every worker finds at given numbers (for example shared
@@ -246,6 +249,7 @@ impl Default for Settings {
             policy: Policy::platform_default(),
             heartbeat_interval: None,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            busy_poll: Duration::ZERO,
             program: Program::Procluster,
             fds: Vec::new(),
             on_fork: None,

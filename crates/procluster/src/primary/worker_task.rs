@@ -83,8 +83,9 @@ pub(super) async fn fork(
         })?;
     let pid = child.id();
     let pidfd = pid.and_then(open_pidfd);
-    let (sender, reader) = channel::open(ours, settings.max_frame)
+    let (sender, mut reader) = channel::open(ours, settings.max_frame)
         .map_err(|e| Error::io("cannot open a worker channel", e))?;
+    reader.set_busy_poll(settings.busy_poll);
     let worker = WorkerHandle {
         shared: Arc::new(WorkerShared {
             id,
