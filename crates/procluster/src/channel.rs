@@ -270,6 +270,26 @@ impl ChannelSender {
         Ok(())
     }
 
+    /// Queues a small control frame for the writer task, never writing it
+    /// from the caller: frames sent this way in one turn of the event loop
+    /// leave in one `sendmsg`, after the tasks woken before the writer.
+    pub(crate) fn send_batched(&self, kind: FrameKind, payload: &[u8]) -> Result<(), ChannelError> {
+        let mut state = self.shared.lock();
+        if state.closed || state.close_requested {
+            return Err(ChannelError::Closed);
+        }
+        self.append(&mut state, kind, Format::Binary, Vec::new(), |buf| {
+            buf.extend_from_slice(payload);
+            Ok(())
+        })?;
+        let wake = !std::mem::replace(&mut state.writer_called, true);
+        drop(state);
+        if wake {
+            self.shared.flush_wanted.notify_one();
+        }
+        Ok(())
+    }
+
     /// Writes a lone frame at once when the channel is idle; otherwise (or
     /// for what the socket did not take) wakes the writer.
     fn flush(&self, mut state: MutexGuard<'_, SendState>) {

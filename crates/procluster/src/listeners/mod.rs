@@ -383,15 +383,23 @@ impl TcpListener {
             } else {
                 0
             };
-            // Acknowledged under the lock, so the ack is on the channel before
-            // a concurrent disconnect's notice: the primary never hands this
-            // connection to a second worker.
-            self.send(Control::ConnectionAck {
-                key: self.key,
-                seq,
-                accepted: true,
-                credit,
-            });
+            // Acknowledged under the lock, so the ack is queued before a
+            // concurrent disconnect's notice: the primary never hands this
+            // connection to a second worker. The writer task sends the acks
+            // of one turn of the event loop together; it was woken before
+            // the application gets the connection, so the ack normally
+            // leaves before the application reads a byte of it.
+            if let Some(worker) = &self.worker {
+                let ack = Control::ConnectionAck {
+                    key: self.key,
+                    seq,
+                    accepted: true,
+                    credit,
+                };
+                let _ = worker
+                    .sender
+                    .send_batched(FrameKind::Control, &ack.encode());
+            }
             (fd, peer)
         };
         let (fd, peer) = fd;
