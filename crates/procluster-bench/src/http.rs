@@ -27,6 +27,10 @@ pub struct HttpArgs {
     /// Skip Node's servers.
     #[arg(long)]
     no_node: bool,
+    /// wrk runs per figure; the median run is reported (how a handful of
+    /// connections spread over the workers differs from run to run).
+    #[arg(long, default_value_t = 3)]
+    repeat: u32,
 }
 
 /// A server under test: a process group to start, measure and stop.
@@ -104,7 +108,7 @@ fn server(name: &str, command: Command) -> Server {
     }
 }
 
-fn procluster_server(args: &HttpArgs, policy: &str) -> Server {
+fn procluster_server(args: &HttpArgs, policy: &str, extra: &[&str]) -> Server {
     let hello = target_dir().join("examples/hello");
     let mut command = Command::new(&hello);
     command.args([
@@ -115,6 +119,7 @@ fn procluster_server(args: &HttpArgs, policy: &str) -> Server {
         "--policy",
         policy,
     ]);
+    command.args(extra);
     server(&format!("procluster {policy}"), command)
 }
 
@@ -149,13 +154,32 @@ fn node_server(args: &HttpArgs, policy: &str) -> Option<Server> {
     Some(server(&format!("node {policy}"), command))
 }
 
-/// Requests per second reported by wrk.
-fn wrk(server: &Server, args: &HttpArgs, close: bool) -> f64 {
+/// What one wrk run measured.
+#[derive(Clone, Copy)]
+struct Load {
+    /// Requests per second.
+    rate: f64,
+    /// 99th percentile of request latency, in milliseconds.
+    p99_ms: f64,
+}
+
+/// Runs wrk `args.repeat` times; the run with the median rate.
+fn wrk(server: &Server, args: &HttpArgs, close: bool) -> Load {
+    let mut runs: Vec<Load> = (0..args.repeat.max(1))
+        .map(|_| wrk_once(server, args, close))
+        .collect();
+    runs.sort_by(|a, b| a.rate.total_cmp(&b.rate));
+    runs[runs.len() / 2]
+}
+
+/// One wrk run against the server.
+fn wrk_once(server: &Server, args: &HttpArgs, close: bool) -> Load {
     let mut command = Command::new("wrk");
     command.args([
         "-t2",
         &format!("-c{}", args.connections),
         &format!("-d{}s", args.seconds),
+        "--latency",
     ]);
     if close {
         command.args(["-H", "Connection: close"]);
@@ -166,10 +190,39 @@ fn wrk(server: &Server, args: &HttpArgs, close: bool) -> f64 {
     if text.contains("Non-2xx") || text.contains("Socket errors") {
         eprintln!("{}: wrk reported errors:\n{text}", server.name);
     }
-    text.lines()
+    let rate = text
+        .lines()
         .find_map(|l| l.strip_prefix("Requests/sec:"))
         .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no Requests/sec in wrk output for {}:\n{text}", server.name))
+        .unwrap_or_else(|| panic!("no Requests/sec in wrk output for {}:\n{text}", server.name));
+    let p99_ms = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("99%"))
+        .and_then(|v| milliseconds(v.trim()))
+        .unwrap_or(f64::NAN);
+    Load { rate, p99_ms }
+}
+
+fn p99_row(name: &str, load: Load) -> Row {
+    Row::plain(
+        &format!("{name} Connection: close latency p99"),
+        "ms",
+        load.p99_ms,
+    )
+}
+
+/// wrk's durations: `812.00us`, `2.13ms`, `1.20s`.
+fn milliseconds(text: &str) -> Option<f64> {
+    let split = text.find(|c: char| c.is_ascii_alphabetic())?;
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number.parse().ok()?;
+    match unit {
+        "us" => Some(number / 1000.0),
+        "ms" => Some(number),
+        "s" => Some(number * 1000.0),
+        "m" => Some(number * 60_000.0),
+        _ => None,
+    }
 }
 
 /// CPU time (user + system, clock ticks) of one process.
@@ -206,7 +259,7 @@ fn busy_ticks() -> u64 {
 }
 
 /// wrk, and the primary's share of all CPU used meanwhile (percent).
-fn wrk_with_primary_share(server: &Server, args: &HttpArgs, close: bool) -> (f64, f64) {
+fn wrk_with_primary_share(server: &Server, args: &HttpArgs, close: bool) -> (Load, f64) {
     let pid = server.primary.id();
     let (primary_before, busy_before) = (cpu_ticks(pid), busy_ticks());
     let rate = wrk(server, args, close);
@@ -253,7 +306,7 @@ pub fn run(args: HttpArgs) -> Result<(), String> {
     }
     let mut rows = Vec::new();
     let ideal = ideal_server(&args);
-    let ideal_keep = wrk(&ideal, &args, false);
+    let ideal_keep = wrk(&ideal, &args, false).rate;
     let ideal_close = wrk(&ideal, &args, true);
     drop(ideal);
     rows.push(Row::plain(
@@ -264,10 +317,11 @@ pub fn run(args: HttpArgs) -> Result<(), String> {
     rows.push(Row::plain(
         "ideal (2 × SO_REUSEPORT) Connection: close",
         "req/s",
-        ideal_close,
+        ideal_close.rate,
     ));
+    rows.push(p99_row("ideal (2 × SO_REUSEPORT)", ideal_close));
     for policy in ["shared", "round-robin", "reuseport"] {
-        let server = procluster_server(&args, policy);
+        let server = procluster_server(&args, policy, &[]);
         let (keep, share) = wrk_with_primary_share(&server, &args, false);
         let (close, close_share) = wrk_with_primary_share(&server, &args, true);
         let spread = spread(&server, args.sequential);
@@ -275,15 +329,16 @@ pub fn run(args: HttpArgs) -> Result<(), String> {
         rows.push(Row::ratio(
             &format!("{policy} keep-alive"),
             "req/s",
-            keep,
+            keep.rate,
             ideal_keep,
         ));
         rows.push(Row::ratio(
             &format!("{policy} Connection: close"),
             "req/s",
-            close,
-            ideal_close,
+            close.rate,
+            ideal_close.rate,
         ));
+        rows.push(p99_row(policy, close));
         rows.push(Row::plain(
             &format!("{policy} primary CPU under keep-alive"),
             "% of total",
@@ -303,6 +358,23 @@ pub fn run(args: HttpArgs) -> Result<(), String> {
             spread,
         ));
     }
+    // The hello primary runs under SCHED_BATCH; the same without it.
+    let server = procluster_server(&args, "round-robin", &["--normal-scheduling"]);
+    let (close, close_share) = wrk_with_primary_share(&server, &args, true);
+    drop(server);
+    let name = "round-robin, primary under normal scheduling";
+    rows.push(Row::ratio(
+        &format!("{name}, Connection: close"),
+        "req/s",
+        close.rate,
+        ideal_close.rate,
+    ));
+    rows.push(p99_row(name, close));
+    rows.push(Row::plain(
+        &format!("{name}, primary CPU under Connection: close"),
+        "% of total",
+        close_share,
+    ));
     for policy in ["rr", "none"] {
         let Some(server) = node_server(&args, policy) else {
             continue;
@@ -314,15 +386,16 @@ pub fn run(args: HttpArgs) -> Result<(), String> {
         rows.push(Row::ratio(
             &format!("node {policy} keep-alive"),
             "req/s",
-            keep,
+            keep.rate,
             ideal_keep,
         ));
         rows.push(Row::ratio(
             &format!("node {policy} Connection: close"),
             "req/s",
-            close,
-            ideal_close,
+            close.rate,
+            ideal_close.rate,
         ));
+        rows.push(p99_row(&format!("node {policy}"), close));
         rows.push(Row::plain(
             &format!(
                 "node {policy} per-worker max/min, {} sequential",

@@ -7,7 +7,8 @@
 //!
 //! Options (all optional): `--workers N|auto` (default auto), `--host H`
 //! (default 127.0.0.1), `--port P` (default 3000; 0 picks a free port),
-//! `--policy shared|round-robin|reuseport`. Prints `listening on
+//! `--policy shared|round-robin|reuseport`, `--normal-scheduling` (keep the
+//! primary off `SCHED_BATCH`, see `ClusterBuilder::batch_scheduling`). Prints `listening on
 //! http://HOST:PORT` once every worker listens. The workers are supervised: a
 //! worker that dies is replaced, SIGHUP reloads them one by one without
 //! dropping a request, and Ctrl-C or SIGTERM stops them gracefully.
@@ -27,6 +28,7 @@ struct Options {
     host: String,
     port: u16,
     policy: Option<Policy>,
+    batch_scheduling: bool,
 }
 
 fn parse_options() -> Result<Options, String> {
@@ -35,6 +37,7 @@ fn parse_options() -> Result<Options, String> {
         host: "127.0.0.1".into(),
         port: 3000,
         policy: None,
+        batch_scheduling: true,
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -51,6 +54,7 @@ fn parse_options() -> Result<Options, String> {
                     };
             }
             "--host" => options.host = value()?,
+            "--normal-scheduling" => options.batch_scheduling = false,
             "--port" | "-p" => {
                 let v = value()?;
                 options.port = v
@@ -112,7 +116,11 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
 }
 
 async fn primary(options: Options) -> Result<(), Box<dyn std::error::Error>> {
-    let mut builder = Cluster::builder().own_process_group(true);
+    // The primary hands connections out (round-robin) in bigger batches when
+    // it does not preempt busy workers each time one arrives.
+    let mut builder = Cluster::builder()
+        .own_process_group(true)
+        .batch_scheduling(options.batch_scheduling);
     if let Some(policy) = options.policy {
         builder = builder.policy(policy);
     }

@@ -1,5 +1,6 @@
 //! The only module with `unsafe` code: what must run between `fork` and
-//! `exec` in a new worker, and changes to the process environment.
+//! `exec` in a new worker, changes to the process environment, and the
+//! calling thread's scheduling policy.
 //!
 //! Everything else in the crate goes through the safe wrappers of `rustix`,
 //! `socket2` and `tokio`.
@@ -52,7 +53,12 @@ impl ChildFds {
 ///
 /// The descriptors are moved into the closure and closed in the parent when
 /// `command` is dropped.
-pub(crate) fn prepare_child(command: &mut tokio::process::Command, fds: ChildFds, own_group: bool) {
+pub(crate) fn prepare_child(
+    command: &mut tokio::process::Command,
+    fds: ChildFds,
+    own_group: bool,
+    normal_scheduling: bool,
+) {
     let parent = rustix::process::getpid();
     let base = fds.scratch_base();
     let moves = fds.moves;
@@ -67,11 +73,14 @@ pub(crate) fn prepare_child(command: &mut tokio::process::Command, fds: ChildFds
         if own_group {
             rustix::process::setpgid(None, None)?;
         }
+        if normal_scheduling {
+            set_normal_scheduling()?;
+        }
         move_fds(&moves, base)?;
         Ok(())
     };
     // SAFETY: the hook runs in the forked child before `exec`; it only makes
-    // raw system calls through rustix (prctl, getppid, setpgid, fcntl,
+    // raw system calls (prctl, getppid, setpgid, sched_setscheduler, fcntl,
     // dup2) which are async-signal-safe, allocates nothing and takes no lock.
     // The captured vector was allocated before the fork and is only read.
     unsafe {
@@ -205,4 +214,52 @@ pub(crate) fn async_fd(
     unsafe {
         tokio::io::unix::AsyncFd::register_with_interest(fd, interest).map_err(|e| e.into_parts().1)
     }
+}
+
+/// Puts the calling thread under Linux's `SCHED_BATCH` policy: it keeps its
+/// share of the CPU but no longer preempts a running thread when it wakes
+/// up. Threads it creates afterwards inherit the policy; workers are put
+/// back under the normal one between fork and exec.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+pub(crate) fn set_batch_scheduling() -> std::io::Result<()> {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: `param` is a valid, initialised `sched_param` that outlives the
+    // call, which only reads it; pid 0 means the calling thread, whose
+    // policy is all that changes.
+    let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Puts the calling thread back under the normal policy (`SCHED_OTHER`), as
+/// a worker forked by a batch-scheduled primary must be. Async-signal-safe.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn set_normal_scheduling() -> std::io::Result<()> {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: as in `set_batch_scheduling`: a valid local `param`, read only,
+    // and only the calling thread's policy changes. One system call, no
+    // allocation: safe between fork and exec.
+    let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_OTHER, &param) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+fn set_normal_scheduling() -> std::io::Result<()> {
+    Ok(())
+}
+
+/// Elsewhere there is no such policy.
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+pub(crate) fn set_batch_scheduling() -> std::io::Result<()> {
+    Err(std::io::Error::new(
+        std::io::ErrorKind::Unsupported,
+        "SCHED_BATCH exists on Linux only",
+    ))
 }

@@ -156,3 +156,30 @@ async fn a_working_directory_that_does_not_exist_is_a_settings_error_from_build(
         "the error names the directory: {error}"
     );
 }
+
+/// The scheduling policy (`/proc/.../stat` field 41) of a thread or process.
+#[cfg(target_os = "linux")]
+fn scheduling_policy(stat_path: &str) -> u32 {
+    let stat = std::fs::read_to_string(stat_path).unwrap();
+    // Fields after the command name, which is in parentheses, start at 3.
+    let after_name = &stat[stat.rfind(')').unwrap() + 2..];
+    after_name.split(' ').nth(41 - 3).unwrap().parse().unwrap()
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn a_batch_scheduled_primary_forks_workers_under_the_normal_policy() {
+    const SCHED_OTHER: u32 = 0;
+    const SCHED_BATCH: u32 = 3;
+    // This test runs in a process of its own: switching its thread is harmless.
+    let mut cluster = builder("serve").batch_scheduling(true).build().unwrap();
+    assert_eq!(scheduling_policy("/proc/thread-self/stat"), SCHED_BATCH);
+    let worker = cluster.fork().await.unwrap();
+    online(&mut cluster, 1).await;
+    assert_eq!(
+        scheduling_policy(&format!("/proc/{}/stat", worker.pid())),
+        SCHED_OTHER,
+        "a worker must not inherit the primary's batch policy"
+    );
+    worker.disconnect();
+}

@@ -182,6 +182,22 @@ impl ClusterBuilder {
         self
     }
 
+    /// Run the primary's thread under Linux's `SCHED_BATCH` policy (the
+    /// thread that calls [`ClusterBuilder::build`]: with Tokio's
+    /// current-thread runtime, recommended for a primary, the one thread
+    /// that runs all its work). The primary keeps its share of the CPU but
+    /// does not preempt a busy worker each time a connection arrives: on a
+    /// machine whose cores are all busy it wakes less often and hands out
+    /// connections in larger batches. Worth it with the round-robin policy
+    /// under heavy `Connection: close` traffic (more requests per second,
+    /// a longer tail of connection latency; BENCHMARKS.md has both);
+    /// nothing changes for workers, which keep the normal policy. Off by
+    /// default; a warning is logged where the policy does not exist.
+    pub fn batch_scheduling(mut self, on: bool) -> Self {
+        self.settings.batch_scheduling = on;
+        self
+    }
+
     /// How TCP connections reach workers. `PROCLUSTER_SCHED_POLICY`
     /// (`shared`, `round-robin`, `reuseport`) overrides it.
     pub fn policy(mut self, policy: Policy) -> Self {
@@ -240,6 +256,11 @@ impl ClusterBuilder {
         check_fds(settings, &settings.fds)?;
         if let Some(policy) = crate::policy_from_env()? {
             settings.policy = policy;
+        }
+        if settings.batch_scheduling {
+            if let Err(error) = crate::sys::set_batch_scheduling() {
+                tracing::warn!(%error, "cannot switch the primary to batch scheduling");
+            }
         }
         let (tx, rx) = mpsc::unbounded_channel();
         let budget = settings.message_budget.clamp(1, Semaphore::MAX_PERMITS);

@@ -182,6 +182,8 @@ pub struct Settings {
     /// How long a channel keeps polling its socket after a read before it
     /// waits on the event loop (zero: never; see `ClusterBuilder::busy_poll`).
     pub busy_poll: Duration,
+    /// Put the thread that builds the cluster under `SCHED_BATCH` (Linux).
+    pub batch_scheduling: bool,
     /// A procluster program (the default) or a foreign one.
     pub program: Program,
     /// Descriptors every worker finds at given numbers (for example shared
@@ -250,6 +252,7 @@ impl Default for Settings {
             heartbeat_interval: None,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             busy_poll: Duration::ZERO,
+            batch_scheduling: false,
             program: Program::Procluster,
             fds: Vec::new(),
             on_fork: None,

@@ -73,7 +73,12 @@ pub(super) async fn fork(
         fds.place(copy, placed.target);
     }
     let highest_target = fds.highest_target();
-    crate::sys::prepare_child(&mut command, fds, settings.own_process_group);
+    crate::sys::prepare_child(
+        &mut command,
+        fds,
+        settings.own_process_group,
+        settings.batch_scheduling,
+    );
 
     let mut child = spawn::spawn(command, highest_target)
         .await
