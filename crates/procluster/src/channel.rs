@@ -12,7 +12,7 @@
 //! close-on-exec from the first moment.
 
 use std::collections::VecDeque;
-use std::io::{self, IoSlice, IoSliceMut};
+use std::io::{self, IoSlice, IoSliceMut, Write};
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -66,10 +66,11 @@ pub enum ChannelError {
     /// The operating system refused the operation.
     #[error("channel I/O failed: {0}")]
     Io(#[from] io::Error),
-    /// A message to send is larger than the channel's limit.
-    #[error("message of {len} bytes exceeds the channel's limit of {max} bytes")]
+    /// A message to send is larger than the channel's limit. It is refused
+    /// as soon as its encoding passes the limit, so `len` is a lower bound.
+    #[error("message of {len} bytes or more exceeds the channel's limit of {max} bytes")]
     TooLarge {
-        /// Payload size.
+        /// Payload size reached when the limit was passed.
         len: usize,
         /// The limit in force.
         max: usize,
@@ -185,7 +186,7 @@ impl ChannelSender {
         kind: FrameKind,
         format: Format,
         fds: Vec<OwnedFd>,
-        write_payload: impl FnOnce(&mut Vec<u8>) -> io::Result<()>,
+        write_payload: impl FnOnce(&mut PayloadWriter<'_>) -> io::Result<()>,
     ) -> Result<(), ChannelError> {
         let mut frame = Some((fds, write_payload));
         loop {
@@ -206,7 +207,7 @@ impl ChannelSender {
         kind: FrameKind,
         format: Format,
         fds: Vec<OwnedFd>,
-        write_payload: impl FnOnce(&mut Vec<u8>) -> io::Result<()>,
+        write_payload: impl FnOnce(&mut PayloadWriter<'_>) -> io::Result<()>,
     ) -> Result<(), ChannelError> {
         self.queue_if_room(kind, format, &mut Some((fds, write_payload)))
     }
@@ -218,7 +219,10 @@ impl ChannelSender {
         &self,
         kind: FrameKind,
         format: Format,
-        frame: &mut Option<(Vec<OwnedFd>, impl FnOnce(&mut Vec<u8>) -> io::Result<()>)>,
+        frame: &mut Option<(
+            Vec<OwnedFd>,
+            impl FnOnce(&mut PayloadWriter<'_>) -> io::Result<()>,
+        )>,
     ) -> Result<(), ChannelError> {
         let fd_count = frame.as_ref().map_or(0, |(fds, _)| fds.len());
         if fd_count > MAX_FDS_PER_FRAME {
@@ -263,8 +267,7 @@ impl ChannelSender {
             return Err(ChannelError::Closed);
         }
         self.append(&mut state, kind, Format::Binary, fds, |buf| {
-            buf.extend_from_slice(payload);
-            Ok(())
+            buf.write_all(payload)
         })?;
         self.flush(state);
         Ok(())
@@ -279,8 +282,7 @@ impl ChannelSender {
             return Err(ChannelError::Closed);
         }
         self.append(&mut state, kind, Format::Binary, Vec::new(), |buf| {
-            buf.extend_from_slice(payload);
-            Ok(())
+            buf.write_all(payload)
         })?;
         let wake = !std::mem::replace(&mut state.writer_called, true);
         drop(state);
@@ -327,23 +329,27 @@ impl ChannelSender {
         kind: FrameKind,
         format: Format,
         fds: Vec<SharedFd>,
-        write_payload: impl FnOnce(&mut Vec<u8>) -> io::Result<()>,
+        write_payload: impl FnOnce(&mut PayloadWriter<'_>) -> io::Result<()>,
     ) -> Result<(), ChannelError> {
         let start = state.buf.len();
         state.buf.extend_from_slice(&[0; HEADER_LEN]);
-        let written = write_payload(&mut state.buf);
-        let len = state.buf.len() - start - HEADER_LEN;
-        if let Err(e) = written {
-            state.buf.truncate(start);
-            return Err(ChannelError::Io(e));
+        let max = self.shared.max_frame;
+        let mut writer = PayloadWriter {
+            buf: &mut state.buf,
+            frame_start: start,
+            end: start + HEADER_LEN + max,
+            overflow: None,
+            finished: false,
+        };
+        let written = write_payload(&mut writer);
+        // On every early return the writer's drop removes the partial frame.
+        if let Some(len) = writer.overflow {
+            return Err(ChannelError::TooLarge { len, max });
         }
-        if len > self.shared.max_frame {
-            state.buf.truncate(start);
-            return Err(ChannelError::TooLarge {
-                len,
-                max: self.shared.max_frame,
-            });
-        }
+        written.map_err(ChannelError::Io)?;
+        let len = writer.written();
+        writer.finished = true;
+        drop(writer);
         let header = Header {
             kind,
             format,
@@ -368,6 +374,63 @@ impl ChannelSender {
     pub(crate) fn is_open(&self) -> bool {
         let state = self.shared.lock();
         !state.closed && !state.close_requested
+    }
+}
+
+/// Where a frame's payload is encoded: straight into the channel's buffer,
+/// but never past the frame limit (a message over it is refused as soon as
+/// it gets there, not after it has been encoded whole). Dropped before the
+/// frame is finished (an error, or a panic in the payload's `Serialize`),
+/// it removes the partial frame, so the stream stays well formed.
+pub(crate) struct PayloadWriter<'a> {
+    buf: &'a mut Vec<u8>,
+    /// Where the frame's header starts.
+    frame_start: usize,
+    /// Where the payload must end at the latest (the frame limit).
+    end: usize,
+    /// Set when a write would have passed `max`: the size it would have made.
+    overflow: Option<usize>,
+    finished: bool,
+}
+
+impl PayloadWriter<'_> {
+    /// Payload bytes written so far.
+    pub(crate) fn written(&self) -> usize {
+        self.buf.len() - self.frame_start - HEADER_LEN
+    }
+
+    #[cold]
+    fn over_limit(&mut self, adding: usize) -> io::Error {
+        self.overflow = Some(self.written() + adding);
+        io::Error::other("message over the channel's size limit")
+    }
+}
+
+impl io::Write for PayloadWriter<'_> {
+    #[inline]
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.write_all(data).map(|()| data.len())
+    }
+
+    #[inline]
+    fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
+        if self.buf.len() + data.len() > self.end {
+            return Err(self.over_limit(data.len()));
+        }
+        self.buf.extend_from_slice(data);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for PayloadWriter<'_> {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.buf.truncate(self.frame_start);
+        }
     }
 }
 
@@ -604,4 +667,78 @@ fn receive(
         return Ok(Err(ProtocolError::FdsTruncated.into()));
     }
     Ok(Ok((msg.bytes, fds)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A sender and a reader on the two ends of one socket pair.
+    fn pair(max_frame: usize) -> (ChannelSender, ChannelReader) {
+        let (a, b) = socket_pair().unwrap();
+        let (sender, _) = open(a, max_frame).unwrap();
+        let (_, reader) = open(b, max_frame).unwrap();
+        (sender, reader)
+    }
+
+    async fn next_payloads(reader: &mut ChannelReader, count: usize) -> Vec<Vec<u8>> {
+        let mut frames = Vec::new();
+        while frames.len() < count {
+            assert!(
+                reader.read_frames(&mut frames).await.unwrap(),
+                "end of stream"
+            );
+        }
+        frames.into_iter().map(|f| f.payload.to_vec()).collect()
+    }
+
+    #[tokio::test]
+    async fn a_panic_while_encoding_leaves_no_partial_frame_behind() {
+        let (sender, mut reader) = pair(1024);
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _ = sender.try_send_with(FrameKind::User, Format::Json, Vec::new(), |buf| {
+                buf.write_all(b"half a mess")?;
+                panic!("a Serialize implementation panicked");
+            });
+        }));
+        assert!(panicked.is_err());
+        sender
+            .try_send_with(FrameKind::User, Format::Json, Vec::new(), |buf| {
+                buf.write_all(b"after")
+            })
+            .unwrap();
+        assert_eq!(next_payloads(&mut reader, 1).await, [b"after".to_vec()]);
+    }
+
+    #[tokio::test]
+    async fn a_message_over_the_limit_is_refused_when_it_reaches_it() {
+        let (sender, mut reader) = pair(1024);
+        let mut offered = 0;
+        let refused = sender.try_send_with(FrameKind::User, Format::Json, Vec::new(), |buf| {
+            for _ in 0..100 {
+                buf.write_all(&[b'x'; 100])?;
+                offered += 100;
+            }
+            Ok(())
+        });
+        assert!(
+            matches!(
+                refused,
+                Err(ChannelError::TooLarge {
+                    len: 1100,
+                    max: 1024
+                })
+            ),
+            "{refused:?}"
+        );
+        assert_eq!(offered, 1000, "encoding stopped at the limit");
+        // A message of exactly the limit still goes, and nothing of the
+        // refused one went before it.
+        sender
+            .try_send_with(FrameKind::User, Format::Json, Vec::new(), |buf| {
+                buf.write_all(&[b'y'; 1024])
+            })
+            .unwrap();
+        assert_eq!(next_payloads(&mut reader, 1).await, [vec![b'y'; 1024]]);
+    }
 }

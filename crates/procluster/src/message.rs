@@ -99,11 +99,11 @@ pub(crate) fn decode<T: DeserializeOwned>(format: Format, bytes: &[u8]) -> Resul
     })
 }
 
-/// Appends `value` encoded in `format` to `out`.
+/// Writes `value` encoded in `format` to `out`.
 pub(crate) fn encode_into<T: Serialize + ?Sized>(
     format: Format,
     value: &T,
-    out: &mut Vec<u8>,
+    out: impl io::Write,
 ) -> io::Result<()> {
     match format {
         Format::Json => serde_json::to_writer(out, value).map_err(io::Error::other),

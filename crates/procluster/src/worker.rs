@@ -199,7 +199,7 @@ impl Worker {
             .sender
             .send_with(kind, format, fds, |buf| {
                 if let Some(target) = target {
-                    buf.extend_from_slice(&target.to_le_bytes());
+                    std::io::Write::write_all(buf, &target.to_le_bytes())?;
                 }
                 crate::message::encode_into(format, value, buf)
             })

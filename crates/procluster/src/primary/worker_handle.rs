@@ -269,9 +269,8 @@ impl WorkerHandle {
         self.shared
             .sender
             .send_with(FrameKind::User, format, fds, |buf| {
-                let start = buf.len();
-                let encoded = crate::message::encode_into(format, value, buf);
-                len = buf.len() - start;
+                let encoded = crate::message::encode_into(format, value, &mut *buf);
+                len = buf.written();
                 encoded
             })
             .await

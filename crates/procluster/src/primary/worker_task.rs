@@ -549,9 +549,8 @@ fn relay(inner: &Arc<Inner>, from: &WorkerHandle, frame: Frame) {
         to.shared
             .sender
             .try_send_with(FrameKind::Relayed, frame.format, frame.fds, |buf| {
-                buf.extend_from_slice(&source);
-                buf.extend_from_slice(&frame.payload[4..]);
-                Ok(())
+                std::io::Write::write_all(buf, &source)?;
+                std::io::Write::write_all(buf, &frame.payload[4..])
             });
     match result {
         Ok(()) => to.charge_unread(bytes),
