@@ -29,7 +29,7 @@ pub struct HttpArgs {
     no_node: bool,
     /// wrk runs per figure; the median run is reported (how a handful of
     /// connections spread over the workers differs from run to run).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 5)]
     repeat: u32,
 }
 
