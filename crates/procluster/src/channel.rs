@@ -337,7 +337,7 @@ impl ChannelSender {
         let mut writer = PayloadWriter {
             buf: &mut state.buf,
             frame_start: start,
-            end: start + HEADER_LEN + max,
+            end: (start + HEADER_LEN).saturating_add(max),
             overflow: None,
             finished: false,
         };

@@ -74,14 +74,18 @@ pub(crate) fn prepare_child(
             rustix::process::setpgid(None, None)?;
         }
         if normal_scheduling {
-            set_normal_scheduling()?;
+            // Best effort: a worker that cannot leave the primary's policy
+            // still runs.
+            let _ = set_normal_scheduling();
         }
         move_fds(&moves, base)?;
         Ok(())
     };
     // SAFETY: the hook runs in the forked child before `exec`; it only makes
-    // raw system calls (prctl, getppid, setpgid, sched_setscheduler, fcntl,
-    // dup2) which are async-signal-safe, allocates nothing and takes no lock.
+    // raw system calls through rustix (prctl, getppid, setpgid, fcntl, dup2),
+    // which are async-signal-safe, and `sched_setscheduler`, which POSIX does
+    // not list as such but glibc and musl implement as a bare system call
+    // stub; it allocates nothing and takes no lock.
     // The captured vector was allocated before the fork and is only read.
     unsafe {
         command.pre_exec(hook);
@@ -240,8 +244,9 @@ pub(crate) fn set_batch_scheduling() -> std::io::Result<()> {
 fn set_normal_scheduling() -> std::io::Result<()> {
     let param = libc::sched_param { sched_priority: 0 };
     // SAFETY: as in `set_batch_scheduling`: a valid local `param`, read only,
-    // and only the calling thread's policy changes. One system call, no
-    // allocation: safe between fork and exec.
+    // and only the calling thread's policy changes. The libc function is a
+    // bare system call stub (glibc, musl): no allocation, no lock, so it may
+    // run between fork and exec.
     let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_OTHER, &param) };
     if rc == 0 {
         Ok(())

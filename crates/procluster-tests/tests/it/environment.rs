@@ -157,6 +157,14 @@ async fn a_working_directory_that_does_not_exist_is_a_settings_error_from_build(
     );
 }
 
+#[tokio::test]
+async fn a_message_limit_too_small_for_control_messages_is_a_settings_error_from_build() {
+    let error = builder("serve").max_message_size(100).build().unwrap_err();
+    assert!(matches!(error, Error::Settings(_)), "{error:?}");
+    assert!(error.to_string().contains("4096"), "{error}");
+    builder("serve").max_message_size(4096).build().unwrap();
+}
+
 /// The scheduling policy (`/proc/.../stat` field 41) of a thread or process.
 #[cfg(target_os = "linux")]
 fn scheduling_policy(stat_path: &str) -> u32 {

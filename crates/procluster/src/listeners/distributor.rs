@@ -27,8 +27,16 @@ pub(crate) enum Mode {
 const PUSH_WINDOW: usize = 64;
 
 /// Most connections handed to one worker in one message (one descriptor
-/// each).
-pub(crate) const MAX_BATCH: usize = crate::protocol::MAX_FDS_PER_FRAME;
+/// each). A worker's credit rarely allows more; fewer descriptors per
+/// message also leave a worker near its descriptor limit more room.
+pub(crate) const MAX_BATCH: usize = 16;
+
+/// How many connections fit in one message under a frame limit of
+/// `max_frame` bytes (an entry takes at most 32 bytes encoded: a sequence
+/// number and an IPv6 address with its port; the rest of the message 16).
+pub(crate) fn batch_for_frame_limit(max_frame: usize) -> usize {
+    (max_frame.saturating_sub(16) / 32).clamp(1, MAX_BATCH)
+}
 
 #[derive(Debug)]
 struct Target {
@@ -48,6 +56,7 @@ pub(crate) struct Distributor<C> {
     queue: VecDeque<C>,
     in_flight: HashMap<u64, (WorkerId, C)>,
     next_seq: u64,
+    max_batch: usize,
 }
 
 impl<C> Distributor<C> {
@@ -59,7 +68,14 @@ impl<C> Distributor<C> {
             queue: VecDeque::new(),
             in_flight: HashMap::new(),
             next_seq: 1,
+            max_batch: MAX_BATCH,
         }
+    }
+
+    /// At most `n` connections per message (at least one).
+    pub(crate) fn with_max_batch(mut self, n: usize) -> Self {
+        self.max_batch = n.clamp(1, MAX_BATCH);
+        self
     }
 
     /// Connections accepted but not handed to any worker yet.
@@ -147,7 +163,7 @@ impl<C> Distributor<C> {
 
     /// Hands queued connections to workers that can take them, in
     /// round-robin order, calling `send(worker, batch)` once per worker with
-    /// every connection it got this time (at most [`MAX_BATCH`] per call),
+    /// every connection it got this time (at most `max_batch` per call),
     /// each with its sequence number. A `false` from `send` means that
     /// worker's channel is gone: it is removed and its connections go
     /// elsewhere.
@@ -170,7 +186,7 @@ impl<C> Distributor<C> {
                 self.in_flight.insert(seq, (worker, conn));
                 match batches
                     .iter_mut()
-                    .find(|(w, seqs)| *w == worker && seqs.len() < MAX_BATCH)
+                    .find(|(w, seqs)| *w == worker && seqs.len() < self.max_batch)
                 {
                     Some((_, seqs)) => seqs.push(seq),
                     None => batches.push((worker, vec![seq])),
@@ -369,6 +385,46 @@ mod tests {
             true
         });
         assert_eq!(sizes, [MAX_BATCH, 1]);
+    }
+
+    #[test]
+    fn the_largest_connections_message_fits_the_size_bound() {
+        use crate::protocol::{Control, HandedConnection};
+        for n in [1, MAX_BATCH] {
+            let control = Control::Connections {
+                key: u32::MAX,
+                handed: vec![
+                    HandedConnection {
+                        seq: u64::MAX,
+                        peer: Some(
+                            "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535"
+                                .parse()
+                                .unwrap()
+                        ),
+                    };
+                    n
+                ],
+            };
+            assert!(control.encode().len() <= 16 + 32 * n, "{n} entries");
+        }
+    }
+
+    #[test]
+    fn a_small_frame_limit_makes_smaller_messages() {
+        assert_eq!(batch_for_frame_limit(1 << 20), MAX_BATCH);
+        assert_eq!(batch_for_frame_limit(16 + 32 * 3), 3);
+        assert_eq!(batch_for_frame_limit(0), 1);
+        let mut d = Distributor::new(Mode::Push).with_max_batch(3);
+        d.add_target(1);
+        for c in 0..7 {
+            d.offer(c);
+        }
+        let mut sizes = Vec::new();
+        d.dispatch(|_, batch| {
+            sizes.push(batch.len());
+            true
+        });
+        assert_eq!(sizes, [3, 3, 1]);
     }
 
     #[test]

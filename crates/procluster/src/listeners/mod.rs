@@ -102,10 +102,13 @@ impl HandedState {
     /// the waiting `accept()` calls plus the prefetch reserve. While the
     /// waiting calls are covered, the reserve is topped up only once half of
     /// it is used, so connections come in batches, one message each.
-    fn credit_due(&mut self) -> usize {
-        let wanted = (self.waiting + self.prefetch).saturating_sub(self.queue.len());
+    /// `finishing` waiting calls are about to return (they took their
+    /// connection) and do not count.
+    fn credit_due(&mut self, finishing: usize) -> usize {
+        let waiting = self.waiting.saturating_sub(finishing);
+        let wanted = (waiting + self.prefetch).saturating_sub(self.queue.len());
         let grant = wanted.saturating_sub(self.granted);
-        let starving = self.granted + self.queue.len() < self.waiting;
+        let starving = self.granted + self.queue.len() < waiting;
         if grant == 0 || (!starving && grant < self.prefetch.div_ceil(2)) {
             return 0;
         }
@@ -259,29 +262,28 @@ async fn give_back_untaken(inner: Weak<WorkerInner>, key: u32, handed: Arc<Hande
     loop {
         tokio::time::sleep_until(deadline.into()).await;
         let Some(inner) = inner.upgrade() else { return };
-        let stale: Vec<u64> = {
-            let mut state = handed.state();
-            let Some(oldest) = state.queue.iter().find_map(|q| q.ahead) else {
-                state.patrolled = false;
-                return;
-            };
-            let due = oldest + PREFETCH_PATIENCE;
-            if state.waiting > 0 || due > Instant::now() {
-                // Being taken, or not old enough yet: look again later.
-                deadline = due.max(Instant::now() + PREFETCH_PATIENCE / 4);
-                continue;
-            }
-            // Nobody is accepting: every connection queued ahead goes back,
-            // and the primary forgets this worker's credit, as do we.
-            state.granted = 0;
+        let mut state = handed.state();
+        let Some(oldest) = state.queue.iter().find_map(|q| q.ahead) else {
             state.patrolled = false;
-            let (back, keep): (VecDeque<Queued>, VecDeque<Queued>) =
-                state.queue.drain(..).partition(|q| q.ahead.is_some());
-            state.queue = keep;
-            back.into_iter().map(|q| q.seq).collect()
+            return;
         };
-        for seq in stale {
-            refuse(&inner.sender, key, seq);
+        let due = oldest + PREFETCH_PATIENCE;
+        if state.waiting > 0 || due > Instant::now() {
+            // Being taken, or not old enough yet: look again later.
+            deadline = due.max(Instant::now() + PREFETCH_PATIENCE / 4);
+            continue;
+        }
+        // Nobody is accepting: every connection queued ahead goes back, and
+        // the primary forgets this worker's credit, as do we. Refused under
+        // the lock, so a credit granted by an `accept()` starting meanwhile
+        // reaches the primary after the refusals that reset it.
+        state.granted = 0;
+        state.patrolled = false;
+        let (back, keep): (VecDeque<Queued>, VecDeque<Queued>) =
+            state.queue.drain(..).partition(|q| q.ahead.is_some());
+        state.queue = keep;
+        for queued in back {
+            refuse(&inner.sender, key, queued.seq);
         }
         return;
     }
@@ -354,7 +356,7 @@ impl TcpListener {
                 return Err(disconnecting());
             }
             state.waiting += 1;
-            state.credit_due()
+            state.credit_due(0)
         };
         if grant > 0 && self.round_robin {
             self.send(Control::Credit {
@@ -379,7 +381,8 @@ impl TcpListener {
             // Credit to replace what was taken rides on the ack instead of a
             // message of its own.
             let credit = if self.round_robin {
-                state.credit_due() as u32
+                // This call is about to return with its connection.
+                state.credit_due(1) as u32
             } else {
                 0
             };
@@ -710,4 +713,62 @@ pub(crate) fn handle_control(
 /// The worker left the cluster: it holds no listener any more.
 pub(crate) fn worker_gone(inner: &Arc<Inner>, worker: &WorkerHandle) {
     primary::worker_gone(inner, worker.id());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(prefetch: usize) -> HandedState {
+        HandedState {
+            prefetch,
+            ..HandedState::default()
+        }
+    }
+
+    #[test]
+    fn without_prefetch_credit_matches_the_waiting_accept_calls() {
+        let mut s = state(0);
+        s.waiting = 1;
+        assert_eq!(s.credit_due(0), 1, "one accept() waits: one connection");
+        // Its connection arrives and is taken: nothing more is asked for by
+        // the call that is returning with it.
+        s.granted -= 1;
+        assert_eq!(s.credit_due(1), 0);
+        s.waiting = 0;
+        assert_eq!(s.credit_due(0), 0);
+    }
+
+    #[test]
+    fn the_prefetch_reserve_is_topped_up_by_halves() {
+        let mut s = state(16);
+        s.waiting = 1;
+        assert_eq!(s.credit_due(0), 17);
+        // An accept loop: a connection arrives, the waiting call takes it
+        // (credit rides on its ack), the next call starts waiting.
+        let mut grants = Vec::new();
+        for _ in 0..32 {
+            s.granted -= 1;
+            let on_ack = s.credit_due(1);
+            let on_wait = s.credit_due(0);
+            grants.push(on_ack + on_wait);
+            assert!(s.granted >= 8, "the reserve never runs dry");
+        }
+        let topped_up: Vec<(usize, usize)> = grants
+            .iter()
+            .enumerate()
+            .filter(|(_, g)| **g > 0)
+            .map(|(i, g)| (i, *g))
+            .collect();
+        assert_eq!(topped_up, [(7, 8), (15, 8), (23, 8), (31, 8)], "{grants:?}");
+    }
+
+    #[test]
+    fn an_accept_call_with_nothing_coming_is_always_covered() {
+        let mut s = state(16);
+        s.waiting = 3;
+        s.granted = 2;
+        // Two connections are on their way for three waiting calls: short.
+        assert!(s.credit_due(0) >= 1);
+    }
 }

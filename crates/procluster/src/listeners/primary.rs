@@ -12,7 +12,7 @@ use socket2::Socket;
 use tokio::sync::Notify;
 
 use super::bind::{self, TcpBind};
-use super::distributor::{Distributor, Mode};
+use super::distributor::{Distributor, Mode, batch_for_frame_limit};
 use crate::WorkerId;
 use crate::channel::SharedFd;
 use crate::primary::{Event, Inner, WorkerHandle, WorkerState};
@@ -277,7 +277,8 @@ fn create_group(inner: &Inner, key: u32, spec: &ListenSpec) -> io::Result<Group>
         state: Mutex::new(GroupState {
             holders: BTreeMap::new(),
             sockets,
-            distributor: Distributor::new(mode),
+            distributor: Distributor::new(mode)
+                .with_max_batch(batch_for_frame_limit(inner.settings.max_frame)),
             spare,
             closed: false,
         }),

@@ -103,6 +103,10 @@ impl Event {
     }
 }
 
+/// The smallest message limit allowed: the channel's own control messages
+/// (listen replies with their addresses, batches of connections) must fit.
+const MIN_MAX_FRAME: usize = 4096;
+
 /// Builds a [`Cluster`] (Node's `setupPrimary`).
 #[derive(Debug, Default)]
 pub struct ClusterBuilder {
@@ -156,7 +160,8 @@ impl ClusterBuilder {
         self
     }
 
-    /// Largest message accepted on a channel, in bytes (default 128 MiB).
+    /// Largest message accepted on a channel, in bytes (default 128 MiB, at
+    /// least 4096).
     pub fn max_message_size(mut self, bytes: usize) -> Self {
         self.settings.max_frame = bytes;
         self
@@ -234,7 +239,7 @@ impl ClusterBuilder {
     ///
     /// # Errors
     /// [`Error::Settings`] for a bad setting (a working directory that does
-    /// not exist, a zero message limit, an unknown policy in the
+    /// not exist, a message limit under 4096 bytes, an unknown policy in the
     /// environment, a descriptor placed below 3 or on the channel's fd).
     pub fn build(mut self) -> Result<Cluster, Error> {
         let settings = &mut self.settings;
@@ -246,9 +251,9 @@ impl ClusterBuilder {
                 )));
             }
         }
-        if settings.max_frame == 0 || settings.max_frame > u32::MAX as usize {
+        if settings.max_frame < MIN_MAX_FRAME || settings.max_frame > u32::MAX as usize {
             return Err(Error::Settings(format!(
-                "max message size must be between 1 and {} bytes, not {}",
+                "max message size must be between {MIN_MAX_FRAME} and {} bytes, not {}",
                 u32::MAX,
                 settings.max_frame
             )));
@@ -260,6 +265,8 @@ impl ClusterBuilder {
         if settings.batch_scheduling {
             if let Err(error) = crate::sys::set_batch_scheduling() {
                 tracing::warn!(%error, "cannot switch the primary to batch scheduling");
+                // Nothing to undo in the workers either.
+                settings.batch_scheduling = false;
             }
         }
         let (tx, rx) = mpsc::unbounded_channel();

@@ -182,7 +182,8 @@ pub struct Settings {
     /// How long a channel keeps polling its socket after a read before it
     /// waits on the event loop (zero: never; see `ClusterBuilder::busy_poll`).
     pub busy_poll: Duration,
-    /// Put the thread that builds the cluster under `SCHED_BATCH` (Linux).
+    /// Put the thread that builds the cluster under `SCHED_BATCH` (Linux);
+    /// false after `build` if the switch failed.
     pub batch_scheduling: bool,
     /// A procluster program (the default) or a foreign one.
     pub program: Program,
