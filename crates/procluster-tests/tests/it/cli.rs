@@ -549,11 +549,18 @@ async fn sigterm_stops_gracefully_and_the_primary_exits_0() {
 async fn a_worker_that_ignores_the_stop_signal_is_killed_after_the_kill_timeout() {
     let mut run = Run::start(
         &["-w", "1", "--kill-timeout", "300ms"],
-        &["sh", "-c", "trap '' TERM; while :; do sleep 0.05; done"],
+        &[
+            "sh",
+            "-c",
+            "trap '' TERM; echo ignoring-term; while :; do sleep 0.05; done",
+        ],
         &[],
     )
     .await;
     run.until_ready(1).await;
+    // Only once the shell ignores SIGTERM: a stop that came earlier would
+    // end it at once.
+    run.printed("ignoring-term", 1).await;
     let (code, _, _) = run.ctl(&["stop"]).await;
     assert_eq!(code, 0);
     assert_eq!(run.exit_code().await, 1, "not every worker stopped in time");
