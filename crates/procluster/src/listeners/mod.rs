@@ -289,6 +289,11 @@ async fn give_back_untaken(inner: Weak<WorkerInner>, key: u32, handed: Arc<Hande
     }
 }
 
+fn on_single_threaded_runtime() -> bool {
+    tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread)
+}
+
 /// A TCP listener shared through the cluster. Accepts connections whichever
 /// policy the cluster uses; closes when the worker disconnects.
 ///
@@ -388,20 +393,27 @@ impl TcpListener {
             };
             // Acknowledged under the lock, so the ack is queued before a
             // concurrent disconnect's notice: the primary never hands this
-            // connection to a second worker. The writer task sends the acks
-            // of one turn of the event loop together; it was woken before
-            // the application gets the connection, so the ack normally
-            // leaves before the application reads a byte of it.
+            // connection to a second worker. The ack must also leave before
+            // the application reads from the connection (a worker that died
+            // in between would have its connection handed again). On the
+            // single-threaded runtime the writer task, woken here, runs before
+            // any task the application spawns for the connection, so acks
+            // of one turn of the event loop leave together in one write; on
+            // the multi-threaded one nothing orders them, so the ack is
+            // written at once.
             if let Some(worker) = &self.worker {
                 let ack = Control::ConnectionAck {
                     key: self.key,
                     seq,
                     accepted: true,
                     credit,
+                }
+                .encode();
+                let _ = if on_single_threaded_runtime() {
+                    worker.sender.send_batched(FrameKind::Control, &ack)
+                } else {
+                    worker.sender.send_now(FrameKind::Control, &ack, Vec::new())
                 };
-                let _ = worker
-                    .sender
-                    .send_batched(FrameKind::Control, &ack.encode());
             }
             (fd, peer)
         };
