@@ -1,7 +1,7 @@
 //! Ports shared through the primary (Node's `server.listen()` in a worker).
 //!
 //! A worker asks; the primary binds once per distinct request and answers
-//! according to the cluster's [`Policy`]:
+//! according to the cluster's [`Policy`](crate::Policy):
 //!
 //! - **shared**: every worker gets the same listening socket and the kernel
 //!   spreads connections;
