@@ -259,6 +259,28 @@ impl ChannelSender {
         payload: &[u8],
         fds: Vec<SharedFd>,
     ) -> Result<(), ChannelError> {
+        let state = self.queue_small(kind, payload, fds)?;
+        self.flush(state);
+        Ok(())
+    }
+
+    /// Queues a small control frame for the writer task, never writing it
+    /// from the caller: frames sent this way in one turn of the event loop
+    /// leave in one `sendmsg`, after the tasks woken before the writer.
+    pub(crate) fn send_batched(&self, kind: FrameKind, payload: &[u8]) -> Result<(), ChannelError> {
+        let state = self.queue_small(kind, payload, Vec::new())?;
+        self.call_writer(state);
+        Ok(())
+    }
+
+    /// Appends a frame whatever the high-water mark; returns the lock for the
+    /// caller to decide how it leaves.
+    fn queue_small(
+        &self,
+        kind: FrameKind,
+        payload: &[u8],
+        fds: Vec<SharedFd>,
+    ) -> Result<MutexGuard<'_, SendState>, ChannelError> {
         if fds.len() > MAX_FDS_PER_FRAME {
             return Err(ChannelError::TooManyFds(fds.len()));
         }
@@ -269,27 +291,7 @@ impl ChannelSender {
         self.append(&mut state, kind, Format::Binary, fds, |buf| {
             buf.write_all(payload)
         })?;
-        self.flush(state);
-        Ok(())
-    }
-
-    /// Queues a small control frame for the writer task, never writing it
-    /// from the caller: frames sent this way in one turn of the event loop
-    /// leave in one `sendmsg`, after the tasks woken before the writer.
-    pub(crate) fn send_batched(&self, kind: FrameKind, payload: &[u8]) -> Result<(), ChannelError> {
-        let mut state = self.shared.lock();
-        if state.closed || state.close_requested {
-            return Err(ChannelError::Closed);
-        }
-        self.append(&mut state, kind, Format::Binary, Vec::new(), |buf| {
-            buf.write_all(payload)
-        })?;
-        let wake = !std::mem::replace(&mut state.writer_called, true);
-        drop(state);
-        if wake {
-            self.shared.flush_wanted.notify_one();
-        }
-        Ok(())
+        Ok(state)
     }
 
     /// Writes a lone frame at once when the channel is idle; otherwise (or
@@ -314,8 +316,13 @@ impl ChannelSender {
                 return;
             }
         }
-        // One wake-up per batch: the writer takes everything queued when it
-        // runs, so only the first frame after its last take needs to call it.
+        self.call_writer(state);
+    }
+
+    /// Wakes the writer for what is queued. One wake-up per batch: the writer
+    /// takes everything queued when it runs, so only the first frame after
+    /// its last take needs to call it.
+    fn call_writer(&self, mut state: MutexGuard<'_, SendState>) {
         let wake = !std::mem::replace(&mut state.writer_called, true);
         drop(state);
         if wake {

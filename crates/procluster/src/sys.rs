@@ -74,9 +74,7 @@ pub(crate) fn prepare_child(
             rustix::process::setpgid(None, None)?;
         }
         if normal_scheduling {
-            // Best effort: a worker that cannot leave the primary's policy
-            // still runs.
-            let _ = set_normal_scheduling();
+            set_normal_scheduling();
         }
         move_fds(&moves, base)?;
         Ok(())
@@ -226,38 +224,32 @@ pub(crate) fn async_fd(
 /// back under the normal one between fork and exec.
 #[cfg(any(target_os = "linux", target_os = "android"))]
 pub(crate) fn set_batch_scheduling() -> std::io::Result<()> {
-    let param = libc::sched_param { sched_priority: 0 };
-    // SAFETY: `param` is a valid, initialised `sched_param` that outlives the
-    // call, which only reads it; pid 0 means the calling thread, whose
-    // policy is all that changes.
-    let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+    set_scheduling_policy(libc::SCHED_BATCH)
 }
 
 /// Puts the calling thread back under the normal policy (`SCHED_OTHER`), as
-/// a worker forked by a batch-scheduled primary must be. Async-signal-safe.
+/// a worker forked by a batch-scheduled primary must be. Best effort: a
+/// worker that cannot leave the primary's policy still runs. Safe between
+/// fork and exec.
 #[cfg(any(target_os = "linux", target_os = "android"))]
-fn set_normal_scheduling() -> std::io::Result<()> {
+fn set_normal_scheduling() {
+    let _ = set_scheduling_policy(libc::SCHED_OTHER);
+}
+
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn set_scheduling_policy(policy: libc::c_int) -> std::io::Result<()> {
     let param = libc::sched_param { sched_priority: 0 };
-    // SAFETY: as in `set_batch_scheduling`: a valid local `param`, read only,
-    // and only the calling thread's policy changes. The libc function is a
-    // bare system call stub (glibc, musl): no allocation, no lock, so it may
-    // run between fork and exec.
-    let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_OTHER, &param) };
+    // SAFETY: `param` is a valid, initialised `sched_param` that outlives the
+    // call, which only reads it; pid 0 means the calling thread, whose
+    // policy is all that changes. The libc function is a bare system call
+    // stub (glibc, musl): no allocation, no lock, so it may also run between
+    // fork and exec.
+    let rc = unsafe { libc::sched_setscheduler(0, policy, &param) };
     if rc == 0 {
         Ok(())
     } else {
         Err(std::io::Error::last_os_error())
     }
-}
-
-#[cfg(not(any(target_os = "linux", target_os = "android")))]
-fn set_normal_scheduling() -> std::io::Result<()> {
-    Ok(())
 }
 
 /// Elsewhere there is no such policy.
@@ -268,3 +260,6 @@ pub(crate) fn set_batch_scheduling() -> std::io::Result<()> {
         "SCHED_BATCH exists on Linux only",
     ))
 }
+
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+fn set_normal_scheduling() {}

@@ -303,6 +303,9 @@ pub struct TcpListener {
     socket: Option<tokio::net::TcpListener>,
     handed: Arc<Handed>,
     round_robin: bool,
+    /// Acknowledgements may wait for the writer task (see `take_handed`):
+    /// the listener was made on a single-threaded runtime.
+    batch_acks: bool,
     local_addr: SocketAddr,
     worker: Option<Arc<WorkerInner>>,
 }
@@ -409,7 +412,7 @@ impl TcpListener {
                     credit,
                 }
                 .encode();
-                let _ = if on_single_threaded_runtime() {
+                let _ = if self.batch_acks {
                     worker.sender.send_batched(FrameKind::Control, &ack)
                 } else {
                     worker.sender.send_now(FrameKind::Control, &ack, Vec::new())
@@ -568,6 +571,7 @@ impl Worker {
             socket,
             handed,
             round_robin,
+            batch_acks: on_single_threaded_runtime(),
             local_addr,
             worker: Some(self.inner.clone()),
         })
@@ -600,6 +604,7 @@ impl Worker {
             socket: Some(listener),
             handed: Arc::new(Handed::default()),
             round_robin: false,
+            batch_acks: false,
             local_addr,
             worker: None,
         })
