@@ -203,12 +203,54 @@ fn wrk_once(server: &Server, args: &HttpArgs, close: bool) -> Load {
     Load { rate, p99_ms }
 }
 
+/// Throughput against the ideal's `(keep-alive, close)` rates, and the
+/// latency tail under `Connection: close`.
+fn load_rows(
+    rows: &mut Vec<Row>,
+    name: &str,
+    keep: Option<Load>,
+    close: Load,
+    (ideal_keep, ideal_close): (f64, f64),
+) {
+    if let Some(keep) = keep {
+        rows.push(Row::ratio(
+            &format!("{name} keep-alive"),
+            "req/s",
+            keep.rate,
+            ideal_keep,
+        ));
+    }
+    rows.push(Row::ratio(
+        &format!("{name} Connection: close"),
+        "req/s",
+        close.rate,
+        ideal_close,
+    ));
+    rows.push(p99_row(name, close));
+}
+
 fn p99_row(name: &str, load: Load) -> Row {
     Row::plain(
         &format!("{name} Connection: close latency p99"),
         "ms",
         load.p99_ms,
     )
+}
+
+fn cpu_row(rows: &mut Vec<Row>, name: &str, share: f64) {
+    rows.push(Row::plain(
+        &format!("{name} primary CPU under Connection: close"),
+        "% of total",
+        share,
+    ));
+}
+
+fn spread_row(rows: &mut Vec<Row>, name: &str, args: &HttpArgs, spread: f64) {
+    rows.push(Row::plain(
+        &format!("{name} per-worker max/min, {} sequential", args.sequential),
+        "ratio",
+        spread,
+    ));
 }
 
 /// wrk's durations: `812.00us`, `2.13ms`, `1.20s`.
@@ -320,61 +362,29 @@ pub fn run(args: HttpArgs) -> Result<(), String> {
         ideal_close.rate,
     ));
     rows.push(p99_row("ideal (2 × SO_REUSEPORT)", ideal_close));
+    let ideal_rates = (ideal_keep, ideal_close.rate);
     for policy in ["shared", "round-robin", "reuseport"] {
         let server = procluster_server(&args, policy, &[]);
         let (keep, share) = wrk_with_primary_share(&server, &args, false);
         let (close, close_share) = wrk_with_primary_share(&server, &args, true);
         let spread = spread(&server, args.sequential);
         drop(server);
-        rows.push(Row::ratio(
-            &format!("{policy} keep-alive"),
-            "req/s",
-            keep.rate,
-            ideal_keep,
-        ));
-        rows.push(Row::ratio(
-            &format!("{policy} Connection: close"),
-            "req/s",
-            close.rate,
-            ideal_close.rate,
-        ));
-        rows.push(p99_row(policy, close));
+        load_rows(&mut rows, policy, Some(keep), close, ideal_rates);
         rows.push(Row::plain(
             &format!("{policy} primary CPU under keep-alive"),
             "% of total",
             share,
         ));
-        rows.push(Row::plain(
-            &format!("{policy} primary CPU under Connection: close"),
-            "% of total",
-            close_share,
-        ));
-        rows.push(Row::plain(
-            &format!(
-                "{policy} per-worker max/min, {} sequential",
-                args.sequential
-            ),
-            "ratio",
-            spread,
-        ));
+        cpu_row(&mut rows, policy, close_share);
+        spread_row(&mut rows, policy, &args, spread);
     }
     // The hello primary runs under SCHED_BATCH; the same without it.
     let server = procluster_server(&args, "round-robin", &["--normal-scheduling"]);
     let (close, close_share) = wrk_with_primary_share(&server, &args, true);
     drop(server);
     let name = "round-robin, primary under normal scheduling";
-    rows.push(Row::ratio(
-        &format!("{name}, Connection: close"),
-        "req/s",
-        close.rate,
-        ideal_close.rate,
-    ));
-    rows.push(p99_row(name, close));
-    rows.push(Row::plain(
-        &format!("{name}, primary CPU under Connection: close"),
-        "% of total",
-        close_share,
-    ));
+    load_rows(&mut rows, name, None, close, ideal_rates);
+    cpu_row(&mut rows, name, close_share);
     for policy in ["rr", "none"] {
         let Some(server) = node_server(&args, policy) else {
             continue;
@@ -383,27 +393,9 @@ pub fn run(args: HttpArgs) -> Result<(), String> {
         let close = wrk(&server, &args, true);
         let spread = spread(&server, args.sequential);
         drop(server);
-        rows.push(Row::ratio(
-            &format!("node {policy} keep-alive"),
-            "req/s",
-            keep.rate,
-            ideal_keep,
-        ));
-        rows.push(Row::ratio(
-            &format!("node {policy} Connection: close"),
-            "req/s",
-            close.rate,
-            ideal_close.rate,
-        ));
-        rows.push(p99_row(&format!("node {policy}"), close));
-        rows.push(Row::plain(
-            &format!(
-                "node {policy} per-worker max/min, {} sequential",
-                args.sequential
-            ),
-            "ratio",
-            spread,
-        ));
+        let name = format!("node {policy}");
+        load_rows(&mut rows, &name, Some(keep), close, ideal_rates);
+        spread_row(&mut rows, &name, &args, spread);
     }
     print_table(&rows, "value", "ideal");
     println!(

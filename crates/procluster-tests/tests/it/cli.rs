@@ -246,6 +246,36 @@ impl Run {
         .await
     }
 
+    /// Both workers of a gated run (`gate` file, see worker.py) are up; none
+    /// may be ready before the gate opens.
+    async fn both_gated(&self) {
+        let starting = self
+            .status_until("both workers run", |s| {
+                s["workers"].as_array().unwrap().len() == 2
+            })
+            .await;
+        assert!(
+            starting["workers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|w| w["state"] == "starting"),
+            "not ready before the gate opens: {starting}"
+        );
+    }
+
+    /// With the `never` file, new workers never report ready: a reload must
+    /// fail and the `ready` workers keep serving. The reload's stderr.
+    async fn reload_fails_and_the_old_workers_serve(&self, ready: &Value) -> String {
+        std::fs::write(self.dir.0.join("never"), "").unwrap();
+        let (code, _, err) = self.ctl(&["reload", "--wait"]).await;
+        assert_ne!(code, 0, "the reload must fail");
+        let after = self.until_ready(2).await;
+        assert_eq!(pids(&after), pids(ready), "the old workers keep serving");
+        served_by_all(Run::port(&after), &pids(&after)).await;
+        err
+    }
+
     fn port(status: &Value) -> u16 {
         let address = status["listeners"][0]["address"].as_str().unwrap();
         address.rsplit(':').next().unwrap().parse().unwrap()
@@ -451,28 +481,11 @@ async fn notify_readiness_gates_workers_and_a_never_ready_worker_fails_the_reloa
         &["gate"],
     )
     .await;
-    let starting = run
-        .status_until("both workers run", |s| {
-            s["workers"].as_array().unwrap().len() == 2
-        })
-        .await;
-    assert!(
-        starting["workers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|w| w["state"] == "starting"),
-        "not ready before READY=1: {starting}"
-    );
+    run.both_gated().await;
     std::fs::write(run.dir.0.join("go"), "").unwrap();
     let ready = run.until_ready(2).await;
-    std::fs::write(run.dir.0.join("never"), "").unwrap();
-    let (code, _, err) = run.ctl(&["reload", "--wait"]).await;
-    assert_ne!(code, 0, "the reload must fail");
+    let err = run.reload_fails_and_the_old_workers_serve(&ready).await;
     assert!(err.contains("ready"), "{err}");
-    let after = run.until_ready(2).await;
-    assert_eq!(pids(&after), pids(&ready), "the old workers keep serving");
-    served_by_all(Run::port(&after), &pids(&after)).await;
 }
 
 #[tokio::test]
@@ -496,28 +509,11 @@ async fn node_workers_gate_readiness_on_process_send_and_serve_the_port() {
         &["gate"],
     )
     .await;
-    let starting = run
-        .status_until("both workers run", |s| {
-            s["workers"].as_array().unwrap().len() == 2
-        })
-        .await;
-    assert!(
-        starting["workers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|w| w["state"] == "starting"),
-        "{starting}"
-    );
+    run.both_gated().await;
     std::fs::write(run.dir.0.join("go"), "").unwrap();
     let ready = run.until_ready(2).await;
     served_by_all(Run::port(&ready), &pids(&ready)).await;
-    std::fs::write(run.dir.0.join("never"), "").unwrap();
-    let (code, _, _) = run.ctl(&["reload", "--wait"]).await;
-    assert_ne!(code, 0);
-    let after = run.until_ready(2).await;
-    assert_eq!(pids(&after), pids(&ready));
-    served_by_all(Run::port(&after), &pids(&after)).await;
+    run.reload_fails_and_the_old_workers_serve(&ready).await;
     eventually("the other message is logged", || {
         run.stderr
             .lock()

@@ -325,6 +325,20 @@ async fn a_worker_that_never_reads_its_messages_can_still_be_disconnected() {
         .unwrap();
 }
 
+/// One round trip: the worker echoes `text` back.
+async fn echo(cluster: &mut Cluster, worker: &WorkerHandle, text: String) {
+    worker.send(&Command::Echo(text.clone())).await.unwrap();
+    let (reply, _) = until(cluster, |e| match e {
+        Event::Message { message, .. } => Some(message.decode::<Reply>().unwrap()),
+        _ => None,
+    })
+    .await;
+    assert!(
+        matches!(reply, Reply::Echo(ref echoed) if *echoed == text),
+        "{reply:?}"
+    );
+}
+
 #[tokio::test]
 async fn busy_polling_channels_answer_quick_round_trips_and_messages_after_a_pause() {
     let mut cluster = builder("serve")
@@ -332,31 +346,16 @@ async fn busy_polling_channels_answer_quick_round_trips_and_messages_after_a_pau
         .build()
         .unwrap();
     let worker = cluster.fork().await.unwrap();
-    until(&mut cluster, |e| {
-        matches!(e, Event::Online(_)).then_some(())
-    })
-    .await;
-    let mut echo = async |text: String| {
-        worker.send(&Command::Echo(text.clone())).await.unwrap();
-        let (reply, _) = until(&mut cluster, |e| match e {
-            Event::Message { message, .. } => Some(message.decode::<Reply>().unwrap()),
-            _ => None,
-        })
-        .await;
-        assert!(
-            matches!(reply, Reply::Echo(ref echoed) if *echoed == text),
-            "{reply:?}"
-        );
-    };
+    online(&mut cluster, 1).await;
     // Round trips inside the window: both readers poll.
     for i in 0..2000 {
-        echo(format!("r{i}")).await;
+        echo(&mut cluster, &worker, format!("r{i}")).await;
     }
     // Idle for longer than the window: both readers wait on their event
     // loops again, and the next message still wakes them.
     for i in 0..3 {
         tokio::time::sleep(Duration::from_millis(20)).await;
-        echo(format!("after a pause {i}")).await;
+        echo(&mut cluster, &worker, format!("after a pause {i}")).await;
     }
     worker.disconnect();
 }
@@ -367,22 +366,9 @@ async fn thousands_of_quick_round_trips_never_stall() {
     // left to its writer task; every one of them must arrive.
     let mut cluster = builder("serve").build().unwrap();
     let worker = cluster.fork().await.unwrap();
-    until(&mut cluster, |e| {
-        matches!(e, Event::Online(_)).then_some(())
-    })
-    .await;
+    online(&mut cluster, 1).await;
     for i in 0..3000 {
-        let text = format!("r{i}");
-        worker.send(&Command::Echo(text.clone())).await.unwrap();
-        let (reply, _) = until(&mut cluster, |e| match e {
-            Event::Message { message, .. } => Some(message.decode::<Reply>().unwrap()),
-            _ => None,
-        })
-        .await;
-        assert!(
-            matches!(reply, Reply::Echo(ref echoed) if *echoed == text),
-            "{reply:?}"
-        );
+        echo(&mut cluster, &worker, format!("r{i}")).await;
     }
     worker.disconnect();
 }

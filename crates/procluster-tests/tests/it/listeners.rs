@@ -691,22 +691,40 @@ async fn a_slot_restarted_with_kept_listeners_answers_the_connections_that_waite
     }
 }
 
-#[tokio::test]
-async fn reuseport_drains_a_dead_workers_queue_to_the_other_workers() {
+/// Two reuseport workers in slots 0 and 1 on one port, a socket each: the
+/// one in `idle_slot` listens but never accepts, the other serves. Returns
+/// the cluster, the idle worker, the serving one and the address.
+async fn reuseport_pair_with_an_idle_slot(
+    idle_slot: usize,
+    keep_listeners: bool,
+) -> (Cluster, WorkerHandle, WorkerHandle, SocketAddr) {
     let mut cluster = builder("net").policy(Policy::ReusePort).build().unwrap();
+    cluster.keep_listeners(keep_listeners);
     let fork = |index| ForkOptions {
         index: Some(index),
         ..ForkOptions::default()
     };
-    let idle = cluster.fork_with(fork(0)).await.unwrap();
-    let busy = cluster.fork_with(fork(1)).await.unwrap();
+    let first = cluster.fork_with(fork(0)).await.unwrap();
+    let second = cluster.fork_with(fork(1)).await.unwrap();
     online(&mut cluster, 2).await;
+    let (idle, serving) = if idle_slot == 0 {
+        (first, second)
+    } else {
+        (second, first)
+    };
     let never = with_serve(tcp("127.0.0.1:0", 1), Serve::Never);
-    let answers = ask_each(&mut cluster, &[&idle], &never).await;
-    let addr = answers.address(idle.id());
-    let joined = ask_each(&mut cluster, &[&busy], &tcp("127.0.0.1:0", 16)).await;
-    assert_eq!(joined.address(busy.id()), addr);
+    let addr = ask_each(&mut cluster, &[&idle], &never)
+        .await
+        .address(idle.id());
+    let joined = ask_each(&mut cluster, &[&serving], &tcp("127.0.0.1:0", 16)).await;
+    assert_eq!(joined.address(serving.id()), addr);
     assert_eq!(ss_listeners(addr.port()).len(), 2, "one socket per slot");
+    (cluster, idle, serving, addr)
+}
+
+#[tokio::test]
+async fn reuseport_drains_a_dead_workers_queue_to_the_other_workers() {
+    let (_cluster, idle, busy, addr) = reuseport_pair_with_an_idle_slot(0, false).await;
 
     // The kernel spreads these across both slots' sockets; those of the idle
     // worker's slot wait until it dies and its queue is drained.
@@ -718,22 +736,7 @@ async fn reuseport_drains_a_dead_workers_queue_to_the_other_workers() {
 
 #[tokio::test]
 async fn a_retired_reuseport_slot_drains_its_queue_then_closes_its_socket() {
-    let mut cluster = builder("net").policy(Policy::ReusePort).build().unwrap();
-    cluster.keep_listeners(true);
-    let fork = |index| ForkOptions {
-        index: Some(index),
-        ..ForkOptions::default()
-    };
-    let staying = cluster.fork_with(fork(0)).await.unwrap();
-    let leaving = cluster.fork_with(fork(1)).await.unwrap();
-    online(&mut cluster, 2).await;
-    let never = with_serve(tcp("127.0.0.1:0", 1), Serve::Never);
-    let addr = ask_each(&mut cluster, &[&leaving], &never)
-        .await
-        .address(leaving.id());
-    let joined = ask_each(&mut cluster, &[&staying], &tcp("127.0.0.1:0", 16)).await;
-    assert_eq!(joined.address(staying.id()), addr);
-    assert_eq!(ss_listeners(addr.port()).len(), 2, "one socket per slot");
+    let (cluster, leaving, staying, addr) = reuseport_pair_with_an_idle_slot(1, true).await;
 
     // Scaling down: slot 1 is retired while connections wait in its queue.
     let clients = connect_all(addr, 16).await;

@@ -236,6 +236,23 @@ impl Shell {
             .collect()
     }
 
+    /// Starts the workers (generation 0 ready at once), then asks for a
+    /// reload whose workers boot as `new`. Returns the old workers' ids.
+    fn start_then_reload_into(&mut self, new: Boot) -> Vec<WorkerId> {
+        self.boot = Box::new(move |_, g| {
+            if g == 1 {
+                new
+            } else {
+                Boot::Ready(Duration::ZERO)
+            }
+        });
+        self.start();
+        let old: Vec<WorkerId> = self.alive.keys().copied().collect();
+        self.sup.reload(self.now);
+        self.pump();
+        old
+    }
+
     fn count_commands(&self, f: impl Fn(&Command) -> bool) -> usize {
         self.commands.iter().filter(|(_, c)| f(c)).count()
     }
@@ -602,17 +619,7 @@ fn reload_requested_during_reload_is_queued() {
 #[test]
 fn reload_fails_when_new_worker_crashes() {
     let mut sh = Shell::new(config(3));
-    sh.boot = Box::new(|_, g| {
-        if g == 1 {
-            Boot::Crash
-        } else {
-            Boot::Ready(Duration::ZERO)
-        }
-    });
-    sh.start();
-    let old: Vec<WorkerId> = sh.alive.keys().copied().collect();
-    sh.sup.reload(sh.now);
-    sh.pump();
+    let old = sh.start_then_reload_into(Boot::Crash);
     sh.advance(secs(60));
     let failed: Vec<_> = sh
         .events
@@ -648,17 +655,7 @@ fn reload_fails_when_new_worker_crashes() {
 #[test]
 fn reload_fails_on_ready_timeout_and_kills_new_worker() {
     let mut sh = Shell::new(config(2));
-    sh.boot = Box::new(|_, g| {
-        if g == 1 {
-            Boot::Never
-        } else {
-            Boot::Ready(Duration::ZERO)
-        }
-    });
-    sh.start();
-    let old: Vec<WorkerId> = sh.alive.keys().copied().collect();
-    sh.sup.reload(sh.now);
-    sh.pump();
+    let old = sh.start_then_reload_into(Boot::Never);
     let new = WorkerId(3);
     assert!(sh.alive.contains_key(&new));
     sh.advance(ms(9999));
