@@ -25,7 +25,7 @@ use axum::routing::get;
 use procluster::Policy;
 use procluster::primary::{Cluster, Event};
 use procluster::supervisor::{
-    BackoffConfig, SupervisedCluster, SupervisedEvent, SupervisionOptions, SupervisorConfig,
+    BackoffConfig, Report, SupervisedCluster, SupervisionOptions, SupervisorConfig,
 };
 use procluster::worker::Worker;
 
@@ -136,12 +136,7 @@ pub struct ServerArgs {
 /// `procluster-bench supervised-server`: the `hello` demo's primary, with
 /// the backoff, the breaker and the handling delay settable.
 pub async fn server_main(args: ServerArgs) -> Result<(), Box<dyn std::error::Error>> {
-    let policy = Policy::from_name(&args.policy).ok_or_else(|| {
-        format!(
-            "--policy: expected shared, round-robin or reuseport, got {:?}",
-            args.policy
-        )
-    })?;
+    let policy: Policy = args.policy.parse().map_err(|e| format!("--policy: {e}"))?;
     let cluster = http_cluster(
         policy,
         &format!("127.0.0.1:{}", args.port),
@@ -171,7 +166,7 @@ pub async fn server_main(args: ServerArgs) -> Result<(), Box<dyn std::error::Err
     let mut announced = false;
     while let Some(event) = supervised.next_event().await {
         match event {
-            SupervisedEvent::Cluster(Event::Listening { worker, address }) if !announced => {
+            Report::Cluster(Event::Listening { worker, address }) if !announced => {
                 listening.insert(worker.id());
                 if listening.len() == args.workers {
                     announced = true;
@@ -179,8 +174,8 @@ pub async fn server_main(args: ServerArgs) -> Result<(), Box<dyn std::error::Err
                     println!("listening on http://127.0.0.1:{port}");
                 }
             }
-            SupervisedEvent::Cluster(Event::Error { error, .. }) => eprintln!("{error}"),
-            SupervisedEvent::Supervisor(event) => eprintln!("{event:?}"),
+            Report::Cluster(Event::Error { error, .. }) => eprintln!("{error}"),
+            Report::Supervisor(event) => eprintln!("{event:?}"),
             _ => {}
         }
     }
@@ -238,7 +233,7 @@ type BenchError = Box<dyn std::error::Error + Send + Sync>;
 async fn event_within(
     supervised: &mut SupervisedCluster,
     deadline: Instant,
-) -> Result<SupervisedEvent, BenchError> {
+) -> Result<Report, BenchError> {
     match tokio::time::timeout_at(deadline.into(), supervised.next_event()).await {
         Ok(Some(event)) => Ok(event),
         Ok(None) => Err("the supervised cluster ended unexpectedly".into()),
@@ -265,7 +260,7 @@ async fn supervised_http(
     let mut live = BTreeMap::new();
     let deadline = Instant::now() + Duration::from_secs(30);
     while live.len() < workers {
-        if let SupervisedEvent::Cluster(Event::Listening { worker, .. }) =
+        if let Report::Cluster(Event::Listening { worker, .. }) =
             event_within(&mut supervised, deadline).await?
         {
             live.insert(worker.id(), worker.pid());
@@ -297,11 +292,11 @@ async fn crash_latencies(crashes: usize) -> Result<Vec<(f64, f64)>, BenchError> 
         let mut exited = None;
         loop {
             match event_within(&mut supervised, deadline).await? {
-                SupervisedEvent::Cluster(Event::Exit { worker, .. }) if worker.id() == victim => {
+                Report::Cluster(Event::Exit { worker, .. }) if worker.id() == victim => {
                     exited = Some(killed.elapsed());
                     live.remove(&victim);
                 }
-                SupervisedEvent::Cluster(Event::Listening { worker, .. })
+                Report::Cluster(Event::Listening { worker, .. })
                     if !live.contains_key(&worker.id()) =>
                 {
                     let listening = killed.elapsed();

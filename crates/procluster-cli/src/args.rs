@@ -317,43 +317,12 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(total)
 }
 
-const SIGNALS: [(&str, Signal); 10] = [
-    ("TERM", Signal::TERM),
-    ("INT", Signal::INT),
-    ("QUIT", Signal::QUIT),
-    ("HUP", Signal::HUP),
-    ("USR1", Signal::USR1),
-    ("USR2", Signal::USR2),
-    ("WINCH", Signal::WINCH),
-    ("KILL", Signal::KILL),
-    ("ALRM", Signal::ALARM),
-    ("CONT", Signal::CONT),
-];
-
 /// `TERM`, `SIGTERM`, `term` or `15`.
 pub fn parse_signal(text: &str) -> Result<SignalArg, String> {
-    let upper = text.trim().to_ascii_uppercase();
-    let name = upper.strip_prefix("SIG").unwrap_or(&upper);
-    if let Some((_, signal)) = SIGNALS.iter().find(|(n, _)| *n == name) {
-        return Ok(SignalArg(*signal));
-    }
-    if let Ok(number) = name.parse::<i32>() {
-        if let Some((_, signal)) = SIGNALS.iter().find(|(_, s)| s.as_raw() == number) {
-            return Ok(SignalArg(*signal));
-        }
-    }
-    let known: Vec<&str> = SIGNALS.iter().map(|(n, _)| *n).collect();
-    Err(format!(
-        "unknown signal {text:?}: expected one of {}",
-        known.join(", ")
-    ))
-}
-
-pub fn signal_name(signal: Signal) -> String {
-    SIGNALS
-        .iter()
-        .find(|(_, s)| *s == signal)
-        .map_or_else(|| signal.as_raw().to_string(), |(n, _)| format!("SIG{n}"))
+    text.trim()
+        .parse::<Signal>()
+        .map(SignalArg)
+        .map_err(|error| error.to_string())
 }
 
 #[cfg(test)]

@@ -105,7 +105,7 @@ mod tests {
 
     fn line(bytes: &[u8]) -> OutputLine<'_> {
         OutputLine {
-            worker: 7,
+            worker: 7.into(),
             index: Some(1),
             pid: 1234,
             stream: Stream::Stderr,

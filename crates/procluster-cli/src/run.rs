@@ -13,14 +13,14 @@ use procluster::primary::{
     ChildFd, Cluster, Event, ForkHook, ForkOptions, Program, Settings, Stdio, WorkerHandle,
 };
 use procluster::supervisor::{
-    BreakerConfig, CrashCause, HeartbeatConfig, Readiness as SupervisorReadiness,
-    SupervisedCluster, SupervisedEvent, SupervisionError, SupervisionOptions, SupervisorConfig,
-    SupervisorEvent, SupervisorHandle, WorkerPhase,
+    self, BreakerConfig, CrashCause, HeartbeatConfig, Readiness as SupervisorReadiness, Report,
+    SupervisedCluster, SupervisionError, SupervisionOptions, SupervisorConfig, SupervisorHandle,
+    WorkerPhase,
 };
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::args::{PolicyArg, RunArgs, signal_name};
+use crate::args::{PolicyArg, RunArgs};
 use crate::config::RunConfig;
 use crate::control::server::{Call, ControlSocket};
 use crate::control::{Request, Response};
@@ -250,7 +250,7 @@ impl Primary {
             workers,
             program = %config.command.join(" "),
             control = %control.path().display(),
-            stop_signal = %signal_name(config.stop_signal.0),
+            stop_signal = %config.stop_signal.0,
             "starting"
         );
         Ok(Self {
@@ -278,11 +278,11 @@ impl Primary {
                 event = self.supervised.next_event() => {
                     let Some(event) = event else { break };
                     match event {
-                        SupervisedEvent::Cluster(event) => {
+                        Report::Cluster(event) => {
                             self.on_cluster_event(event, &mut watchers, &mut last_failure);
                         }
-                        SupervisedEvent::Supervisor(event) => {
-                            if let SupervisorEvent::WorkerReady { slot, .. } = event {
+                        Report::Supervisor(event) => {
+                            if let supervisor::Event::WorkerReady { slot, .. } = event {
                                 ready_slots.insert(slot);
                                 if !told_ready && ready_slots.len() >= self.initial_workers {
                                     told_ready = true;
@@ -290,7 +290,7 @@ impl Primary {
                                     self.notifier.notify("READY=1");
                                 }
                             }
-                            if let SupervisorEvent::WorkerFailed { cause, slot } = &event {
+                            if let supervisor::Event::WorkerFailed { cause, slot } = &event {
                                 last_failure = Some(format!("the worker of slot {slot} {}", describe_cause(cause)));
                             }
                             self.on_supervisor_event(&event);
@@ -347,7 +347,7 @@ impl Primary {
         match event {
             Event::Fork(worker) => {
                 tracing::info!(
-                    worker = worker.id(),
+                    worker = %worker.id(),
                     index = worker.index(),
                     pid = worker.pid(),
                     "worker started"
@@ -372,9 +372,9 @@ impl Primary {
                     remove(cleanup);
                 }
                 if exited_after_disconnect {
-                    tracing::info!(worker = worker.id(), pid = worker.pid(), %status, "worker stopped");
+                    tracing::info!(worker = %worker.id(), pid = worker.pid(), %status, "worker stopped");
                 } else {
-                    tracing::warn!(worker = worker.id(), pid = worker.pid(), %status, "worker exited unexpectedly");
+                    tracing::warn!(worker = %worker.id(), pid = worker.pid(), %status, "worker exited unexpectedly");
                     *last_failure = Some(format!("worker {} {status}", worker.id()));
                 }
             }
@@ -383,15 +383,15 @@ impl Primary {
         }
     }
 
-    fn on_supervisor_event(&self, event: &SupervisorEvent) {
+    fn on_supervisor_event(&self, event: &supervisor::Event) {
         match event {
-            SupervisorEvent::Scaled { from, to } if to < from => {
+            supervisor::Event::Scaled { from, to } if to < from => {
                 // A removed slot's sockets close with its last worker, so the
                 // kernel stops routing connections to a queue nobody reads.
                 let mut sockets = self.slot_sockets.lock().unwrap_or_else(|e| e.into_inner());
                 sockets.retain(|(slot, _), _| slot < to);
             }
-            SupervisorEvent::RestartScheduled {
+            supervisor::Event::RestartScheduled {
                 slot,
                 attempt,
                 delay,
@@ -403,40 +403,40 @@ impl Primary {
                     "restart scheduled"
                 );
             }
-            SupervisorEvent::ReadyTimeout { slot, worker } => {
+            supervisor::Event::ReadyTimeout { slot, worker } => {
                 tracing::warn!(
                     slot,
-                    worker = worker.0,
+                    worker = %worker,
                     "worker was not ready in time; killing it"
                 );
             }
-            SupervisorEvent::HangDetected { slot, worker, .. } => {
+            supervisor::Event::HangDetected { slot, worker, .. } => {
                 tracing::warn!(
                     slot,
-                    worker = worker.0,
+                    worker = %worker,
                     "worker stopped sending WATCHDOG=1; killing it"
                 );
             }
-            SupervisorEvent::BreakerTripped { crashes, window } => {
+            supervisor::Event::BreakerTripped { crashes, window } => {
                 tracing::error!(
                     crashes,
                     window_s = window.as_secs_f64(),
                     "crash loop: stopping the cluster"
                 );
             }
-            SupervisorEvent::ReloadStarted { generation } => {
+            supervisor::Event::ReloadStarted { generation } => {
                 tracing::info!(generation, "reload started");
                 self.notifier
                     .notify(&format!("RELOADING=1\nMONOTONIC_USEC={}", monotonic_usec()));
             }
-            SupervisorEvent::SlotReloaded { slot, old, new, .. } => {
-                tracing::info!(slot, old = old.0, new = new.0, "slot reloaded");
+            supervisor::Event::SlotReloaded { slot, old, new, .. } => {
+                tracing::info!(slot, old = %old, new = %new, "slot reloaded");
             }
-            SupervisorEvent::ReloadFinished { generation } => {
+            supervisor::Event::ReloadFinished { generation } => {
                 tracing::info!(generation, "reload finished");
                 self.notifier.notify("READY=1");
             }
-            SupervisorEvent::ReloadFailed {
+            supervisor::Event::ReloadFailed {
                 generation,
                 failure,
             } => {
@@ -447,15 +447,15 @@ impl Primary {
                 );
                 self.notifier.notify("READY=1");
             }
-            SupervisorEvent::Scaled { from, to } => tracing::info!(from, to, "scaled"),
-            SupervisorEvent::KillTimeout { worker } => {
-                tracing::warn!(worker = worker.0, "worker did not stop in time; killed");
+            supervisor::Event::Scaled { from, to } => tracing::info!(from, to, "scaled"),
+            supervisor::Event::KillTimeout { worker } => {
+                tracing::warn!(worker = %worker, "worker did not stop in time; killed");
             }
-            SupervisorEvent::StopStarted { reason } => {
+            supervisor::Event::StopStarted { reason } => {
                 tracing::info!(?reason, "stopping");
                 self.notifier.notify("STOPPING=1");
             }
-            SupervisorEvent::StopForced => tracing::warn!("stopping now: killing every worker"),
+            supervisor::Event::StopForced => tracing::warn!("stopping now: killing every worker"),
             _ => tracing::debug!(?event, "supervisor"),
         }
     }
@@ -472,24 +472,13 @@ fn monotonic_usec() -> u128 {
     now.tv_sec as u128 * 1_000_000 + now.tv_nsec as u128 / 1_000
 }
 
+/// The library's phrase for a failure, with what it means for a program run
+/// by the command.
 fn describe_cause(cause: &CrashCause) -> String {
     match cause {
-        CrashCause::Exited { info, before_ready } => {
-            let how = match (info.code, info.signal) {
-                (Some(127), _) => "exited with code 127 (program not found?)".to_string(),
-                (Some(code), _) => format!("exited with code {code}"),
-                (None, Some(signal)) => format!("was killed by signal {signal}"),
-                _ => "ended".to_string(),
-            };
-            if *before_ready {
-                format!("{how} before it was ready")
-            } else {
-                how
-            }
-        }
-        CrashCause::SpawnFailed(why) => format!("could not be started: {why}"),
         CrashCause::ReadyTimeout => "was not ready within --ready-timeout".into(),
         CrashCause::Hang => "stopped sending WATCHDOG=1".into(),
+        other => other.to_string(),
     }
 }
 
@@ -498,18 +487,18 @@ async fn watch(worker: WorkerHandle, mut signals: Signals) {
     while let Some(signal) = signals.recv().await {
         match signal {
             readiness::Signal::Ready => {
-                tracing::debug!(worker = worker.id(), "worker says it is ready");
+                tracing::debug!(worker = %worker.id(), "worker says it is ready");
                 worker.report_ready();
             }
             readiness::Signal::Watchdog => worker.report_heartbeat(),
             readiness::Signal::Stopping => {
-                tracing::info!(worker = worker.id(), "worker says it is stopping");
+                tracing::info!(worker = %worker.id(), "worker says it is stopping");
             }
             readiness::Signal::Status(status) => {
-                tracing::info!(worker = worker.id(), %status, "worker status");
+                tracing::info!(worker = %worker.id(), %status, "worker status");
             }
             readiness::Signal::Message(message) => {
-                tracing::info!(worker = worker.id(), %message, "message from worker");
+                tracing::info!(worker = %worker.id(), %message, "message from worker");
             }
         }
     }
@@ -547,7 +536,7 @@ fn fork_hook(
             options.fds.push(ChildFd::new(socket, 3 + i as i32));
         }
         let fd_number = 3 + listeners.len() as i32;
-        let (extras, signals) = readiness.prepare(u64::from(id), fd_number)?;
+        let (extras, signals) = readiness.prepare(u64::from(id.get()), fd_number)?;
         for (key, value) in extras.env {
             let key = match key.as_str() {
                 "NOTIFY_SOCKET" => shim::keys::NOTIFY_SOCKET,

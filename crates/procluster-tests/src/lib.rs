@@ -4,8 +4,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use procluster::primary::{Cluster, ClusterBuilder, Event, ExitStatus, WorkerHandle};
-use procluster::{Message, Signal, WorkerId};
+use procluster::primary::{Cluster, ClusterBuilder, Event, WorkerHandle};
+use procluster::{ExitStatus, Message, Signal, WorkerId};
 use rustix::process::Pid;
 use serde::{Deserialize, Serialize};
 
@@ -54,6 +54,7 @@ pub fn name(event: &Event) -> &'static str {
         Event::Disconnect(_) => "disconnect",
         Event::Exit { .. } => "exit",
         Event::Error { .. } => "error",
+        _ => "other",
     }
 }
 
@@ -100,7 +101,7 @@ pub enum Command {
     /// Send `n` numbered messages as fast as possible.
     Flood(u64),
     /// Relay text to another worker.
-    RelayTo(u32, String),
+    RelayTo(WorkerId, String),
     /// Read the fds that came with the message and report how many.
     CountFds,
     /// Send back the fd that came with the message, twice in one message.
@@ -116,6 +117,10 @@ pub enum Command {
     /// Start a child and report which descriptors it has, and what the
     /// worker's own channel is, to show the child did not inherit it.
     ChildFds,
+    /// Start this program again as a child that reports what `role()` says,
+    /// with a socket made by the worker at fd 3: the worst case of a child
+    /// that inherits the worker's environment and finds a socket at fd 3.
+    ChildRole,
     /// Reply `Echo` with the same text, with the message's fds attached.
     EchoWithFds(String),
     /// Reply with the same blob (bulk bytes, compact in the binary format).
@@ -133,16 +138,18 @@ pub enum Reply {
     Count(usize),
     Seq(u64),
     Relayed {
-        from: Option<u32>,
+        from: Option<WorkerId>,
         text: String,
     },
     Described {
         env: Vec<(String, String)>,
         cwd: String,
-        id: u32,
+        id: WorkerId,
         index: Option<usize>,
     },
     ChildEnv(String),
+    /// What `role()` said in a child of the worker.
+    ChildRole(String),
     Fds(usize),
     /// What `ChildFds` saw: the link target of the worker's channel (fd 3)
     /// and of every descriptor of the child.
@@ -284,6 +291,7 @@ pub fn names_of(events: &[Event], id: WorkerId) -> Vec<&'static str> {
 /// Sends `signal` to process `pid` from outside the cluster.
 pub fn kill_pid(pid: u32, signal: Signal) {
     let pid = Pid::from_raw(i32::try_from(pid).expect("pid fits i32")).expect("a pid is not 0");
+    let signal = rustix::process::Signal::from_named_raw(signal.number()).expect("a named signal");
     rustix::process::kill_process(pid, signal).expect("kill");
 }
 
@@ -390,7 +398,7 @@ pub enum NetReply {
 /// Reads the `worker <id>\n` greeting of a `net` mode worker.
 pub async fn read_greeting<R: tokio::io::AsyncRead + Unpin>(
     reader: &mut R,
-) -> std::io::Result<u32> {
+) -> std::io::Result<WorkerId> {
     use tokio::io::AsyncReadExt;
     let mut line = Vec::new();
     let mut byte = [0u8; 1];
@@ -420,7 +428,9 @@ pub async fn read_greeting<R: tokio::io::AsyncRead + Unpin>(
 
 /// Connects to a `net` mode worker's TCP listener and reads which worker
 /// answered; the connection stays open while the stream is kept.
-pub async fn ask_tcp(addr: std::net::SocketAddr) -> std::io::Result<(u32, tokio::net::TcpStream)> {
+pub async fn ask_tcp(
+    addr: std::net::SocketAddr,
+) -> std::io::Result<(WorkerId, tokio::net::TcpStream)> {
     let mut stream = tokio::time::timeout(DEADLINE, tokio::net::TcpStream::connect(addr))
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
@@ -485,7 +495,7 @@ pub fn socket_fds(pid: u32) -> usize {
 /// What a supervised test worker says once it is ready.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hello {
-    pub id: u32,
+    pub id: WorkerId,
     pub index: Option<usize>,
     pub generation: u64,
     pub pid: u32,
@@ -503,7 +513,7 @@ pub fn generation() -> u64 {
 /// [`DEADLINE`].
 pub async fn next_supervised(
     supervised: &mut procluster::supervisor::SupervisedCluster,
-) -> procluster::supervisor::SupervisedEvent {
+) -> procluster::supervisor::Report {
     tokio::time::timeout(DEADLINE, supervised.next_event())
         .await
         .expect("timed out waiting for a supervised cluster event")
@@ -514,8 +524,8 @@ pub async fn next_supervised(
 /// what it returned and every event passed on the way (that one included).
 pub async fn until_supervised<T>(
     supervised: &mut procluster::supervisor::SupervisedCluster,
-    mut pick: impl FnMut(&procluster::supervisor::SupervisedEvent) -> Option<T>,
-) -> (T, Vec<procluster::supervisor::SupervisedEvent>) {
+    mut pick: impl FnMut(&procluster::supervisor::Report) -> Option<T>,
+) -> (T, Vec<procluster::supervisor::Report>) {
     let mut seen = Vec::new();
     loop {
         let event = next_supervised(supervised).await;
@@ -532,7 +542,7 @@ pub async fn until_supervised<T>(
 pub async fn finish_supervised(
     mut supervised: procluster::supervisor::SupervisedCluster,
 ) -> (
-    Vec<procluster::supervisor::SupervisedEvent>,
+    Vec<procluster::supervisor::Report>,
     Result<procluster::supervisor::Outcome, procluster::supervisor::SupervisionError>,
 ) {
     let mut seen = Vec::new();
@@ -548,9 +558,9 @@ pub async fn finish_supervised(
 }
 
 /// The `Hello` in a supervised event, if it carries one.
-pub fn hello_in(event: &procluster::supervisor::SupervisedEvent) -> Option<Hello> {
+pub fn hello_in(event: &procluster::supervisor::Report) -> Option<Hello> {
     match event {
-        procluster::supervisor::SupervisedEvent::Cluster(Event::Message { message, .. }) => {
+        procluster::supervisor::Report::Cluster(Event::Message { message, .. }) => {
             message.decode().ok()
         }
         _ => None,

@@ -18,9 +18,7 @@ use std::collections::HashSet;
 use axum::Router;
 use axum::routing::get;
 use procluster::primary::{Cluster, Event, Workers};
-use procluster::supervisor::{
-    SupervisedCluster, SupervisedEvent, SupervisionOptions, SupervisorConfig,
-};
+use procluster::supervisor::{Report, SupervisedCluster, SupervisionOptions, SupervisorConfig};
 use procluster::{Policy, Role};
 
 struct Options {
@@ -63,9 +61,7 @@ fn parse_options() -> Result<Options, String> {
             }
             "--policy" => {
                 let v = value()?;
-                options.policy = Some(Policy::from_name(&v).ok_or_else(|| {
-                    format!("--policy: expected shared, round-robin or reuseport, got {v:?}")
-                })?);
+                options.policy = Some(v.parse().map_err(|e| format!("--policy: {e}"))?);
             }
             other => return Err(format!("unknown option {other:?}")),
         }
@@ -140,7 +136,7 @@ async fn primary(options: Options) -> Result<(), Box<dyn std::error::Error>> {
     let mut announced = false;
     while let Some(event) = supervised.next_event().await {
         match event {
-            SupervisedEvent::Cluster(Event::Listening { worker, address }) if !announced => {
+            Report::Cluster(Event::Listening { worker, address }) if !announced => {
                 listening.insert(worker.id());
                 if listening.len() == workers {
                     announced = true;
@@ -148,8 +144,8 @@ async fn primary(options: Options) -> Result<(), Box<dyn std::error::Error>> {
                     println!("listening on http://{}:{port}", options.host);
                 }
             }
-            SupervisedEvent::Cluster(Event::Error { error, .. }) => eprintln!("{error}"),
-            SupervisedEvent::Supervisor(event) => eprintln!("{event:?}"),
+            Report::Cluster(Event::Error { error, .. }) => eprintln!("{error}"),
+            Report::Supervisor(event) => eprintln!("{event:?}"),
             _ => {}
         }
     }

@@ -32,6 +32,7 @@ use tokio::sync::Notify;
 use crate::protocol::{
     Format, Frame, FrameDecoder, FrameKind, HEADER_LEN, Header, MAX_FDS_PER_FRAME, ProtocolError,
 };
+use crate::sync::lock;
 
 /// A descriptor queued for sending. `sendmsg` copies descriptors into the
 /// peer without consuming ours, so a descriptor the caller keeps (a
@@ -81,6 +82,17 @@ pub enum ChannelError {
     /// More descriptors than one frame can carry.
     #[error("{0} file descriptors in one message, at most {MAX_FDS_PER_FRAME} are allowed")]
     TooManyFds(usize),
+}
+
+/// Duplicates descriptors to send with a message, so the caller keeps its
+/// own.
+///
+/// # Errors
+/// When the OS refuses a duplicate (out of descriptors).
+pub(crate) fn dup_all<F: AsFd>(fds: &[F]) -> io::Result<Vec<OwnedFd>> {
+    fds.iter()
+        .map(|fd| fd.as_fd().try_clone_to_owned())
+        .collect()
 }
 
 /// Creates a connected pair of channel sockets, both close-on-exec. The first
@@ -157,7 +169,7 @@ impl SendShared {
     fn lock(&self) -> MutexGuard<'_, SendState> {
         // A panic while holding the lock cannot leave the buffer half-written
         // in a way that matters more than losing the channel; keep going.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.state)
     }
 }
 

@@ -10,6 +10,7 @@ use crate::message::DecodeError;
 /// Everything that can go wrong in procluster, with what happened and, where
 /// it helps, what to do.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// The worker program could not be started.
     #[error("cannot start worker program {program:?}: {source}")]
@@ -38,14 +39,10 @@ pub enum Error {
     /// A payload did not decode.
     #[error(transparent)]
     Decode(#[from] DecodeError),
-    /// The environment says this is a worker, but its channel is unusable.
-    #[error("this process was started as worker {id} but its channel (fd {fd}) is not open")]
-    BrokenWorkerEnvironment {
-        /// The worker id from the environment.
-        id: String,
-        /// The channel fd from the environment.
-        fd: String,
-    },
+    /// This process was started as a worker, but cannot be one; the text
+    /// says why (its channel is not open, or not the primary's).
+    #[error("this process was started as a worker of its parent but cannot be one: {0}")]
+    BrokenWorkerEnvironment(String),
     /// `role()` needs a Tokio runtime for a worker.
     #[error("procluster::role() must be called inside a Tokio runtime in a worker process")]
     NoRuntime,

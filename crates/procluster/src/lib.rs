@@ -32,71 +32,83 @@
 //! }
 //! ```
 //!
-//! The modules follow the architecture: [`protocol`] (frames, sans IO),
-//! `channel` (the socket and fd passing), [`primary`], [`worker`],
-//! [`listeners`] (port sharing).
+//! # A tour of the modules
+//!
+//! Layers, each using only those below it:
+//!
+//! | layer | modules | what it is |
+//! |---|---|---|
+//! | vocabulary | `process` ([`WorkerId`], [`Signal`], [`ExitStatus`]), `sys` | the words for processes; the one module with `unsafe` code |
+//! | protocol | `protocol` ([`Format`], [`Policy`]) | frames and control messages, no IO (fuzzed alone) |
+//! | channel | `channel`, [`message`], `handshake` | the socket that carries frames and descriptors; a worker's first frame |
+//! | port sharing | [`listeners`] | the primary's listener registry and a worker's listeners, which never see each other's process |
+//! | processes | [`primary`], [`worker`] | the cluster and its workers, their lifecycle and events |
+//! | supervision | [`supervisor`] | restarts, reloads, recycling, stopping |
+//!
+//! # How a process knows it is a worker
+//!
+//! A primary starts each worker with one variable in its environment,
+//! [`WORKER_MARKER`] (`PROCLUSTER_PRIMARY=<the primary's pid>`), and the
+//! worker's end of its channel at fd [`CHANNEL_FD`]; the worker's settings
+//! are the first frame on the channel. [`role()`] is a worker's only when the
+//! marker names its parent process and the socket at fd 3 leads back to
+//! that process, so a worker's own children, which inherit its environment,
+//! are never taken for workers. Nothing is removed from the environment:
+//! calling [`role()`] is safe at any time, from any thread.
+//!
+//! A program run by the `procluster` command (any language) gets no channel:
+//! it finds `PROCLUSTER_WORKER_ID` and `PROCLUSTER_WORKER_INDEX` in its
+//! environment, and its sockets by systemd's socket activation.
 
 #![warn(missing_docs)]
+#![deny(unsafe_code)]
 
 mod channel;
 mod error;
+mod handshake;
 pub mod listeners;
 pub mod message;
 pub mod primary;
+mod process;
+#[cfg(feature = "fuzzing")]
 pub mod protocol;
+#[cfg(not(feature = "fuzzing"))]
+mod protocol;
 pub mod supervisor;
+mod sync;
+#[allow(unsafe_code)]
 mod sys;
 pub mod worker;
 
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 pub use channel::ChannelError;
 pub use error::{Error, Result};
 pub use message::{DecodeError, Message};
-pub use protocol::{Format, Policy};
-pub use rustix::process::Signal;
+pub use process::{ExitStatus, Signal, UnknownSignal, WorkerId};
+pub use protocol::{Format, Policy, UnknownName};
 
-/// A worker's id: unique within one primary's life, starting at 1.
-pub type WorkerId = u32;
+use crate::sync::lock;
 
 /// The fd number at which a worker finds its channel.
 pub const CHANNEL_FD: i32 = 3;
 
-/// Names of the internal environment variables that mark a worker. They are
-/// removed from the worker's environment as soon as it has read them.
-pub mod env_keys {
-    /// The worker's id.
-    pub const WORKER_ID: &str = "PROCLUSTER_WORKER_ID";
-    /// The worker's slot index.
-    pub const WORKER_INDEX: &str = "PROCLUSTER_WORKER_INDEX";
-    /// The fd number of the worker's channel.
-    pub const CHANNEL_FD: &str = "PROCLUSTER_CHANNEL_FD";
-    /// The user message format (`json` or `binary`).
-    pub const FORMAT: &str = "PROCLUSTER_FORMAT";
-    /// The channel's frame size limit.
-    pub const MAX_FRAME: &str = "PROCLUSTER_MAX_FRAME";
-    /// Heartbeat interval in milliseconds.
-    pub const HEARTBEAT_MS: &str = "PROCLUSTER_HEARTBEAT_MS";
-    /// Delay between closing a disconnecting worker's listeners and firing
-    /// its shutdown signal, in milliseconds.
-    pub const SHUTDOWN_GRACE_MS: &str = "PROCLUSTER_SHUTDOWN_GRACE_MS";
-    /// The channel's busy-poll window in microseconds (see
-    /// [`crate::primary::ClusterBuilder::busy_poll`]).
-    pub const BUSY_POLL_US: &str = "PROCLUSTER_BUSY_POLL_US";
-    /// Overrides the port-sharing policy: `shared`, `round-robin` or
-    /// `reuseport`. Read by the primary; not internal.
-    pub const SCHED_POLICY: &str = "PROCLUSTER_SCHED_POLICY";
+/// The one environment variable a primary sets in its workers:
+/// `PROCLUSTER_PRIMARY=<the primary's pid>`. It stays in the worker's
+/// environment (and its children's), but marks a worker only in a direct
+/// child of that primary whose fd 3 is the primary's channel.
+pub const WORKER_MARKER: &str = "PROCLUSTER_PRIMARY";
 
-    pub(crate) const INTERNAL: [&str; 8] = [
-        SHUTDOWN_GRACE_MS,
-        BUSY_POLL_US,
-        WORKER_ID,
-        WORKER_INDEX,
-        CHANNEL_FD,
-        FORMAT,
-        MAX_FRAME,
-        HEARTBEAT_MS,
-    ];
+/// Environment variables the cluster reads or sets beside the marker.
+pub(crate) mod env_keys {
+    /// A foreign program's worker id (Program::Foreign, and the command's
+    /// programs).
+    pub(crate) const WORKER_ID: &str = "PROCLUSTER_WORKER_ID";
+    /// A foreign program's slot.
+    pub(crate) const WORKER_INDEX: &str = "PROCLUSTER_WORKER_INDEX";
+    /// Overrides the port-sharing policy: `shared`, `round-robin` or
+    /// `reuseport`. Read by the primary.
+    pub(crate) const SCHED_POLICY: &str = "PROCLUSTER_SCHED_POLICY";
 }
 
 /// What this process is in its cluster.
@@ -117,109 +129,60 @@ impl Role {
 
 /// Tells the primary from a worker (Node's `cluster.isPrimary`).
 ///
-/// In a worker, the first call reads and removes the internal environment
-/// (so the worker's own children are not mistaken for workers), takes the
-/// channel at fd 3 and reports the worker online. Later calls return the same
-/// role. Call it first thing in `main`: removing environment variables must
-/// not race with other threads reading the environment (`getenv` in C code,
-/// such as a DNS lookup or a time zone load), so no thread of the program
-/// should be doing that yet. A Tokio runtime's own threads do not.
+/// In a worker, the first call takes the channel at fd 3, reads the
+/// worker's settings from it and reports the worker online; later calls
+/// return the same role. It changes nothing in the environment, so it may be
+/// called at any time, from any thread (see the crate docs for how a worker
+/// is recognised).
 ///
 /// # Errors
 /// [`Error::NoRuntime`] in a worker called outside a Tokio runtime, and
-/// [`Error::BrokenWorkerEnvironment`] when the environment names a worker but
-/// its channel is not there.
+/// [`Error::BrokenWorkerEnvironment`] when this process was started as a
+/// worker but its channel is not usable.
 pub fn role() -> Result<Role> {
-    static ROLE: &OnceLock<Role> = &ROLE_CACHE;
-    static START: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    static START: Mutex<()> = Mutex::new(());
     if let Some(role) = ROLE.get() {
         return Ok(role.clone());
     }
-    let _once = START.lock().unwrap_or_else(|e| e.into_inner());
+    let _once = lock(&START);
     if let Some(role) = ROLE.get() {
         return Ok(role.clone());
     }
-    if BROKEN.get().is_some() {
+    if let Some(why) = BROKEN.get() {
         // A worker whose start failed stays a broken worker: it must not
         // take itself for a primary on a second call.
-        return Err(Error::BrokenWorkerEnvironment {
-            id: String::new(),
-            fd: String::new(),
-        });
+        return Err(Error::BrokenWorkerEnvironment(why.clone()));
     }
-    let role = match take_worker_env()? {
-        None => Role::Primary,
-        Some(env) => match worker::Worker::start(env) {
-            Ok(worker) => Role::Worker(worker),
-            Err(error) => {
-                let _ = BROKEN.set(());
-                return Err(error);
+    let ready = || {
+        tokio::runtime::Handle::try_current()
+            .map(drop)
+            .map_err(|_| Error::NoRuntime)
+    };
+    let role = match handshake::detect(ready) {
+        Ok(handshake::Detected::NotWorker) => Role::Primary,
+        Ok(handshake::Detected::Worker(channel, hello)) => {
+            match worker::Worker::start(channel, hello) {
+                Ok(worker) => Role::Worker(worker),
+                Err(error) => {
+                    let _ = BROKEN.set(error.to_string());
+                    return Err(error);
+                }
             }
-        },
+        }
+        Err(handshake::DetectError::Refused(error)) => return Err(error),
+        Err(handshake::DetectError::Broken(handshake::Broken(why))) => {
+            let _ = BROKEN.set(why.clone());
+            return Err(Error::BrokenWorkerEnvironment(why));
+        }
     };
     Ok(ROLE.get_or_init(|| role).clone())
 }
 
 /// The role, once known.
-static ROLE_CACHE: OnceLock<Role> = OnceLock::new();
+static ROLE: OnceLock<Role> = OnceLock::new();
 
-/// Set when a worker's start failed after its environment was consumed.
-static BROKEN: OnceLock<()> = OnceLock::new();
-
-fn take_worker_env() -> Result<Option<worker::WorkerEnv>> {
-    // The channel marks a library worker. A program run by the `procluster`
-    // command sees PROCLUSTER_WORKER_ID too, but no channel: it is on its own.
-    if std::env::var_os(env_keys::CHANNEL_FD).is_none() {
-        return Ok(None);
-    }
-    let id_text = std::env::var_os(env_keys::WORKER_ID).unwrap_or_default();
-    if tokio::runtime::Handle::try_current().is_err() {
-        return Err(Error::NoRuntime);
-    }
-    let var = |key| std::env::var(key).ok();
-    let id_text = id_text.to_string_lossy().into_owned();
-    let fd_text = var(env_keys::CHANNEL_FD).unwrap_or_default();
-    let index = var(env_keys::WORKER_INDEX).and_then(|v| v.parse().ok());
-    let format = var(env_keys::FORMAT)
-        .and_then(|v| Format::from_name(&v))
-        .unwrap_or_default();
-    let max_frame = var(env_keys::MAX_FRAME)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(protocol::DEFAULT_MAX_FRAME_LEN);
-    let heartbeat = var(env_keys::HEARTBEAT_MS)
-        .and_then(|v| v.parse().ok())
-        .map(std::time::Duration::from_millis);
-    let shutdown_grace = var(env_keys::SHUTDOWN_GRACE_MS)
-        .and_then(|v| v.parse().ok())
-        .map_or(
-            primary::DEFAULT_SHUTDOWN_GRACE,
-            std::time::Duration::from_millis,
-        );
-    let busy_poll = var(env_keys::BUSY_POLL_US)
-        .and_then(|v| v.parse().ok())
-        .map_or(std::time::Duration::ZERO, std::time::Duration::from_micros);
-    let broken = || Error::BrokenWorkerEnvironment {
-        id: id_text.clone(),
-        fd: fd_text.clone(),
-    };
-    // Validated before anything is consumed, so a failure repeats itself.
-    let id: WorkerId = id_text.parse().map_err(|_| broken())?;
-    let fd: i32 = fd_text.parse().map_err(|_| broken())?;
-    let channel = sys::adopt_inherited_fd(fd).ok_or_else(broken)?;
-    for key in env_keys::INTERNAL {
-        sys::remove_env(key);
-    }
-    Ok(Some(worker::WorkerEnv {
-        id,
-        index,
-        format,
-        max_frame,
-        heartbeat,
-        shutdown_grace,
-        busy_poll,
-        channel,
-    }))
-}
+/// Why this process, started as a worker, cannot be one.
+static BROKEN: OnceLock<String> = OnceLock::new();
 
 /// Whether this process was started as a worker of a procluster primary,
 /// without starting anything: for choosing a runtime before building one
@@ -234,21 +197,7 @@ fn take_worker_env() -> Result<Option<worker::WorkerEnv>> {
 /// };
 /// ```
 pub fn is_worker_process() -> bool {
-    std::env::var_os(env_keys::CHANNEL_FD).is_some()
-        || matches!(ROLE_CACHE.get(), Some(Role::Worker(_)))
-}
-
-/// Reads `PROCLUSTER_SCHED_POLICY`.
-pub(crate) fn policy_from_env() -> Result<Option<Policy>> {
-    match std::env::var(env_keys::SCHED_POLICY) {
-        Err(_) => Ok(None),
-        Ok(name) => Policy::from_name(&name).map(Some).ok_or_else(|| {
-            Error::Settings(format!(
-                "{}={name:?}: expected shared, round-robin or reuseport",
-                env_keys::SCHED_POLICY
-            ))
-        }),
-    }
+    matches!(ROLE.get(), Some(Role::Worker(_))) || handshake::marked_by_parent().is_some()
 }
 
 /// The README's examples, compiled as doc tests so they keep working as

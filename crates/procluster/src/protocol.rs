@@ -82,20 +82,43 @@ impl Format {
         }
     }
 
-    /// The name used in settings and environment variables: `json` or `binary`.
+    /// The name used in settings and on the command line: `json` or `binary`.
     pub fn name(self) -> &'static str {
         match self {
             Self::Json => "json",
             Self::Binary => "binary",
         }
     }
+}
+
+impl std::fmt::Display for Format {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A name that is not one of the choices of a setting.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{given:?} is not a {what}: expected {expected}")]
+pub struct UnknownName {
+    given: String,
+    what: &'static str,
+    expected: &'static str,
+}
+
+impl std::str::FromStr for Format {
+    type Err = UnknownName;
 
     /// Parses [`Format::name`] back.
-    pub fn from_name(name: &str) -> Option<Self> {
+    fn from_str(name: &str) -> Result<Self, Self::Err> {
         match name {
-            "json" => Some(Self::Json),
-            "binary" => Some(Self::Binary),
-            _ => None,
+            "json" => Ok(Self::Json),
+            "binary" => Ok(Self::Binary),
+            _ => Err(UnknownName {
+                given: name.to_string(),
+                what: "message format",
+                expected: "json or binary",
+            }),
         }
     }
 }
@@ -404,9 +427,6 @@ pub fn encode_frame(out: &mut Vec<u8>, kind: FrameKind, format: Format, fds: u8,
     out.extend_from_slice(payload);
 }
 
-/// Worker id as carried on the wire.
-pub type WireWorkerId = u32;
-
 /// How a worker asks to listen (port sharing).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ListenSpec {
@@ -484,14 +504,28 @@ impl Policy {
             Self::Shared
         }
     }
+}
 
-    /// Parses [`Policy::name`] back (`rr` is accepted for round-robin).
-    pub fn from_name(name: &str) -> Option<Self> {
+impl std::fmt::Display for Policy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Policy {
+    type Err = UnknownName;
+
+    /// Parses [`Policy::name`] back; `rr` (Node's name) is round-robin too.
+    fn from_str(name: &str) -> Result<Self, Self::Err> {
         match name {
-            "shared" | "none" => Some(Self::Shared),
-            "round-robin" | "rr" => Some(Self::RoundRobin),
-            "reuseport" => Some(Self::ReusePort),
-            _ => None,
+            "shared" => Ok(Self::Shared),
+            "round-robin" | "rr" => Ok(Self::RoundRobin),
+            "reuseport" => Ok(Self::ReusePort),
+            _ => Err(UnknownName {
+                given: name.to_string(),
+                what: "port-sharing policy",
+                expected: "shared, round-robin or reuseport",
+            }),
         }
     }
 }

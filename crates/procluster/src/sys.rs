@@ -8,7 +8,9 @@
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use rustix::io::FdFlags;
-use rustix::process::{Pid, Signal};
+use rustix::process::Pid;
+
+use crate::Signal;
 
 /// Where each inherited descriptor must sit in the new process.
 #[derive(Debug, Default)]
@@ -65,7 +67,7 @@ pub(crate) fn prepare_child(
     let hook = move || -> std::io::Result<()> {
         // Only async-signal-safe system calls from here on: no allocation, no
         // locks, no logging.
-        rustix::process::set_parent_process_death_signal(Some(Signal::KILL))?;
+        rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))?;
         if rustix::process::getppid() != Some(parent) {
             // The primary died between fork and prctl: nobody would reap us.
             std::process::abort();
@@ -110,25 +112,21 @@ fn move_fds(moves: &[(OwnedFd, RawFd)], base: RawFd) -> std::io::Result<()> {
         std::mem::forget(copy);
     }
     for (i, (_, target)) in moves.iter().enumerate() {
-        // SAFETY: `scratch[i]` is a descriptor this child opened just above
-        // and still owns; wrapping it is only to borrow it for dup2, and it is
-        // forgotten again so nothing closes it twice.
-        let source = unsafe { OwnedFd::from_raw_fd(scratch[i]) };
-        // SAFETY: `target` is a plain fd number the child wants filled; dup2
-        // closes whatever is there atomically. The wrapper is forgotten so the
-        // new descriptor stays open across exec.
-        let mut dest = unsafe { OwnedFd::from_raw_fd(*target) };
-        let result = rustix::io::dup2(&source, &mut dest);
-        std::mem::forget(dest);
-        std::mem::forget(source);
-        result?;
-        // A source that already sat at its target keeps close-on-exec after
-        // dup2 onto itself is skipped by the kernel; clear it explicitly.
-        // SAFETY: as above, `target` is open now and owned by the child.
-        let placed = unsafe { OwnedFd::from_raw_fd(*target) };
-        let cleared = rustix::io::fcntl_setfd(&placed, FdFlags::empty());
-        std::mem::forget(placed);
-        cleared?;
+        // SAFETY: plain system calls on descriptor numbers, no ownership
+        // involved: `scratch[i]` is a copy this child made above and keeps
+        // open until exec; `target` is a number the child wants filled,
+        // open or not (dup2 closes whatever is there, atomically). dup2
+        // leaves the new descriptor without close-on-exec, except when
+        // source and target are the same number, which cannot happen here
+        // (scratch numbers are above every target); the flag is cleared
+        // explicitly all the same.
+        let placed = unsafe {
+            libc::dup2(scratch[i], *target) == *target
+                && libc::fcntl(*target, libc::F_SETFD, 0) == 0
+        };
+        if !placed {
+            return Err(std::io::Error::last_os_error());
+        }
     }
     Ok(())
 }
@@ -146,12 +144,33 @@ pub(crate) fn adopt_inherited_fd(fd: RawFd) -> Option<OwnedFd> {
     // the borrow does not outlive this statement.
     let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
     rustix::io::fcntl_getfd(borrowed).ok()?;
-    // SAFETY: the fd is open (checked above) and was placed for this process
-    // by its parent for exactly this purpose; nothing else in the process
-    // owns it, and `role()` adopts each inherited number at most once.
+    // SAFETY: the fd is open (checked above). The only caller, the worker
+    // handshake, adopts it once it has checked that it is the socket the
+    // primary placed for this process (its peer is the primary), and at most
+    // once per process (under `role()`'s lock, failures latched): nothing
+    // else in the process owns it.
     let owned = unsafe { OwnedFd::from_raw_fd(fd) };
     rustix::io::fcntl_setfd(&owned, FdFlags::CLOEXEC).ok()?;
     Some(owned)
+}
+
+/// Runs `f` with a borrow of descriptor number `fd`, if it is open, without
+/// taking ownership of it: for looking at a descriptor this process
+/// inherited before deciding whether to adopt it.
+pub(crate) fn with_inherited_fd<R>(
+    fd: RawFd,
+    f: impl FnOnce(std::os::fd::BorrowedFd<'_>) -> R,
+) -> Option<R> {
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: the borrow lives for this call only and is used for `fcntl`
+    // and `f`'s queries; ownership is never taken and nothing is closed. Were
+    // the number closed meanwhile by another thread, those calls would fail
+    // with EBADF (or query whatever took the number), never touch memory.
+    let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    rustix::io::fcntl_getfd(borrowed).ok()?;
+    Some(f(borrowed))
 }
 
 /// Takes a usable copy of a descriptor this process inherited by number (a
@@ -174,17 +193,6 @@ pub(crate) fn duplicate_inherited_fd(fd: RawFd) -> Option<OwnedFd> {
     Some(copy)
 }
 
-/// Removes an internal variable from the process environment.
-pub(crate) fn remove_env(key: &str) {
-    // SAFETY: `remove_var` is sound only while no other thread reads or
-    // writes the environment. It runs once per variable inside the first
-    // call of `procluster::role()`, whose documented contract is to be called
-    // first thing in `main`, before the program has threads that touch the
-    // environment; the Tokio runtime's worker threads, which exist by then,
-    // do not read it after start-up.
-    unsafe { std::env::remove_var(key) }
-}
-
 fn to_pid(pid: u32) -> std::io::Result<Pid> {
     let invalid = || std::io::Error::from(std::io::ErrorKind::InvalidInput);
     Pid::from_raw(i32::try_from(pid).map_err(|_| invalid())?).ok_or_else(invalid)
@@ -192,12 +200,25 @@ fn to_pid(pid: u32) -> std::io::Result<Pid> {
 
 /// Sends `signal` to process `pid` (`kill(2)`).
 pub(crate) fn kill(pid: u32, signal: Signal) -> std::io::Result<()> {
-    rustix::process::kill_process(to_pid(pid)?, signal).map_err(Into::into)
+    rustix::process::kill_process(to_pid(pid)?, signal.to_os()).map_err(Into::into)
 }
 
 /// Sends `signal` to every process of the group `pgid` (`killpg(3)`).
 pub(crate) fn kill_group(pgid: u32, signal: Signal) -> std::io::Result<()> {
-    rustix::process::kill_process_group(to_pid(pgid)?, signal).map_err(Into::into)
+    rustix::process::kill_process_group(to_pid(pgid)?, signal.to_os()).map_err(Into::into)
+}
+
+/// Sends `signal` to the process behind `pidfd` (`pidfd_send_signal(2)`):
+/// unlike a pid, a pidfd never names a recycled process.
+#[cfg(target_os = "linux")]
+pub(crate) fn pidfd_signal(pidfd: &OwnedFd, signal: Signal) -> std::io::Result<()> {
+    rustix::process::pidfd_send_signal(pidfd, signal.to_os()).map_err(Into::into)
+}
+
+/// Elsewhere there are no pidfds; none is ever opened.
+#[cfg(not(target_os = "linux"))]
+pub(crate) fn pidfd_signal(_pidfd: &OwnedFd, _signal: Signal) -> std::io::Result<()> {
+    Err(std::io::ErrorKind::Unsupported.into())
 }
 
 /// Registers a descriptor this process owns with the Tokio reactor, for

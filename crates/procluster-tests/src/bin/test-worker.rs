@@ -3,13 +3,22 @@
 
 use std::time::Duration;
 
-use procluster::Role;
 use procluster::worker::Worker;
+use procluster::{Role, WorkerId};
 use procluster_tests::{Command, Reply};
 
 #[tokio::main]
 async fn main() {
     let mode = std::env::args().nth(1).unwrap_or_else(|| "serve".into());
+    if mode == "role-probe" {
+        // Started by a worker, not by the primary: says what it takes itself for.
+        match procluster::role() {
+            Ok(Role::Primary) => println!("primary"),
+            Ok(Role::Worker(_)) => println!("worker"),
+            Err(error) => println!("error: {error}"),
+        }
+        return;
+    }
     let worker = match procluster::role().expect("role") {
         Role::Primary => {
             eprintln!("test-worker must be started by a primary");
@@ -64,14 +73,14 @@ async fn main() {
         }
         "first-worker-serves-100" => {
             say_ready(&worker).await;
-            if worker.id() == 1 {
+            if worker.id() == WorkerId::new(1) {
                 worker.add_requests(100);
             }
             serve(worker).await;
         }
         "first-worker-leaks" => {
             say_ready(&worker).await;
-            if worker.id() == 1 {
+            if worker.id() == WorkerId::new(1) {
                 leak(worker).await;
             } else {
                 serve(worker).await;
@@ -156,6 +165,22 @@ async fn handle(worker: &Worker, command: Command, message: &mut procluster::Mes
                 .output()
                 .expect("sh");
             Reply::ChildEnv(String::from_utf8_lossy(&out.stdout).into_owned())
+        }
+        Command::ChildRole => {
+            let (ours, theirs) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+            // The shell moves its standard input (our socket) to fd 3, then
+            // becomes this program in `role-probe` mode.
+            let out = std::process::Command::new("sh")
+                .arg("-c")
+                .arg(r#"exec 3<&0 0</dev/null; exec "$0" role-probe"#)
+                .arg(std::env::current_exe().expect("current_exe"))
+                .stdin(std::process::Stdio::from(std::os::fd::OwnedFd::from(
+                    theirs,
+                )))
+                .output()
+                .expect("sh");
+            drop(ours);
+            Reply::ChildRole(String::from_utf8_lossy(&out.stdout).trim().to_owned())
         }
         Command::ChildFds => {
             // The shell lists its own descriptors (`$$`), as links.
@@ -262,7 +287,7 @@ mod net {
                                         ready.push(rx);
                                         serving.spawn(accept_loop(
                                             listener.clone(),
-                                            worker.id(),
+                                            worker.id().get(),
                                             tx,
                                         ));
                                     }
@@ -308,7 +333,7 @@ mod net {
                             let listener = Arc::new(listener);
                             for _ in 0..capacity {
                                 let listener = listener.clone();
-                                let id = worker.id();
+                                let id = worker.id().get();
                                 background.spawn(async move {
                                     while let Ok((stream, _)) = listener.accept().await {
                                         greet_and_hold(stream, id).await;

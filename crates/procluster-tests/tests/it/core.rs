@@ -2,8 +2,8 @@
 
 use std::time::Duration;
 
-use procluster::Signal;
 use procluster::primary::{Cluster, Event, WorkerHandle, WorkerState};
+use procluster::{Signal, WorkerId};
 use procluster_tests::*;
 
 use crate::builder;
@@ -73,7 +73,11 @@ async fn messages_go_both_ways_in_order() {
 async fn one_online_worker(mode: &str) -> (Cluster, WorkerHandle) {
     let mut cluster = builder(mode).build().unwrap();
     let worker = cluster.fork().await.unwrap();
-    assert_eq!(worker.state(), WorkerState::None, "forked, not yet online");
+    assert_eq!(
+        worker.state(),
+        WorkerState::Forked,
+        "forked, not yet online"
+    );
     let seen = online(&mut cluster, 1).await;
     assert_eq!(
         seen.iter().map(name).collect::<Vec<_>>(),
@@ -115,7 +119,7 @@ async fn a_worker_sigkilled_from_outside_exits_by_signal_9_not_after_disconnect(
     let (mut cluster, worker) = one_online_worker("serve").await;
     kill_pid(worker.pid(), Signal::KILL);
     let exited = rest_of_life(&mut cluster, &worker).await;
-    assert_eq!(exited.status.signal(), Some(9));
+    assert_eq!(exited.status.signal(), Some(Signal::KILL));
     assert_eq!(exited.status.code(), None);
     assert!(
         !exited.after_disconnect,
@@ -128,7 +132,7 @@ async fn a_worker_killed_by_the_primary_exits_by_that_signal() {
     let (mut cluster, worker) = one_online_worker("serve").await;
     worker.kill(Signal::TERM).unwrap();
     let exited = rest_of_life(&mut cluster, &worker).await;
-    assert_eq!(exited.status.signal(), Some(15));
+    assert_eq!(exited.status.signal(), Some(Signal::TERM));
     assert!(!exited.after_disconnect, "kill() does not disconnect");
     worker
         .kill(Signal::TERM)
@@ -196,7 +200,7 @@ async fn worker_ids_start_at_1_increase_and_are_never_reused() {
         _ => None,
     })
     .await;
-    exit_of(&mut cluster, 5 - exited).await;
+    exit_of(&mut cluster, WorkerId::new(5 - exited.get())).await;
     let later = [cluster.fork().await.unwrap(), cluster.fork().await.unwrap()];
     assert_eq!(
         later.iter().map(|w| w.id()).collect::<Vec<_>>(),
@@ -207,9 +211,9 @@ async fn worker_ids_start_at_1_increase_and_are_never_reused() {
         cluster.workers().iter().map(|w| w.id()).collect::<Vec<_>>(),
         [1, 4, 5]
     );
-    assert_eq!(cluster.worker(4).as_ref(), Some(&later[0]));
+    assert_eq!(cluster.worker(WorkerId::new(4)).as_ref(), Some(&later[0]));
     assert!(
-        cluster.worker(2).is_none(),
+        cluster.worker(WorkerId::new(2)).is_none(),
         "an exited worker is no longer in the cluster"
     );
     online(&mut cluster, 2).await;
@@ -227,7 +231,7 @@ async fn kill_stops_a_busy_looping_worker() {
     let (mut cluster, worker) = one_online_worker("busy").await;
     worker.kill(Signal::TERM).unwrap();
     let exited = rest_of_life(&mut cluster, &worker).await;
-    assert_eq!(exited.status.signal(), Some(15));
+    assert_eq!(exited.status.signal(), Some(Signal::TERM));
 }
 
 #[tokio::test]

@@ -15,7 +15,7 @@ async fn describe(cluster: &mut procluster::primary::Cluster, worker: &WorkerHan
 }
 
 #[tokio::test]
-async fn a_worker_gets_cluster_and_fork_env_and_the_cwd_but_no_internal_variables() {
+async fn a_worker_gets_cluster_and_fork_env_and_the_cwd_and_only_the_documented_marker() {
     let dir = TempDir::new("cwd");
     let mut cluster = builder("serve")
         .env("FOR_EVERY_WORKER", "cluster")
@@ -49,11 +49,16 @@ async fn a_worker_gets_cluster_and_fork_env_and_the_cwd_but_no_internal_variable
     );
     let internal: Vec<_> = env
         .iter()
-        .filter(|(k, _)| k.starts_with("PROCLUSTER_"))
+        .filter(|(k, _)| k.starts_with("PROCLUSTER_") && k != procluster::WORKER_MARKER)
         .collect();
     assert!(
         internal.is_empty(),
-        "internal variables left in the worker's environment: {internal:?}"
+        "internal variables in the worker's environment: {internal:?}"
+    );
+    assert_eq!(
+        get(procluster::WORKER_MARKER),
+        Some(std::process::id().to_string().as_str()),
+        "the marker names the primary"
     );
     assert_eq!(std::path::Path::new(&cwd), dir.0);
     assert_eq!(id, special.id());
@@ -86,19 +91,36 @@ async fn workers_started_for_slots_know_their_index() {
 }
 
 #[tokio::test]
-async fn a_child_of_a_worker_sees_no_worker_variables() {
+async fn a_child_of_a_worker_sees_only_the_marker_which_does_not_make_it_a_worker() {
     let mut cluster = builder("serve").build().unwrap();
     let worker = cluster.fork().await.unwrap();
     online(&mut cluster, 1).await;
     worker.send(&Command::ChildEnv).await.unwrap();
-    let (_, reply) = reply(&mut cluster).await;
-    let Reply::ChildEnv(out) = reply else {
-        panic!("unexpected {reply:?}")
+    let (_, answer) = reply(&mut cluster).await;
+    let Reply::ChildEnv(out) = answer else {
+        panic!("unexpected {answer:?}")
     };
-    assert!(
-        !out.contains("PROCLUSTER_"),
+    let variables: Vec<&str> = out
+        .lines()
+        .filter(|l| l.starts_with("PROCLUSTER_"))
+        .collect();
+    assert_eq!(
+        variables,
+        [format!(
+            "{}={}",
+            procluster::WORKER_MARKER,
+            std::process::id()
+        )],
         "a worker's child sees worker variables:\n{out}"
     );
+    // Even with the environment and a socket at fd 3, a worker's child is
+    // not a worker: its parent is not the primary.
+    worker.send(&Command::ChildRole).await.unwrap();
+    let (_, answer) = reply(&mut cluster).await;
+    let Reply::ChildRole(role) = answer else {
+        panic!("unexpected {answer:?}")
+    };
+    assert_eq!(role, "primary");
 }
 
 #[tokio::test]

@@ -2,6 +2,7 @@
 //! else; and a worker in any language that writes frames is a worker. The
 //! workers here are small Python programs writing to the channel themselves.
 
+use procluster::Signal;
 use procluster::primary::{Cluster, Event, ForkOptions, WorkerHandle, WorkerState};
 use procluster_tests::*;
 
@@ -13,7 +14,7 @@ use crate::test_worker;
 const PYTHON_WORKER: &str = r#"
 import json, os, struct, sys, time
 
-channel = int(os.environ["PROCLUSTER_CHANNEL_FD"])
+channel = 3  # procluster::CHANNEL_FD; the first frame waiting there is the worker's settings
 mode = os.environ.get("PY_MODE")
 if mode is None:
     os.execv(sys.argv[1], [sys.argv[1], "serve"])
@@ -131,7 +132,7 @@ async fn misbehaving(mode: &str) -> String {
                 exited_after_disconnect,
                 ..
             } => {
-                assert_eq!(status.signal(), Some(9), "killed: {status}");
+                assert_eq!(status.signal(), Some(Signal::KILL), "killed: {status}");
                 assert!(!exited_after_disconnect);
                 break;
             }

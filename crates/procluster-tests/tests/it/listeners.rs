@@ -628,7 +628,7 @@ async fn round_robin_connections_handed_to_a_worker_killed_before_taking_them_go
     let answered = greetings(clients).await;
     assert_eq!(answered, [helper.id(); 3]);
     let (exited, _) = exit_of(&mut cluster, staller.id()).await;
-    assert_eq!(exited.status.signal(), Some(Signal::KILL.as_raw()));
+    assert_eq!(exited.status.signal(), Some(Signal::KILL));
 }
 
 /// Makes `n` connections wait for worker `holder`, which never takes them:

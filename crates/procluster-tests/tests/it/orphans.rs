@@ -99,7 +99,7 @@ async fn workers_die_within_1s_of_their_primary_being_sigkilled() {
     workers_gone_soon(&primary.workers, killed).await;
     let (status, _) = primary.ended().await;
     use std::os::unix::process::ExitStatusExt;
-    assert_eq!(status.signal(), Some(9));
+    assert_eq!(status.signal(), Some(Signal::KILL.number()));
 }
 
 #[tokio::test]

@@ -4,12 +4,12 @@
 
 use std::time::{Duration, Instant};
 
+use procluster::Signal;
 use procluster::primary::{Event, Settings, Stdio};
 use procluster::supervisor::{
-    BackoffConfig, BreakerConfig, CrashCause, HeartbeatConfig, Readiness, RecycleConfig,
-    RecycleReason, ReloadError, ReloadFailure, Signal, StopReason, SupervisedCluster,
-    SupervisedEvent, SupervisionError, SupervisionOptions, SupervisorConfig, SupervisorEvent,
-    WorkerId, WorkerPhase,
+    self, BackoffConfig, BreakerConfig, CrashCause, HeartbeatConfig, Readiness, RecycleConfig,
+    RecycleReason, ReloadError, ReloadFailure, Report, StopReason, SupervisedCluster,
+    SupervisionError, SupervisionOptions, SupervisorConfig, WorkerPhase,
 };
 use procluster_tests::*;
 
@@ -56,15 +56,11 @@ fn supervise_with(
     SupervisedCluster::start(cluster, options).unwrap()
 }
 
-fn sup(event: &SupervisedEvent) -> Option<&SupervisorEvent> {
+fn sup(event: &Report) -> Option<&supervisor::Event> {
     match event {
-        SupervisedEvent::Supervisor(e) => Some(e),
-        SupervisedEvent::Cluster(_) => None,
+        Report::Supervisor(e) => Some(e),
+        Report::Cluster(_) => None,
     }
-}
-
-fn wid(id: u32) -> WorkerId {
-    WorkerId(u64::from(id))
 }
 
 /// Reads events until `count` workers have said hello; returns the hellos.
@@ -82,7 +78,7 @@ async fn hellos(supervised: &mut SupervisedCluster, count: usize) -> Vec<Hello> 
 /// The hellos among `events`, then more read from the cluster until there
 /// are `count`.
 async fn hellos_after(
-    events: &[SupervisedEvent],
+    events: &[Report],
     supervised: &mut SupervisedCluster,
     count: usize,
 ) -> Vec<Hello> {
@@ -95,7 +91,7 @@ async fn hellos_after(
 }
 
 /// Stops the cluster and checks that it ends well.
-async fn stop_ok(supervised: SupervisedCluster) -> Vec<SupervisedEvent> {
+async fn stop_ok(supervised: SupervisedCluster) -> Vec<Report> {
     supervised.handle().stop().unwrap();
     let (events, outcome) = finish_supervised(supervised).await;
     let outcome = outcome.expect("a requested stop is not a failure");
@@ -115,7 +111,7 @@ async fn a_killed_worker_is_replaced_in_the_same_slot() {
 
     kill_pid(first[1].pid, procluster::Signal::KILL);
     let (attempt, seen) = until_supervised(&mut supervised, |e| match sup(e) {
-        Some(SupervisorEvent::RestartScheduled {
+        Some(supervisor::Event::RestartScheduled {
             slot: 1, attempt, ..
         }) => Some(*attempt),
         _ => None,
@@ -124,9 +120,9 @@ async fn a_killed_worker_is_replaced_in_the_same_slot() {
     assert_eq!(attempt, 1);
     assert!(
         seen.iter()
-            .any(|e| matches!(sup(e), Some(SupervisorEvent::WorkerExited {
+            .any(|e| matches!(sup(e), Some(supervisor::Event::WorkerExited {
         worker, slot: Some(1), expected: false, info
-    }) if *worker == wid(first[1].id) && info.signal == Some(9)))
+    }) if *worker == first[1].id && info.signal() == Some(Signal::KILL)))
     );
 
     let replacement = hellos(&mut supervised, 1).await[0];
@@ -168,7 +164,7 @@ async fn a_worker_crashing_at_boot_is_restarted_with_growing_delays_until_the_br
     let delays: Vec<_> = events
         .iter()
         .filter_map(|e| match sup(e) {
-            Some(SupervisorEvent::RestartScheduled { delay, .. }) => Some(*delay),
+            Some(supervisor::Event::RestartScheduled { delay, .. }) => Some(*delay),
             _ => None,
         })
         .collect();
@@ -176,12 +172,17 @@ async fn a_worker_crashing_at_boot_is_restarted_with_growing_delays_until_the_br
     assert_eq!(delays, [ms(40), ms(80), ms(160)]);
     let spawns = events
         .iter()
-        .filter(|e| matches!(sup(e), Some(SupervisorEvent::WorkerSpawned { slot: 0, .. })))
+        .filter(|e| {
+            matches!(
+                sup(e),
+                Some(supervisor::Event::WorkerSpawned { slot: 0, .. })
+            )
+        })
         .count();
     assert_eq!(spawns, 4, "the first start and three restarts");
     assert!(events.iter().any(|e| matches!(
         sup(e),
-        Some(SupervisorEvent::BreakerTripped { crashes: 4, .. })
+        Some(supervisor::Event::BreakerTripped { crashes: 4, .. })
     )));
     assert_eq!(
         outcome,
@@ -214,8 +215,8 @@ async fn restarts_are_spaced_by_the_backoff_delay() {
         .unwrap()
     {
         match sup(&event) {
-            Some(SupervisorEvent::WorkerExited { .. }) => exits.push(Instant::now()),
-            Some(SupervisorEvent::WorkerSpawned { .. }) => spawns.push(Instant::now()),
+            Some(supervisor::Event::WorkerExited { .. }) => exits.push(Instant::now()),
+            Some(supervisor::Event::WorkerSpawned { .. }) => spawns.push(Instant::now()),
             _ => {}
         }
     }
@@ -246,7 +247,7 @@ async fn stop_disconnects_every_worker_and_ends_ok() {
     assert!(outcome.in_time, "no worker needed SIGKILL");
     for hello in &workers {
         let exit = events.iter().find_map(|e| match e {
-            SupervisedEvent::Cluster(Event::Exit {
+            Report::Cluster(Event::Exit {
                 worker,
                 status,
                 exited_after_disconnect,
@@ -259,7 +260,7 @@ async fn stop_disconnects_every_worker_and_ends_ok() {
     }
     assert!(matches!(
         events.last().and_then(sup),
-        Some(SupervisorEvent::StopFinished { .. })
+        Some(supervisor::Event::StopFinished { .. })
     ));
     assert!(
         handle.stop().is_err(),
@@ -280,10 +281,10 @@ async fn a_worker_ignoring_disconnect_is_killed_after_the_kill_timeout() {
     let outcome = outcome.unwrap();
     assert!(!outcome.in_time, "the worker had to be killed");
     assert!(events.iter().any(|e| matches!(sup(e),
-        Some(SupervisorEvent::KillTimeout { worker }) if *worker == wid(hello.id))));
+        Some(supervisor::Event::KillTimeout { worker }) if *worker == hello.id)));
     let killed = events.iter().any(|e| {
         matches!(e,
-        SupervisedEvent::Cluster(Event::Exit { status, .. }) if status.signal() == Some(9))
+        Report::Cluster(Event::Exit { status, .. }) if status.signal() == Some(Signal::KILL))
     });
     assert!(killed, "SIGKILL ended the worker");
 }
@@ -301,10 +302,10 @@ async fn a_rolling_reload_starts_each_new_worker_before_retiring_the_old_one() {
     let (mut finished, mut old_exits) = (false, 0);
     let (_, events) = until_supervised(&mut supervised, |e| {
         match e {
-            SupervisedEvent::Supervisor(SupervisorEvent::ReloadFinished { generation: 1 }) => {
+            Report::Supervisor(supervisor::Event::ReloadFinished { generation: 1 }) => {
                 finished = true
             }
-            SupervisedEvent::Cluster(Event::Exit { worker, .. })
+            Report::Cluster(Event::Exit { worker, .. })
                 if old.iter().any(|h| h.id == worker.id()) =>
             {
                 old_exits += 1
@@ -320,9 +321,8 @@ async fn a_rolling_reload_starts_each_new_worker_before_retiring_the_old_one() {
         .unwrap()
         .expect("reload succeeds");
 
-    let position = |pred: &dyn Fn(&SupervisedEvent) -> bool| {
-        events.iter().position(pred).expect("event present")
-    };
+    let position =
+        |pred: &dyn Fn(&Report) -> bool| events.iter().position(pred).expect("event present");
     let new_workers = hellos_after(&events, &mut supervised, 2).await;
     for slot in 0..2 {
         let new = new_workers[slot];
@@ -330,20 +330,20 @@ async fn a_rolling_reload_starts_each_new_worker_before_retiring_the_old_one() {
         assert_eq!(new.generation, 1);
         let new_ready = position(&|e| {
             matches!(sup(e),
-            Some(SupervisorEvent::WorkerReady { worker, generation: 1, .. }) if *worker == wid(new.id))
+            Some(supervisor::Event::WorkerReady { worker, generation: 1, .. }) if *worker == new.id)
         });
         let old_id = old[slot].id;
         let old_disconnected = position(&|e| {
             matches!(e,
-            SupervisedEvent::Cluster(Event::Disconnect(w)) if w.id() == old_id)
+            Report::Cluster(Event::Disconnect(w)) if w.id() == old_id)
         });
         assert!(
             new_ready < old_disconnected,
             "slot {slot}: the old worker went before the new one was ready"
         );
         assert!(events.iter().any(|e| matches!(sup(e),
-            Some(SupervisorEvent::SlotReloaded { slot: s, old, new: n, generation: 1 })
-                if *s == slot && *old == wid(old_id) && *n == wid(new.id))));
+            Some(supervisor::Event::SlotReloaded { slot: s, old, new: n, generation: 1 })
+                if *s == slot && *old == old_id && *n == new.id)));
     }
     let status = handle.status().await.unwrap();
     assert_eq!(status.generation, 1);
@@ -369,7 +369,7 @@ async fn a_reload_whose_new_worker_is_never_ready_fails_and_the_old_workers_keep
         async move { handle.reload().await }
     });
     let (failure, _) = until_supervised(&mut supervised, |e| match sup(e) {
-        Some(SupervisorEvent::ReloadFailed { failure, .. }) => Some(failure.clone()),
+        Some(supervisor::Event::ReloadFailed { failure, .. }) => Some(failure.clone()),
         _ => None,
     })
     .await;
@@ -420,7 +420,7 @@ async fn scaling_up_starts_new_slots_and_scaling_down_retires_the_highest() {
     handle.scale_to(1).unwrap();
     let mut exited = Vec::new();
     while exited.len() < 2 {
-        if let Some(SupervisorEvent::WorkerExited {
+        if let Some(supervisor::Event::WorkerExited {
             worker, expected, ..
         }) = sup(&next_supervised(&mut supervised).await)
         {
@@ -429,7 +429,7 @@ async fn scaling_up_starts_new_slots_and_scaling_down_retires_the_highest() {
         }
     }
     exited.sort();
-    assert_eq!(exited, [wid(added[0].id), wid(added[1].id)]);
+    assert_eq!(exited, [added[0].id, added[1].id]);
     let status = handle.status().await.unwrap();
     assert_eq!(status.target_workers, 1);
     assert_eq!(
@@ -445,7 +445,7 @@ async fn a_worker_that_stops_sending_heartbeats_gets_a_diagnostic_signal_then_is
     let mut supervisor = config(1);
     supervisor.heartbeat = Some(HeartbeatConfig {
         timeout: Duration::from_millis(400),
-        signal: Signal::Usr2,
+        signal: Signal::USR2,
         grace: Duration::from_millis(200),
     });
     supervisor.kill_timeout = Duration::from_millis(200);
@@ -456,25 +456,28 @@ async fn a_worker_that_stops_sending_heartbeats_gets_a_diagnostic_signal_then_is
     let mut supervised = supervise_with("ready-then-hang", supervisor, settings);
     let hung = hellos(&mut supervised, 1).await[0];
     let (_, events) = until_supervised(&mut supervised, |e| {
-        matches!(sup(e), Some(SupervisorEvent::WorkerSpawned { slot: 0, .. })).then_some(())
+        matches!(
+            sup(e),
+            Some(supervisor::Event::WorkerSpawned { slot: 0, .. })
+        )
+        .then_some(())
     })
     .await;
-    let position = |pred: &dyn Fn(&SupervisedEvent) -> bool| {
-        events.iter().position(pred).expect("event present")
-    };
+    let position =
+        |pred: &dyn Fn(&Report) -> bool| events.iter().position(pred).expect("event present");
     let detected = position(&|e| {
         matches!(sup(e),
-        Some(SupervisorEvent::HangDetected { slot: 0, worker, signal: Signal::Usr2 }) if *worker == wid(hung.id))
+        Some(supervisor::Event::HangDetected { slot: 0, worker, signal: Signal::USR2 }) if *worker == hung.id)
     });
     let killed = position(&|e| {
         matches!(e,
-        SupervisedEvent::Cluster(Event::Exit { worker, status, .. })
-            if worker.id() == hung.id && status.signal() == Some(9))
+        Report::Cluster(Event::Exit { worker, status, .. })
+            if worker.id() == hung.id && status.signal() == Some(Signal::KILL))
     });
     let failed = position(&|e| {
         matches!(
             sup(e),
-            Some(SupervisorEvent::WorkerFailed {
+            Some(supervisor::Event::WorkerFailed {
                 slot: 0,
                 cause: CrashCause::Hang
             })
@@ -502,7 +505,7 @@ async fn a_worker_is_recycled_after_its_request_limit_new_worker_first() {
     let first = hellos(&mut supervised, 1).await[0];
     assert_eq!(first.id, 1);
     let ((old, new, reason), events) = until_supervised(&mut supervised, |e| match sup(e) {
-        Some(SupervisorEvent::Recycled {
+        Some(supervisor::Event::Recycled {
             old, new, reason, ..
         }) => Some((*old, *new, *reason)),
         _ => None,
@@ -515,11 +518,11 @@ async fn a_worker_is_recycled_after_its_request_limit_new_worker_first() {
             limit: 50
         }
     );
-    assert_eq!(old, wid(first.id));
+    assert_eq!(old, first.id);
     let new_hello = hellos_after(&events, &mut supervised, 1).await[0];
-    assert_eq!((wid(new_hello.id), new_hello.index), (new, Some(0)));
+    assert_eq!((new_hello.id, new_hello.index), (new, Some(0)));
     let (expected, _) = until_supervised(&mut supervised, |e| match sup(e) {
-        Some(SupervisorEvent::WorkerExited {
+        Some(supervisor::Event::WorkerExited {
             worker, expected, ..
         }) if *worker == old => Some(*expected),
         _ => None,
@@ -539,11 +542,11 @@ async fn a_worker_is_recycled_when_it_reaches_its_maximum_age() {
     let mut supervised = supervise("ready-serve", supervisor);
     let first = hellos(&mut supervised, 1).await[0];
     let ((old, reason), _) = until_supervised(&mut supervised, |e| match sup(e) {
-        Some(SupervisorEvent::Recycled { old, reason, .. }) => Some((*old, *reason)),
+        Some(supervisor::Event::Recycled { old, reason, .. }) => Some((*old, *reason)),
         _ => None,
     })
     .await;
-    assert_eq!(old, wid(first.id));
+    assert_eq!(old, first.id);
     match reason {
         RecycleReason::MaxAge { age } => assert!(age >= Duration::from_millis(300)),
         other => panic!("unexpected reason {other:?}"),
@@ -577,7 +580,7 @@ async fn owned_signals_scale_reload_and_stop() {
 
     signal_self(procluster::Signal::TTIN);
     let (scaled, _) = until_supervised(&mut supervised, |e| match sup(e) {
-        Some(SupervisorEvent::Scaled { from, to }) => Some((*from, *to)),
+        Some(supervisor::Event::Scaled { from, to }) => Some((*from, *to)),
         _ => None,
     })
     .await;
@@ -586,7 +589,7 @@ async fn owned_signals_scale_reload_and_stop() {
 
     signal_self(procluster::Signal::TTOU);
     let (scaled, _) = until_supervised(&mut supervised, |e| match sup(e) {
-        Some(SupervisorEvent::Scaled { from, to }) => Some((*from, *to)),
+        Some(supervisor::Event::Scaled { from, to }) => Some((*from, *to)),
         _ => None,
     })
     .await;
@@ -596,7 +599,7 @@ async fn owned_signals_scale_reload_and_stop() {
     until_supervised(&mut supervised, |e| {
         matches!(
             sup(e),
-            Some(SupervisorEvent::ReloadFinished { generation: 1 })
+            Some(supervisor::Event::ReloadFinished { generation: 1 })
         )
         .then_some(())
     })
@@ -606,7 +609,7 @@ async fn owned_signals_scale_reload_and_stop() {
     let (events, outcome) = finish_supervised(supervised).await;
     assert!(events.iter().any(|e| matches!(
         sup(e),
-        Some(SupervisorEvent::StopStarted {
+        Some(supervisor::Event::StopStarted {
             reason: StopReason::Requested
         })
     )));
@@ -635,10 +638,8 @@ async fn with_listening_readiness_a_worker_is_ready_once_it_listens() {
     let mut ready = Vec::new();
     while ready.len() < 2 {
         match next_supervised(&mut supervised).await {
-            SupervisedEvent::Cluster(Event::Listening { worker, .. }) => {
-                listening.push(wid(worker.id()))
-            }
-            SupervisedEvent::Supervisor(SupervisorEvent::WorkerReady { worker, .. }) => {
+            Report::Cluster(Event::Listening { worker, .. }) => listening.push(worker.id()),
+            Report::Supervisor(supervisor::Event::WorkerReady { worker, .. }) => {
                 assert!(listening.contains(&worker), "ready only after listening");
                 ready.push(worker);
             }
@@ -688,28 +689,29 @@ async fn a_worker_whose_memory_grows_past_max_rss_is_recycled_new_worker_first()
             leaker = Some(hello);
         }
         match sup(e) {
-            Some(SupervisorEvent::Recycled { old: o, .. }) => {
+            Some(supervisor::Event::Recycled { old: o, .. }) => {
                 old = Some(*o);
                 rss_when_recycled = leaker.and_then(|h| rss_bytes(h.pid));
                 None
             }
-            Some(SupervisorEvent::WorkerExited { worker, .. }) if Some(*worker) == old => Some(()),
+            Some(supervisor::Event::WorkerExited { worker, .. }) if Some(*worker) == old => {
+                Some(())
+            }
             _ => None,
         }
     })
     .await;
     let leaker = leaker.expect("the first worker said hello");
     let old = old.expect("a recycle");
-    assert_eq!(old, wid(leaker.id));
+    assert_eq!(old, leaker.id);
 
-    let position = |pred: &dyn Fn(&SupervisedEvent) -> bool| {
-        events.iter().position(pred).expect("event present")
-    };
+    let position =
+        |pred: &dyn Fn(&Report) -> bool| events.iter().position(pred).expect("event present");
     let (started, reason) = events
         .iter()
         .enumerate()
         .find_map(|(i, e)| match sup(e) {
-            Some(SupervisorEvent::RecycleStarted {
+            Some(supervisor::Event::RecycleStarted {
                 slot: 0,
                 worker,
                 reason,
@@ -734,7 +736,7 @@ async fn a_worker_whose_memory_grows_past_max_rss_is_recycled_new_worker_first()
         .iter()
         .enumerate()
         .find_map(|(i, e)| match sup(e) {
-            Some(SupervisorEvent::Recycled {
+            Some(supervisor::Event::Recycled {
                 slot: 0,
                 old: o,
                 new,
@@ -745,21 +747,21 @@ async fn a_worker_whose_memory_grows_past_max_rss_is_recycled_new_worker_first()
         .expect("Recycled with the same reason");
     let spawned = position(&|e| {
         matches!(sup(e),
-        Some(SupervisorEvent::WorkerSpawned { slot: 0, worker, .. }) if *worker == new)
+        Some(supervisor::Event::WorkerSpawned { slot: 0, worker, .. }) if *worker == new)
     });
     let new_ready = position(&|e| {
         matches!(sup(e),
-        Some(SupervisorEvent::WorkerReady { slot: 0, worker, .. }) if *worker == new)
+        Some(supervisor::Event::WorkerReady { slot: 0, worker, .. }) if *worker == new)
     });
     let old_disconnected = position(&|e| {
         matches!(e,
-        SupervisedEvent::Cluster(Event::Disconnect(w)) if w.id() == leaker.id)
+        Report::Cluster(Event::Disconnect(w)) if w.id() == leaker.id)
     });
     let (old_exit, status, after_disconnect) = events
         .iter()
         .enumerate()
         .find_map(|(i, e)| match e {
-            SupervisedEvent::Cluster(Event::Exit {
+            Report::Cluster(Event::Exit {
                 worker,
                 status,
                 exited_after_disconnect,
@@ -779,7 +781,7 @@ async fn a_worker_whose_memory_grows_past_max_rss_is_recycled_new_worker_first()
     assert!(status.success() && after_disconnect, "{status}");
     assert!(matches!(
         events.last().and_then(sup),
-        Some(SupervisorEvent::WorkerExited { expected: true, .. })
+        Some(supervisor::Event::WorkerExited { expected: true, .. })
     ));
     eprintln!(
         "baseline {} KiB, limit {} KiB, sample {} KiB (overshoot {} KiB), \
@@ -796,13 +798,13 @@ async fn a_worker_whose_memory_grows_past_max_rss_is_recycled_new_worker_first()
         .into_iter()
         .find(|h| h.id != leaker.id)
         .expect("the replacement said hello");
-    assert_eq!((wid(replacement.id), replacement.index), (new, Some(0)));
+    assert_eq!((replacement.id, replacement.index), (new, Some(0)));
     assert!(!alive(leaker.pid));
     let events = stop_ok(supervised).await;
     assert!(
         !events
             .iter()
-            .any(|e| matches!(sup(e), Some(SupervisorEvent::RecycleStarted { .. }))),
+            .any(|e| matches!(sup(e), Some(supervisor::Event::RecycleStarted { .. }))),
         "the replacement, which does not leak, is not recycled"
     );
 }

@@ -245,10 +245,10 @@ impl<C> Distributor<C> {
 mod tests {
     use super::*;
 
-    fn hand_out(d: &mut Distributor<u32>) -> Vec<(WorkerId, u64, u32)> {
+    fn hand_out(d: &mut Distributor<u32>) -> Vec<(u32, u64, u32)> {
         let mut sent = Vec::new();
         d.dispatch(|w, batch| {
-            sent.extend(batch.iter().map(|(seq, c)| (w, *seq, **c)));
+            sent.extend(batch.iter().map(|(seq, c)| (w.get(), *seq, **c)));
             true
         });
         // In the order they were assigned.
@@ -259,10 +259,10 @@ mod tests {
     #[test]
     fn credit_decides_who_gets_what() {
         let mut d = Distributor::new(Mode::Credit);
-        d.add_target(1);
-        d.add_target(2);
-        d.credit(1, 1);
-        d.credit(2, 9);
+        d.add_target(WorkerId::new(1));
+        d.add_target(WorkerId::new(2));
+        d.credit(WorkerId::new(1), 1);
+        d.credit(WorkerId::new(2), 9);
         for c in 0..10 {
             d.offer(c);
         }
@@ -275,26 +275,26 @@ mod tests {
     #[test]
     fn without_credit_connections_wait_and_nothing_spins() {
         let mut d = Distributor::new(Mode::Credit);
-        d.add_target(1);
+        d.add_target(WorkerId::new(1));
         d.offer(7);
         assert!(hand_out(&mut d).is_empty());
         assert_eq!(d.queued(), 1);
-        d.credit(1, 1);
+        d.credit(WorkerId::new(1), 1);
         assert_eq!(hand_out(&mut d), vec![(1, 1, 7)]);
     }
 
     #[test]
     fn a_worker_that_dies_before_acknowledging_loses_nothing() {
         let mut d = Distributor::new(Mode::Push);
-        d.add_target(1);
-        d.add_target(2);
+        d.add_target(WorkerId::new(1));
+        d.add_target(WorkerId::new(2));
         for c in 0..4 {
             d.offer(c);
         }
         let sent = hand_out(&mut d);
         assert_eq!(sent.iter().map(|s| s.0).collect::<Vec<_>>(), [1, 2, 1, 2]);
-        d.ack(2, 2, true);
-        d.remove_target(1);
+        d.ack(WorkerId::new(2), 2, true);
+        d.remove_target(WorkerId::new(1));
         let again = hand_out(&mut d);
         assert_eq!(
             again.iter().map(|s| (s.0, s.2)).collect::<Vec<_>>(),
@@ -305,31 +305,31 @@ mod tests {
     #[test]
     fn a_refused_connection_goes_to_another_worker() {
         let mut d = Distributor::new(Mode::Credit);
-        d.add_target(1);
-        d.add_target(2);
-        d.credit(1, 1);
+        d.add_target(WorkerId::new(1));
+        d.add_target(WorkerId::new(2));
+        d.credit(WorkerId::new(1), 1);
         d.offer(5);
         let sent = hand_out(&mut d);
         assert_eq!(sent[0].0, 1);
-        assert!(d.ack(1, sent[0].1, false).is_none());
-        d.credit(2, 1);
+        assert!(d.ack(WorkerId::new(1), sent[0].1, false).is_none());
+        d.credit(WorkerId::new(2), 1);
         assert_eq!(hand_out(&mut d)[0], (2, 2, 5));
-        assert_eq!(d.ack(2, 2, true), Some(5));
+        assert_eq!(d.ack(WorkerId::new(2), 2, true), Some(5));
         assert_eq!(d.in_flight(), 0);
     }
 
     #[test]
     fn a_failed_send_removes_the_worker_and_keeps_the_connection() {
         let mut d = Distributor::new(Mode::Push);
-        d.add_target(1);
-        d.add_target(2);
+        d.add_target(WorkerId::new(1));
+        d.add_target(WorkerId::new(2));
         d.offer(9);
         let mut sent = Vec::new();
         d.dispatch(|w, batch| {
             if w == 1 {
                 return false;
             }
-            sent.extend(batch.iter().map(|(_, c)| (w, **c)));
+            sent.extend(batch.iter().map(|(_, c)| (w.get(), **c)));
             true
         });
         assert_eq!(sent, [(2, 9)]);
@@ -339,8 +339,8 @@ mod tests {
     #[test]
     fn a_worker_that_never_acknowledges_stops_getting_pushed_connections() {
         let mut d = Distributor::new(Mode::Push);
-        d.add_target(1);
-        d.add_target(2);
+        d.add_target(WorkerId::new(1));
+        d.add_target(WorkerId::new(2));
         for c in 0..(PUSH_WINDOW as u32 * 3) {
             d.offer(c);
         }
@@ -350,7 +350,7 @@ mod tests {
         assert_eq!(d.queued(), PUSH_WINDOW);
         // Worker 2 takes its share; the rest go to it, not to the deaf one.
         for (w, seq, _) in sent.iter().filter(|s| s.0 == 2) {
-            d.ack(*w, *seq, true);
+            d.ack(WorkerId::new(*w), *seq, true);
         }
         let more = hand_out(&mut d);
         assert!(more.iter().all(|s| s.0 == 2));
@@ -360,22 +360,22 @@ mod tests {
     #[test]
     fn each_worker_gets_its_share_in_one_message_of_bounded_size() {
         let mut d = Distributor::new(Mode::Push);
-        d.add_target(1);
-        d.add_target(2);
+        d.add_target(WorkerId::new(1));
+        d.add_target(WorkerId::new(2));
         let total = MAX_BATCH + 10;
         for c in 0..total as u32 {
             d.offer(c);
         }
         let mut calls = Vec::new();
         d.dispatch(|w, batch| {
-            calls.push((w, batch.len()));
+            calls.push((w.get(), batch.len()));
             true
         });
         // Round-robin: half each, and each half fits in one message.
         assert_eq!(calls, [(1, total / 2), (2, total / 2)]);
         let mut d = Distributor::new(Mode::Credit);
-        d.add_target(1);
-        d.credit(1, MAX_BATCH + 1);
+        d.add_target(WorkerId::new(1));
+        d.credit(WorkerId::new(1), MAX_BATCH + 1);
         for c in 0..(MAX_BATCH + 1) as u32 {
             d.offer(c);
         }
@@ -415,7 +415,7 @@ mod tests {
         assert_eq!(batch_for_frame_limit(16 + 32 * 3), 3);
         assert_eq!(batch_for_frame_limit(0), 1);
         let mut d = Distributor::new(Mode::Push).with_max_batch(3);
-        d.add_target(1);
+        d.add_target(WorkerId::new(1));
         for c in 0..7 {
             d.offer(c);
         }
@@ -430,10 +430,10 @@ mod tests {
     #[test]
     fn acks_from_the_wrong_worker_are_ignored() {
         let mut d = Distributor::new(Mode::Push);
-        d.add_target(1);
+        d.add_target(WorkerId::new(1));
         d.offer(1);
         hand_out(&mut d);
-        assert!(d.ack(2, 1, true).is_none());
+        assert!(d.ack(WorkerId::new(2), 1, true).is_none());
         assert_eq!(d.in_flight(), 1);
     }
 }

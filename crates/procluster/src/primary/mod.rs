@@ -31,22 +31,23 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::{Semaphore, mpsc, watch};
 
-pub use output::{LineSplitter, MAX_LINE, OutputHook, OutputLine, Stream};
+pub use output::{MAX_LINE, OutputHook, OutputLine, Stream};
 pub use settings::{
     ChildFd, DEFAULT_SHUTDOWN_GRACE, ForkHook, ForkOptions, Program, Settings, Stdio, Workers,
 };
-pub(crate) use worker_handle::dup_all;
-pub use worker_handle::{ExitStatus, WorkerHandle, WorkerState};
-pub(crate) use worker_task::advance;
+pub use worker_handle::{WorkerHandle, WorkerState};
 
+use crate::listeners::registry::{Registry, RegistryConfig};
 use crate::message::Message;
 use crate::protocol::{Format, Policy};
-use crate::{Error, WorkerId, env_keys};
+use crate::sync::lock;
+use crate::{Error, ExitStatus, Result, WorkerId, env_keys};
 
 /// Something that happened to a worker, in Node's order for each worker:
 /// `Fork`, `Online`, (`Listening`, `Message`...), `Disconnect`, `Exit`.
 /// Every worker gets exactly one `Fork`, one `Disconnect` and one `Exit`.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum Event {
     /// A worker process was started.
     Fork(WorkerHandle),
@@ -259,7 +260,7 @@ impl ClusterBuilder {
             )));
         }
         check_fds(settings, &settings.fds)?;
-        if let Some(policy) = crate::policy_from_env()? {
+        if let Some(policy) = policy_from_env()? {
             settings.policy = policy;
         }
         if settings.batch_scheduling {
@@ -272,6 +273,11 @@ impl ClusterBuilder {
         let (tx, rx) = mpsc::unbounded_channel();
         let budget = settings.message_budget.clamp(1, Semaphore::MAX_PERMITS);
         let (live_tx, _) = watch::channel(0);
+        let listeners = Registry::new(RegistryConfig {
+            policy: settings.policy,
+            max_frame: settings.max_frame,
+            inherited_fds: systemd_listen_fds(),
+        });
         let inner = Arc::new(Inner {
             settings: self.settings,
             next_id: AtomicU32::new(1),
@@ -280,9 +286,7 @@ impl ClusterBuilder {
             budget: Arc::new(Semaphore::new(budget)),
             budget_total: budget,
             live: live_tx,
-            listeners: Mutex::default(),
-            inherited_listen_fds: systemd_listen_fds(),
-            keep_listeners: std::sync::atomic::AtomicBool::new(false),
+            listeners,
         });
         Ok(Cluster {
             inner,
@@ -316,22 +320,12 @@ pub(crate) struct Inner {
     pub(crate) budget_total: usize,
     live: watch::Sender<usize>,
     /// Listeners shared with workers.
-    pub(crate) listeners: Mutex<crate::listeners::primary::Registry>,
-    /// The descriptors systemd passed to this process (`LISTEN_FDS`), which
-    /// workers may listen on by number.
-    pub(crate) inherited_listen_fds: std::ops::Range<i32>,
-    /// Keep listeners open when no worker holds them (a supervisor that
-    /// restarts workers wants the queued connections kept).
-    keep_listeners: std::sync::atomic::AtomicBool,
+    pub(crate) listeners: Arc<Registry>,
 }
 
 impl Inner {
-    pub(crate) fn keeps_listeners(&self) -> bool {
-        self.keep_listeners.load(Ordering::Relaxed)
-    }
-
     fn workers(&self) -> MutexGuard<'_, BTreeMap<WorkerId, WorkerHandle>> {
-        self.workers.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.workers)
     }
 
     pub(crate) fn emit(&self, event: Event) {
@@ -426,7 +420,7 @@ impl Cluster {
     /// As [`Cluster::fork`], and [`Error::Settings`] for a descriptor placed
     /// below 3 or on the channel's fd.
     pub async fn fork_with(&self, mut options: ForkOptions) -> Result<WorkerHandle, Error> {
-        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let id = WorkerId::new(self.inner.next_id.fetch_add(1, Ordering::Relaxed));
         if let Some(hook) = &self.inner.settings.on_fork {
             (hook.0)(id, &mut options)
                 .map_err(|e| Error::io(format!("cannot prepare worker {id}"), e))?;
@@ -515,7 +509,7 @@ impl Cluster {
     /// that restarts workers wants this on). [`Cluster::close_listeners`]
     /// closes them.
     pub fn keep_listeners(&self, keep: bool) {
-        self.inner.keep_listeners.store(keep, Ordering::Relaxed);
+        self.inner.listeners.set_keep(keep);
     }
 
     /// Tells the cluster that worker slot `index` is gone for good (it
@@ -523,12 +517,12 @@ impl Cluster {
     /// are drained to the other workers and closed. Forking a worker for the
     /// slot again brings it back.
     pub fn retire_slot(&self, index: usize) {
-        crate::listeners::primary::retire_slot(&self.inner, index);
+        self.inner.listeners.retire_slot(index);
     }
 
     /// Closes every shared listener now.
     pub fn close_listeners(&self) {
-        crate::listeners::primary::close_all(&self.inner);
+        self.inner.listeners.close_all();
     }
 
     /// Waits until no worker is alive.
@@ -586,42 +580,49 @@ fn check_fds(settings: &Settings, fds: &[ChildFd]) -> Result<(), Error> {
     Ok(())
 }
 
+/// The environment a worker gets from the cluster, beside the
+/// application's own: the marker of a procluster worker, or for a foreign
+/// program (which has no channel) who it is.
 pub(crate) fn worker_env(
     id: WorkerId,
     settings: &Settings,
     options: &ForkOptions,
 ) -> Vec<(&'static str, String)> {
-    if settings.program.is_foreign() {
-        // Only what a foreign program can use: who it is.
-        let mut env = vec![(env_keys::WORKER_ID, id.to_string())];
-        if let Some(index) = options.index {
-            env.push((env_keys::WORKER_INDEX, index.to_string()));
-        }
-        return env;
+    if !settings.program.is_foreign() {
+        return vec![(crate::WORKER_MARKER, std::process::id().to_string())];
     }
-    let mut env = vec![
-        (env_keys::WORKER_ID, id.to_string()),
-        (env_keys::CHANNEL_FD, crate::CHANNEL_FD.to_string()),
-        (env_keys::FORMAT, settings.format.name().to_string()),
-        (env_keys::MAX_FRAME, settings.max_frame.to_string()),
-    ];
+    let mut env = vec![(env_keys::WORKER_ID, id.to_string())];
     if let Some(index) = options.index {
         env.push((env_keys::WORKER_INDEX, index.to_string()));
     }
-    if settings.shutdown_grace != DEFAULT_SHUTDOWN_GRACE {
-        env.push((
-            env_keys::SHUTDOWN_GRACE_MS,
-            settings.shutdown_grace.as_millis().to_string(),
-        ));
-    }
-    if let Some(every) = settings.heartbeat_interval {
-        env.push((env_keys::HEARTBEAT_MS, every.as_millis().to_string()));
-    }
-    if !settings.busy_poll.is_zero() {
-        env.push((
-            env_keys::BUSY_POLL_US,
-            settings.busy_poll.as_micros().to_string(),
-        ));
-    }
     env
+}
+
+/// What a new worker learns in its channel's first frame.
+pub(crate) fn hello(
+    id: WorkerId,
+    settings: &Settings,
+    options: &ForkOptions,
+) -> crate::handshake::Hello {
+    crate::handshake::Hello {
+        id,
+        index: options.index.map(|i| i as u64),
+        format: settings.format,
+        max_frame: settings.max_frame as u64,
+        heartbeat: settings.heartbeat_interval,
+        shutdown_grace: settings.shutdown_grace,
+        busy_poll: settings.busy_poll,
+        services: Vec::new(),
+    }
+}
+
+/// Reads `PROCLUSTER_SCHED_POLICY`, which overrides the configured policy.
+fn policy_from_env() -> Result<Option<Policy>> {
+    match std::env::var(env_keys::SCHED_POLICY) {
+        Err(_) => Ok(None),
+        Ok(name) => name
+            .parse()
+            .map(Some)
+            .map_err(|error| Error::Settings(format!("{}: {error}", env_keys::SCHED_POLICY))),
+    }
 }

@@ -58,25 +58,14 @@ pub const MAX_LINE: usize = 64 * 1024;
 
 /// Splits a byte stream into lines: whole lines as they complete, overlong
 /// lines in `MAX_LINE` pieces, and the unterminated tail at the end.
-///
-/// # Examples
-/// ```
-/// use procluster::primary::LineSplitter;
-/// let mut lines = Vec::new();
-/// let mut splitter = LineSplitter::default();
-/// splitter.push(b"one\ntw", |l| lines.push(l.to_vec()));
-/// splitter.push(b"o\nthree", |l| lines.push(l.to_vec()));
-/// splitter.finish(|l| lines.push(l.to_vec()));
-/// assert_eq!(lines, [b"one".to_vec(), b"two".to_vec(), b"three".to_vec()]);
-/// ```
 #[derive(Debug, Default)]
-pub struct LineSplitter {
+pub(crate) struct LineSplitter {
     partial: Vec<u8>,
 }
 
 impl LineSplitter {
     /// Feeds bytes; calls `emit` for each complete line (without its `\n`).
-    pub fn push(&mut self, mut bytes: &[u8], mut emit: impl FnMut(&[u8])) {
+    pub(crate) fn push(&mut self, mut bytes: &[u8], mut emit: impl FnMut(&[u8])) {
         while let Some(newline) = bytes.iter().position(|&b| b == b'\n') {
             if self.partial.is_empty() {
                 emit_in_pieces(&bytes[..newline], &mut emit);
@@ -95,7 +84,7 @@ impl LineSplitter {
     }
 
     /// Emits what is left (a last line without `\n`).
-    pub fn finish(&mut self, mut emit: impl FnMut(&[u8])) {
+    pub(crate) fn finish(&mut self, mut emit: impl FnMut(&[u8])) {
         if !self.partial.is_empty() {
             emit(&self.partial);
             self.partial.clear();

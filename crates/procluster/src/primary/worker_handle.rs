@@ -8,7 +8,8 @@ use serde::Serialize;
 
 use crate::channel::ChannelSender;
 use crate::protocol::{Control, Format, FrameKind};
-use crate::{Error, Signal, WorkerId};
+use crate::sync::lock;
+use crate::{Error, ExitStatus, Signal, WorkerId};
 
 /// Bytes of user messages a worker may hold unread before senders wait.
 /// Half of the worker's own inbox budget, so the worker never has to stop
@@ -18,8 +19,8 @@ pub(crate) const UNREAD_WINDOW: usize = 32 * 1024 * 1024;
 /// Where a worker is in its life, in Node's order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum WorkerState {
-    /// Forked; its runtime has not reported in yet.
-    None,
+    /// Forked; its runtime has not reported in yet (Node's `none`).
+    Forked,
     /// Its channel is up.
     Online,
     /// It listens on at least one shared port.
@@ -28,56 +29,6 @@ pub enum WorkerState {
     Disconnected,
     /// It has exited and been reaped.
     Dead,
-}
-
-/// How a worker process ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ExitStatus {
-    code: Option<i32>,
-    signal: Option<i32>,
-}
-
-impl ExitStatus {
-    pub(crate) fn from_std(status: std::process::ExitStatus) -> Self {
-        use std::os::unix::process::ExitStatusExt;
-        Self {
-            code: status.code(),
-            signal: status.signal(),
-        }
-    }
-
-    /// A status for a process whose end could not be observed.
-    pub(crate) fn unknown() -> Self {
-        Self {
-            code: None,
-            signal: None,
-        }
-    }
-
-    /// The exit code, if it exited by itself.
-    pub fn code(&self) -> Option<i32> {
-        self.code
-    }
-
-    /// The signal that ended it, if one did.
-    pub fn signal(&self) -> Option<i32> {
-        self.signal
-    }
-
-    /// Exit code 0.
-    pub fn success(&self) -> bool {
-        self.code == Some(0)
-    }
-}
-
-impl fmt::Display for ExitStatus {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match (self.code, self.signal) {
-            (Some(code), _) => write!(f, "exit code {code}"),
-            (None, Some(signal)) => write!(f, "signal {signal}"),
-            (None, None) => write!(f, "unknown status"),
-        }
-    }
 }
 
 #[derive(Debug)]
@@ -116,7 +67,7 @@ pub(crate) struct WorkerShared {
 
 impl WorkerShared {
     pub(crate) fn lifecycle(&self) -> MutexGuard<'_, Lifecycle> {
-        self.lifecycle.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.lifecycle)
     }
 }
 
@@ -247,7 +198,8 @@ impl WorkerHandle {
         value: &T,
         fds: &[F],
     ) -> Result<(), Error> {
-        let owned = dup_all(fds)?;
+        let owned = crate::channel::dup_all(fds)
+            .map_err(|e| Error::io("cannot duplicate a descriptor to send", e))?;
         self.send_with_fds(value, owned).await
     }
 
@@ -287,7 +239,7 @@ impl WorkerHandle {
             let room = self.shared.unread_room.notified();
             tokio::pin!(room);
             room.as_mut().enable();
-            if *self.shared.unread.lock().unwrap_or_else(|e| e.into_inner()) < UNREAD_WINDOW {
+            if *lock(&self.shared.unread) < UNREAD_WINDOW {
                 return Ok(());
             }
             if self.state() >= WorkerState::Disconnected {
@@ -298,12 +250,12 @@ impl WorkerHandle {
     }
 
     pub(crate) fn charge_unread(&self, bytes: usize) {
-        *self.shared.unread.lock().unwrap_or_else(|e| e.into_inner()) += bytes.max(1);
+        *lock(&self.shared.unread) += bytes.max(1);
     }
 
     /// The worker read `bytes` more.
     pub(crate) fn consumed(&self, bytes: u64) {
-        let mut unread = self.shared.unread.lock().unwrap_or_else(|e| e.into_inner());
+        let mut unread = lock(&self.shared.unread);
         *unread = unread.saturating_sub(usize::try_from(bytes).unwrap_or(usize::MAX));
         drop(unread);
         self.shared.unread_room.notify_waiters();
@@ -311,7 +263,7 @@ impl WorkerHandle {
 
     /// Whether the worker's window of unread messages has room.
     pub(crate) fn has_window(&self) -> bool {
-        *self.shared.unread.lock().unwrap_or_else(|e| e.into_inner()) < UNREAD_WINDOW
+        *lock(&self.shared.unread) < UNREAD_WINDOW
     }
 
     /// Sends `signal` to the worker process (SIGTERM if you have no reason to
@@ -330,9 +282,7 @@ impl WorkerHandle {
             let _ = crate::sys::kill_group(pid, signal);
         }
         let result = match &self.shared.pidfd {
-            Some(pidfd) => {
-                rustix::process::pidfd_send_signal(pidfd, signal).map_err(std::io::Error::from)
-            }
+            Some(pidfd) => crate::sys::pidfd_signal(pidfd, signal),
             None => crate::sys::kill(pid, signal),
         };
         match result {
@@ -371,7 +321,7 @@ impl WorkerHandle {
         }
         if let Some(signal) = self.shared.stop_signal {
             if let Err(error) = self.kill(signal) {
-                tracing::warn!(worker = self.id(), %error, "cannot ask a worker to stop");
+                tracing::warn!(worker = %self.id(), %error, "cannot ask a worker to stop");
             }
             return;
         }
@@ -382,14 +332,4 @@ impl WorkerHandle {
             Vec::new(),
         );
     }
-}
-
-pub(crate) fn dup_all<F: AsFd>(fds: &[F]) -> Result<Vec<OwnedFd>, Error> {
-    fds.iter()
-        .map(|fd| {
-            fd.as_fd()
-                .try_clone_to_owned()
-                .map_err(|e| Error::io("cannot duplicate a descriptor to send", e))
-        })
-        .collect()
 }

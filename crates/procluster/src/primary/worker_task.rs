@@ -8,12 +8,17 @@ use std::time::Duration;
 use tokio::process::{Child, Command};
 
 use super::output::{OutputLine, Stream, forward_lines};
-use super::worker_handle::{ExitStatus, Lifecycle, WorkerHandle, WorkerShared, WorkerState};
-use super::{ChildFd, Event, ForkOptions, Inner, Program, Stdio, spawn, worker_env};
+use super::worker_handle::{Lifecycle, WorkerHandle, WorkerShared, WorkerState};
+use super::{ChildFd, Event, ForkOptions, Inner, Program, Stdio, hello, spawn, worker_env};
 use crate::channel::{self, ChannelError, ChannelReader};
+use crate::listeners::registry::{Member, failure_reply};
 use crate::message::Message;
-use crate::protocol::{Control, Frame, FrameKind};
-use crate::{Error, Signal, WorkerId};
+use crate::protocol::{Control, Frame, FrameKind, ListenSpec};
+use crate::{Error, ExitStatus, Signal, WorkerId};
+
+/// Longest address a worker may report as listening (a Unix path is at most
+/// 108 bytes; this leaves room for any address).
+const MAX_ADDRESS_LEN: usize = 1024;
 
 /// How long after a worker exits its channel and output may still drain.
 const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(2);
@@ -63,6 +68,9 @@ pub(super) async fn fork(
         // No channel: the worker's end is simply closed.
         drop(theirs);
     } else {
+        // The worker's settings wait in its channel before it starts.
+        write_all(&ours, &hello(id, settings, &options).to_frame())
+            .map_err(|e| Error::io("cannot write a worker's settings to its channel", e))?;
         fds.place(theirs, crate::CHANNEL_FD);
     }
     for placed in child_fds(&settings.fds, &options.fds) {
@@ -98,7 +106,7 @@ pub(super) async fn fork(
             format: settings.format,
             sender,
             lifecycle: Mutex::new(Lifecycle {
-                state: WorkerState::None,
+                state: WorkerState::Forked,
                 exited_after_disconnect: false,
                 exit: None,
                 pid,
@@ -120,7 +128,7 @@ pub(super) async fn fork(
     let outputs = capture_output(&mut child, &worker, &settings.stdio);
     inner.insert(worker.clone());
     inner.emit(Event::Fork(worker.clone()));
-    tracing::debug!(worker = id, pid, program = %program.display(), "worker forked");
+    tracing::debug!(worker = %id, pid, program = %program.display(), "worker forked");
     let reader = if foreign {
         // Nothing will ever be sent to or read from a foreign worker; it is
         // online as soon as it runs.
@@ -274,7 +282,7 @@ async fn run(
                 // A grandchild holds the worker's end open, or nobody reads
                 // the events: the worker is gone, stop waiting for either.
                 if !frames.is_empty() {
-                    tracing::warn!(worker = worker.id(), dropped = frames.len(), "dropped messages of an exited worker nobody read");
+                    tracing::warn!(worker = %worker.id(), dropped = frames.len(), "dropped messages of an exited worker nobody read");
                     frames.clear();
                 }
                 reading = false;
@@ -295,7 +303,7 @@ async fn run(
         mark_disconnected(&inner, &worker);
     }
     // It may have listened after it disconnected: it holds nothing now.
-    crate::listeners::worker_gone(&inner, &worker);
+    inner.listeners.worker_gone(worker.id());
     drain_outputs(outputs).await;
     let status = status.unwrap_or(ExitStatus::unknown());
     let exited_after_disconnect = {
@@ -304,7 +312,7 @@ async fn run(
         life.exit = Some(status);
         life.exited_after_disconnect
     };
-    tracing::debug!(worker = worker.id(), %status, exited_after_disconnect, "worker exited");
+    tracing::debug!(worker = %worker.id(), %status, exited_after_disconnect, "worker exited");
     inner.finish(
         worker.id(),
         Event::Exit {
@@ -480,12 +488,100 @@ fn handle_control(inner: &Arc<Inner>, worker: &WorkerHandle, control: Control, f
         }
         Control::Requests { total } => worker.shared.lifecycle().requests = total,
         Control::Consumed { bytes } => worker.consumed(bytes),
-        other => crate::listeners::handle_control(inner, worker, other, fds),
+        Control::Listen { seq, spec, ordinal } => listen(inner, worker, seq, &spec, ordinal),
+        Control::Listening { address } => report_listening(inner, worker, address),
+        Control::CloseListener { key } => inner.listeners.close(worker.id(), key),
+        Control::ConnectionAck {
+            key,
+            seq,
+            accepted,
+            credit,
+        } => inner.listeners.ack(worker.id(), key, seq, accepted, credit),
+        Control::Credit { key, n } => inner.listeners.credit(worker.id(), key, n),
+        other => {
+            drop(fds);
+            tracing::debug!(worker = %worker.id(), ?other, "ignoring an unexpected control message");
+        }
     }
 }
 
+/// Answers a worker's listen request; a worker that gets its listener is
+/// `Listening`.
+fn listen(inner: &Arc<Inner>, worker: &WorkerHandle, seq: u32, spec: &ListenSpec, ordinal: u32) {
+    let joined = if worker.state() >= WorkerState::Disconnected {
+        // It disconnected meanwhile: it may not hold a listener any more.
+        Err(std::io::Error::new(
+            std::io::ErrorKind::NotConnected,
+            "the worker is disconnected from the cluster",
+        ))
+    } else {
+        let member = Member {
+            id: worker.id(),
+            index: worker.index(),
+            sender: worker.shared.sender.clone(),
+        };
+        inner.listeners.listen(&member, spec, ordinal)
+    };
+    let joined = match joined {
+        Ok(joined) => joined,
+        Err(error) => {
+            tracing::debug!(worker = %worker.id(), %error, "listen request failed");
+            let reply = Control::ListenResult {
+                seq,
+                reply: failure_reply(&error),
+            };
+            let _ = worker
+                .shared
+                .sender
+                .send_now(FrameKind::Control, &reply.encode(), Vec::new());
+            return;
+        }
+    };
+    let reply = Control::ListenResult {
+        seq,
+        reply: joined.reply,
+    };
+    let sent = worker
+        .shared
+        .sender
+        .send_now(FrameKind::Control, &reply.encode(), joined.fds);
+    match sent {
+        Ok(()) => report_listening(inner, worker, joined.address),
+        // The answer cannot reach the worker: it does not hold the listener.
+        Err(_) => inner.listeners.close(worker.id(), joined.key),
+    }
+}
+
+/// Emits `Listening` for a worker (also for exclusive listeners it reports).
+fn report_listening(inner: &Inner, worker: &WorkerHandle, address: String) {
+    if address.len() > MAX_ADDRESS_LEN {
+        tracing::warn!(
+            worker = %worker.id(),
+            "ignored a listening report with an overlong address"
+        );
+        return;
+    }
+    advance(worker, WorkerState::Listening);
+    inner.emit(Event::Listening {
+        worker: worker.clone(),
+        address,
+    });
+}
+
+/// Writes a small buffer to a fresh, empty socket.
+fn write_all(socket: &OwnedFd, mut bytes: &[u8]) -> std::io::Result<()> {
+    while !bytes.is_empty() {
+        match rustix::io::write(socket, bytes) {
+            Ok(n) => bytes = &bytes[n..],
+            Err(rustix::io::Errno::INTR) => {}
+            Err(error) => return Err(error.into()),
+        }
+    }
+    Ok(())
+}
+
 /// Moves the worker forward to `state`; returns whether it moved.
-pub(crate) fn advance(worker: &WorkerHandle, state: WorkerState) -> bool {
+fn advance(worker: &WorkerHandle, state: WorkerState) -> bool {
     let mut life = worker.shared.lifecycle();
     if life.state < state {
         life.state = state;
@@ -498,7 +594,7 @@ pub(crate) fn advance(worker: &WorkerHandle, state: WorkerState) -> bool {
 fn mark_disconnected(inner: &Arc<Inner>, worker: &WorkerHandle) {
     worker.shared.unread_room.notify_waiters();
     if advance(worker, WorkerState::Disconnected) {
-        crate::listeners::worker_gone(inner, worker);
+        inner.listeners.worker_gone(worker.id());
         inner.emit(Event::Disconnect(worker.clone()));
     }
 }
@@ -522,29 +618,29 @@ fn misbehaved(inner: &Arc<Inner>, worker: &WorkerHandle, error: &ChannelError) {
 /// a target whose channel is full or gone loses the message (logged), and
 /// the sender's task carries on.
 fn relay(inner: &Arc<Inner>, from: &WorkerHandle, frame: Frame) {
-    let target = u32::from_le_bytes(
+    let target = WorkerId::new(u32::from_le_bytes(
         frame.payload[..4]
             .try_into()
             .expect("length checked by the decoder"),
-    );
+    ));
     let Some(to) = inner.worker(target).filter(WorkerHandle::is_connected) else {
         tracing::warn!(
-            from = from.id(),
-            to = target,
+            from = %from.id(),
+            to = %target,
             "dropped a message for a worker that is not connected"
         );
         return;
     };
     if !to.has_window() {
         tracing::warn!(
-            from = from.id(),
-            to = target,
+            from = %from.id(),
+            to = %target,
             "dropped a relayed message: the target is not reading"
         );
         return;
     }
     let bytes = frame.payload.len() - 4;
-    let source = from.id().to_le_bytes();
+    let source = from.id().get().to_le_bytes();
     let result =
         to.shared
             .sender
@@ -555,7 +651,7 @@ fn relay(inner: &Arc<Inner>, from: &WorkerHandle, frame: Frame) {
     match result {
         Ok(()) => to.charge_unread(bytes),
         Err(error) => {
-            tracing::warn!(from = from.id(), to = target, %error, "dropped a relayed message")
+            tracing::warn!(from = %from.id(), to = %target, %error, "dropped a relayed message")
         }
     }
 }

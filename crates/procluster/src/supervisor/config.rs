@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use super::types::Signal;
+use crate::Signal;
 
 /// Restart delay policy: exponential backoff with jitter.
 ///
@@ -75,7 +75,7 @@ impl Default for HeartbeatConfig {
     fn default() -> Self {
         Self {
             timeout: Duration::from_secs(30),
-            signal: Signal::Abort,
+            signal: Signal::ABRT,
             grace: Duration::from_secs(5),
         }
     }

@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime};
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::types::{CrashCause, Generation, RejectReason, ReloadFailure};
+use super::types::{Generation, RejectReason, ReloadFailure};
 use crate::WorkerId;
 
 /// A request from a [`SupervisorHandle`] to the supervising task.
@@ -150,31 +150,10 @@ fn describe_reject(reason: RejectReason) -> &'static str {
 fn describe_failure(failure: &ReloadFailure) -> String {
     match failure {
         ReloadFailure::Worker { slot, cause } => {
-            format!("the new worker for slot {slot} {}", describe_cause(cause))
+            format!("the new worker for slot {slot} {}", cause)
         }
         ReloadFailure::BreakerTripped => "the crash-loop breaker tripped".into(),
         ReloadFailure::Stopped => "the cluster was stopped".into(),
-    }
-}
-
-/// A short phrase for a worker failure, e.g. "exited with code 1 before it was ready".
-pub(super) fn describe_cause(cause: &CrashCause) -> String {
-    match cause {
-        CrashCause::Exited { info, before_ready } => {
-            let how = match (info.code, info.signal) {
-                (Some(code), _) => format!("exited with code {code}"),
-                (None, Some(signal)) => format!("was killed by signal {signal}"),
-                (None, None) => "ended".into(),
-            };
-            if *before_ready {
-                format!("{how} before it was ready")
-            } else {
-                how
-            }
-        }
-        CrashCause::SpawnFailed(why) => format!("could not be started: {why}"),
-        CrashCause::ReadyTimeout => "was not ready within the ready timeout".into(),
-        CrashCause::Hang => "stopped sending heartbeats".into(),
     }
 }
 

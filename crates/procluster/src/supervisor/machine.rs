@@ -10,9 +10,10 @@ use super::state::{
     Successor, SuccessorState, Worker,
 };
 use super::types::{
-    Command, CrashCause, ExitInfo, Generation, Outcome, RecycleReason, RejectReason, ReloadFailure,
-    SpawnId, StopReason, SupervisorEvent, WorkerId,
+    Command, CrashCause, Event, Generation, Outcome, RecycleReason, RejectReason, ReloadFailure,
+    SpawnId, StopReason,
 };
+use crate::{ExitStatus, WorkerId};
 
 /// Where a worker or a spawn ticket is tracked.
 enum Place {
@@ -48,7 +49,8 @@ enum Place {
 ///
 /// ```
 /// use std::time::{Duration, Instant};
-/// use procluster::supervisor::{Command, ExitInfo, Supervisor, SupervisorConfig, SupervisorEvent, WorkerId};
+/// use procluster::{ExitStatus, WorkerId};
+/// use procluster::supervisor::{Command, Event, Supervisor, SupervisorConfig};
 ///
 /// let config = SupervisorConfig { workers: 2, ..SupervisorConfig::default() };
 /// let mut sup = Supervisor::with_jitter(config, || 0.0);
@@ -60,19 +62,19 @@ enum Place {
 /// while let Some(cmd) = sup.poll_command() {
 ///     if let Command::Spawn { spawn, .. } = cmd {
 ///         next_id += 1;
-///         sup.spawned(spawn, WorkerId(next_id), t0);
-///         sup.ready(WorkerId(next_id), t0);
+///         sup.spawned(spawn, WorkerId::new(next_id), t0);
+///         sup.ready(WorkerId::new(next_id), t0);
 ///     }
 /// }
 ///
 /// // Worker 1 (slot 0) crashes a minute later: a restart is scheduled.
 /// let t1 = t0 + Duration::from_secs(60);
-/// sup.exited(WorkerId(1), ExitInfo::code(1), t1);
+/// sup.exited(WorkerId::new(1), ExitStatus::exited(1), t1);
 /// let restart = std::iter::from_fn(|| sup.poll_event())
-///     .find(|e| matches!(e, SupervisorEvent::RestartScheduled { .. }));
+///     .find(|e| matches!(e, Event::RestartScheduled { .. }));
 /// assert_eq!(
 ///     restart,
-///     Some(SupervisorEvent::RestartScheduled { slot: 0, attempt: 1, delay: Duration::from_millis(100) })
+///     Some(Event::RestartScheduled { slot: 0, attempt: 1, delay: Duration::from_millis(100) })
 /// );
 ///
 /// // The shell sleeps until the deadline and ticks: slot 0 is respawned.
@@ -98,7 +100,7 @@ pub struct Supervisor {
     stable_generation: Generation,
     next_spawn: u64,
     commands: VecDeque<Command>,
-    events: VecDeque<SupervisorEvent>,
+    events: VecDeque<Event>,
 }
 
 impl std::fmt::Debug for Supervisor {
@@ -150,7 +152,7 @@ impl Supervisor {
     }
 
     /// Next event, in order.
-    pub fn poll_event(&mut self) -> Option<SupervisorEvent> {
+    pub fn poll_event(&mut self) -> Option<Event> {
         self.events.pop_front()
     }
 
@@ -214,7 +216,7 @@ impl Supervisor {
         for _ in 0..self.config.workers {
             self.add_slot();
         }
-        self.emit(SupervisorEvent::Started {
+        self.emit(Event::Started {
             workers: self.config.workers,
         });
         self.settle(now);
@@ -273,7 +275,7 @@ impl Supervisor {
     }
 
     /// The worker process ended.
-    pub fn exited(&mut self, worker: WorkerId, info: ExitInfo, now: Instant) {
+    pub fn exited(&mut self, worker: WorkerId, info: ExitStatus, now: Instant) {
         match self.find_worker(worker) {
             Some(Place::Detached(i)) => {
                 self.retiring.swap_remove(i);
@@ -352,13 +354,13 @@ impl Supervisor {
             None
         };
         if let Some(reason) = reject {
-            return self.emit(SupervisorEvent::ReloadRejected { reason });
+            return self.emit(Event::ReloadRejected { reason });
         }
         match &mut self.rollout {
             Some(r) => {
                 r.queued = true;
                 let behind = r.generation;
-                self.emit(SupervisorEvent::ReloadQueued { behind });
+                self.emit(Event::ReloadQueued { behind });
             }
             None => self.start_rollout(now),
         }
@@ -396,7 +398,7 @@ impl Supervisor {
         }
         self.tripped = false;
         self.crashes.clear();
-        self.emit(SupervisorEvent::BreakerReset);
+        self.emit(Event::BreakerReset);
         for s in 0..self.slots.len() {
             if matches!(self.slots[s].current, Current::Halted) {
                 self.slots[s].attempt = 0;
@@ -426,7 +428,7 @@ impl Supervisor {
 // Lookup and small helpers.
 // ---------------------------------------------------------------------------
 impl Supervisor {
-    fn emit(&mut self, event: SupervisorEvent) {
+    fn emit(&mut self, event: Event) {
         self.events.push_back(event);
     }
 
@@ -434,9 +436,9 @@ impl Supervisor {
         self.commands.push_back(command);
     }
 
-    fn emit_exit(&mut self, worker: WorkerId, slot: Option<usize>, info: ExitInfo) {
+    fn emit_exit(&mut self, worker: WorkerId, slot: Option<usize>, info: ExitStatus) {
         let expected = slot.is_none();
-        self.emit(SupervisorEvent::WorkerExited {
+        self.emit(Event::WorkerExited {
             worker,
             slot,
             info,
@@ -445,7 +447,7 @@ impl Supervisor {
     }
 
     fn emit_spawned(&mut self, slot: usize, w: &Worker) {
-        self.emit(SupervisorEvent::WorkerSpawned {
+        self.emit(Event::WorkerSpawned {
             slot,
             worker: w.id,
             generation: w.generation,
@@ -619,7 +621,7 @@ impl Supervisor {
             return;
         }
         if let Current::Starting { worker, .. } = self.take_current(s) {
-            self.emit(SupervisorEvent::WorkerReady {
+            self.emit(Event::WorkerReady {
                 slot: s,
                 worker: worker.id,
                 generation: worker.generation,
@@ -629,7 +631,7 @@ impl Supervisor {
     }
 
     fn current_failed(&mut self, s: usize, cause: CrashCause, now: Instant) {
-        self.emit(SupervisorEvent::WorkerFailed { slot: s, cause });
+        self.emit(Event::WorkerFailed { slot: s, cause });
         let slot = &mut self.slots[s];
         let promoted = match slot.successor.take() {
             // A replacement is already on its way: it takes over the slot.
@@ -657,7 +659,7 @@ impl Supervisor {
         let attempt = slot.attempt;
         let delay = restart_delay(&self.config.backoff, attempt, unit);
         slot.current = Current::Backoff { until: now + delay };
-        self.emit(SupervisorEvent::RestartScheduled {
+        self.emit(Event::RestartScheduled {
             slot: s,
             attempt,
             delay,
@@ -674,7 +676,7 @@ impl Supervisor {
             return;
         }
         self.tripped = true;
-        self.emit(SupervisorEvent::BreakerTripped {
+        self.emit(Event::BreakerTripped {
             crashes,
             window: b.window,
         });
@@ -702,7 +704,7 @@ impl Supervisor {
     fn ready_timed_out(&mut self, s: usize) {
         if let Current::Starting { worker, .. } = self.take_current(s) {
             self.command(Command::Kill { worker: worker.id });
-            self.emit(SupervisorEvent::ReadyTimeout {
+            self.emit(Event::ReadyTimeout {
                 slot: s,
                 worker: worker.id,
             });
@@ -750,7 +752,7 @@ impl Supervisor {
         }
         if reset {
             slot.attempt = 0;
-            self.emit(SupervisorEvent::BackoffReset { slot: s });
+            self.emit(Event::BackoffReset { slot: s });
         }
     }
 
@@ -759,7 +761,7 @@ impl Supervisor {
             let worker = r.worker.id;
             let signal = hb.signal;
             self.command(Command::Signal { worker, signal });
-            self.emit(SupervisorEvent::HangDetected {
+            self.emit(Event::HangDetected {
                 slot: s,
                 worker,
                 signal,
@@ -778,7 +780,7 @@ impl Supervisor {
             if r.kill_at.is_some_and(|t| t <= now) {
                 r.kill_at = None;
                 self.commands.push_back(Command::Kill { worker: r.worker });
-                let event = SupervisorEvent::KillTimeout { worker: r.worker };
+                let event = Event::KillTimeout { worker: r.worker };
                 self.events.push_back(event);
                 killed = true;
             }
@@ -811,7 +813,7 @@ impl Supervisor {
             generation,
             queued: false,
         });
-        self.emit(SupervisorEvent::ReloadStarted { generation });
+        self.emit(Event::ReloadStarted { generation });
         self.start_successors();
         self.check_rollout_done(now);
     }
@@ -851,7 +853,7 @@ impl Supervisor {
         };
         if let (Purpose::Recycle(reason), Some(worker)) = (&purpose, self.slot_worker(s)) {
             let reason = *reason;
-            self.emit(SupervisorEvent::RecycleStarted {
+            self.emit(Event::RecycleStarted {
                 slot: s,
                 worker,
                 reason,
@@ -887,7 +889,7 @@ impl Supervisor {
             return;
         };
         let (new, generation) = (worker.id, worker.generation);
-        self.emit(SupervisorEvent::WorkerReady {
+        self.emit(Event::WorkerReady {
             slot: s,
             worker: new,
             generation,
@@ -901,13 +903,13 @@ impl Supervisor {
             return;
         };
         let event = match succ.purpose {
-            Purpose::Reload => SupervisorEvent::SlotReloaded {
+            Purpose::Reload => Event::SlotReloaded {
                 slot: s,
                 old,
                 new,
                 generation,
             },
-            Purpose::Recycle(reason) => SupervisorEvent::Recycled {
+            Purpose::Recycle(reason) => Event::Recycled {
                 slot: s,
                 old,
                 new,
@@ -934,14 +936,14 @@ impl Supervisor {
                 worker,
                 kill_at: None,
             });
-            self.emit(SupervisorEvent::ReadyTimeout { slot: s, worker });
+            self.emit(Event::ReadyTimeout { slot: s, worker });
         }
         self.successor_failed(s, succ.purpose, CrashCause::ReadyTimeout, now);
     }
 
     /// The successor (already removed from the slot) failed before ready.
     fn successor_failed(&mut self, s: usize, purpose: Purpose, cause: CrashCause, now: Instant) {
-        self.emit(SupervisorEvent::WorkerFailed {
+        self.emit(Event::WorkerFailed {
             slot: s,
             cause: cause.clone(),
         });
@@ -963,7 +965,7 @@ impl Supervisor {
                 retry_at: Some(now + retry_in),
             });
         }
-        self.emit(SupervisorEvent::RecycleFailed {
+        self.emit(Event::RecycleFailed {
             slot: s,
             reason,
             cause,
@@ -977,7 +979,7 @@ impl Supervisor {
         let Some(rollout) = self.rollout.take() else {
             return;
         };
-        self.emit(SupervisorEvent::ReloadFailed {
+        self.emit(Event::ReloadFailed {
             generation: rollout.generation,
             failure,
         });
@@ -1005,7 +1007,7 @@ impl Supervisor {
         let queued = r.queued;
         self.rollout = None;
         self.stable_generation = generation;
-        self.emit(SupervisorEvent::ReloadFinished { generation });
+        self.emit(Event::ReloadFinished { generation });
         if queued {
             self.start_rollout(now);
         }
@@ -1027,14 +1029,14 @@ impl Supervisor {
                 self.release_slot(slot, now);
             }
         }
-        self.emit(SupervisorEvent::Scaled { from, to: workers });
+        self.emit(Event::Scaled { from, to: workers });
         self.settle(now);
     }
 
     fn begin_stop(&mut self, reason: StopReason, now: Instant) {
-        self.emit(SupervisorEvent::StopStarted { reason });
+        self.emit(Event::StopStarted { reason });
         if let Some(r) = self.rollout.take() {
-            self.emit(SupervisorEvent::ReloadFailed {
+            self.emit(Event::ReloadFailed {
                 generation: r.generation,
                 failure: ReloadFailure::Stopped,
             });
@@ -1053,7 +1055,7 @@ impl Supervisor {
         if let Phase::Stopping(st) = &mut self.phase {
             st.forced = true;
         }
-        self.emit(SupervisorEvent::StopForced);
+        self.emit(Event::StopForced);
         let mut killed = false;
         for r in &mut self.retiring {
             if r.kill_at.take().is_some() {
@@ -1086,6 +1088,6 @@ impl Supervisor {
     fn finish(&mut self, reason: StopReason, in_time: bool) {
         let outcome = Outcome { reason, in_time };
         self.phase = Phase::Finished(outcome);
-        self.emit(SupervisorEvent::StopFinished { outcome });
+        self.emit(Event::StopFinished { outcome });
     }
 }

@@ -6,7 +6,7 @@
 //!   to spawn, restart, reload, recycle, signal or kill a worker) but
 //!   performs no IO itself: an IO shell feeds it observations (`spawned`,
 //!   `ready`, `exited`, `heartbeat`, ...) and the current time, then drains
-//!   [`Command`]s to execute and [`SupervisorEvent`]s to log.
+//!   [`Command`]s to execute and [`Event`]s to log.
 //!   [`Supervisor::next_deadline`] tells the shell when to call
 //!   [`Supervisor::tick`] next. Time is never read from a clock there: every
 //!   input carries an [`std::time::Instant`] supplied by the caller, and
@@ -41,10 +41,10 @@ pub use control::{
 };
 pub use machine::Supervisor;
 pub use shell::{
-    GENERATION_ENV, Readiness, StartError, SupervisedCluster, SupervisedEvent, SupervisionError,
+    GENERATION_ENV, Readiness, Report, StartError, SupervisedCluster, SupervisionError,
     SupervisionOptions,
 };
 pub use types::{
-    Command, CrashCause, ExitInfo, Generation, Outcome, RecycleReason, RejectReason, ReloadFailure,
-    Signal, SpawnId, StopReason, SupervisorEvent, WorkerId,
+    Command, CrashCause, Event, Generation, Outcome, RecycleReason, RejectReason, ReloadFailure,
+    SpawnId, StopReason,
 };

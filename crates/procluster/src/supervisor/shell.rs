@@ -18,9 +18,10 @@ use super::control::{
     ClusterStatus, ReloadError, Request, SupervisorHandle, WorkerPhase, WorkerStatus,
 };
 use super::signals::{SignalAction, Signals};
-use super::types::{Command, ExitInfo, Generation, Outcome, Signal, SupervisorEvent, WorkerId};
+use super::types::{Command, Event, Generation, Outcome};
 use super::{Supervisor, SupervisorConfig};
-use crate::primary::{Cluster, Event, ForkOptions, WorkerHandle};
+use crate::WorkerId;
+use crate::primary::{self, Cluster, ForkOptions, WorkerHandle};
 
 /// The environment variable that tells a supervised worker its generation
 /// (`0` at start, `+1` per reload).
@@ -75,12 +76,12 @@ impl Default for SupervisionOptions {
 /// What a [`SupervisedCluster`] reports: the cluster's own events and the
 /// supervisor's, in one stream.
 #[derive(Debug)]
-pub enum SupervisedEvent {
+pub enum Report {
     /// Something happened to a worker process (`Fork`, `Online`, `Exit`...).
-    Cluster(Event),
+    Cluster(primary::Event),
     /// The supervisor decided or noticed something (a restart, a reload
     /// step, a hang...). Its worker ids are the cluster's worker ids.
-    Supervisor(SupervisorEvent),
+    Supervisor(Event),
 }
 
 /// Why a [`SupervisedCluster`] could not start.
@@ -171,7 +172,7 @@ pub enum SupervisionError {
 /// # Ok(()) }
 /// ```
 pub struct SupervisedCluster {
-    events: mpsc::UnboundedReceiver<SupervisedEvent>,
+    events: mpsc::UnboundedReceiver<Report>,
     backlog: Arc<Backlog>,
     handle: SupervisorHandle,
     task: Option<JoinHandle<Result<Outcome, SupervisionError>>>,
@@ -263,9 +264,9 @@ impl SupervisedCluster {
     ///
     /// # Cancel safety
     /// Cancel safe: no event is lost if the future is dropped.
-    pub async fn next_event(&mut self) -> Option<SupervisedEvent> {
+    pub async fn next_event(&mut self) -> Option<Report> {
         let event = self.events.recv().await?;
-        if let SupervisedEvent::Cluster(Event::Message { message, .. }) = &event {
+        if let Report::Cluster(primary::Event::Message { message, .. }) = &event {
             self.backlog.release(message.payload().len());
         }
         Some(event)
@@ -350,7 +351,7 @@ struct Driver {
     /// False once `next_event` said no worker is alive, until the next fork.
     cluster_live: bool,
     options: SupervisionOptions,
-    workers: BTreeMap<crate::WorkerId, Tracked>,
+    workers: BTreeMap<WorkerId, Tracked>,
     /// Restarts after a failure, per slot.
     restarts: Vec<u32>,
     /// A `reload()` request waiting to learn whether it started or queued.
@@ -359,32 +360,10 @@ struct Driver {
     reload_waiters: Vec<(Generation, oneshot::Sender<Result<(), ReloadError>>)>,
     /// The breaker's last trip.
     breaker: Option<(usize, Duration)>,
-    out: mpsc::UnboundedSender<SupervisedEvent>,
+    out: mpsc::UnboundedSender<Report>,
     backlog: Arc<Backlog>,
     requests: mpsc::UnboundedReceiver<Request>,
     signals: Option<Signals>,
-}
-
-fn machine_id(id: crate::WorkerId) -> WorkerId {
-    WorkerId(u64::from(id))
-}
-
-fn cluster_id(id: WorkerId) -> Option<crate::WorkerId> {
-    crate::WorkerId::try_from(id.0).ok()
-}
-
-/// The OS signal for the machine's signal; `None` for a number that names
-/// no signal.
-pub(super) fn os_signal(signal: Signal) -> Option<crate::Signal> {
-    Some(match signal {
-        Signal::Abort => crate::Signal::ABORT,
-        Signal::Quit => crate::Signal::QUIT,
-        Signal::Term => crate::Signal::TERM,
-        Signal::Int => crate::Signal::INT,
-        Signal::Usr1 => crate::Signal::USR1,
-        Signal::Usr2 => crate::Signal::USR2,
-        Signal::Other(n) => return crate::Signal::from_named_raw(n),
-    })
 }
 
 impl Driver {
@@ -458,13 +437,13 @@ impl Driver {
             return;
         }
         while let Some(event) = self.cluster.next_event().await {
-            self.forward(SupervisedEvent::Cluster(event));
+            self.forward(Report::Cluster(event));
         }
     }
 
-    fn forward(&self, event: SupervisedEvent) {
+    fn forward(&self, event: Report) {
         let charge = match &event {
-            SupervisedEvent::Cluster(Event::Message { message, .. }) => {
+            Report::Cluster(primary::Event::Message { message, .. }) => {
                 Some(message.payload().len())
             }
             _ => None,
@@ -508,7 +487,7 @@ impl Driver {
                                 last_beat: None,
                             },
                         );
-                        self.sup.spawned(spawn, machine_id(id), Instant::now());
+                        self.sup.spawned(spawn, id, Instant::now());
                     }
                     Err(error) => {
                         tracing::warn!(slot, %error, "cannot start a worker");
@@ -525,18 +504,14 @@ impl Driver {
                 let Some(t) = self.stopping(worker) else {
                     return;
                 };
-                let Some(os) = os_signal(signal) else {
-                    tracing::warn!(?signal, "not a signal this OS knows; not sent");
-                    return;
-                };
-                if let Err(error) = t.handle.kill(os) {
-                    tracing::warn!(worker = t.handle.id(), %error, "cannot signal worker");
+                if let Err(error) = t.handle.kill(signal) {
+                    tracing::warn!(worker = %t.handle.id(), %error, "cannot signal worker");
                 }
             }
             Command::Kill { worker } => {
                 if let Some(t) = self.stopping(worker) {
                     if let Err(error) = t.handle.kill(crate::Signal::KILL) {
-                        tracing::warn!(worker = t.handle.id(), %error, "cannot kill worker");
+                        tracing::warn!(worker = %t.handle.id(), %error, "cannot kill worker");
                     }
                 }
             }
@@ -545,12 +520,12 @@ impl Driver {
 
     /// The worker, now marked as on its way out.
     fn stopping(&mut self, worker: WorkerId) -> Option<&mut Tracked> {
-        let t = self.workers.get_mut(&cluster_id(worker)?)?;
+        let t = self.workers.get_mut(&worker)?;
         t.phase = WorkerPhase::Stopping;
         Some(t)
     }
 
-    fn on_cluster_event(&mut self, event: Option<Event>) {
+    fn on_cluster_event(&mut self, event: Option<primary::Event>) {
         let Some(event) = event else {
             self.cluster_live = false;
             return;
@@ -559,29 +534,24 @@ impl Driver {
         let id = event.worker().id();
         let readiness = self.options.readiness;
         match &event {
-            Event::Online(_) if readiness == Readiness::Online => {
-                self.sup.ready(machine_id(id), now)
+            primary::Event::Online(_) if readiness == Readiness::Online => self.sup.ready(id, now),
+            primary::Event::Listening { .. } if readiness == Readiness::Listening => {
+                self.sup.ready(id, now);
             }
-            Event::Listening { .. } if readiness == Readiness::Listening => {
-                self.sup.ready(machine_id(id), now);
+            primary::Event::Ready(_) if readiness == Readiness::Explicit => {
+                self.sup.ready(id, now);
             }
-            Event::Ready(_) if readiness == Readiness::Explicit => {
-                self.sup.ready(machine_id(id), now);
-            }
-            Event::Exit { status, .. } => {
+            primary::Event::Exit { status, .. } => {
                 self.workers.remove(&id);
-                let info = ExitInfo {
-                    code: status.code(),
-                    signal: status.signal(),
-                };
+                let status = *status;
                 // The cluster's Exit goes out before what the supervisor makes of it.
-                self.forward(SupervisedEvent::Cluster(event));
-                self.sup.exited(machine_id(id), info, now);
+                self.forward(Report::Cluster(event));
+                self.sup.exited(id, status, now);
                 return;
             }
             _ => {}
         }
-        self.forward(SupervisedEvent::Cluster(event));
+        self.forward(Report::Cluster(event));
     }
 
     fn on_request(&mut self, request: Request) {
@@ -594,7 +564,7 @@ impl Driver {
             Request::ScaleTo(workers) => self.sup.scale_to(workers, now),
             Request::Stop => self.sup.stop(now),
             Request::ResetBreaker => self.sup.reset_breaker(now),
-            Request::MarkReady(id) => self.sup.ready(machine_id(id), now),
+            Request::MarkReady(id) => self.sup.ready(id, now),
             Request::Status(reply) => {
                 let _ = reply.send(self.status());
             }
@@ -626,7 +596,6 @@ impl Driver {
             config.recycle.max_rss.is_some(),
         );
         for (&id, t) in &mut self.workers {
-            let id = machine_id(id);
             if beats {
                 let beat = t.handle.last_heartbeat();
                 if beat.is_some() && beat != t.last_beat {
@@ -651,7 +620,7 @@ impl Driver {
     fn forward_supervisor_events(&mut self) {
         while let Some(event) = self.sup.poll_event() {
             self.observe(&event);
-            self.forward(SupervisedEvent::Supervisor(event));
+            self.forward(Report::Supervisor(event));
         }
         // A queued reload that could not start will not run.
         if !self.sup.is_reloading() {
@@ -662,52 +631,52 @@ impl Driver {
     }
 
     /// Keeps the status and the reload waiters up to date.
-    fn observe(&mut self, event: &SupervisorEvent) {
+    fn observe(&mut self, event: &Event) {
         match *event {
-            SupervisorEvent::StopStarted { .. } => {
+            Event::StopStarted { .. } => {
                 // Refuse new connections now rather than queue them for
                 // workers that are leaving.
                 self.cluster.close_listeners();
             }
-            SupervisorEvent::WorkerReady { worker, .. } => {
-                if let Some(t) = cluster_id(worker).and_then(|id| self.workers.get_mut(&id)) {
+            Event::WorkerReady { worker, .. } => {
+                if let Some(t) = self.workers.get_mut(&worker) {
                     t.phase = WorkerPhase::Ready;
                 }
             }
-            SupervisorEvent::RestartScheduled { slot, .. } => {
+            Event::RestartScheduled { slot, .. } => {
                 if self.restarts.len() <= slot {
                     self.restarts.resize(slot + 1, 0);
                 }
                 self.restarts[slot] += 1;
             }
-            SupervisorEvent::Scaled { from, to } => {
+            Event::Scaled { from, to } => {
                 self.restarts.truncate(to);
                 for slot in to..from {
                     self.cluster.retire_slot(slot);
                 }
             }
-            SupervisorEvent::BreakerTripped { crashes, window } => {
+            Event::BreakerTripped { crashes, window } => {
                 self.breaker = Some((crashes, window));
             }
-            SupervisorEvent::ReloadStarted { generation } => {
+            Event::ReloadStarted { generation } => {
                 if let Some(reply) = self.pending_reload.take() {
                     self.reload_waiters.push((generation, reply));
                 }
             }
-            SupervisorEvent::ReloadQueued { behind } => {
+            Event::ReloadQueued { behind } => {
                 if let Some(reply) = self.pending_reload.take() {
                     self.reload_waiters.push((behind + 1, reply));
                 }
             }
-            SupervisorEvent::ReloadRejected { reason } => {
+            Event::ReloadRejected { reason } => {
                 if let Some(reply) = self.pending_reload.take() {
                     let _ = reply.send(Err(ReloadError::Rejected(reason)));
                 }
             }
-            SupervisorEvent::ReloadFinished { generation } => {
+            Event::ReloadFinished { generation } => {
                 self.answer_reloads(|g| g <= generation, || Ok(()));
             }
-            SupervisorEvent::ReloadFailed {
+            Event::ReloadFailed {
                 generation,
                 ref failure,
             } => {

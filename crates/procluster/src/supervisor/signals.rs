@@ -33,12 +33,12 @@ impl Signals {
             ("SIGHUP", SignalKind::hangup(), SignalAction::Reload),
             (
                 "SIGTTIN",
-                SignalKind::from_raw(rustix::process::Signal::TTIN.as_raw()),
+                SignalKind::from_raw(crate::Signal::TTIN.number()),
                 SignalAction::AddWorker,
             ),
             (
                 "SIGTTOU",
-                SignalKind::from_raw(rustix::process::Signal::TTOU.as_raw()),
+                SignalKind::from_raw(crate::Signal::TTOU.number()),
                 SignalAction::RemoveWorker,
             ),
         ];

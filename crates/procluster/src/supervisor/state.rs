@@ -3,7 +3,8 @@
 use std::time::Instant;
 
 use super::config::SupervisorConfig;
-use super::types::{CrashCause, Generation, Outcome, RecycleReason, SpawnId, StopReason, WorkerId};
+use super::types::{CrashCause, Generation, Outcome, RecycleReason, SpawnId, StopReason};
+use crate::WorkerId;
 
 /// A live worker process as the supervisor knows it.
 #[derive(Debug)]

@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use super::*;
+use crate::{ExitStatus, Signal, WorkerId};
 
 fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
@@ -34,7 +35,7 @@ struct Proc {
 #[derive(Debug)]
 enum Action {
     Ready(WorkerId),
-    Exit(WorkerId, ExitInfo),
+    Exit(WorkerId, ExitStatus),
 }
 
 /// Fake IO shell: executes commands against simulated processes.
@@ -42,11 +43,11 @@ struct Shell {
     sup: Supervisor,
     base: Instant,
     now: Instant,
-    next_id: u64,
+    next_id: u32,
     alive: BTreeMap<WorkerId, Proc>,
     scheduled: Vec<(Instant, Action)>,
     commands: Vec<(Duration, Command)>,
-    events: Vec<(Duration, SupervisorEvent)>,
+    events: Vec<(Duration, Event)>,
     max_alive: usize,
     ticks: usize,
     boot: Box<dyn Fn(usize, Generation) -> Boot>,
@@ -113,7 +114,7 @@ impl Shell {
                 generation,
             } => {
                 self.next_id += 1;
-                let id = WorkerId(self.next_id);
+                let id = WorkerId::new(self.next_id);
                 let proc = Proc {
                     slot,
                     generation,
@@ -125,7 +126,7 @@ impl Shell {
                 match (self.boot)(slot, generation) {
                     Boot::Ready(d) if d.is_zero() => self.deliver(Action::Ready(id)),
                     Boot::Ready(d) => self.scheduled.push((now + d, Action::Ready(id))),
-                    Boot::Crash => self.deliver(Action::Exit(id, ExitInfo::code(1))),
+                    Boot::Crash => self.deliver(Action::Exit(id, ExitStatus::exited(1))),
                     Boot::Never => {}
                 }
             }
@@ -134,15 +135,19 @@ impl Shell {
                     self.assert_handover(worker);
                 }
                 match self.disconnect_exit {
-                    Some(d) if d.is_zero() => self.deliver(Action::Exit(worker, ExitInfo::code(0))),
+                    Some(d) if d.is_zero() => {
+                        self.deliver(Action::Exit(worker, ExitStatus::exited(0)))
+                    }
                     Some(d) => self
                         .scheduled
-                        .push((now + d, Action::Exit(worker, ExitInfo::code(0)))),
+                        .push((now + d, Action::Exit(worker, ExitStatus::exited(0)))),
                     None => {}
                 }
             }
             Command::Signal { .. } => {}
-            Command::Kill { worker } => self.deliver(Action::Exit(worker, ExitInfo::signal(9))),
+            Command::Kill { worker } => {
+                self.deliver(Action::Exit(worker, ExitStatus::signaled(Signal::KILL)))
+            }
         }
     }
 
@@ -216,7 +221,7 @@ impl Shell {
     /// Makes the ready worker of `slot` exit with code 1.
     fn crash(&mut self, slot: usize) {
         let id = self.worker_in(slot);
-        self.deliver(Action::Exit(id, ExitInfo::code(1)));
+        self.deliver(Action::Exit(id, ExitStatus::exited(1)));
         self.pump();
     }
 
@@ -257,13 +262,13 @@ impl Shell {
         self.commands.iter().filter(|(_, c)| f(c)).count()
     }
 
-    fn count_events(&self, f: impl Fn(&SupervisorEvent) -> bool) -> usize {
+    fn count_events(&self, f: impl Fn(&Event) -> bool) -> usize {
         self.events.iter().filter(|(_, e)| f(e)).count()
     }
 
     fn last_restart(&self) -> Option<(u32, Duration)> {
         self.events.iter().rev().find_map(|(_, e)| match e {
-            SupervisorEvent::RestartScheduled { attempt, delay, .. } => Some((*attempt, *delay)),
+            Event::RestartScheduled { attempt, delay, .. } => Some((*attempt, *delay)),
             _ => None,
         })
     }
@@ -300,7 +305,7 @@ fn start_spawns_one_worker_per_slot() {
     sh.start();
     let spawns: Vec<_> = sh.spawns().iter().map(|&(_, s, g)| (s, g)).collect();
     assert_eq!(spawns, [(0, 0), (1, 0), (2, 0)]);
-    let ready = sh.count_events(|e| matches!(e, SupervisorEvent::WorkerReady { .. }));
+    let ready = sh.count_events(|e| matches!(e, Event::WorkerReady { .. }));
     assert_eq!(ready, 3);
     assert_eq!(sh.alive.len(), 3);
     assert_eq!(sh.sup.next_deadline(), None);
@@ -321,7 +326,7 @@ fn crash_backoff_grows_and_resets_after_stable_uptime() {
         assert_eq!(sh.alive.len(), 1);
     }
     sh.advance(secs(10));
-    let resets = sh.count_events(|e| matches!(e, SupervisorEvent::BackoffReset { slot: 0 }));
+    let resets = sh.count_events(|e| matches!(e, Event::BackoffReset { slot: 0 }));
     assert_eq!(resets, 1);
     sh.crash(0);
     assert_eq!(sh.last_restart(), Some((1, ms(750))));
@@ -337,7 +342,7 @@ fn spawn_failure_counts_as_crash() {
     };
     sup.spawn_failed(spawn, "ENOENT", t0);
     let events: Vec<_> = std::iter::from_fn(|| sup.poll_event()).collect();
-    assert!(events.contains(&SupervisorEvent::WorkerFailed {
+    assert!(events.contains(&Event::WorkerFailed {
         slot: 0,
         cause: CrashCause::SpawnFailed("ENOENT".into()),
     }));
@@ -359,14 +364,14 @@ fn breaker_trips_after_k_crashes_in_window() {
         sh.advance(secs(10));
     }
     assert!(!sh.sup.is_breaker_tripped());
-    let restarts = sh.count_events(|e| matches!(e, SupervisorEvent::RestartScheduled { .. }));
+    let restarts = sh.count_events(|e| matches!(e, Event::RestartScheduled { .. }));
     sh.crash(0);
     assert!(sh.sup.is_breaker_tripped());
     assert_eq!(
-        sh.count_events(|e| matches!(e, SupervisorEvent::BreakerTripped { crashes: 4, .. })),
+        sh.count_events(|e| matches!(e, Event::BreakerTripped { crashes: 4, .. })),
         1
     );
-    let after = sh.count_events(|e| matches!(e, SupervisorEvent::RestartScheduled { .. }));
+    let after = sh.count_events(|e| matches!(e, Event::RestartScheduled { .. }));
     assert_eq!(after, restarts, "no restart once tripped");
     let spawns = sh.spawns().len();
     sh.advance(secs(3600));
@@ -378,7 +383,7 @@ fn breaker_trips_after_k_crashes_in_window() {
     assert_eq!(
         sh.count_events(|e| matches!(
             e,
-            SupervisorEvent::ReloadRejected {
+            Event::ReloadRejected {
                 reason: RejectReason::BreakerTripped
             }
         )),
@@ -443,7 +448,7 @@ fn crash_at_boot_forever_spawns_exponentially_spaced() {
     }
     // One tick per spawn (plus slack): no busy loop.
     assert!(sh.ticks <= times.len() + 2, "{} ticks", sh.ticks);
-    let crashes = sh.count_events(|e| matches!(e, SupervisorEvent::WorkerFailed { .. }));
+    let crashes = sh.count_events(|e| matches!(e, Event::WorkerFailed { .. }));
     assert_eq!(crashes, times.len());
 }
 
@@ -485,7 +490,7 @@ fn graceful_stop_kills_stragglers_after_kill_timeout() {
     assert_eq!(outcome.reason, StopReason::Requested);
     assert!(!outcome.in_time);
     assert_eq!(
-        sh.count_events(|e| matches!(e, SupervisorEvent::RestartScheduled { .. })),
+        sh.count_events(|e| matches!(e, Event::RestartScheduled { .. })),
         0
     );
 }
@@ -528,14 +533,14 @@ fn stop_while_spawn_pending_waits_for_the_spawn() {
     };
     sup.stop(t0);
     assert!(!sup.is_finished());
-    sup.spawned(spawn, WorkerId(7), t0);
+    sup.spawned(spawn, WorkerId::new(7), t0);
     assert_eq!(
         sup.poll_command(),
         Some(Command::Disconnect {
-            worker: WorkerId(7)
+            worker: WorkerId::new(7)
         })
     );
-    sup.exited(WorkerId(7), ExitInfo::code(0), t0);
+    sup.exited(WorkerId::new(7), ExitStatus::exited(0), t0);
     assert!(sup.is_finished());
 }
 
@@ -554,7 +559,7 @@ fn rolling_reload(max_surge: usize) -> (Shell, Duration) {
     sh.pump();
     sh.advance(secs(60));
     let finished = sh.events.iter().find_map(|(t, e)| match e {
-        SupervisorEvent::ReloadFinished { generation: 1 } => Some(*t),
+        Event::ReloadFinished { generation: 1 } => Some(*t),
         _ => None,
     });
     let took = finished.expect("reload finished") - secs(10);
@@ -566,11 +571,10 @@ fn rolling_reload_surge_one() {
     let (sh, took) = rolling_reload(1);
     assert_eq!(sh.max_alive, 5);
     assert_eq!(sh.generations_alive(), [1, 1, 1, 1]);
-    let moved =
-        sh.count_events(|e| matches!(e, SupervisorEvent::SlotReloaded { generation: 1, .. }));
+    let moved = sh.count_events(|e| matches!(e, Event::SlotReloaded { generation: 1, .. }));
     assert_eq!(moved, 4);
     assert_eq!(
-        sh.count_events(|e| matches!(e, SupervisorEvent::WorkerFailed { .. })),
+        sh.count_events(|e| matches!(e, Event::WorkerFailed { .. })),
         0
     );
     assert_eq!(took, secs(8) + ms(1500)); // 4 x (2s boot + 0.5s exit) - last exit
@@ -596,7 +600,7 @@ fn reload_requested_during_reload_is_queued() {
     sh.sup.reload(sh.now);
     sh.pump();
     assert_eq!(
-        sh.count_events(|e| matches!(e, SupervisorEvent::ReloadQueued { behind: 1 })),
+        sh.count_events(|e| matches!(e, Event::ReloadQueued { behind: 1 })),
         2
     );
     sh.advance(secs(60));
@@ -604,8 +608,8 @@ fn reload_requested_during_reload_is_queued() {
         .events
         .iter()
         .filter_map(|(_, e)| match e {
-            SupervisorEvent::ReloadStarted { generation } => Some(("start", *generation)),
-            SupervisorEvent::ReloadFinished { generation } => Some(("finish", *generation)),
+            Event::ReloadStarted { generation } => Some(("start", *generation)),
+            Event::ReloadFinished { generation } => Some(("finish", *generation)),
             _ => None,
         })
         .collect();
@@ -625,7 +629,7 @@ fn reload_fails_when_new_worker_crashes() {
         .events
         .iter()
         .filter_map(|(_, e)| match e {
-            SupervisorEvent::ReloadFailed {
+            Event::ReloadFailed {
                 generation,
                 failure,
             } => Some((*generation, failure.clone())),
@@ -633,7 +637,7 @@ fn reload_fails_when_new_worker_crashes() {
         })
         .collect();
     let cause = CrashCause::Exited {
-        info: ExitInfo::code(1),
+        info: ExitStatus::exited(1),
         before_ready: true,
     };
     assert_eq!(failed, [(1, ReloadFailure::Worker { slot: 0, cause })]);
@@ -647,7 +651,7 @@ fn reload_fails_when_new_worker_crashes() {
     assert_eq!(sh.alive.keys().copied().collect::<Vec<_>>(), old);
     assert!(!sh.sup.is_reloading());
     assert_eq!(
-        sh.count_events(|e| matches!(e, SupervisorEvent::RestartScheduled { .. })),
+        sh.count_events(|e| matches!(e, Event::RestartScheduled { .. })),
         0
     );
 }
@@ -656,7 +660,7 @@ fn reload_fails_when_new_worker_crashes() {
 fn reload_fails_on_ready_timeout_and_kills_new_worker() {
     let mut sh = Shell::new(config(2));
     let old = sh.start_then_reload_into(Boot::Never);
-    let new = WorkerId(3);
+    let new = WorkerId::new(3);
     assert!(sh.alive.contains_key(&new));
     sh.advance(ms(9999));
     assert!(sh.sup.is_reloading());
@@ -671,7 +675,7 @@ fn reload_fails_on_ready_timeout_and_kills_new_worker() {
     };
     assert_eq!(
         sh.count_events(|e| *e
-            == SupervisorEvent::ReloadFailed {
+            == Event::ReloadFailed {
                 generation: 1,
                 failure: failure.clone()
             }),
@@ -709,10 +713,10 @@ fn scale_up_and_down() {
     assert_eq!(sh.count_commands(|c| matches!(c, Command::Kill { .. })), 3);
     assert_eq!(sh.alive.keys().copied().collect::<Vec<_>>(), [keep]);
     let expected_exits =
-        sh.count_events(|e| matches!(e, SupervisorEvent::WorkerExited { expected: true, .. }));
+        sh.count_events(|e| matches!(e, Event::WorkerExited { expected: true, .. }));
     assert_eq!(expected_exits, 3);
     assert_eq!(
-        sh.count_events(|e| matches!(e, SupervisorEvent::RestartScheduled { .. })),
+        sh.count_events(|e| matches!(e, Event::RestartScheduled { .. })),
         0
     );
     assert_eq!(sh.spawns().len(), 4);
@@ -722,7 +726,7 @@ fn hang_config() -> SupervisorConfig {
     let mut cfg = config(1);
     cfg.heartbeat = Some(HeartbeatConfig {
         timeout: secs(5),
-        signal: Signal::Abort,
+        signal: Signal::ABRT,
         grace: secs(2),
     });
     cfg
@@ -743,18 +747,18 @@ fn hang_gets_diagnostic_signal_then_kill_then_replacement() {
     sh.advance(ms(1));
     let signal = Command::Signal {
         worker: w,
-        signal: Signal::Abort,
+        signal: Signal::ABRT,
     };
     assert_eq!(sh.count_commands(|c| *c == signal), 1);
     assert_eq!(
-        sh.count_events(|e| matches!(e, SupervisorEvent::HangDetected { .. })),
+        sh.count_events(|e| matches!(e, Event::HangDetected { .. })),
         1
     );
     sh.advance(ms(1999));
     assert_eq!(sh.count_commands(|c| matches!(c, Command::Kill { .. })), 0);
     sh.advance(ms(1));
     assert_eq!(sh.count_commands(|c| *c == Command::Kill { worker: w }), 1);
-    let hang = SupervisorEvent::WorkerFailed {
+    let hang = Event::WorkerFailed {
         slot: 0,
         cause: CrashCause::Hang,
     };
@@ -799,7 +803,7 @@ fn recycled(sh: &Shell) -> Vec<(usize, RecycleReason)> {
     sh.events
         .iter()
         .filter_map(|(_, e)| match e {
-            SupervisorEvent::Recycled { slot, reason, .. } => Some((*slot, *reason)),
+            Event::Recycled { slot, reason, .. } => Some((*slot, *reason)),
             _ => None,
         })
         .collect()
@@ -905,9 +909,9 @@ fn failed_recycle_keeps_old_worker_and_retries_later() {
     sh.boot = Box::new(|_, _| Boot::Crash);
     sh.sup.rss(old, 500, sh.now);
     sh.pump();
-    let failed = sh.count_events(|e| {
-        matches!(e, SupervisorEvent::RecycleFailed { slot: 0, retry_in, .. } if *retry_in == ms(750))
-    });
+    let failed = sh.count_events(
+        |e| matches!(e, Event::RecycleFailed { slot: 0, retry_in, .. } if *retry_in == ms(750)),
+    );
     assert_eq!(failed, 1);
     assert_eq!(sh.worker_in(0), old);
     sh.boot = Box::new(|_, _| Boot::Ready(Duration::ZERO));
@@ -928,7 +932,7 @@ fn scale_down_during_reload_lets_it_finish() {
     sh.pump();
     sh.advance(secs(10));
     assert_eq!(
-        sh.count_events(|e| matches!(e, SupervisorEvent::ReloadFinished { generation: 1 })),
+        sh.count_events(|e| matches!(e, Event::ReloadFinished { generation: 1 })),
         1
     );
     assert_eq!(sh.generations_alive(), [1]);
@@ -952,11 +956,11 @@ fn reload_failure_with_surge_two_cancels_other_new_workers() {
     let failure = ReloadFailure::Worker {
         slot: 1,
         cause: CrashCause::Exited {
-            info: ExitInfo::code(1),
+            info: ExitStatus::exited(1),
             before_ready: true,
         },
     };
-    let failed = SupervisorEvent::ReloadFailed {
+    let failed = Event::ReloadFailed {
         generation: 1,
         failure,
     };
@@ -972,7 +976,7 @@ fn reload_failure_with_surge_two_cancels_other_new_workers() {
     assert_eq!(sh.alive.keys().copied().collect::<Vec<_>>(), old);
     assert_eq!(sh.generations_alive(), [0, 0, 0, 0]);
     assert_eq!(
-        sh.count_events(|e| matches!(e, SupervisorEvent::SlotReloaded { .. })),
+        sh.count_events(|e| matches!(e, Event::SlotReloaded { .. })),
         0
     );
 }
@@ -985,7 +989,7 @@ fn ready_timeout_outside_reload_kills_and_restarts() {
     let w = sh.worker_in(0);
     sh.advance(secs(10));
     assert_eq!(sh.count_commands(|c| *c == Command::Kill { worker: w }), 1);
-    let failed = SupervisorEvent::WorkerFailed {
+    let failed = Event::WorkerFailed {
         slot: 0,
         cause: CrashCause::ReadyTimeout,
     };
@@ -1006,6 +1010,6 @@ fn crash_during_reload_promotes_the_starting_successor() {
     assert_eq!(sh.last_restart(), None);
     sh.advance(secs(2));
     assert_eq!(sh.generations_alive(), [1]);
-    let finished = SupervisorEvent::ReloadFinished { generation: 1 };
+    let finished = Event::ReloadFinished { generation: 1 };
     assert_eq!(sh.count_events(|e| *e == finished), 1);
 }

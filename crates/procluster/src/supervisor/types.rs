@@ -2,10 +2,7 @@
 
 use std::time::Duration;
 
-/// Identity of a worker process, chosen by the shell (an internal counter or
-/// the pid). Must not be reused while the supervisor may still know it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct WorkerId(pub u64);
+use crate::{ExitStatus, Signal, WorkerId};
 
 /// Identifies one [`Command::Spawn`]; the shell echoes it back in
 /// [`Supervisor::spawned`](super::Supervisor::spawned) or
@@ -16,53 +13,6 @@ pub struct SpawnId(pub u64);
 /// Code generation of a worker: 0 at start, +1 per requested reload. The shell
 /// decides what a generation means (binary, config, environment, ...).
 pub type Generation = u64;
-
-/// A signal the supervisor may ask the shell to deliver. SIGKILL is not listed
-/// because killing is its own command ([`Command::Kill`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Signal {
-    /// SIGABRT (typically produces a core dump).
-    Abort,
-    /// SIGQUIT (typically produces a core dump or a stack dump).
-    Quit,
-    /// SIGTERM.
-    Term,
-    /// SIGINT.
-    Int,
-    /// SIGUSR1.
-    Usr1,
-    /// SIGUSR2.
-    Usr2,
-    /// Any other signal number, delivered as is.
-    Other(i32),
-}
-
-/// How a worker process ended, as reported by the shell.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct ExitInfo {
-    /// Exit code, if the process exited normally.
-    pub code: Option<i32>,
-    /// Terminating signal number, if the process was killed by a signal.
-    pub signal: Option<i32>,
-}
-
-impl ExitInfo {
-    /// A normal exit with `code`.
-    pub fn code(code: i32) -> Self {
-        Self {
-            code: Some(code),
-            signal: None,
-        }
-    }
-
-    /// Death by signal number `signal`.
-    pub fn signal(signal: i32) -> Self {
-        Self {
-            code: None,
-            signal: Some(signal),
-        }
-    }
-}
 
 /// An action the shell must perform.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -102,7 +52,7 @@ pub enum CrashCause {
     /// The process exited on its own (or was killed by someone else).
     Exited {
         /// Exit status.
-        info: ExitInfo,
+        info: ExitStatus,
         /// The worker had not reported ready yet.
         before_ready: bool,
     },
@@ -112,6 +62,31 @@ pub enum CrashCause {
     ReadyTimeout,
     /// The worker stopped sending heartbeats and was killed.
     Hang,
+}
+
+/// A short phrase for the failure, to follow "the worker", e.g. "exited
+/// with code 1 before it was ready".
+impl std::fmt::Display for CrashCause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Exited { info, before_ready } => {
+                match (info.code(), info.signal()) {
+                    (Some(127), _) => write!(f, "exited with code 127 (program not found?)")?,
+                    (Some(126), _) => write!(f, "exited with code 126 (program not executable?)")?,
+                    (Some(code), _) => write!(f, "exited with code {code}")?,
+                    (None, Some(signal)) => write!(f, "was killed by {signal}")?,
+                    (None, None) => write!(f, "ended")?,
+                }
+                if *before_ready {
+                    write!(f, " before it was ready")?;
+                }
+                Ok(())
+            }
+            Self::SpawnFailed(why) => write!(f, "could not be started: {why}"),
+            Self::ReadyTimeout => write!(f, "was not ready within the ready timeout"),
+            Self::Hang => write!(f, "stopped sending heartbeats"),
+        }
+    }
 }
 
 /// Why a worker is being recycled.
@@ -191,7 +166,7 @@ impl Outcome {
 
 /// Something that happened; for logging, metrics and tests.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum SupervisorEvent {
+pub enum Event {
     /// `start()` created the initial slots.
     Started {
         /// Number of slots.
@@ -222,7 +197,7 @@ pub enum SupervisorEvent {
         /// Its slot, when the exit was unexpected (`None` for retired workers).
         slot: Option<usize>,
         /// Exit status.
-        info: ExitInfo,
+        info: ExitStatus,
         /// The supervisor had asked it to go (disconnect, scale down, stop).
         expected: bool,
     },

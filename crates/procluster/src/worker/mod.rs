@@ -1,5 +1,5 @@
 //! The worker side: identity, messages to and from the primary, the shutdown
-//! signal, and (in [`crate::listeners`]) ports shared through the primary.
+//! signal, and ports shared through the primary (`listen_*`).
 //!
 //! ```no_run
 //! use procluster::Role;
@@ -17,6 +17,8 @@
 //! }
 //! ```
 
+mod listen;
+
 use std::collections::HashMap;
 use std::future::Future;
 use std::os::fd::{AsFd, OwnedFd};
@@ -28,8 +30,11 @@ use serde::Serialize;
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 
 use crate::channel::{ChannelReader, ChannelSender};
+use crate::handshake::Hello;
+use crate::listeners::tcp::{WorkerListeners, incoming_connections};
 use crate::message::Message;
 use crate::protocol::{Control, Format, Frame, FrameKind, ListenReply};
+use crate::sync::lock;
 use crate::{Error, WorkerId};
 
 /// Bytes of unread user messages a worker queues before it stops reading its
@@ -67,12 +72,17 @@ pub(crate) struct WorkerInner {
     /// Bytes of user messages read and not yet reported to the primary.
     consumed: std::sync::atomic::AtomicUsize,
     shutdown_grace: Duration,
-    pub(crate) pending_listens: Mutex<HashMap<u32, ListenWaiter>>,
-    pub(crate) connections: crate::listeners::ConnectionRouter,
+    pending_listens: Mutex<HashMap<u32, ListenWaiter>>,
+    listeners: Arc<WorkerListeners>,
 }
 
 /// Where the primary's answer to a listen request goes.
-pub(crate) type ListenWaiter = oneshot::Sender<(ListenReply, Vec<OwnedFd>)>;
+type ListenWaiter = oneshot::Sender<(ListenReply, Vec<OwnedFd>)>;
+
+/// How long a worker whose primary is gone (its channel ended, or spoke
+/// garbage) keeps running after its shutdown signal fired, for the
+/// application to finish what it was doing, before it exits with code 1.
+pub const ORPHAN_GRACE: Duration = Duration::from_secs(5);
 
 /// Read bytes a worker reports at once (see [`Control::Consumed`]).
 const CONSUMED_REPORT: usize = 1024 * 1024;
@@ -80,39 +90,29 @@ const CONSUMED_REPORT: usize = 1024 * 1024;
 /// How often a worker reports its request count.
 const REQUESTS_REPORT_INTERVAL: Duration = Duration::from_millis(5);
 
-/// The internal settings a worker reads from its environment.
-pub(crate) struct WorkerEnv {
-    pub(crate) id: WorkerId,
-    pub(crate) index: Option<usize>,
-    pub(crate) format: Format,
-    pub(crate) max_frame: usize,
-    pub(crate) heartbeat: Option<Duration>,
-    pub(crate) shutdown_grace: Duration,
-    pub(crate) busy_poll: Duration,
-    pub(crate) channel: OwnedFd,
-}
-
 impl Worker {
     /// Starts the worker's runtime on its channel. Needs a Tokio runtime.
-    pub(crate) fn start(env: WorkerEnv) -> Result<Self, Error> {
+    pub(crate) fn start(channel: OwnedFd, hello: Hello) -> Result<Self, Error> {
         // Written before anything else, synchronously, so that a worker that
         // exits at once has still been online.
         let mut online = Vec::new();
-        let hello = Control::Online {
+        let report = Control::Online {
             pid: std::process::id(),
         }
         .encode();
-        crate::protocol::encode_frame(&mut online, FrameKind::Control, Format::Binary, 0, &hello);
-        rustix::io::write(&env.channel, &online)
+        crate::protocol::encode_frame(&mut online, FrameKind::Control, Format::Binary, 0, &report);
+        rustix::io::write(&channel, &online)
             .map_err(|e| Error::io("cannot write to the worker's channel", e.into()))?;
-        let (sender, mut reader) = crate::channel::open(env.channel, env.max_frame)
+        let max_frame = usize::try_from(hello.max_frame).unwrap_or(usize::MAX);
+        let (sender, mut reader) = crate::channel::open(channel, max_frame)
             .map_err(|e| Error::io("cannot open the worker's channel", e))?;
-        reader.set_busy_poll(env.busy_poll);
+        reader.set_busy_poll(hello.busy_poll);
         let (inbox_tx, inbox_rx) = mpsc::unbounded_channel();
         let inner = Arc::new(WorkerInner {
-            id: env.id,
-            index: env.index,
-            format: env.format,
+            id: hello.id,
+            index: hello.index.and_then(|i| usize::try_from(i).ok()),
+            format: hello.format,
+            listeners: WorkerListeners::new(sender.clone()),
             sender,
             inbox: tokio::sync::Mutex::new(inbox_rx),
             inbox_budget: Arc::new(Semaphore::new(INBOX_BUDGET)),
@@ -122,12 +122,11 @@ impl Worker {
             requests: Default::default(),
             requests_report_due: AtomicBool::new(false),
             consumed: Default::default(),
-            shutdown_grace: env.shutdown_grace,
+            shutdown_grace: hello.shutdown_grace,
             pending_listens: Mutex::new(HashMap::new()),
-            connections: crate::listeners::ConnectionRouter::default(),
         });
         tokio::spawn(read_loop(inner.clone(), reader, inbox_tx));
-        if let Some(every) = env.heartbeat {
+        if let Some(every) = hello.heartbeat {
             tokio::spawn(heartbeat_loop(Arc::downgrade(&inner), every));
         }
         Ok(Self { inner })
@@ -165,7 +164,8 @@ impl Worker {
         value: &T,
         fds: &[F],
     ) -> Result<(), Error> {
-        let owned = crate::primary::dup_all(fds)?;
+        let owned = crate::channel::dup_all(fds)
+            .map_err(|e| Error::io("cannot duplicate a descriptor to send", e))?;
         self.send_frame(FrameKind::User, None, value, owned).await
     }
 
@@ -199,7 +199,7 @@ impl Worker {
             .sender
             .send_with(kind, format, fds, |buf| {
                 if let Some(target) = target {
-                    std::io::Write::write_all(buf, &target.to_le_bytes())?;
+                    std::io::Write::write_all(buf, &target.get().to_le_bytes())?;
                 }
                 crate::message::encode_into(format, value, buf)
             })
@@ -292,7 +292,9 @@ impl Worker {
     }
 
     /// Resolves when this worker should stop: the primary disconnected it,
-    /// or it disconnected itself. Hand it to a server's graceful shutdown.
+    /// it disconnected itself, or its primary is gone (its channel ended; the
+    /// process then exits with code 1 after [`ORPHAN_GRACE`] unless it ends
+    /// sooner). Hand it to a server's graceful shutdown.
     ///
     /// ```no_run
     /// # async fn f(worker: procluster::worker::Worker, listener: tokio::net::TcpListener) {
@@ -338,7 +340,7 @@ impl WorkerInner {
         if self.disconnected.swap(true, Ordering::SeqCst) {
             return;
         }
-        self.connections.close_all(&self.sender);
+        self.listeners.close_all();
         let _ = self.sender.send_now(
             FrameKind::Control,
             &Control::Disconnected.encode(),
@@ -363,47 +365,70 @@ async fn read_loop(
 ) {
     let mut frames = Vec::new();
     loop {
-        match reader.read_frames(&mut frames).await {
+        let why = match reader.read_frames(&mut frames).await {
             Ok(true) => {
+                let mut broken = None;
                 for frame in frames.drain(..) {
-                    dispatch(&inner, &inbox, frame).await;
+                    if let Err(why) = dispatch(&inner, &inbox, frame).await {
+                        broken = Some(why);
+                        break;
+                    }
+                }
+                match broken {
+                    None => continue,
+                    Some(why) => why,
                 }
             }
-            Ok(false) => primary_gone("the primary closed the channel"),
-            Err(error) => primary_gone(&format!("the channel to the primary failed: {error}")),
-        }
+            Ok(false) => "the primary closed the channel".to_string(),
+            Err(error) => format!("the channel to the primary failed: {error}"),
+        };
+        inner.orphaned(&why);
+        return;
     }
 }
 
-/// A worker never outlives its primary.
-fn primary_gone(why: &str) -> ! {
-    tracing::debug!("{why}; exiting");
-    std::process::exit(1);
+impl WorkerInner {
+    /// The primary is gone, or cannot be understood: the worker leaves the
+    /// cluster as a disconnect would (listeners closed, shutdown signal
+    /// fired, `recv` ends), and the process exits after [`ORPHAN_GRACE`]
+    /// unless the application ends it sooner. As Node, a worker never
+    /// outlives its primary for long.
+    fn orphaned(self: &Arc<Self>, why: &str) {
+        tracing::warn!(
+            "{why}: the worker leaves the cluster and exits within {} s",
+            ORPHAN_GRACE.as_secs()
+        );
+        self.disconnected.store(true, Ordering::SeqCst);
+        self.listeners.close_all();
+        self.sender.close();
+        self.shutdown.send_replace(true);
+        for (_, waiter) in lock(&self.pending_listens).drain() {
+            drop(waiter);
+        }
+        tokio::spawn(async {
+            tokio::time::sleep(ORPHAN_GRACE).await;
+            std::process::exit(1);
+        });
+    }
 }
 
+/// Hands one frame on. An error means the primary cannot be understood.
 async fn dispatch(
     inner: &Arc<WorkerInner>,
     inbox: &mpsc::UnboundedSender<(Message, usize)>,
     frame: Frame,
-) {
+) -> Result<(), String> {
     match frame.kind {
         FrameKind::Control => match Control::decode(&frame.payload) {
             Ok(Control::Disconnect) => inner.disconnect(),
             Ok(Control::ListenResult { seq, reply }) => {
-                let waiter = inner
-                    .pending_listens
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&seq);
-                if let Some(waiter) = waiter {
-                    let _ = waiter.send((reply, frame.fds));
-                }
+                inner.listen_answered(seq, reply, frame.fds)
             }
             Ok(Control::Connections { key, handed }) => {
-                crate::listeners::incoming_connections(inner, key, handed, frame.fds)
+                incoming_connections(&inner.listeners, key, handed, frame.fds)
             }
             Ok(other) => tracing::debug!(?other, "ignoring an unexpected control message"),
-            Err(error) => primary_gone(&format!("the primary sent a bad control message: {error}")),
+            Err(error) => return Err(format!("the primary sent a bad control message: {error}")),
         },
         FrameKind::User | FrameKind::Relayed => {
             let (from_worker, payload) = if frame.kind == FrameKind::Relayed {
@@ -412,14 +437,14 @@ async fn dispatch(
                         .try_into()
                         .expect("length checked by the decoder"),
                 );
-                (Some(id), frame.payload.slice(4..))
+                (Some(WorkerId::new(id)), frame.payload.slice(4..))
             } else {
                 (None, frame.payload)
             };
             let charge = payload.len().clamp(1, INBOX_BUDGET);
             match inner.inbox_budget.acquire_many(charge as u32).await {
                 Ok(permit) => permit.forget(),
-                Err(_) => return,
+                Err(_) => return Ok(()),
             }
             let message = Message {
                 format: frame.format,
@@ -431,6 +456,7 @@ async fn dispatch(
             let _ = inbox.send((message, charge));
         }
     }
+    Ok(())
 }
 
 async fn heartbeat_loop(inner: std::sync::Weak<WorkerInner>, every: Duration) {

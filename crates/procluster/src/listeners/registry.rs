@@ -1,0 +1,725 @@
+//! The primary's side of port sharing: one listener group per distinct
+//! request, bound once, shared by the workers that asked for it.
+//!
+//! The registry knows workers only as members: an id, a slot and the
+//! sending half of their channel. What joining a listener means for a
+//! worker's lifecycle (the `Listening` event) is the primary's business; the
+//! registry answers requests and moves connections.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::io;
+use std::ops::Range;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+
+use socket2::Socket;
+use tokio::sync::Notify;
+
+use super::bind::{self, TcpBind};
+use super::distributor::{Distributor, Mode, batch_for_frame_limit};
+use crate::WorkerId;
+use crate::channel::{ChannelSender, SharedFd};
+use crate::protocol::{Control, FrameKind, HandedConnection, ListenReply, ListenSpec, Policy};
+use crate::sync::lock;
+
+/// Connections the primary accepts ahead of the workers, per listener; past
+/// this it stops accepting and the kernel's backlog holds the rest.
+const MAX_QUEUED: usize = 1024;
+/// Pause after an accept error such as `EMFILE`, so the primary backs off
+/// instead of spinning.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
+/// Most connections accepted in one go before they are handed out.
+const ACCEPT_BURST: usize = 64;
+
+/// A connection the primary accepted and holds until a worker takes it.
+#[derive(Debug)]
+struct Accepted {
+    fd: SharedFd,
+    peer: Option<std::net::SocketAddr>,
+}
+
+/// Which socket of a group a worker gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum Slot {
+    /// The one socket of a shared or round-robin group.
+    All,
+    /// A reuseport socket kept for a worker slot across restarts.
+    Index(usize),
+    /// A reuseport socket for a worker forked outside any slot.
+    Worker(WorkerId),
+}
+
+/// A socket of a group and the task accepting from it in the primary, if
+/// any (round-robin, or draining a reuseport slot without a worker).
+struct GroupSocket {
+    socket: Arc<Socket>,
+    holder: Option<WorkerId>,
+    acceptor: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for GroupSocket {
+    fn drop(&mut self) {
+        if let Some(task) = self.acceptor.take() {
+            task.abort();
+        }
+    }
+}
+
+/// A worker holding a group: its socket slot and where to send it
+/// connections.
+struct Holder {
+    slot: Slot,
+    sender: ChannelSender,
+}
+
+struct GroupState {
+    holders: BTreeMap<WorkerId, Holder>,
+    sockets: BTreeMap<Slot, GroupSocket>,
+    distributor: Distributor<Accepted>,
+    /// A reuseport group's first socket, bound to learn the port, until a
+    /// slot claims it.
+    spare: Option<Socket>,
+    closed: bool,
+}
+
+/// One listening address shared by workers.
+pub(crate) struct Group {
+    key: u32,
+    policy: Policy,
+    /// Address actually bound, e.g. `tcp://127.0.0.1:43121`.
+    address: String,
+    /// For reuseport: how to bind one more socket on the same port.
+    tcp_bind: Option<(std::net::SocketAddr, TcpBind)>,
+    unix_path: Option<PathBuf>,
+    state: Mutex<GroupState>,
+    /// Wakes acceptors when the queue has room again.
+    room: Notify,
+}
+
+impl Group {
+    fn state(&self) -> MutexGuard<'_, GroupState> {
+        lock(&self.state)
+    }
+}
+
+/// A worker as the registry knows it.
+#[derive(Debug, Clone)]
+pub(crate) struct Member {
+    /// The worker's id.
+    pub(crate) id: WorkerId,
+    /// Its slot, if it was forked for one (reuseport keeps a socket per slot).
+    pub(crate) index: Option<usize>,
+    /// Its channel, for the connections handed to it.
+    pub(crate) sender: ChannelSender,
+}
+
+/// What the registry needs from the cluster's settings.
+#[derive(Debug, Clone)]
+pub(crate) struct RegistryConfig {
+    /// How TCP connections reach workers.
+    pub(crate) policy: Policy,
+    /// The channels' frame limit: handed connections are batched to fit.
+    pub(crate) max_frame: usize,
+    /// The descriptors the primary inherited through `LISTEN_FDS`, the only
+    /// ones a worker may listen on by number.
+    pub(crate) inherited_fds: Range<i32>,
+}
+
+/// A successful listen: the reply to send, the descriptors riding with it,
+/// and the group it joined (to leave if the reply cannot be delivered).
+pub(crate) struct Joined {
+    pub(crate) reply: ListenReply,
+    pub(crate) fds: Vec<OwnedFd>,
+    pub(crate) key: u32,
+    /// The address bound, for the primary's `Listening` event.
+    pub(crate) address: String,
+}
+
+/// Every listener group of a cluster, by request and by key.
+pub(crate) struct Registry {
+    config: RegistryConfig,
+    /// Keep groups open while no worker holds them.
+    keep: AtomicBool,
+    tables: Mutex<Tables>,
+}
+
+#[derive(Default)]
+struct Tables {
+    by_request: HashMap<(String, u32), Arc<Group>>,
+    by_key: HashMap<u32, Arc<Group>>,
+    next_key: u32,
+    /// Worker slots removed from the cluster: their reuseport sockets close
+    /// once they have no worker.
+    retired: BTreeSet<usize>,
+}
+
+impl Registry {
+    pub(crate) fn new(config: RegistryConfig) -> Arc<Self> {
+        Arc::new(Self {
+            config,
+            keep: AtomicBool::new(false),
+            tables: Mutex::default(),
+        })
+    }
+
+    fn tables(&self) -> MutexGuard<'_, Tables> {
+        lock(&self.tables)
+    }
+
+    fn groups(&self) -> Vec<Arc<Group>> {
+        self.tables().by_key.values().cloned().collect()
+    }
+
+    fn group(&self, key: u32) -> Option<Arc<Group>> {
+        self.tables().by_key.get(&key).cloned()
+    }
+
+    /// Keeps groups open while no worker holds them, so connections wait
+    /// for the next worker instead of being refused.
+    pub(crate) fn set_keep(&self, keep: bool) {
+        self.keep.store(keep, Ordering::Relaxed);
+    }
+
+    fn keeps(&self) -> bool {
+        self.keep.load(Ordering::Relaxed)
+    }
+
+    /// Answers a worker's listen request: binds (once per distinct request)
+    /// and adds the worker to the group.
+    ///
+    /// # Errors
+    /// The bind error, or a refusal (the worker listens there already).
+    pub(crate) fn listen(
+        self: &Arc<Self>,
+        member: &Member,
+        spec: &ListenSpec,
+        ordinal: u32,
+    ) -> io::Result<Joined> {
+        let group = self.group_for(spec, ordinal)?;
+        let (reply, fds) = self.join(&group, member)?;
+        Ok(Joined {
+            reply,
+            fds,
+            key: group.key,
+            address: group.address.clone(),
+        })
+    }
+
+    /// A worker closed one listener, or never got the reply that gave it.
+    pub(crate) fn close(self: &Arc<Self>, worker: WorkerId, key: u32) {
+        if let Some(group) = self.group(key) {
+            self.leave(&group, worker);
+        }
+    }
+
+    /// A worker disconnected or died: it leaves every group.
+    pub(crate) fn worker_gone(self: &Arc<Self>, worker: WorkerId) {
+        for group in self.groups() {
+            self.leave(&group, worker);
+        }
+    }
+
+    /// A worker's answer for a handed connection.
+    pub(crate) fn ack(&self, worker: WorkerId, key: u32, seq: u64, accepted: bool, credit: u32) {
+        let Some(group) = self.group(key) else {
+            return;
+        };
+        let mut state = group.state();
+        // A taken connection: our copy closes here.
+        drop(state.distributor.ack(worker, seq, accepted));
+        state.distributor.credit(worker, credit as usize);
+        if !accepted || credit > 0 {
+            dispatch(key, &mut state);
+        }
+        drop(state);
+        group.room.notify_waiters();
+    }
+
+    /// A worker waits for more connections on a round-robin listener.
+    pub(crate) fn credit(&self, worker: WorkerId, key: u32, n: u32) {
+        let Some(group) = self.group(key) else {
+            return;
+        };
+        let mut state = group.state();
+        state.distributor.credit(worker, n as usize);
+        dispatch(key, &mut state);
+        drop(state);
+        group.room.notify_waiters();
+    }
+
+    /// The cluster no longer has slot `index` (it scaled down): its
+    /// reuseport sockets close as soon as no worker holds them, their
+    /// queues drained to the other workers first.
+    pub(crate) fn retire_slot(&self, index: usize) {
+        self.tables().retired.insert(index);
+        for group in self.groups() {
+            let mut state = group.state();
+            let vacant = state
+                .sockets
+                .get(&Slot::Index(index))
+                .is_some_and(|s| s.holder.is_none());
+            if vacant {
+                retire_socket(&group, &mut state, Slot::Index(index));
+            }
+        }
+    }
+
+    /// Closes every group (the cluster is going away).
+    pub(crate) fn close_all(&self) {
+        for group in self.groups() {
+            self.close_group(&group);
+        }
+    }
+}
+
+/// What a failed listen request replies, with the errno where there is one.
+pub(crate) fn failure_reply(error: &io::Error) -> ListenReply {
+    ListenReply::Failed {
+        os_error: error.raw_os_error().or_else(|| errno_of(error)),
+        message: error.to_string(),
+    }
+}
+
+/// `bind_error` keeps the kind but not the errno; recover it for the reply.
+fn errno_of(error: &io::Error) -> Option<i32> {
+    use rustix::io::Errno;
+    Some(match error.kind() {
+        io::ErrorKind::AddrInUse => Errno::ADDRINUSE.raw_os_error(),
+        io::ErrorKind::PermissionDenied => Errno::ACCESS.raw_os_error(),
+        io::ErrorKind::AddrNotAvailable => Errno::ADDRNOTAVAIL.raw_os_error(),
+        io::ErrorKind::NotFound => Errno::NOENT.raw_os_error(),
+        io::ErrorKind::InvalidInput => Errno::INVAL.raw_os_error(),
+        _ => return None,
+    })
+}
+
+fn request_key(spec: &ListenSpec) -> String {
+    match spec {
+        ListenSpec::Tcp { addr, .. } => format!("tcp:{addr}"),
+        ListenSpec::Udp { addr } => format!("udp:{addr}"),
+        ListenSpec::Unix { path, .. } => format!("unix:{path}"),
+        ListenSpec::InheritedFd { fd } => format!("fd:{fd}"),
+    }
+}
+
+impl Registry {
+    fn group_for(self: &Arc<Self>, spec: &ListenSpec, ordinal: u32) -> io::Result<Arc<Group>> {
+        let request = (request_key(spec), ordinal);
+        let mut tables = self.tables();
+        if let Some(group) = tables.by_request.get(&request) {
+            return Ok(group.clone());
+        }
+        let key = tables.next_key;
+        let group = Arc::new(self.create_group(key, spec)?);
+        tables.next_key += 1;
+        tables.by_request.insert(request, group.clone());
+        tables.by_key.insert(key, group.clone());
+        Ok(group)
+    }
+
+    fn create_group(&self, key: u32, spec: &ListenSpec) -> io::Result<Group> {
+        let mut policy = Policy::Shared;
+        let mut tcp_bind = None;
+        let mut unix_path = None;
+        let socket = match spec {
+            ListenSpec::Tcp {
+                addr,
+                backlog,
+                ipv6_only,
+            } => {
+                policy = self.config.policy;
+                let addr = bind::parse_addr(addr)?;
+                let options = TcpBind {
+                    backlog: *backlog,
+                    ipv6_only: *ipv6_only,
+                    reuse_port: policy == Policy::ReusePort,
+                };
+                let socket = bind::tcp(addr, options)?;
+                // Later reuseport sockets join the port the first one got.
+                let bound = socket.local_addr()?.as_socket().unwrap_or(addr);
+                tcp_bind = Some((bound, options));
+                socket
+            }
+            ListenSpec::Udp { addr } => bind::udp(bind::parse_addr(addr)?, false)?,
+            ListenSpec::Unix { path, backlog } => {
+                let path = PathBuf::from(path);
+                let socket = bind::unix(&path, *backlog)?;
+                unix_path = Some(path);
+                socket
+            }
+            ListenSpec::InheritedFd { fd } => self.inherited(*fd)?,
+        };
+        let address = bind::describe_socket(&socket);
+        let mode = if policy == Policy::RoundRobin {
+            Mode::Credit
+        } else {
+            Mode::Push
+        };
+        let mut sockets = BTreeMap::new();
+        let mut spare = None;
+        if policy == Policy::ReusePort {
+            spare = Some(socket);
+        } else {
+            sockets.insert(Slot::All, GroupSocket::new(socket));
+        }
+        Ok(Group {
+            key,
+            policy,
+            address,
+            tcp_bind,
+            unix_path,
+            state: Mutex::new(GroupState {
+                holders: BTreeMap::new(),
+                sockets,
+                distributor: Distributor::new(mode)
+                    .with_max_batch(batch_for_frame_limit(self.config.max_frame)),
+                spare,
+                closed: false,
+            }),
+            room: Notify::new(),
+        })
+    }
+
+    /// A socket the primary inherited from systemd (`LISTEN_FDS`), shared as
+    /// is. Only those: a worker may not ask for any other descriptor of the
+    /// primary (another worker's channel, say).
+    fn inherited(&self, fd: i32) -> io::Result<Socket> {
+        let not_found = || {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                format!(
+                    "cannot listen on fd:{fd}: the primary did not inherit it through LISTEN_FDS"
+                ),
+            )
+        };
+        if !self.config.inherited_fds.contains(&fd) {
+            return Err(not_found());
+        }
+        crate::sys::duplicate_inherited_fd(fd)
+            .map(Socket::from)
+            .ok_or_else(not_found)
+    }
+
+    /// Adds `member` to `group` and says what it gets.
+    fn join(self: &Arc<Self>, group: &Arc<Group>, member: &Member) -> io::Result<Answer> {
+        let mut state = group.state();
+        if state.closed {
+            return Err(io::Error::other("listener is closing; try again"));
+        }
+        let key = group.key;
+        let address = group.address.clone();
+        if state.holders.contains_key(&member.id) {
+            // As Node: one worker listening twice on one fixed address.
+            return Err(bind::bind_error(
+                io::Error::from(io::ErrorKind::AddrInUse),
+                &format!("{address} (this worker listens there already)"),
+            ));
+        }
+        let holder = |slot| Holder {
+            slot,
+            sender: member.sender.clone(),
+        };
+        match group.policy {
+            Policy::Shared => {
+                let fd = state.sockets[&Slot::All]
+                    .socket
+                    .as_fd()
+                    .try_clone_to_owned()?;
+                state.holders.insert(member.id, holder(Slot::All));
+                Ok((ListenReply::Socket { key, address }, vec![fd]))
+            }
+            Policy::RoundRobin => {
+                state.holders.insert(member.id, holder(Slot::All));
+                state.distributor.add_target(member.id);
+                self.ensure_acceptor(group, &mut state, Slot::All);
+                dispatch(key, &mut state);
+                Ok((ListenReply::RoundRobin { key, address }, Vec::new()))
+            }
+            Policy::ReusePort => {
+                let slot = member.index.map_or(Slot::Worker(member.id), Slot::Index);
+                if !state.sockets.contains_key(&slot) {
+                    let socket = match state.spare.take() {
+                        Some(socket) => socket,
+                        None => new_reuseport_socket(group)?,
+                    };
+                    state.sockets.insert(slot, GroupSocket::new(socket));
+                }
+                let entry = state.sockets.get_mut(&slot).expect("inserted above");
+                let fd = entry.socket.as_fd().try_clone_to_owned()?;
+                entry.holder = Some(member.id);
+                if let Some(task) = entry.acceptor.take() {
+                    task.abort();
+                }
+                state.holders.insert(member.id, holder(slot));
+                state.distributor.add_target(member.id);
+                self.drain_vacant(group, &mut state);
+                // Connections drained while nobody held the group go out now.
+                dispatch(key, &mut state);
+                Ok((ListenReply::Socket { key, address }, vec![fd]))
+            }
+        }
+    }
+
+    /// Starts the primary accepting on a socket of the group (round-robin,
+    /// or a reuseport slot left without a worker).
+    fn ensure_acceptor(self: &Arc<Self>, group: &Arc<Group>, state: &mut GroupState, slot: Slot) {
+        let Some(entry) = state.sockets.get_mut(&slot) else {
+            return;
+        };
+        if entry.acceptor.as_ref().is_some_and(|t| !t.is_finished()) {
+            return;
+        }
+        let socket = match entry.socket.as_fd().try_clone_to_owned() {
+            Ok(fd) => fd,
+            Err(error) => {
+                tracing::error!(address = %group.address, %error, "cannot start accepting");
+                return;
+            }
+        };
+        entry.acceptor = Some(tokio::spawn(accept_loop(
+            Arc::downgrade(self),
+            group.clone(),
+            socket,
+        )));
+    }
+
+    /// Reuseport slots without a worker are drained to the workers that
+    /// remain, so nothing waits in a queue nobody reads.
+    fn drain_vacant(self: &Arc<Self>, group: &Arc<Group>, state: &mut GroupState) {
+        if !state.distributor.has_targets() {
+            return;
+        }
+        let vacant: Vec<Slot> = state
+            .sockets
+            .iter()
+            .filter(|(_, s)| s.holder.is_none())
+            .map(|(slot, _)| *slot)
+            .collect();
+        for slot in vacant {
+            self.ensure_acceptor(group, state, slot);
+        }
+    }
+
+    fn leave(self: &Arc<Self>, group: &Arc<Group>, worker: WorkerId) {
+        let mut state = group.state();
+        let Some(Holder { slot, .. }) = state.holders.remove(&worker) else {
+            return;
+        };
+        state.distributor.remove_target(worker);
+        if let Some(entry) = state.sockets.get_mut(&slot) {
+            if entry.holder == Some(worker) {
+                entry.holder = None;
+            }
+        }
+        let retired = match slot {
+            Slot::Worker(_) => true,
+            Slot::Index(index) => self.tables().retired.contains(&index),
+            Slot::All => false,
+        };
+        if retired {
+            retire_socket(group, &mut state, slot);
+        }
+        if state.holders.is_empty() && !self.keeps() {
+            drop(state);
+            self.close_group(group);
+            return;
+        }
+        dispatch(group.key, &mut state);
+        if group.policy == Policy::ReusePort {
+            self.drain_vacant(group, &mut state);
+        }
+    }
+
+    /// Nobody holds the group any more: stop accepting, close what was
+    /// queued (clients see the connection closed, not a hang) and release
+    /// the address.
+    fn close_group(&self, group: &Arc<Group>) {
+        {
+            let mut tables = self.tables();
+            tables.by_key.remove(&group.key);
+            tables.by_request.retain(|_, g| !Arc::ptr_eq(g, group));
+        }
+        let mut state = group.state();
+        state.closed = true;
+        let leftovers = state.distributor.drain_all();
+        state.sockets.clear();
+        state.spare = None;
+        drop(state);
+        drop(leftovers);
+        if let Some(path) = &group.unix_path {
+            let _ = std::fs::remove_file(path);
+        }
+        group.room.notify_waiters();
+        tracing::debug!(address = %group.address, "listener closed");
+    }
+}
+
+type Answer = (ListenReply, Vec<OwnedFd>);
+
+impl GroupSocket {
+    fn new(socket: Socket) -> Self {
+        Self {
+            socket: Arc::new(socket),
+            holder: None,
+            acceptor: None,
+        }
+    }
+}
+
+fn new_reuseport_socket(group: &Group) -> io::Result<Socket> {
+    let (addr, options) = group
+        .tcp_bind
+        .ok_or_else(|| io::Error::other("reuseport group without a TCP address"))?;
+    bind::tcp(addr, options)
+}
+
+async fn accept_loop(registry: Weak<Registry>, group: Arc<Group>, socket: OwnedFd) {
+    let listener = match crate::sys::async_fd(socket, tokio::io::Interest::READABLE) {
+        Ok(listener) => listener,
+        Err(error) => {
+            tracing::error!(address = %group.address, %error, "cannot accept connections");
+            return;
+        }
+    };
+    loop {
+        let room = group.room.notified();
+        tokio::pin!(room);
+        room.as_mut().enable();
+        let room_left = MAX_QUEUED.saturating_sub(group.state().distributor.queued());
+        if room_left == 0 {
+            room.await;
+            continue;
+        }
+        match accept_burst(&listener, room_left.min(ACCEPT_BURST)).await {
+            Ok(burst) => {
+                if registry.strong_count() == 0 {
+                    return;
+                }
+                let mut state = group.state();
+                if state.closed {
+                    return;
+                }
+                for accepted in burst {
+                    state.distributor.offer(accepted);
+                }
+                dispatch(group.key, &mut state);
+            }
+            Err(error) if is_transient(&error) => {}
+            Err(error) => {
+                tracing::warn!(address = %group.address, %error, "accept failed; pausing");
+                tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+            }
+        }
+    }
+}
+
+/// Accepts what the listening socket has waiting, up to `max`, as bare
+/// descriptors: they only pass through the primary, so they are never
+/// registered with the primary's event loop (which would cost two
+/// `epoll_ctl` calls per connection). A burst goes to the workers in one
+/// message each.
+async fn accept_burst(
+    listener: &tokio::io::unix::AsyncFd<OwnedFd>,
+    max: usize,
+) -> io::Result<Vec<Accepted>> {
+    use rustix::net::SocketFlags;
+    let mut burst = Vec::new();
+    loop {
+        let mut ready = listener.readable().await?;
+        while burst.len() < max {
+            let accepted = ready.try_io(|socket| {
+                // Non-blocking, as the worker's runtime wants it (the flag
+                // belongs to the connection, so the worker need not set it).
+                let flags = SocketFlags::CLOEXEC | SocketFlags::NONBLOCK;
+                rustix::net::acceptfrom_with(socket.get_ref(), flags).map_err(io::Error::from)
+            });
+            match accepted {
+                Ok(Ok((fd, peer))) => burst.push(Accepted {
+                    fd: SharedFd::new(fd),
+                    peer: peer.and_then(|p| std::net::SocketAddr::try_from(p).ok()),
+                }),
+                // What was accepted goes out; the error comes back next time.
+                Ok(Err(_)) if !burst.is_empty() => return Ok(burst),
+                Ok(Err(error)) => return Err(error),
+                // Nothing more waiting.
+                Err(_would_block) => break,
+            }
+        }
+        if !burst.is_empty() {
+            return Ok(burst);
+        }
+    }
+}
+
+fn is_transient(error: &io::Error) -> bool {
+    matches!(
+        error.kind(),
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::Interrupted
+    )
+}
+
+/// Hands queued connections to workers: one message per worker, its
+/// connections' descriptors attached.
+fn dispatch(key: u32, state: &mut GroupState) {
+    let GroupState {
+        distributor,
+        holders,
+        ..
+    } = state;
+    distributor.dispatch(|worker, batch| {
+        let Some(holder) = holders.get(&worker) else {
+            return false;
+        };
+        let fds = batch.iter().map(|(_, conn)| conn.fd.clone()).collect();
+        let control = Control::Connections {
+            key,
+            handed: batch
+                .iter()
+                .map(|(seq, conn)| HandedConnection {
+                    seq: *seq,
+                    peer: conn.peer,
+                })
+                .collect(),
+        };
+        holder
+            .sender
+            .send_now_shared(FrameKind::Control, &control.encode(), fds)
+            .is_ok()
+    });
+}
+
+/// Takes a reuseport slot's socket out of its group: what waits in its
+/// queue is accepted and handed to the remaining workers, then the socket is
+/// closed so the kernel stops routing new connections to it.
+///
+/// A connection that reaches the socket between the last `accept` and the
+/// `close` is reset by the kernel, unless `net.ipv4.tcp_migrate_req` (Linux
+/// 5.14 and later) lets it migrate to another socket of the port; the window
+/// is one system call wide.
+fn retire_socket(group: &Group, state: &mut GroupState, slot: Slot) {
+    let Some(entry) = state.sockets.remove(&slot) else {
+        return;
+    };
+    loop {
+        match entry.socket.accept() {
+            Ok((stream, peer)) => {
+                // Workers take connections as they come: non-blocking.
+                if stream.set_nonblocking(true).is_ok() {
+                    state.distributor.offer(Accepted {
+                        fd: SharedFd::new(OwnedFd::from(stream)),
+                        peer: peer.as_socket(),
+                    });
+                }
+            }
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+    }
+    drop(entry);
+    dispatch(group.key, state);
+}
