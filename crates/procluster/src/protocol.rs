@@ -262,22 +262,8 @@ struct FdBatch {
     fds: Vec<OwnedFd>,
 }
 
-/// Incremental decoder: turns a byte stream plus fd batches into frames.
-///
-/// # Examples
-///
-/// ```
-/// use procluster::protocol::{encode_frame, FrameDecoder, FrameKind, Format};
-///
-/// let mut wire = Vec::new();
-/// encode_frame(&mut wire, FrameKind::User, Format::Json, 0, b"{\"hi\":1}");
-/// let mut decoder = FrameDecoder::new(1024);
-/// decoder.push_bytes(&wire[..3]);
-/// assert!(decoder.next_frame().unwrap().is_none());
-/// decoder.push_bytes(&wire[3..]);
-/// let frame = decoder.next_frame().unwrap().unwrap();
-/// assert_eq!(&frame.payload[..], b"{\"hi\":1}");
-/// ```
+/// Incremental decoder: turns a byte stream plus fd batches into frames
+/// (tests below show it fed a byte at a time).
 #[derive(Debug)]
 pub struct FrameDecoder {
     buf: BytesMut,
