@@ -117,6 +117,14 @@ pub enum Command {
     /// Start a child and report which descriptors it has, and what the
     /// worker's own channel is, to show the child did not inherit it.
     ChildFds,
+    /// Open the cluster's service `service`, send `text` through it (with
+    /// a descriptor of /dev/null attached if `with_fd`), and reply
+    /// `ServiceEcho` with what came back, or with the error.
+    ServiceEcho {
+        service: String,
+        text: String,
+        with_fd: bool,
+    },
     /// Start this program again as a child that reports what `role()` says,
     /// with a socket made by the worker at fd 3: the worst case of a child
     /// that inherits the worker's environment and finds a socket at fd 3.
@@ -150,6 +158,9 @@ pub enum Reply {
     ChildEnv(String),
     /// What `role()` said in a child of the worker.
     ChildRole(String),
+    /// What a service echoed (`Ok(text, descriptors that came back)`), or why
+    /// the service could not be used.
+    ServiceEcho(Result<(String, usize), String>),
     Fds(usize),
     /// What `ChildFds` saw: the link target of the worker's channel (fd 3)
     /// and of every descriptor of the child.

@@ -5,7 +5,8 @@
 //!
 //! ```text
 //! offset 0: magic   u8   0xA7 — catches a peer that is not speaking this protocol
-//! offset 1: kind    u8   control (1), user message (2) or relayed user message (3)
+//! offset 1: kind    u8   control (1), user message (2), relayed user message (3)
+//!                        or service frame (4)
 //! offset 2: format  u8   JSON (1) or compact binary (2)
 //! offset 3: fds     u8   how many file descriptors ride with this frame
 //! offset 4: length  u32  little endian, payload bytes that follow the header
@@ -49,6 +50,10 @@ pub enum FrameKind {
     /// starts with the peer's worker id (u32, little endian): the target when a
     /// worker sends it, the source when the primary delivers it.
     Relayed = 3,
+    /// A frame of one of the cluster's services (a work pool, the bus...).
+    /// The payload starts with the service's index (u16, little endian) in
+    /// the list of services the worker got in its first frame.
+    Service = 4,
 }
 
 impl FrameKind {
@@ -57,6 +62,7 @@ impl FrameKind {
             1 => Some(Self::Control),
             2 => Some(Self::User),
             3 => Some(Self::Relayed),
+            4 => Some(Self::Service),
             _ => None,
         }
     }
@@ -179,6 +185,11 @@ impl Header {
         if kind == FrameKind::Relayed && len < 4 {
             return Err(ProtocolError::Malformed(
                 "relayed frame shorter than its peer id",
+            ));
+        }
+        if kind == FrameKind::Service && len < 2 {
+            return Err(ProtocolError::Malformed(
+                "service frame shorter than its service index",
             ));
         }
         Ok(Self {

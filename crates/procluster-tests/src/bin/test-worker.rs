@@ -101,6 +101,31 @@ fn busy_loop() -> ! {
     }
 }
 
+/// One round trip through a service whose primary side echoes frames.
+async fn service_echo(
+    worker: &Worker,
+    service: &str,
+    text: &str,
+    with_fd: bool,
+) -> Result<(String, usize), String> {
+    let port = worker
+        .service(service, |port| port)
+        .map_err(|e| e.to_string())?;
+    let fds = if with_fd {
+        vec![std::fs::File::open("/dev/null").expect("/dev/null").into()]
+    } else {
+        Vec::new()
+    };
+    port.send(port.format(), text.as_bytes(), fds)
+        .await
+        .map_err(|e| e.to_string())?;
+    let frame = port.recv().await.ok_or("the service's port closed")?;
+    Ok((
+        String::from_utf8_lossy(&frame.body).into_owned(),
+        frame.fds.len(),
+    ))
+}
+
 async fn serve(worker: Worker) {
     let shutdown = worker.shutdown_signal();
     tokio::pin!(shutdown);
@@ -166,6 +191,11 @@ async fn handle(worker: &Worker, command: Command, message: &mut procluster::Mes
                 .expect("sh");
             Reply::ChildEnv(String::from_utf8_lossy(&out.stdout).into_owned())
         }
+        Command::ServiceEcho {
+            service,
+            text,
+            with_fd,
+        } => Reply::ServiceEcho(service_echo(worker, &service, &text, with_fd).await),
         Command::ChildRole => {
             let (ours, theirs) = std::os::unix::net::UnixStream::pair().expect("socketpair");
             // The shell moves its standard input (our socket) to fd 3, then

@@ -27,4 +27,5 @@ pub fn test_primary() -> &'static str {
 }
 mod cli;
 mod listeners;
+mod services;
 mod supervisor;
