@@ -1,6 +1,8 @@
 //! Shared pieces of the integration tests: the messages the test worker
 //! understands, and helpers to wait for events with generous deadlines.
 
+pub mod redis;
+
 use std::path::PathBuf;
 use std::time::Duration;
 
