@@ -254,6 +254,38 @@ async fn a_port_in_use_fails_in_the_worker_and_a_retry_succeeds_once_free() {
     }
 }
 
+/// Two clusters asked for one port, or a port another process holds with
+/// `SO_REUSEPORT` itself: the newcomer gets EADDRINUSE under every policy,
+/// as Node's cluster does, instead of silently taking part of the traffic.
+#[tokio::test]
+async fn a_port_held_by_another_cluster_or_a_reuseport_socket_is_in_use_under_every_policy() {
+    for first in POLICIES {
+        let (mut old, old_workers) = net_cluster(first, 1).await;
+        let held = ask_each(&mut old, &[&old_workers[0]], &tcp("127.0.0.1:0", 1)).await;
+        let port = held.address(old_workers[0].id());
+        for second in POLICIES {
+            let (mut new, new_workers) = net_cluster(second, 1).await;
+            let answers = ask_each(&mut new, &[&new_workers[0]], &tcp(&port.to_string(), 1)).await;
+            let (kind, message) = answers.failure(new_workers[0].id());
+            assert_eq!(kind, "AddrInUse", "{first:?} then {second:?}: {message}");
+        }
+    }
+    let squatter =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    squatter.set_reuse_port(true).unwrap();
+    squatter
+        .bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+        .unwrap();
+    squatter.listen(16).unwrap();
+    let port = squatter.local_addr().unwrap().as_socket().unwrap();
+    for policy in POLICIES {
+        let (mut cluster, workers) = net_cluster(policy, 1).await;
+        let answers = ask_each(&mut cluster, &[&workers[0]], &tcp(&port.to_string(), 1)).await;
+        let (kind, message) = answers.failure(workers[0].id());
+        assert_eq!(kind, "AddrInUse", "{policy:?}: {message}");
+    }
+}
+
 /// After one worker's listen on a fixed port failed and its retry
 /// succeeded, another worker asking for the same port must share it (Node:
 /// every worker listening on a port shares one handle).

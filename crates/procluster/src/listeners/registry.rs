@@ -336,11 +336,18 @@ impl Registry {
                     backlog: *backlog,
                     ipv6_only: *ipv6_only,
                     reuse_port: policy == Policy::ReusePort,
+                    first: true,
                 };
                 let socket = bind::tcp(addr, options)?;
                 // Later reuseport sockets join the port the first one got.
                 let bound = socket.local_addr()?.as_socket().unwrap_or(addr);
-                tcp_bind = Some((bound, options));
+                tcp_bind = Some((
+                    bound,
+                    TcpBind {
+                        first: false,
+                        ..options
+                    },
+                ));
                 socket
             }
             ListenSpec::Udp { addr } => bind::udp(bind::parse_addr(addr)?, false)?,

@@ -233,6 +233,7 @@ impl WorkerListeners {
                 backlog: options.backlog,
                 ipv6_only: options.ipv6_only,
                 reuse_port: false,
+                first: true,
             },
         )?;
         let address = bind::describe_socket(&socket);
