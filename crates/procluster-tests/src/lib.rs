@@ -380,6 +380,9 @@ pub enum NetCommand {
     ListenUdp { addr: String },
     /// `listen_unix(path)`, served like `Serve::Hold` with `capacity` loops.
     ListenUnix { path: String, capacity: usize },
+    /// Drops the UDP socket or Unix listener reported as listening on
+    /// `address`; the reply is `NetReply::Closed`.
+    Close { address: String },
 }
 
 /// How a worker in `net` mode serves a TCP listener.
@@ -406,6 +409,8 @@ pub enum NetReply {
     Failed { kind: String, message: String },
     /// A datagram arrived on a UDP socket.
     Datagram(String),
+    /// The listener of a `Close` is dropped.
+    Closed,
 }
 
 /// Reads the `worker <id>\n` greeting of a `net` mode worker.

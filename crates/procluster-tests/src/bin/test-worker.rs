@@ -280,6 +280,9 @@ mod net {
         // Loops that never end by themselves; aborted at the end.
         let mut background = JoinSet::new();
         let mut kept = Vec::new();
+        // The tasks serving each UDP socket or Unix listener, by address.
+        let mut holders: std::collections::HashMap<String, Vec<tokio::task::JoinHandle<()>>> =
+            std::collections::HashMap::new();
         while let Some(message) = worker.recv().await {
             let command: NetCommand = message.decode().expect("a net command");
             let reply = match command {
@@ -344,7 +347,7 @@ mod net {
                             round_robin: false,
                         };
                         let worker = worker.clone();
-                        background.spawn(async move {
+                        let task = tokio::spawn(async move {
                             let mut buf = vec![0u8; 2048];
                             while let Ok(n) = socket.recv(&mut buf).await {
                                 let text = String::from_utf8_lossy(&buf[..n]).into_owned();
@@ -353,6 +356,9 @@ mod net {
                                 }
                             }
                         });
+                        if let NetReply::Listening { address, .. } = &reply {
+                            holders.entry(address.clone()).or_default().push(task);
+                        }
                         reply
                     }
                 },
@@ -364,11 +370,12 @@ mod net {
                             for _ in 0..capacity {
                                 let listener = listener.clone();
                                 let id = worker.id().get();
-                                background.spawn(async move {
+                                let task = tokio::spawn(async move {
                                     while let Ok((stream, _)) = listener.accept().await {
                                         greet_and_hold(stream, id).await;
                                     }
                                 });
+                                holders.entry(path.clone()).or_default().push(task);
                             }
                             NetReply::Listening {
                                 address: path,
@@ -377,12 +384,22 @@ mod net {
                         }
                     }
                 }
+                NetCommand::Close { address } => {
+                    for task in holders.remove(&address).unwrap_or_default() {
+                        task.abort();
+                        let _ = task.await;
+                    }
+                    NetReply::Closed
+                }
             };
             if worker.send(&reply).await.is_err() {
                 break;
             }
         }
         // Disconnected: serve what was accepted, then exit.
+        for task in holders.into_values().flatten() {
+            task.abort();
+        }
         drop(kept);
         background.abort_all();
         while serving.join_next().await.is_some() {}

@@ -471,6 +471,95 @@ async fn four_workers_share_a_udp_port_and_every_datagram_arrives() {
     assert!(by_worker.keys().all(|id| ids(&workers).contains(id)));
 }
 
+/// Sends `command` to one worker and waits for its (non-datagram) reply.
+async fn ask(cluster: &mut Cluster, worker: &WorkerHandle, command: &NetCommand) -> NetReply {
+    ask_each(cluster, &[worker], command).await.replies[&worker.id()].clone()
+}
+
+/// Whether this process can bind `addr` for UDP itself (nobody holds it).
+fn udp_port_free(addr: SocketAddr) -> bool {
+    std::net::UdpSocket::bind(addr).is_ok()
+}
+
+#[tokio::test]
+async fn a_dropped_udp_socket_releases_the_port_and_bind_close_cycles_leak_nothing() {
+    let (mut cluster, workers) = net_cluster(Policy::Shared, 2).await;
+    let (a, b) = (&workers[0], &workers[1]);
+    let first = ask_each(
+        &mut cluster,
+        &[a, b],
+        &NetCommand::ListenUdp {
+            addr: "127.0.0.1:0".into(),
+        },
+    )
+    .await;
+    let addr = first.address(a.id());
+    let close = NetCommand::Close {
+        address: addr.to_string(),
+    };
+    // One of two holders lets go: the port stays, shared by the other.
+    assert!(matches!(
+        ask(&mut cluster, a, &close).await,
+        NetReply::Closed
+    ));
+    assert!(!udp_port_free(addr), "worker b still holds {addr}");
+    // The same worker binds and closes the port again and again.
+    let request = NetCommand::ListenUdp {
+        addr: addr.to_string(),
+    };
+    let fds_before = open_fds();
+    for round in 0..20 {
+        let reply = ask(&mut cluster, a, &request).await;
+        assert!(
+            matches!(&reply, NetReply::Listening { .. }),
+            "round {round}: {reply:?}"
+        );
+        assert!(matches!(
+            ask(&mut cluster, a, &close).await,
+            NetReply::Closed
+        ));
+    }
+    // The primary holds one socket for the port, not one per cycle.
+    let grown = open_fds().saturating_sub(fds_before);
+    assert!(grown <= 1, "{grown} more descriptors after 20 cycles");
+    // The last holder lets go: the primary closes its socket.
+    assert!(matches!(
+        ask(&mut cluster, b, &close).await,
+        NetReply::Closed
+    ));
+    eventually("the primary releases the UDP port", || udp_port_free(addr)).await;
+}
+
+#[tokio::test]
+async fn a_dropped_unix_listener_goes_with_its_last_holder_and_can_be_listened_on_again() {
+    let dir = TempDir::new("unix-drop");
+    let mut cluster = builder("net").cwd(&dir.0).workers(1).build().unwrap();
+    let workers = cluster.start().await.unwrap();
+    online(&mut cluster, 1).await;
+    let worker = &workers[0];
+    let path = dir.0.join("sock");
+    let request = NetCommand::ListenUnix {
+        path: "sock".into(),
+        capacity: 1,
+    };
+    for round in 0..3 {
+        let reply = ask(&mut cluster, worker, &request).await;
+        assert!(
+            matches!(&reply, NetReply::Listening { .. }),
+            "round {round}: {reply:?}"
+        );
+        assert!(path.exists());
+        let close = NetCommand::Close {
+            address: "sock".into(),
+        };
+        assert!(matches!(
+            ask(&mut cluster, worker, &close).await,
+            NetReply::Closed
+        ));
+        eventually("the primary removes the socket file", || !path.exists()).await;
+    }
+}
+
 /// The next `NetReply` and its sender.
 async fn reply_of(cluster: &mut Cluster) -> (WorkerHandle, NetReply) {
     let (worker, message) = message(cluster).await;

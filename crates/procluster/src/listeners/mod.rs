@@ -34,8 +34,10 @@
 
 pub mod bind;
 mod distributor;
+mod held;
 pub(crate) mod registry;
 pub(crate) mod tcp;
 
 pub use bind::{DEFAULT_BACKLOG, describe_socket};
+pub use held::{FdListener, UdpSocket, UnixListener};
 pub use tcp::{DEFAULT_PREFETCH, TcpListener, TcpOptions};

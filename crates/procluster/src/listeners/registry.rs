@@ -296,6 +296,23 @@ fn errno_of(error: &io::Error) -> Option<i32> {
     })
 }
 
+/// How a group bound to what `spec` asks for describes its address, when
+/// the request names one exactly (not port 0, not a host name).
+fn bound_form(spec: &ListenSpec) -> Option<String> {
+    match spec {
+        ListenSpec::Tcp { addr, .. } => {
+            let addr: std::net::SocketAddr = addr.parse().ok()?;
+            (addr.port() != 0).then(|| format!("tcp://{addr}"))
+        }
+        ListenSpec::Udp { addr } => {
+            let addr: std::net::SocketAddr = addr.parse().ok()?;
+            (addr.port() != 0).then(|| format!("udp://{addr}"))
+        }
+        ListenSpec::Unix { path, .. } => Some(format!("unix:{path}")),
+        ListenSpec::InheritedFd { .. } => None,
+    }
+}
+
 fn request_key(spec: &ListenSpec) -> String {
     match spec {
         ListenSpec::Tcp { addr, .. } => format!("tcp:{addr}"),
@@ -311,6 +328,13 @@ impl Registry {
         let mut tables = self.tables();
         if let Some(group) = tables.by_request.get(&request) {
             return Ok(group.clone());
+        }
+        // A fixed address another request already bound (say, the port a
+        // `listen(0)` got): the same socket, not a second bind.
+        if let Some(bound) = bound_form(spec) {
+            if let Some(group) = tables.by_key.values().find(|g| g.address == bound) {
+                return Ok(group.clone());
+            }
         }
         let key = tables.next_key;
         let group = Arc::new(self.create_group(key, spec)?);
