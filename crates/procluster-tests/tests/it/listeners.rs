@@ -560,6 +560,76 @@ async fn a_dropped_unix_listener_goes_with_its_last_holder_and_can_be_listened_o
     }
 }
 
+/// A directory under the test's working directory whose absolute path is
+/// too long for a Unix socket address (with `/sock` after it) while its path
+/// relative to the working directory (the primary's) is not.
+fn deep_dir_near_the_cwd() -> std::path::PathBuf {
+    let cwd = std::env::current_dir().unwrap();
+    let base = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let relative_base = relative_path(base, &cwd);
+    let suffix = "/sock";
+    let absolute_len = |n: usize| base.as_os_str().len() + 1 + n + suffix.len();
+    let relative_len = |n: usize| relative_base.len() + 1 + n + suffix.len();
+    let n = (1..200)
+        .find(|&n| absolute_len(n) > 107 && relative_len(n) <= 107)
+        .expect("the repository's path is longer than its relative form");
+    let dir = base.join(format!("{}{}", std::process::id(), "d".repeat(n))[..n].to_string());
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn relative_path(path: &std::path::Path, base: &std::path::Path) -> String {
+    let path: Vec<_> = path.components().collect();
+    let base: Vec<_> = base.components().collect();
+    let common = path.iter().zip(&base).take_while(|(a, b)| a == b).count();
+    let mut parts: Vec<String> = vec!["..".into(); base.len() - common];
+    parts.extend(
+        path[common..]
+            .iter()
+            .map(|c| c.as_os_str().to_string_lossy().into_owned()),
+    );
+    parts.join("/")
+}
+
+#[tokio::test]
+async fn a_unix_path_too_long_for_a_socket_address_binds_by_its_shorter_relative_form() {
+    let dir = deep_dir_near_the_cwd();
+    let path = dir.join("sock");
+    assert!(path.as_os_str().len() > 107);
+    let mut cluster = builder("net").cwd(&dir).workers(1).build().unwrap();
+    let workers = cluster.start().await.unwrap();
+    online(&mut cluster, 1).await;
+    let answers = ask_each(
+        &mut cluster,
+        &[&workers[0]],
+        &NetCommand::ListenUnix {
+            path: "sock".into(),
+            capacity: 1,
+        },
+    )
+    .await;
+    assert!(
+        matches!(
+            &answers.replies[&workers[0].id()],
+            NetReply::Listening { .. }
+        ),
+        "{:?}",
+        answers.replies
+    );
+    assert_eq!(
+        answers.events[&workers[0].id()],
+        [format!("unix:{}", path.display())],
+        "known by the path the worker asked for"
+    );
+    // Reached by its relative form (the absolute one is too long to connect to).
+    let relative = relative_path(&path, &std::env::current_dir().unwrap());
+    let mut stream = tokio::net::UnixStream::connect(&relative).await.unwrap();
+    assert_eq!(read_greeting(&mut stream).await.unwrap(), workers[0].id());
+    drop(stream);
+    drop(cluster);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// The next `NetReply` and its sender.
 async fn reply_of(cluster: &mut Cluster) -> (WorkerHandle, NetReply) {
     let (worker, message) = message(cluster).await;
