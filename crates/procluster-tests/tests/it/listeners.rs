@@ -815,7 +815,7 @@ async fn round_robin_connections_handed_to_a_worker_killed_before_taking_them_go
     let joined = ask_each(&mut cluster, &[&helper], &tcp("127.0.0.1:0", 4)).await;
     assert_eq!(joined.address(helper.id()), addr);
 
-    staller.kill(Signal::KILL).unwrap();
+    staller.signal(Signal::KILL).unwrap();
     let answered = greetings(clients).await;
     assert_eq!(answered, [helper.id(); 3]);
     let (exited, _) = exit_of(&mut cluster, staller.id()).await;
@@ -871,7 +871,7 @@ async fn a_slot_restarted_with_kept_listeners_answers_the_connections_that_waite
         online(&mut cluster, 1).await;
         let (clients, addr) = connections_waiting_for(&mut cluster, policy, &first, 5).await;
 
-        first.kill(Signal::KILL).unwrap();
+        first.signal(Signal::KILL).unwrap();
         exit_of(&mut cluster, first.id()).await;
         let second = cluster.fork_with(slot).await.unwrap();
         assert_eq!(second.index(), Some(0));
@@ -920,7 +920,7 @@ async fn reuseport_drains_a_dead_workers_queue_to_the_other_workers() {
     // The kernel spreads these across both slots' sockets; those of the idle
     // worker's slot wait until it dies and its queue is drained.
     let clients = connect_all(addr, 16).await;
-    idle.kill(Signal::KILL).unwrap();
+    idle.signal(Signal::KILL).unwrap();
     let answered = greetings(clients).await;
     assert_eq!(answered, [busy.id(); 16]);
 }
@@ -932,7 +932,7 @@ async fn a_retired_reuseport_slot_drains_its_queue_then_closes_its_socket() {
     // Scaling down: slot 1 is retired while connections wait in its queue.
     let clients = connect_all(addr, 16).await;
     cluster.retire_slot(1);
-    leaving.kill(Signal::KILL).unwrap();
+    leaving.signal(Signal::KILL).unwrap();
     let answered = greetings(clients).await;
     assert_eq!(
         answered,

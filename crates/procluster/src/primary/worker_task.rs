@@ -624,7 +624,7 @@ fn misbehaved(inner: &Arc<Inner>, worker: &WorkerHandle, error: &ChannelError) {
         worker: worker.clone(),
         error: message,
     });
-    let _ = worker.kill(Signal::KILL);
+    let _ = worker.signal(Signal::KILL);
 }
 
 /// Hands a service frame to its service in the primary.
