@@ -573,7 +573,7 @@ fn deep_dir_near_the_cwd() -> std::path::PathBuf {
     let n = (1..200)
         .find(|&n| absolute_len(n) > 107 && relative_len(n) <= 107)
         .expect("the repository's path is longer than its relative form");
-    let dir = base.join(format!("{}{}", std::process::id(), "d".repeat(n))[..n].to_string());
+    let dir = base.join(&format!("{}{}", std::process::id(), "d".repeat(n))[..n]);
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
