@@ -378,8 +378,20 @@ pub enum NetCommand {
     /// `listen_udp(addr)`; every datagram is reported as
     /// `NetReply::Datagram`.
     ListenUdp { addr: String },
+    /// `listen_udp_with(addr, …)` with these options.
+    ListenUdpWith {
+        addr: String,
+        exclusive: bool,
+        reuse_address: bool,
+    },
     /// `listen_unix(path)`, served like `Serve::Hold` with `capacity` loops.
     ListenUnix { path: String, capacity: usize },
+    /// `listen_unix_with(path, …)` with these options, one accept loop.
+    ListenUnixWith {
+        path: String,
+        readable_all: bool,
+        writable_all: bool,
+    },
     /// Drops the UDP socket or Unix listener reported as listening on
     /// `address`; the reply is `NetReply::Closed`.
     Close { address: String },

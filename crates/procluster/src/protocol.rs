@@ -441,6 +441,10 @@ pub enum ListenSpec {
     Udp {
         /// `ip:port` as text.
         addr: String,
+        /// `IPV6_V6ONLY`, for IPv6 addresses.
+        ipv6_only: Option<bool>,
+        /// `SO_REUSEADDR` (Node's `reuseAddr`).
+        reuse_address: bool,
     },
     /// A Unix stream socket at an absolute path (already resolved against the
     /// worker's working directory).
@@ -449,6 +453,9 @@ pub enum ListenSpec {
         path: String,
         /// `listen()` backlog.
         backlog: Option<u32>,
+        /// Permission bits the socket file gets after the bind (Node's
+        /// `readableAll`/`writableAll`); `None` leaves the umask's.
+        mode: Option<u32>,
     },
     /// A descriptor the primary inherited (for example from `LISTEN_FDS`).
     InheritedFd {
@@ -463,7 +470,7 @@ impl ListenSpec {
     /// second request gets another.
     pub fn wants_any_port(&self) -> bool {
         match self {
-            Self::Tcp { addr, .. } | Self::Udp { addr } => addr.ends_with(":0"),
+            Self::Tcp { addr, .. } | Self::Udp { addr, .. } => addr.ends_with(":0"),
             Self::Unix { .. } | Self::InheritedFd { .. } => false,
         }
     }

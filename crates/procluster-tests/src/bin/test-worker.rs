@@ -267,7 +267,7 @@ mod net {
     use std::sync::Arc;
     use std::task::Poll;
 
-    use procluster::listeners::{TcpListener, TcpOptions};
+    use procluster::listeners::{TcpListener, TcpOptions, UdpOptions, UnixOptions};
     use procluster::worker::Worker;
     use procluster_tests::{NetCommand, NetReply, Serve};
     use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -280,11 +280,42 @@ mod net {
         // Loops that never end by themselves; aborted at the end.
         let mut background = JoinSet::new();
         let mut kept = Vec::new();
+        let mut kept_unix = Vec::new();
         // The tasks serving each UDP socket or Unix listener, by address.
         let mut holders: std::collections::HashMap<String, Vec<tokio::task::JoinHandle<()>>> =
             std::collections::HashMap::new();
         while let Some(message) = worker.recv().await {
-            let command: NetCommand = message.decode().expect("a net command");
+            let command = match message.decode().expect("a net command") {
+                NetCommand::ListenUdp { addr } => NetCommand::ListenUdpWith {
+                    addr,
+                    exclusive: false,
+                    reuse_address: false,
+                },
+                NetCommand::ListenUnixWith {
+                    path,
+                    readable_all,
+                    writable_all,
+                } => {
+                    let mut options = UnixOptions::default();
+                    options.readable_all = readable_all;
+                    options.writable_all = writable_all;
+                    let reply = match worker.listen_unix_with(&path, options).await {
+                        Err(e) => failed(&e),
+                        Ok(listener) => {
+                            kept_unix.push(listener);
+                            NetReply::Listening {
+                                address: path,
+                                round_robin: false,
+                            }
+                        }
+                    };
+                    if worker.send(&reply).await.is_err() {
+                        break;
+                    }
+                    continue;
+                }
+                other => other,
+            };
             let reply = match command {
                 NetCommand::ListenTcp {
                     addr,
@@ -339,7 +370,22 @@ mod net {
                         }
                     }
                 }
-                NetCommand::ListenUdp { addr } => match worker.listen_udp(&addr).await {
+                NetCommand::ListenUdp { .. } | NetCommand::ListenUnixWith { .. } => {
+                    unreachable!("rewritten above")
+                }
+                NetCommand::ListenUdpWith {
+                    addr,
+                    exclusive,
+                    reuse_address,
+                } => match worker
+                    .listen_udp_with(&addr, {
+                        let mut options = UdpOptions::default();
+                        options.exclusive = exclusive;
+                        options.reuse_address = reuse_address;
+                        options
+                    })
+                    .await
+                {
                     Err(e) => failed(&e),
                     Ok(socket) => {
                         let reply = NetReply::Listening {
@@ -401,6 +447,7 @@ mod net {
             task.abort();
         }
         drop(kept);
+        drop(kept_unix);
         background.abort_all();
         while serving.join_next().await.is_some() {}
     }

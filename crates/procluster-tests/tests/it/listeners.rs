@@ -630,6 +630,78 @@ async fn a_unix_path_too_long_for_a_socket_address_binds_by_its_shorter_relative
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+#[tokio::test]
+async fn unix_socket_files_get_the_mode_readable_all_and_writable_all_ask_for() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new("unix-mode");
+    let mut cluster = builder("net").cwd(&dir.0).workers(1).build().unwrap();
+    let workers = cluster.start().await.unwrap();
+    online(&mut cluster, 1).await;
+    for (name, readable_all, writable_all, expected) in [
+        ("r", true, false, 0o644),
+        ("w", false, true, 0o622),
+        ("rw", true, true, 0o666),
+    ] {
+        let request = NetCommand::ListenUnixWith {
+            path: name.into(),
+            readable_all,
+            writable_all,
+        };
+        let reply = ask(&mut cluster, &workers[0], &request).await;
+        assert!(matches!(&reply, NetReply::Listening { .. }), "{reply:?}");
+        let mode = std::fs::metadata(dir.0.join(name))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, expected, "{name}: {mode:o}");
+    }
+}
+
+#[tokio::test]
+async fn an_exclusive_udp_socket_is_the_workers_own_and_a_shared_one_is_not() {
+    let (mut cluster, workers) = net_cluster(Policy::Shared, 2).await;
+    let (a, b) = (&workers[0], &workers[1]);
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let exclusive = |reuse_address| NetCommand::ListenUdpWith {
+        addr: port.to_string(),
+        exclusive: true,
+        reuse_address,
+    };
+    let first = ask(&mut cluster, a, &exclusive(false)).await;
+    assert!(matches!(&first, NetReply::Listening { .. }), "{first:?}");
+    // Bound by worker a alone: worker b's exclusive bind finds it taken,
+    // and so does a shared listen, which the primary binds.
+    let NetReply::Failed { kind, .. } = ask(&mut cluster, b, &exclusive(false)).await else {
+        panic!("a second exclusive bind of one port succeeded")
+    };
+    assert_eq!(kind, "AddrInUse");
+    let shared = NetCommand::ListenUdp {
+        addr: port.to_string(),
+    };
+    let NetReply::Failed { kind, .. } = ask(&mut cluster, b, &shared).await else {
+        panic!("the primary bound a port a worker holds exclusively")
+    };
+    assert_eq!(kind, "AddrInUse");
+    // With reuse_address on both sides, two sockets share the address.
+    let other = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let reusing = NetCommand::ListenUdpWith {
+        addr: other.to_string(),
+        exclusive: true,
+        reuse_address: true,
+    };
+    for worker in [a, b] {
+        let reply = ask(&mut cluster, worker, &reusing).await;
+        assert!(matches!(&reply, NetReply::Listening { .. }), "{reply:?}");
+    }
+}
+
 /// The next `NetReply` and its sender.
 async fn reply_of(cluster: &mut Cluster) -> (WorkerHandle, NetReply) {
     let (worker, message) = message(cluster).await;

@@ -91,13 +91,45 @@ pub fn tcp(addr: SocketAddr, options: TcpBind) -> io::Result<Socket> {
 /// # Errors
 /// The bind error, naming the address.
 pub fn udp(addr: SocketAddr, reuse_port: bool) -> io::Result<Socket> {
+    udp_with(
+        addr,
+        UdpBind {
+            reuse_port,
+            ..UdpBind::default()
+        },
+    )
+}
+
+/// Options for a UDP socket.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct UdpBind {
+    /// For an IPv6 address: IPv6 only (default: dual stack).
+    pub ipv6_only: Option<bool>,
+    /// `SO_REUSEADDR` (Node's `reuseAddr`): bind an address another socket
+    /// with the option holds (multicast receivers).
+    pub reuse_address: bool,
+    /// `SO_REUSEPORT`, to bind the same address again.
+    pub reuse_port: bool,
+}
+
+/// [`udp`] with every option.
+///
+/// # Errors
+/// The bind error, naming the address.
+pub fn udp_with(addr: SocketAddr, options: UdpBind) -> io::Result<Socket> {
     let socket = Socket::new(
         Domain::for_address(addr),
         Type::DGRAM.cloexec(),
         Some(Protocol::UDP),
     )?;
-    if reuse_port {
+    if options.reuse_port {
         set_reuse_port(&socket)?;
+    }
+    if options.reuse_address {
+        socket.set_reuse_address(true)?;
+    }
+    if addr.is_ipv6() {
+        socket.set_only_v6(options.ipv6_only.unwrap_or(false))?;
     }
     socket.set_nonblocking(true)?;
     socket

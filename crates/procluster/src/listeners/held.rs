@@ -42,7 +42,8 @@ impl WorkerListeners {
 #[derive(Debug)]
 pub struct UdpSocket {
     socket: tokio::net::UdpSocket,
-    _hold: Hold,
+    /// `None` for an exclusive socket, bound by the worker itself.
+    _hold: Option<Hold>,
 }
 
 impl UdpSocket {
@@ -53,8 +54,60 @@ impl UdpSocket {
     ) -> Self {
         Self {
             socket,
-            _hold: owner.hold(key),
+            _hold: Some(owner.hold(key)),
         }
+    }
+
+    pub(crate) fn exclusive(socket: tokio::net::UdpSocket) -> Self {
+        Self {
+            socket,
+            _hold: None,
+        }
+    }
+}
+
+/// Options for [`Worker::listen_udp_with`](crate::worker::Worker::listen_udp_with)
+/// (Node's `dgram.createSocket` and `bind` options).
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct UdpOptions {
+    /// For an IPv6 address: IPv6 only (default: dual stack; Node's
+    /// `ipv6Only`).
+    pub ipv6_only: Option<bool>,
+    /// `SO_REUSEADDR` (Node's `reuseAddr`).
+    pub reuse_address: bool,
+    /// Bind in this worker, bypassing the primary (Node's `exclusive`).
+    pub exclusive: bool,
+}
+
+/// Options for [`Worker::listen_unix_with`](crate::worker::Worker::listen_unix_with).
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct UnixOptions {
+    /// `listen()` backlog (default [`DEFAULT_BACKLOG`](super::DEFAULT_BACKLOG)).
+    pub backlog: Option<u32>,
+    /// The socket file is readable by all (Node's `readableAll`).
+    pub readable_all: bool,
+    /// The socket file is writable by all, so any user may connect (Node's
+    /// `writableAll`).
+    pub writable_all: bool,
+}
+
+impl UnixOptions {
+    /// The socket file's permission bits these options ask for, if any:
+    /// the owner's read and write always, and the others' as asked.
+    pub(crate) fn mode(&self) -> Option<u32> {
+        if !self.readable_all && !self.writable_all {
+            return None;
+        }
+        let mut mode = 0o600;
+        if self.readable_all {
+            mode |= 0o044;
+        }
+        if self.writable_all {
+            mode |= 0o022;
+        }
+        Some(mode)
     }
 }
 

@@ -39,5 +39,5 @@ pub(crate) mod registry;
 pub(crate) mod tcp;
 
 pub use bind::{DEFAULT_BACKLOG, describe_socket};
-pub use held::{FdListener, UdpSocket, UnixListener};
+pub use held::{FdListener, UdpOptions, UdpSocket, UnixListener, UnixOptions};
 pub use tcp::{DEFAULT_PREFETCH, TcpListener, TcpOptions};

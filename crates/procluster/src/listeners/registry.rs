@@ -343,7 +343,7 @@ fn bound_form(spec: &ListenSpec) -> Option<String> {
             let addr: std::net::SocketAddr = addr.parse().ok()?;
             (addr.port() != 0).then(|| format!("tcp://{addr}"))
         }
-        ListenSpec::Udp { addr } => {
+        ListenSpec::Udp { addr, .. } => {
             let addr: std::net::SocketAddr = addr.parse().ok()?;
             (addr.port() != 0).then(|| format!("udp://{addr}"))
         }
@@ -355,7 +355,7 @@ fn bound_form(spec: &ListenSpec) -> Option<String> {
 fn request_key(spec: &ListenSpec) -> String {
     match spec {
         ListenSpec::Tcp { addr, .. } => format!("tcp:{addr}"),
-        ListenSpec::Udp { addr } => format!("udp:{addr}"),
+        ListenSpec::Udp { addr, .. } => format!("udp:{addr}"),
         ListenSpec::Unix { path, .. } => format!("unix:{path}"),
         ListenSpec::InheritedFd { fd } => format!("fd:{fd}"),
     }
@@ -413,10 +413,35 @@ impl Registry {
                 ));
                 socket
             }
-            ListenSpec::Udp { addr } => bind::udp(bind::parse_addr(addr)?, false)?,
-            ListenSpec::Unix { path, backlog } => {
+            ListenSpec::Udp {
+                addr,
+                ipv6_only,
+                reuse_address,
+            } => bind::udp_with(
+                bind::parse_addr(addr)?,
+                bind::UdpBind {
+                    ipv6_only: *ipv6_only,
+                    reuse_address: *reuse_address,
+                    reuse_port: false,
+                },
+            )?,
+            ListenSpec::Unix {
+                path,
+                backlog,
+                mode,
+            } => {
                 let path = PathBuf::from(path);
                 let socket = bind::unix(&bindable_path(&path), *backlog)?;
+                if let Some(mode) = mode {
+                    use std::os::unix::fs::PermissionsExt;
+                    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(*mode))
+                        .map_err(|e| {
+                            io::Error::new(
+                                e.kind(),
+                                format!("cannot set the mode of {}: {e}", path.display()),
+                            )
+                        })?;
+                }
                 unix_path = Some(path);
                 socket
             }

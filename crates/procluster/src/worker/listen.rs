@@ -11,7 +11,9 @@ use tokio::sync::oneshot;
 
 use super::{Worker, WorkerInner};
 use crate::listeners::bind;
-use crate::listeners::{FdListener, TcpListener, TcpOptions, UdpSocket, UnixListener};
+use crate::listeners::{
+    FdListener, TcpListener, TcpOptions, UdpOptions, UdpSocket, UnixListener, UnixOptions,
+};
 use crate::protocol::{Control, FrameKind, ListenReply, ListenSpec};
 use crate::sync::lock;
 
@@ -71,9 +73,34 @@ impl Worker {
     /// # Cancel safety
     /// As [`Worker::listen_tcp`].
     pub async fn listen_udp(&self, addr: &str) -> io::Result<UdpSocket> {
+        self.listen_udp_with(addr, UdpOptions::default()).await
+    }
+
+    /// [`Worker::listen_udp`] with options.
+    ///
+    /// # Errors
+    /// As [`Worker::listen_udp`].
+    ///
+    /// # Cancel safety
+    /// As [`Worker::listen_tcp`].
+    pub async fn listen_udp_with(&self, addr: &str, options: UdpOptions) -> io::Result<UdpSocket> {
         let parsed = bind::parse_addr(addr)?;
+        if options.exclusive {
+            let socket = bind::udp_with(
+                parsed,
+                bind::UdpBind {
+                    ipv6_only: options.ipv6_only,
+                    reuse_address: options.reuse_address,
+                    reuse_port: false,
+                },
+            )?;
+            let socket = tokio::net::UdpSocket::from_std(socket.into())?;
+            return Ok(UdpSocket::exclusive(socket));
+        }
         let spec = ListenSpec::Udp {
             addr: parsed.to_string(),
+            ipv6_only: options.ipv6_only,
+            reuse_address: options.reuse_address,
         };
         let (key, fd) = self.request_socket(spec).await?;
         let owner = &self.inner.listeners;
@@ -97,10 +124,26 @@ impl Worker {
     /// # Cancel safety
     /// As [`Worker::listen_tcp`].
     pub async fn listen_unix(&self, path: impl AsRef<Path>) -> io::Result<UnixListener> {
+        self.listen_unix_with(path, UnixOptions::default()).await
+    }
+
+    /// [`Worker::listen_unix`] with options.
+    ///
+    /// # Errors
+    /// As [`Worker::listen_unix`].
+    ///
+    /// # Cancel safety
+    /// As [`Worker::listen_tcp`].
+    pub async fn listen_unix_with(
+        &self,
+        path: impl AsRef<Path>,
+        options: UnixOptions,
+    ) -> io::Result<UnixListener> {
         let absolute = std::env::current_dir()?.join(path.as_ref());
         let spec = ListenSpec::Unix {
             path: absolute.display().to_string(),
-            backlog: None,
+            backlog: options.backlog,
+            mode: options.mode(),
         };
         let (key, fd) = self.request_socket(spec).await?;
         let owner = &self.inner.listeners;
