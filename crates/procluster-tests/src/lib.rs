@@ -60,11 +60,42 @@ pub fn name(event: &Event) -> &'static str {
     }
 }
 
+/// Whether this is a CI run: the `CI` environment variable is set (and not
+/// empty, `0` or `false`), as CI services set it.
+pub fn in_ci() -> bool {
+    std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "0" && v != "false")
+}
+
+/// Whether a test whose prerequisite may be missing on a developer's machine
+/// (node, root, IPv6...) goes on: `true` when `available`. When it is
+/// missing, a CI run ([`in_ci`]) fails right here, naming it, so that no test
+/// passes in CI without having run; elsewhere the test is skipped with a
+/// note on stderr.
+///
+/// ```no_run
+/// # fn ipv6() -> bool { true }
+/// if !procluster_tests::prerequisite("an IPv6 loopback", ipv6()) {
+///     return;
+/// }
+/// ```
+#[track_caller]
+pub fn prerequisite(what: &str, available: bool) -> bool {
+    if available {
+        return true;
+    }
+    assert!(
+        !in_ci(),
+        "missing prerequisite: {what} (CI is set, so the test fails instead of skipping)"
+    );
+    eprintln!("skipped: missing prerequisite: {what} (with CI set, this fails)");
+    false
+}
+
 /// Number of open descriptors of this process.
 pub fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd")
-        .map(|d| d.count())
-        .unwrap_or(0)
+        .expect("/proc/self/fd lists the open descriptors (Linux procfs)")
+        .count()
 }
 
 /// Whether a process exists (and is not a zombie).
