@@ -8,23 +8,24 @@ use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use procluster::WorkerId;
+use procluster::listeners::slots::SlotSockets;
 use procluster::primary::{
     ChildFd, Cluster, Event, ForkHook, ForkOptions, Program, Settings, Stdio, WorkerHandle,
 };
 use procluster::supervisor::{
-    self, BreakerConfig, CrashCause, HeartbeatConfig, Readiness as SupervisorReadiness, Report,
+    self, BreakerConfig, HeartbeatConfig, Readiness as SupervisorReadiness, Report,
     SupervisedCluster, SupervisionError, SupervisionOptions, SupervisorConfig, SupervisorHandle,
     WorkerPhase,
 };
+use procluster::{Policy, WorkerId};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::args::{PolicyArg, RunArgs};
+use crate::args::RunArgs;
 use crate::config::RunConfig;
 use crate::control::server::{Call, ControlSocket};
 use crate::control::{Request, Response};
-use crate::listen_spec::{self, BindOptions, Endpoint, ListenSpec};
+use crate::listen_spec::{self, BindOptions, Endpoint, ListenSpec, Sockets};
 use crate::readiness::{self, Readiness, ReadyMode, Signals};
 use crate::shim::{self, ShimArgs};
 use crate::systemd::{self, Notifier};
@@ -71,21 +72,36 @@ fn fail(error: RunError) -> ExitCode {
     error.exit_code()
 }
 
-/// A shared socket as bound.
+/// A listener as bound: one socket for every worker, or (reuseport) one
+/// per worker slot, kept across the slot's restarts.
 #[derive(Debug, Clone)]
 struct Listener {
     name: String,
     address: String,
-    socket: Arc<OwnedFd>,
-    /// Whether reuseport gives each slot a socket of its own.
-    per_slot: bool,
+    sockets: ListenerSockets,
+}
+
+#[derive(Debug, Clone)]
+enum ListenerSockets {
+    Shared(Arc<OwnedFd>),
+    PerSlot(Arc<Mutex<SlotSockets>>),
+}
+
+impl Listener {
+    fn shared(name: String, socket: OwnedFd) -> Self {
+        Self {
+            name,
+            address: procluster::listeners::describe_socket(&socket),
+            sockets: ListenerSockets::Shared(Arc::new(socket)),
+        }
+    }
 }
 
 /// What `status` reports besides the supervisor's view.
 #[derive(Debug)]
 struct StaticInfo {
     name: String,
-    policy: PolicyArg,
+    policy: Policy,
     ready: ReadyMode,
     command: Vec<String>,
     control: PathBuf,
@@ -101,10 +117,6 @@ struct Pending {
 
 type PendingMap = Arc<Mutex<HashMap<WorkerId, Pending>>>;
 
-/// With reuseport: each slot's own sockets, by (slot, listener), kept across
-/// the slot's restarts so its queue waits for the next worker.
-type SlotSockets = Arc<Mutex<HashMap<(usize, usize), Arc<OwnedFd>>>>;
-
 struct Primary {
     supervised: SupervisedCluster,
     handle: SupervisorHandle,
@@ -114,7 +126,7 @@ struct Primary {
     pending: PendingMap,
     notifier: Notifier,
     initial_workers: usize,
-    slot_sockets: SlotSockets,
+    listeners: Vec<Listener>,
     /// Kept for the primary's life: the notify sockets' directory.
     notify_dir: Option<PathBuf>,
 }
@@ -129,7 +141,7 @@ impl Primary {
                 "--watchdog needs --ready notify (workers ping with WATCHDOG=1)".into(),
             ));
         }
-        let listeners = open_listeners(&config.listen, config.policy)?;
+        let listeners = open_listeners(&config.listen, config.policy, None)?;
         let control_path = config
             .control
             .clone()
@@ -159,7 +171,6 @@ impl Primary {
             owner: identity.uid.map(|uid| (uid, identity.gid)),
         };
         let pending: PendingMap = Arc::default();
-        let slot_sockets: SlotSockets = Arc::default();
         let workers = config.workers.resolve();
 
         let shim = ShimArgs {
@@ -188,12 +199,16 @@ impl Primary {
             fds: listeners
                 .iter()
                 .enumerate()
-                .map(|(i, l)| ChildFd::new(l.socket.clone(), 3 + i as i32))
+                .filter_map(|(i, l)| match &l.sockets {
+                    ListenerSockets::Shared(socket) => {
+                        Some(ChildFd::new(socket.clone(), 3 + i as i32))
+                    }
+                    ListenerSockets::PerSlot(_) => None,
+                })
                 .collect(),
             heartbeat_interval: config.watchdog.map(|w| w / 2),
             on_fork: Some(fork_hook(
                 listeners.clone(),
-                slot_sockets.clone(),
                 readiness,
                 pending.clone(),
                 config.watchdog,
@@ -262,7 +277,7 @@ impl Primary {
             pending,
             notifier: Notifier::from_env(),
             initial_workers: workers,
-            slot_sockets,
+            listeners,
             notify_dir,
         })
     }
@@ -291,7 +306,7 @@ impl Primary {
                                 }
                             }
                             if let supervisor::Event::WorkerFailed { cause, slot } = &event {
-                                last_failure = Some(format!("the worker of slot {slot} {}", describe_cause(cause)));
+                                last_failure = Some(format!("the worker of slot {slot} {cause}"));
                             }
                             self.on_supervisor_event(&event);
                         }
@@ -352,11 +367,7 @@ impl Primary {
                     pid = worker.pid(),
                     "worker started"
                 );
-                let pending = self
-                    .pending
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&worker.id());
+                let pending = lock(&self.pending).remove(&worker.id());
                 if let Some(pending) = pending {
                     let task = tokio::spawn(watch(worker.clone(), pending.signals));
                     watchers.insert(worker.id(), (task, pending.cleanup));
@@ -388,8 +399,11 @@ impl Primary {
             supervisor::Event::Scaled { from, to } if to < from => {
                 // A removed slot's sockets close with its last worker, so the
                 // kernel stops routing connections to a queue nobody reads.
-                let mut sockets = self.slot_sockets.lock().unwrap_or_else(|e| e.into_inner());
-                sockets.retain(|(slot, _), _| slot < to);
+                for listener in &self.listeners {
+                    if let ListenerSockets::PerSlot(slots) = &listener.sockets {
+                        lock(slots).retain_below(*to);
+                    }
+                }
             }
             supervisor::Event::RestartScheduled {
                 slot,
@@ -472,16 +486,6 @@ fn monotonic_usec() -> u128 {
     now.tv_sec as u128 * 1_000_000 + now.tv_nsec as u128 / 1_000
 }
 
-/// The library's phrase for a failure, with what it means for a program run
-/// by the command.
-fn describe_cause(cause: &CrashCause) -> String {
-    match cause {
-        CrashCause::ReadyTimeout => "was not ready within --ready-timeout".into(),
-        CrashCause::Hang => "stopped sending WATCHDOG=1".into(),
-        other => other.to_string(),
-    }
-}
-
 /// Passes what a worker says about itself to the cluster.
 async fn watch(worker: WorkerHandle, mut signals: Signals) {
     while let Some(signal) = signals.recv().await {
@@ -508,7 +512,6 @@ async fn watch(worker: WorkerHandle, mut signals: Signals) {
 /// slot's own sockets (kept across that slot's restarts).
 fn fork_hook(
     listeners: Vec<Listener>,
-    slot_sockets: SlotSockets,
     readiness: Readiness,
     pending: PendingMap,
     watchdog: Option<Duration>,
@@ -516,24 +519,10 @@ fn fork_hook(
     ForkHook::new(move |id, options: &mut ForkOptions| {
         let slot = options.index.unwrap_or(0);
         for (i, listener) in listeners.iter().enumerate() {
-            if !listener.per_slot || slot == 0 {
-                continue;
+            if let ListenerSockets::PerSlot(slots) = &listener.sockets {
+                let socket = lock(slots).get_or_bind(slot)?;
+                options.fds.push(ChildFd::new(socket, 3 + i as i32));
             }
-            let mut sockets = slot_sockets.lock().unwrap_or_else(|e| e.into_inner());
-            let socket = match sockets.get(&(slot, i)) {
-                Some(socket) => socket.clone(),
-                None => {
-                    let first = listen_spec::Bound {
-                        name: listener.name.clone(),
-                        address: listener.address.clone(),
-                        socket: listener.socket.try_clone()?,
-                    };
-                    let socket = Arc::new(listen_spec::bind_again(&first)?);
-                    sockets.insert((slot, i), socket.clone());
-                    socket
-                }
-            };
-            options.fds.push(ChildFd::new(socket, 3 + i as i32));
         }
         let fd_number = 3 + listeners.len() as i32;
         let (extras, signals) = readiness.prepare(u64::from(id.get()), fd_number)?;
@@ -554,7 +543,7 @@ fn fork_hook(
         if let Some(fd) = extras.fd {
             options.fds.push(ChildFd::new(fd, fd_number));
         }
-        pending.lock().unwrap_or_else(|e| e.into_inner()).insert(
+        lock(&pending).insert(
             id,
             Pending {
                 signals,
@@ -567,18 +556,19 @@ fn fork_hook(
 
 /// The sockets to share: passed by systemd (matched by name or address), or
 /// bound here.
-fn open_listeners(specs: &[ListenSpec], policy: PolicyArg) -> Result<Vec<Listener>, RunError> {
+fn open_listeners(
+    specs: &[ListenSpec],
+    policy: Policy,
+    backlog: Option<u32>,
+) -> Result<Vec<Listener>, RunError> {
     let mut inherited = systemd::listen_fds();
-    let reuse_port = policy == PolicyArg::Reuseport;
+    let reuse_port = policy == Policy::ReusePort;
     if specs.is_empty() {
         return Ok(inherited
             .into_iter()
             .enumerate()
-            .map(|(i, s)| Listener {
-                name: s.name.unwrap_or_else(|| format!("listen{i}")),
-                address: procluster::listeners::describe_socket(&s.socket),
-                socket: Arc::new(s.socket),
-                per_slot: false,
+            .map(|(i, s)| {
+                Listener::shared(s.name.unwrap_or_else(|| format!("listen{i}")), s.socket)
             })
             .collect());
     }
@@ -590,28 +580,24 @@ fn open_listeners(specs: &[ListenSpec], policy: PolicyArg) -> Result<Vec<Listene
                 || same_address(&procluster::listeners::describe_socket(&s.socket), spec)
         });
         if let Some(at) = passed {
-            let socket = inherited.remove(at).socket;
-            listeners.push(Listener {
-                name,
-                address: procluster::listeners::describe_socket(&socket),
-                socket: Arc::new(socket),
-                per_slot: false,
-            });
+            listeners.push(Listener::shared(name, inherited.remove(at).socket));
             continue;
         }
-        let per_slot = reuse_port && spec.is_inet();
         let bound = listen_spec::bind(
             spec,
             i,
             BindOptions {
-                reuse_port: per_slot,
+                reuse_port: reuse_port && spec.is_inet(),
+                backlog,
             },
         )?;
         listeners.push(Listener {
             name: bound.name,
             address: bound.address,
-            socket: Arc::new(bound.socket),
-            per_slot,
+            sockets: match bound.sockets {
+                Sockets::Shared(socket) => ListenerSockets::Shared(Arc::new(socket)),
+                Sockets::PerSlot(slots) => ListenerSockets::PerSlot(Arc::new(Mutex::new(slots))),
+            },
         });
     }
     Ok(listeners)
@@ -733,7 +719,7 @@ fn status_json(
     serde_json::json!({
         "pid": std::process::id(),
         "name": info.name,
-        "policy": info.policy.name(),
+        "policy": info.policy.to_string(),
         "ready": info.ready.name(),
         "command": info.command,
         "control": info.control.display().to_string(),
@@ -744,4 +730,8 @@ fn status_json(
         "listeners": listeners,
         "workers": workers,
     })
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }

@@ -1023,3 +1023,56 @@ async fn workers_running_as_another_user_can_report_readiness() {
     let ready = run.until_ready(2).await;
     served_by_all(Run::port(&ready), &pids(&ready)).await;
 }
+
+/// The socket (`socket:[INODE]`) a process has at fd 3.
+fn fd3(pid: u32) -> String {
+    std::fs::read_link(format!("/proc/{pid}/fd/3"))
+        .map(|p| p.display().to_string())
+        .unwrap_or_default()
+}
+
+fn slot_pid(status: &Value, index: u64) -> Option<u32> {
+    status["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["index"] == index && w["state"] == "ready")
+        .map(|w| w["pid"].as_u64().unwrap() as u32)
+}
+
+#[tokio::test]
+async fn reuseport_gives_each_slot_its_own_socket_kept_across_its_restarts() {
+    let run = Run::python(&["--policy", "reuseport"], &[]).await;
+    let before = run.try_status().await.unwrap();
+    assert_eq!(before["policy"], "reuseport");
+    let (first, second) = (slot_pid(&before, 0).unwrap(), slot_pid(&before, 1).unwrap());
+    let (socket0, socket1) = (fd3(first), fd3(second));
+    assert!(socket0.starts_with("socket:["), "{socket0}");
+    assert_ne!(socket0, socket1, "one socket per slot");
+    served_by_all(Run::port(&before), &pids(&before)).await;
+    kill_pid(first, Signal::KILL);
+    let after = run
+        .status_until("slot 0 has a new ready worker", |s| {
+            slot_pid(s, 0).is_some_and(|p| p != first)
+        })
+        .await;
+    let replacement = slot_pid(&after, 0).unwrap();
+    assert_eq!(fd3(replacement), socket0, "the slot keeps its socket");
+    served_by_all(Run::port(&after), &pids(&after)).await;
+}
+
+#[tokio::test]
+async fn round_robin_is_refused_with_the_reason() {
+    let mut run = Run::start(
+        &["-w", "1", "-l", "127.0.0.1:0", "--policy", "round-robin"],
+        &["python3", "worker.py"],
+        &[],
+    )
+    .await;
+    assert_eq!(run.exit_code().await, 2);
+    let output = run.output();
+    assert!(
+        output.contains("round-robin is not available") && output.contains("reuseport"),
+        "{output}"
+    );
+}

@@ -276,7 +276,7 @@ impl ClusterBuilder {
         let listeners = Registry::new(RegistryConfig {
             policy: settings.policy,
             max_frame: settings.max_frame,
-            inherited_fds: systemd_listen_fds(),
+            inherited_fds: crate::listeners::activation::ListenFds::from_env().range(),
         });
         let inner = Arc::new(Inner {
             settings: self.settings,
@@ -529,22 +529,6 @@ impl Cluster {
     pub async fn wait_all_exited(&self) {
         let mut live = self.inner.live.subscribe();
         let _ = live.wait_for(|n| *n == 0).await;
-    }
-}
-
-/// The range of descriptors systemd passed to this process: `LISTEN_FDS`
-/// from fd 3, when `LISTEN_PID` (if set) names this process.
-fn systemd_listen_fds() -> std::ops::Range<i32> {
-    let for_us =
-        std::env::var("LISTEN_PID").map_or(true, |pid| pid.parse() == Ok(std::process::id()));
-    let count: i32 = std::env::var("LISTEN_FDS")
-        .ok()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0);
-    if for_us && count > 0 {
-        3..3 + count
-    } else {
-        3..3
     }
 }
 
