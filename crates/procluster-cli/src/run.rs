@@ -61,14 +61,18 @@ pub async fn run(args: RunArgs) -> ExitCode {
         Err(error) => return fail(RunError::from(error)),
     };
     crate::logs::init(config.log_format);
-    match Primary::start(config).await {
+    let code = match Primary::start(config).await {
         Ok(primary) => primary.serve().await,
         Err(error) => fail(error),
-    }
+    };
+    // What is still queued, unless nobody reads it.
+    crate::logs::flush(Duration::from_secs(2));
+    code
 }
 
 fn fail(error: RunError) -> ExitCode {
-    eprintln!("procluster: {error}");
+    crate::logs::say(&error.to_string());
+    crate::logs::flush(Duration::from_secs(1));
     error.exit_code()
 }
 
@@ -341,13 +345,13 @@ impl Primary {
             }
             Err(SupervisionError::BreakerTripped { crashes, window }) => {
                 let why = last_failure.unwrap_or_else(|| "workers keep failing".into());
-                eprintln!(
-                    "procluster: crash loop: {crashes} worker failures within {window:?}, so the cluster was stopped; last: {why}"
-                );
+                crate::logs::say(&format!(
+                    "crash loop: {crashes} worker failures within {window:?}, so the cluster was stopped; last: {why}"
+                ));
                 ExitCode::FAILURE
             }
             Err(error) => {
-                eprintln!("procluster: {error}");
+                crate::logs::say(&error.to_string());
                 ExitCode::FAILURE
             }
         }
@@ -716,6 +720,7 @@ fn status_json(
         .iter()
         .map(|(name, address)| serde_json::json!({"name": name, "address": address}))
         .collect();
+    let lost = crate::logs::lost();
     serde_json::json!({
         "pid": std::process::id(),
         "name": info.name,
@@ -729,6 +734,7 @@ fn status_json(
         "breaker_tripped": status.breaker_tripped,
         "listeners": listeners,
         "workers": workers,
+        "output_lost": {"stdout": lost.0, "stderr": lost.1},
     })
 }
 

@@ -46,7 +46,9 @@ fn procluster() -> PathBuf {
 /// A Python worker: serves HTTP on the socket at fd 3 (`socket.fromfd`),
 /// answering `ID PID INDEX`. With `--ready notify` it sends READY=1 once the
 /// file `go` exists in its directory (at once if there is no `gate` file),
-/// and never when a file `never` exists. SIGTERM: stop accepting, finish the
+/// and never when a file `never` exists. With a file `flood` it prints
+/// lines of 1 kB on stdout (and every tenth a short one on stderr) as fast
+/// as it can, about 2000 a second. SIGTERM: stop accepting, finish the
 /// requests in flight, exit 0.
 const PY_WORKER: &str = r#"
 import os, socket, sys, threading, signal, time, http.server, socketserver
@@ -83,6 +85,16 @@ def notify():
     s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     s.sendto(b"STATUS=serving\nREADY=1", path)
 threading.Thread(target=notify, daemon=True).start()
+def flood():
+    n = 0
+    while True:
+        n += 1
+        print("flood %d %s" % (n, "x" * 1000), flush=True)
+        if n % 10 == 0:
+            print("flood-err %d" % n, file=sys.stderr, flush=True)
+        time.sleep(0.0005)
+if os.path.exists(os.path.join(here, "flood")):
+    threading.Thread(target=flood, daemon=True).start()
 srv.serve_forever(poll_interval=0.05)
 srv.server_close()
 print("worker %s done" % wid, flush=True)
@@ -124,6 +136,26 @@ impl Run {
     /// Starts `procluster run ARGS -- PROGRAM` in a fresh directory holding
     /// the worker scripts; `files` are created there first.
     async fn start(args: &[&str], program: &[&str], files: &[&str]) -> Self {
+        let (mut run, stdout, stderr) = Self::start_raw(args, program, files).await;
+        let (out, out_reader) = collect(stdout);
+        let (err, err_reader) = collect(stderr);
+        run.stdout = out;
+        run.stderr = err;
+        run.readers = vec![out_reader, err_reader];
+        run
+    }
+
+    /// As [`Run::start`], handing back the primary's stdout and stderr
+    /// unread.
+    async fn start_raw(
+        args: &[&str],
+        program: &[&str],
+        files: &[&str],
+    ) -> (
+        Self,
+        tokio::process::ChildStdout,
+        tokio::process::ChildStderr,
+    ) {
         let dir = TempDir::new("cli");
         std::fs::write(dir.0.join("worker.py"), PY_WORKER).unwrap();
         std::fs::write(dir.0.join("worker.js"), NODE_WORKER).unwrap();
@@ -147,16 +179,16 @@ impl Run {
             .kill_on_drop(true)
             .spawn()
             .expect("start procluster run");
-        let (stdout, out_reader) = collect(child.stdout.take().unwrap());
-        let (stderr, err_reader) = collect(child.stderr.take().unwrap());
-        Self {
+        let (stdout, stderr) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+        let run = Self {
             child,
             control,
             dir,
-            stdout,
-            stderr,
-            readers: vec![out_reader, err_reader],
-        }
+            stdout: Lines::default(),
+            stderr: Lines::default(),
+            readers: Vec::new(),
+        };
+        (run, stdout, stderr)
     }
 
     /// Starts with 2 Python workers on a kernel-chosen port and waits until
@@ -578,6 +610,7 @@ async fn sigkill_of_the_primary_leaves_no_worker_alive() {
 async fn json_logs_parse_and_carry_the_right_worker() {
     let mut run = Run::python(&["--log-format", "json"], &[]).await;
     let status = run.try_status().await.unwrap();
+    let primary = run.child.id().unwrap();
     run.printed("listen-env", 2).await;
     run.ctl(&["stop"]).await;
     assert_eq!(run.exit_code().await, 0);
@@ -600,6 +633,28 @@ async fn json_logs_parse_and_carry_the_right_worker() {
     }
     assert_eq!(checked, 2, "{lines:#?}");
     let _ = status;
+    // The primary's own records: the same schema, without a worker.
+    let records = run.stderr.lock().unwrap().clone();
+    let mut started = 0;
+    for line in &records {
+        let value: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        let ts = value["ts"].as_str().unwrap();
+        assert!(
+            ts.len() == 24 && ts.ends_with('Z') && ts.as_bytes()[10] == b'T',
+            "{line}"
+        );
+        assert!(value["pid"].is_u64() && value["line"].is_string(), "{line}");
+        assert_eq!(value["stream"], "stderr", "{line}");
+        if value.get("worker").is_none() {
+            assert!(value["level"].is_string(), "{line}");
+            assert_eq!(value["pid"].as_u64(), Some(u64::from(primary)), "{line}");
+        }
+        if value["line"] == "worker started" {
+            assert!(value["fields"]["worker"].is_u64(), "{line}");
+            started += 1;
+        }
+    }
+    assert_eq!(started, 2, "{records:#?}");
 }
 
 #[tokio::test]
@@ -1075,4 +1130,71 @@ async fn round_robin_is_refused_with_the_reason() {
         output.contains("round-robin is not available") && output.contains("reuseport"),
         "{output}"
     );
+}
+
+/// Requests `count` times; every one must be answered.
+async fn serves(port: u16, count: usize) {
+    for _ in 0..count {
+        get_async(port).await.expect("a worker answers");
+    }
+}
+
+#[tokio::test]
+async fn closed_stdout_and_stderr_do_not_stop_the_primary() {
+    let (mut run, stdout, stderr) = Run::start_raw(
+        &["-w", "2", "-l", "127.0.0.1:0"],
+        &["python3", "worker.py"],
+        &["flood"],
+    )
+    .await;
+    // The reader goes away, as `| head -2` does.
+    drop((stdout, stderr));
+    let ready = run.until_ready(2).await;
+    let port = Run::port(&ready);
+    let lost = run
+        .status_until("lines to both closed streams are counted as lost", |s| {
+            s["output_lost"]["stdout"].as_u64() > Some(0)
+                && s["output_lost"]["stderr"].as_u64() > Some(0)
+        })
+        .await;
+    assert_eq!(pids(&lost), pids(&ready), "no worker was restarted");
+    // The primary's own records go to the closed stderr too.
+    let (code, _, err) = run.ctl(&["scale", "+1"]).await;
+    assert_eq!(code, 0, "{err}");
+    run.until_ready(3).await;
+    serves(port, 20).await;
+    let (code, _, _) = run.ctl(&["stop"]).await;
+    assert_eq!(code, 0);
+    assert_eq!(run.exit_code().await, 0, "a clean stop, no panic");
+}
+
+#[tokio::test]
+async fn a_full_stdout_stalls_nothing_and_the_loss_is_reported_once_it_drains() {
+    let (mut run, stdout, stderr) = Run::start_raw(
+        &["-w", "2", "-l", "127.0.0.1:0"],
+        &["python3", "worker.py"],
+        &["flood"],
+    )
+    .await;
+    // stderr is read; stdout is a pipe nobody reads (yet).
+    let (errors, err_reader) = collect(stderr);
+    run.stderr = errors;
+    run.readers.push(err_reader);
+    let ready = run.until_ready(2).await;
+    let status = run
+        .status_until("the full stdout drops lines", |s| {
+            s["output_lost"]["stdout"].as_u64() > Some(0)
+        })
+        .await;
+    assert_eq!(pids(&status), pids(&ready), "no worker was restarted");
+    serves(Run::port(&status), 20).await;
+    // The reader comes back: the primary says how much it lost.
+    let (lines, out_reader) = collect(stdout);
+    run.stdout = lines;
+    run.readers.push(out_reader);
+    run.printed("line(s) of output to stdout were lost", 1)
+        .await;
+    let (code, _, _) = run.ctl(&["stop"]).await;
+    assert_eq!(code, 0);
+    assert_eq!(run.exit_code().await, 0);
 }
