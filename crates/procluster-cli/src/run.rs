@@ -101,12 +101,16 @@ impl Listener {
     }
 }
 
-/// What `status` reports besides the supervisor's view.
+/// What `status` reports besides the supervisor's view, and what the log
+/// explains with.
 #[derive(Debug)]
 struct StaticInfo {
     name: String,
     policy: Policy,
     ready: ReadyMode,
+    ready_timeout: Duration,
+    kill_timeout: Duration,
+    stop_signal: procluster::Signal,
     command: Vec<String>,
     control: PathBuf,
     listeners: Vec<(String, String)>,
@@ -255,6 +259,9 @@ impl Primary {
             name: config.name.clone(),
             policy: config.policy,
             ready: config.ready,
+            ready_timeout: config.ready_timeout,
+            kill_timeout: config.kill_timeout,
+            stop_signal: config.stop_signal.0,
             command: config.command.clone(),
             control: control.path().to_path_buf(),
             listeners: listeners
@@ -398,83 +405,94 @@ impl Primary {
         }
     }
 
+    /// Logs what the supervisor did in its own words (its `Display`), with
+    /// what it means for a program run by the command where that helps,
+    /// and tells systemd.
     fn on_supervisor_event(&self, event: &supervisor::Event) {
+        use supervisor::Event as E;
         match event {
-            supervisor::Event::Scaled { from, to } if to < from => {
-                // A removed slot's sockets close with its last worker, so the
-                // kernel stops routing connections to a queue nobody reads.
-                for listener in &self.listeners {
-                    if let ListenerSockets::PerSlot(slots) = &listener.sockets {
-                        lock(slots).retain_below(*to);
+            E::Scaled { from, to } => {
+                if to < from {
+                    // A removed slot's sockets close with its last worker, so
+                    // the kernel stops routing connections to a queue nobody
+                    // reads.
+                    for listener in &self.listeners {
+                        if let ListenerSockets::PerSlot(slots) = &listener.sockets {
+                            lock(slots).retain_below(*to);
+                        }
                     }
                 }
+                tracing::info!(from, to, "{event}");
             }
-            supervisor::Event::RestartScheduled {
-                slot,
-                attempt,
-                delay,
-            } => {
-                tracing::info!(
-                    slot,
-                    attempt,
-                    delay_ms = delay.as_millis() as u64,
-                    "restart scheduled"
-                );
+            E::RestartScheduled { slot, attempt, .. } => tracing::info!(slot, attempt, "{event}"),
+            // Loud the first time and then less and less often: a slot that
+            // waits for descriptors retries for as long as it takes.
+            E::SpawnDeferred { slot, attempt, .. } if attempt.is_power_of_two() => {
+                tracing::warn!(slot, attempt, "{event}");
             }
-            supervisor::Event::ReadyTimeout { slot, worker } => {
+            E::ReadyTimeout { slot, worker } => {
                 tracing::warn!(
                     slot,
                     worker = %worker,
-                    "worker was not ready in time; killing it"
+                    "worker {worker} (slot {slot}): {}; stopping it with {}, SIGKILL after {:?} (--kill-timeout)",
+                    self.info.expected_readiness(),
+                    self.info.stop_signal,
+                    self.info.kill_timeout,
                 );
             }
-            supervisor::Event::HangDetected { slot, worker, .. } => {
+            E::HangDetected { slot, worker, .. } => {
                 tracing::warn!(
                     slot,
                     worker = %worker,
-                    "worker stopped sending WATCHDOG=1; killing it"
+                    "worker {worker} (slot {slot}) stopped sending WATCHDOG=1; killing it"
                 );
             }
-            supervisor::Event::BreakerTripped { crashes, window } => {
-                tracing::error!(
-                    crashes,
-                    window_s = window.as_secs_f64(),
-                    "crash loop: stopping the cluster"
-                );
-            }
-            supervisor::Event::ReloadStarted { generation } => {
-                tracing::info!(generation, "reload started");
+            E::BreakerTripped { .. } | E::StopForced => tracing::error!("{event}"),
+            E::ReloadStarted { generation } => {
+                tracing::info!(generation, "{event}");
                 self.notifier
                     .notify(&format!("RELOADING=1\nMONOTONIC_USEC={}", monotonic_usec()));
             }
-            supervisor::Event::SlotReloaded { slot, old, new, .. } => {
-                tracing::info!(slot, old = %old, new = %new, "slot reloaded");
-            }
-            supervisor::Event::ReloadFinished { generation } => {
-                tracing::info!(generation, "reload finished");
+            E::ReloadFinished { generation } => {
+                tracing::info!(generation, "{event}");
                 self.notifier.notify("READY=1");
             }
-            supervisor::Event::ReloadFailed {
-                generation,
-                failure,
-            } => {
-                tracing::error!(
-                    generation,
-                    ?failure,
-                    "reload failed; the old workers keep serving"
-                );
+            E::ReloadFailed { generation, .. } => {
+                tracing::error!(generation, "{event}");
                 self.notifier.notify("READY=1");
             }
-            supervisor::Event::Scaled { from, to } => tracing::info!(from, to, "scaled"),
-            supervisor::Event::KillTimeout { worker } => {
-                tracing::warn!(worker = %worker, "worker did not stop in time; killed");
-            }
-            supervisor::Event::StopStarted { reason } => {
-                tracing::info!(?reason, "stopping");
+            E::SlotReloaded { slot, .. }
+            | E::RecycleStarted { slot, .. }
+            | E::Recycled { slot, .. } => tracing::info!(slot, "{event}"),
+            E::RecycleFailed { slot, .. } => tracing::warn!(slot, "{event}"),
+            E::KillTimeout { worker } => tracing::warn!(worker = %worker, "{event}"),
+            E::StopStarted { .. } => {
+                tracing::info!("{event}");
                 self.notifier.notify("STOPPING=1");
             }
-            supervisor::Event::StopForced => tracing::warn!("stopping now: killing every worker"),
-            _ => tracing::debug!(?event, "supervisor"),
+            _ => tracing::debug!("{event}"),
+        }
+    }
+}
+
+impl StaticInfo {
+    /// What a worker that missed --ready-timeout failed to do, and what to
+    /// try.
+    fn expected_readiness(&self) -> String {
+        let within = format!("within {:?}", self.ready_timeout);
+        match self.ready {
+            ReadyMode::Notify => format!(
+                "no READY=1 on NOTIFY_SOCKET {within}: does the program speak sd_notify? \
+                 try --ready delay:2s or none"
+            ),
+            ReadyMode::NodeIpc => format!(
+                "no process.send('ready') on the Node IPC channel {within}: does the program \
+                 send it? try --ready delay:2s or none"
+            ),
+            ReadyMode::Delay(delay) => format!(
+                "not ready {within}: --ready delay:{delay:?} is longer than --ready-timeout"
+            ),
+            ReadyMode::None => format!("not ready {within}"),
         }
     }
 }

@@ -55,11 +55,14 @@ impl ChildFds {
 ///
 /// The descriptors are moved into the closure and closed in the parent when
 /// `command` is dropped.
+/// 4. get back the open-file limit (`RLIMIT_NOFILE`) it would have had, when
+///    the primary raised its own (`open_files`).
 pub(crate) fn prepare_child(
     command: &mut tokio::process::Command,
     fds: ChildFds,
     own_group: bool,
     normal_scheduling: bool,
+    open_files: Option<rustix::process::Rlimit>,
 ) {
     let parent = rustix::process::getpid();
     let base = fds.scratch_base();
@@ -79,10 +82,14 @@ pub(crate) fn prepare_child(
             set_normal_scheduling();
         }
         move_fds(&moves, base)?;
+        if let Some(limit) = open_files {
+            rustix::process::setrlimit(rustix::process::Resource::Nofile, limit)?;
+        }
         Ok(())
     };
     // SAFETY: the hook runs in the forked child before `exec`; it only makes
-    // raw system calls through rustix (prctl, getppid, setpgid, fcntl, dup2),
+    // raw system calls through rustix (prctl, getppid, setpgid, fcntl, dup2,
+    // prlimit64),
     // which are async-signal-safe, and `sched_setscheduler`, which POSIX does
     // not list as such but glibc and musl implement as a bare system call
     // stub; it allocates nothing and takes no lock.

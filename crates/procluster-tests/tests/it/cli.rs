@@ -216,6 +216,14 @@ impl Run {
         .await;
     }
 
+    /// Waits until a line of stderr contains `text`.
+    async fn printed_err(&self, text: &str) {
+        eventually(&format!("stderr says {text:?}"), || {
+            self.stderr.lock().unwrap().iter().any(|l| l.contains(text))
+        })
+        .await;
+    }
+
     fn output(&self) -> String {
         format!(
             "stdout:\n{}\nstderr:\n{}",
@@ -1197,4 +1205,138 @@ async fn a_full_stdout_stalls_nothing_and_the_loss_is_reported_once_it_drains() 
     let (code, _, _) = run.ctl(&["stop"]).await;
     assert_eq!(code, 0);
     assert_eq!(run.exit_code().await, 0);
+}
+
+#[tokio::test]
+async fn a_worker_that_misses_the_ready_timeout_is_stopped_gracefully_and_told_why() {
+    // It serves, but never sends READY=1 (as uvicorn under --ready notify).
+    let mut run = Run::start(
+        &[
+            "-w",
+            "1",
+            "-l",
+            "127.0.0.1:0",
+            "--ready",
+            "notify",
+            "--ready-timeout",
+            "1s",
+            "--kill-timeout",
+            "20s",
+        ],
+        &["python3", "worker.py"],
+        &["never"],
+    )
+    .await;
+    // Its SIGTERM handler finishes and prints `done`: it was asked, not killed.
+    run.printed(" done", 1).await;
+    let _ = run.ctl(&["stop"]).await;
+    let _ = run.exit_code().await;
+    let output = run.output();
+    assert!(
+        output.contains("no READY=1 on NOTIFY_SOCKET within 1s")
+            && output.contains("does the program speak sd_notify? try --ready delay:2s or none"),
+        "{output}"
+    );
+}
+
+impl Run {
+    /// `procluster run` started by `sh -c 'ulimit LIMIT; exec procluster run …'`.
+    async fn with_limit(limit: &str, args: &[&str], program: &[&str]) -> Self {
+        let dir = TempDir::new("cli-limit");
+        let control = dir.0.join("control.sock");
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg(format!("ulimit {limit} && exec \"$0\" \"$@\""))
+            .arg(procluster())
+            .arg("run")
+            .arg("--control")
+            .arg(&control)
+            .args(args)
+            .arg("--")
+            .args(program)
+            .current_dir(&dir.0)
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("LISTEN_FDS")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start procluster run under a limit");
+        let (stdout, out_reader) = collect(child.stdout.take().unwrap());
+        let (stderr, err_reader) = collect(child.stderr.take().unwrap());
+        Self {
+            child,
+            control,
+            dir,
+            stdout,
+            stderr,
+            readers: vec![out_reader, err_reader],
+        }
+    }
+}
+
+/// `Max open files` of a process: (soft, hard).
+fn open_files_limit(pid: u32) -> (String, String) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("a Max open files line");
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    (fields[3].to_string(), fields[4].to_string())
+}
+
+#[tokio::test]
+async fn the_primary_raises_its_open_file_limit_and_workers_get_theirs_back() {
+    let hard = rustix::process::getrlimit(rustix::process::Resource::Nofile).maximum;
+    // 100 workers need about 500 descriptors in the primary.
+    if hard.is_some_and(|h| h < 1024) {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "the hard open-file limit ({hard:?}) is too low for this test"
+        );
+        eprintln!("hard open-file limit {hard:?} < 1024; skipping");
+        return;
+    }
+    let run = Run::with_limit(
+        "-Sn 128",
+        &["-w", "100", "-l", "127.0.0.1:0"],
+        &["sleep", "1000"],
+    )
+    .await;
+    let status = run.until_ready(100).await;
+    let primary = run.child.id().unwrap();
+    let (soft, hard) = open_files_limit(primary);
+    assert_eq!(soft, hard, "the primary runs at its hard limit");
+    let worker = pids(&status)[0];
+    assert_eq!(open_files_limit(worker).0, "128", "the worker's own limit");
+    let (code, _, _) = run.ctl(&["stop"]).await;
+    assert_eq!(code, 0);
+}
+
+#[tokio::test]
+async fn spawns_out_of_descriptors_are_retried_while_the_others_serve() {
+    // The hard limit too: not every worker fits.
+    let run = Run::with_limit(
+        "-n 64",
+        &["-w", "30", "-l", "127.0.0.1:0"],
+        &["sleep", "1000"],
+    )
+    .await;
+    run.printed_err("for lack of resources").await;
+    let some = run
+        .status_until("some workers run", |s| {
+            s["workers"].as_array().unwrap().len() >= 3
+        })
+        .await;
+    assert_eq!(some["desired"], 30);
+    assert_eq!(some["breaker_tripped"], false, "not a crash loop");
+    // Fewer slots: those left all get a worker; the primary never gave up.
+    let (code, _, err) = run.ctl(&["scale", "3"]).await;
+    assert_eq!(code, 0, "{err}");
+    run.until_ready(3).await;
+    let output = run.output();
+    assert!(!output.contains("crash loop"), "{output}");
+    assert!(output.contains("Too many open files"), "{output}");
 }

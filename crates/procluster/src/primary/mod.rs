@@ -238,6 +238,12 @@ impl ClusterBuilder {
 
     /// Checks the settings and builds the cluster; no worker starts yet.
     ///
+    /// The first cluster of a process raises the process's soft open-file
+    /// limit (`RLIMIT_NOFILE`) to its hard limit: a primary holds a few
+    /// descriptors per worker, and the soft limit of a login shell (often
+    /// 1024) would stop a few hundred workers. Workers get back the limit
+    /// the process started with.
+    ///
     /// # Errors
     /// [`Error::Settings`] for a bad setting (a working directory that does
     /// not exist, a message limit under 4096 bytes, an unknown policy in the
@@ -270,6 +276,7 @@ impl ClusterBuilder {
                 settings.batch_scheduling = false;
             }
         }
+        spawn::raise_open_files_limit();
         let (tx, rx) = mpsc::unbounded_channel();
         let budget = settings.message_budget.clamp(1, Semaphore::MAX_PERMITS);
         let (live_tx, _) = watch::channel(0);
