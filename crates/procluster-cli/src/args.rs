@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use procluster::Signal;
+use procluster::{Policy, Signal};
 use serde::{Deserialize, Serialize};
 
 /// Run any program as a cluster of worker processes that share its ports.
@@ -73,9 +73,11 @@ pub struct RunArgs {
 
     /// `shared`: one socket, every worker accepts on it. `reuseport`: one
     /// SO_REUSEPORT socket per worker slot (TCP and UDP), balanced by the
-    /// kernel and kept across that slot's restarts. [default: shared]
-    #[arg(long, value_enum)]
-    pub policy: Option<PolicyArg>,
+    /// kernel and kept across that slot's restarts. (`round-robin` needs a
+    /// worker that takes connections from the primary: only library
+    /// workers can.) [default: shared]
+    #[arg(long, value_name = "shared|reuseport", value_parser = parse_policy)]
+    pub policy: Option<Policy>,
 
     /// When a worker counts as ready (for reloads, and systemd's READY=1):
     /// `none` (at once), `notify` (it sends READY=1 to $NOTIFY_SOCKET, as
@@ -197,24 +199,6 @@ pub enum WorkersArg {
     Count(usize),
 }
 
-/// `--policy`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize, Serialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum PolicyArg {
-    #[default]
-    Shared,
-    Reuseport,
-}
-
-impl PolicyArg {
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Shared => "shared",
-            Self::Reuseport => "reuseport",
-        }
-    }
-}
-
 /// `--log-format`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -317,6 +301,23 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(total)
 }
 
+/// `shared` or `reuseport`. Round-robin is refused with the reason: the
+/// primary would accept each connection and hand it over the worker's
+/// channel, and a program run by the command has no channel; it accepts on
+/// its own socket.
+pub fn parse_policy(text: &str) -> Result<Policy, String> {
+    match text.trim().parse::<Policy>() {
+        Ok(Policy::RoundRobin) => Err(
+            "round-robin is not available to programs run by the command: the primary would \
+             accept each connection and hand it over a procluster worker's channel, which a \
+             program of its own does not have; use `shared` or `reuseport`"
+                .into(),
+        ),
+        Ok(policy) => Ok(policy),
+        Err(error) => Err(format!("{error} (the command takes shared or reuseport)")),
+    }
+}
+
 /// `TERM`, `SIGTERM`, `term` or `15`.
 pub fn parse_signal(text: &str) -> Result<SignalArg, String> {
     text.trim()
@@ -373,6 +374,22 @@ mod tests {
         assert_eq!(parse_workers("3"), Ok(WorkersArg::Count(3)));
         assert!(parse_workers("0").is_err());
         assert!(parse_workers("many").is_err());
+    }
+
+    #[test]
+    fn policies_are_the_librarys_and_round_robin_is_refused_with_the_reason() {
+        assert_eq!(parse_policy("shared"), Ok(Policy::Shared));
+        assert_eq!(parse_policy("reuseport"), Ok(Policy::ReusePort));
+        let error = parse_policy("round-robin").unwrap_err();
+        assert!(
+            error.contains("shared") && error.contains("channel"),
+            "{error}"
+        );
+        assert!(
+            parse_policy("fastest")
+                .unwrap_err()
+                .contains("shared or reuseport")
+        );
     }
 
     #[test]

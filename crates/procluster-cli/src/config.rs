@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::args::{LogFormat, PolicyArg, RunArgs, SignalArg, WorkersArg};
+use procluster::Policy;
+
+use crate::args::{LogFormat, RunArgs, SignalArg, WorkersArg};
 use crate::listen_spec::ListenSpec;
 use crate::readiness::ReadyMode;
 
@@ -15,7 +17,7 @@ use crate::readiness::ReadyMode;
 pub struct RunConfig {
     pub workers: WorkersArg,
     pub listen: Vec<ListenSpec>,
-    pub policy: PolicyArg,
+    pub policy: Policy,
     pub ready: ReadyMode,
     pub ready_timeout: Duration,
     pub kill_timeout: Duration,
@@ -41,7 +43,7 @@ pub const DEFAULT_KILL_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct ConfigFile {
     workers: Option<WorkersValue>,
     listen: Option<ListenValue>,
-    policy: Option<PolicyArg>,
+    policy: Option<StringValue<Policy>>,
     ready: Option<StringValue<ReadyMode>>,
     #[serde(alias = "ready_timeout")]
     ready_timeout: Option<DurationValue>,
@@ -145,6 +147,12 @@ impl FromFlag for ReadyMode {
     }
 }
 
+impl FromFlag for Policy {
+    fn from_flag(text: &str) -> Result<Self, String> {
+        crate::args::parse_policy(text)
+    }
+}
+
 impl FromFlag for SignalArg {
     fn from_flag(text: &str) -> Result<Self, String> {
         crate::args::parse_signal(text)
@@ -214,7 +222,10 @@ impl RunConfig {
                 .or(file.workers.map(|w| w.0))
                 .unwrap_or(WorkersArg::Auto),
             listen,
-            policy: args.policy.or(file.policy).unwrap_or_default(),
+            policy: args
+                .policy
+                .or(file.policy.map(|p| p.0))
+                .unwrap_or(Policy::Shared),
             ready: args
                 .ready
                 .or(file.ready.map(|r| r.0))
@@ -319,7 +330,7 @@ mod tests {
         let config = RunConfig::merge(run_args(&[]), file).unwrap();
         assert_eq!(config.workers, WorkersArg::Count(3));
         assert_eq!(config.listen.len(), 2);
-        assert_eq!(config.policy, PolicyArg::Reuseport);
+        assert_eq!(config.policy, Policy::ReusePort);
         assert_eq!(config.ready, ReadyMode::Delay(Duration::from_secs(2)));
         assert_eq!(config.ready_timeout, Duration::from_secs(5));
         assert_eq!(config.kill_timeout, Duration::from_secs(2));
@@ -348,6 +359,12 @@ mod tests {
         assert!(error.contains("invalid duration"), "{error}");
         let error = ConfigFile::parse("listen = [\"nowhere\"]").unwrap_err();
         assert!(error.contains("listen"), "{error}");
+    }
+
+    #[test]
+    fn round_robin_in_the_file_is_refused_with_the_reason() {
+        let error = ConfigFile::parse("policy = \"round-robin\"").unwrap_err();
+        assert!(error.contains("round-robin is not available"), "{error}");
     }
 
     #[test]

@@ -55,11 +55,14 @@ impl ChildFds {
 ///
 /// The descriptors are moved into the closure and closed in the parent when
 /// `command` is dropped.
+/// 4. get back the open-file limit (`RLIMIT_NOFILE`) it would have had, when
+///    the primary raised its own (`open_files`).
 pub(crate) fn prepare_child(
     command: &mut tokio::process::Command,
     fds: ChildFds,
     own_group: bool,
     normal_scheduling: bool,
+    open_files: Option<rustix::process::Rlimit>,
 ) {
     let parent = rustix::process::getpid();
     let base = fds.scratch_base();
@@ -79,17 +82,21 @@ pub(crate) fn prepare_child(
             set_normal_scheduling();
         }
         move_fds(&moves, base)?;
+        if let Some(limit) = open_files {
+            rustix::process::setrlimit(rustix::process::Resource::Nofile, limit)?;
+        }
         Ok(())
     };
     // SAFETY: `pre_exec` asks that the hook, which runs in the forked child
     // before `exec`, do only what is safe in a child of a multi-threaded
     // process: no allocation, no lock, async-signal-safe calls only. It makes
-    // system calls through rustix (prctl, getppid, setpgid, fcntl) and libc
-    // (dup2, fcntl), all async-signal-safe, plus `sched_setscheduler`, which
-    // POSIX does not list as such but glibc and musl implement as a bare
-    // system call stub; `abort` is async-signal-safe too. Its errors are
-    // `io::Error`s made from an errno, which allocate nothing. The captured
-    // vector was allocated before the fork and is only read.
+    // system calls through rustix (prctl, getppid, setpgid, fcntl, prlimit64)
+    // and libc (dup2, fcntl), all async-signal-safe, plus
+    // `sched_setscheduler`, which POSIX does not list as such but glibc and
+    // musl implement as a bare system call stub; `abort` is async-signal-safe
+    // too. Its errors are `io::Error`s made from an errno, which allocate
+    // nothing. The captured vector was allocated before the fork and is only
+    // read.
     unsafe {
         command.pre_exec(hook);
     }

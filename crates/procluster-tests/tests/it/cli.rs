@@ -46,7 +46,9 @@ fn procluster() -> PathBuf {
 /// A Python worker: serves HTTP on the socket at fd 3 (`socket.fromfd`),
 /// answering `ID PID INDEX`. With `--ready notify` it sends READY=1 once the
 /// file `go` exists in its directory (at once if there is no `gate` file),
-/// and never when a file `never` exists. SIGTERM: stop accepting, finish the
+/// and never when a file `never` exists. With a file `flood` it prints
+/// lines of 1 kB on stdout (and every tenth a short one on stderr) as fast
+/// as it can, about 2000 a second. SIGTERM: stop accepting, finish the
 /// requests in flight, exit 0.
 const PY_WORKER: &str = r#"
 import os, socket, sys, threading, signal, time, http.server, socketserver
@@ -83,6 +85,16 @@ def notify():
     s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     s.sendto(b"STATUS=serving\nREADY=1", path)
 threading.Thread(target=notify, daemon=True).start()
+def flood():
+    n = 0
+    while True:
+        n += 1
+        print("flood %d %s" % (n, "x" * 1000), flush=True)
+        if n % 10 == 0:
+            print("flood-err %d" % n, file=sys.stderr, flush=True)
+        time.sleep(0.0005)
+if os.path.exists(os.path.join(here, "flood")):
+    threading.Thread(target=flood, daemon=True).start()
 srv.serve_forever(poll_interval=0.05)
 srv.server_close()
 print("worker %s done" % wid, flush=True)
@@ -124,6 +136,26 @@ impl Run {
     /// Starts `procluster run ARGS -- PROGRAM` in a fresh directory holding
     /// the worker scripts; `files` are created there first.
     async fn start(args: &[&str], program: &[&str], files: &[&str]) -> Self {
+        let (mut run, stdout, stderr) = Self::start_raw(args, program, files).await;
+        let (out, out_reader) = collect(stdout);
+        let (err, err_reader) = collect(stderr);
+        run.stdout = out;
+        run.stderr = err;
+        run.readers = vec![out_reader, err_reader];
+        run
+    }
+
+    /// As [`Run::start`], handing back the primary's stdout and stderr
+    /// unread.
+    async fn start_raw(
+        args: &[&str],
+        program: &[&str],
+        files: &[&str],
+    ) -> (
+        Self,
+        tokio::process::ChildStdout,
+        tokio::process::ChildStderr,
+    ) {
         let dir = TempDir::new("cli");
         std::fs::write(dir.0.join("worker.py"), PY_WORKER).unwrap();
         std::fs::write(dir.0.join("worker.js"), NODE_WORKER).unwrap();
@@ -147,16 +179,16 @@ impl Run {
             .kill_on_drop(true)
             .spawn()
             .expect("start procluster run");
-        let (stdout, out_reader) = collect(child.stdout.take().unwrap());
-        let (stderr, err_reader) = collect(child.stderr.take().unwrap());
-        Self {
+        let (stdout, stderr) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+        let run = Self {
             child,
             control,
             dir,
-            stdout,
-            stderr,
-            readers: vec![out_reader, err_reader],
-        }
+            stdout: Lines::default(),
+            stderr: Lines::default(),
+            readers: Vec::new(),
+        };
+        (run, stdout, stderr)
     }
 
     /// Starts with 2 Python workers on a kernel-chosen port and waits until
@@ -180,6 +212,14 @@ impl Run {
                 .filter(|l| l.contains(text))
                 .count()
                 >= count
+        })
+        .await;
+    }
+
+    /// Waits until a line of stderr contains `text`.
+    async fn printed_err(&self, text: &str) {
+        eventually(&format!("stderr says {text:?}"), || {
+            self.stderr.lock().unwrap().iter().any(|l| l.contains(text))
         })
         .await;
     }
@@ -577,6 +617,7 @@ async fn sigkill_of_the_primary_leaves_no_worker_alive() {
 async fn json_logs_parse_and_carry_the_right_worker() {
     let mut run = Run::python(&["--log-format", "json"], &[]).await;
     let status = run.try_status().await.unwrap();
+    let primary = run.child.id().unwrap();
     run.printed("listen-env", 2).await;
     run.ctl(&["stop"]).await;
     assert_eq!(run.exit_code().await, 0);
@@ -599,6 +640,28 @@ async fn json_logs_parse_and_carry_the_right_worker() {
     }
     assert_eq!(checked, 2, "{lines:#?}");
     let _ = status;
+    // The primary's own records: the same schema, without a worker.
+    let records = run.stderr.lock().unwrap().clone();
+    let mut started = 0;
+    for line in &records {
+        let value: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        let ts = value["ts"].as_str().unwrap();
+        assert!(
+            ts.len() == 24 && ts.ends_with('Z') && ts.as_bytes()[10] == b'T',
+            "{line}"
+        );
+        assert!(value["pid"].is_u64() && value["line"].is_string(), "{line}");
+        assert_eq!(value["stream"], "stderr", "{line}");
+        if value.get("worker").is_none() {
+            assert!(value["level"].is_string(), "{line}");
+            assert_eq!(value["pid"].as_u64(), Some(u64::from(primary)), "{line}");
+        }
+        if value["line"] == "worker started" {
+            assert!(value["fields"]["worker"].is_u64(), "{line}");
+            started += 1;
+        }
+    }
+    assert_eq!(started, 2, "{records:#?}");
 }
 
 #[tokio::test]
@@ -1023,4 +1086,258 @@ async fn workers_running_as_another_user_can_report_readiness() {
     .await;
     let ready = run.until_ready(2).await;
     served_by_all(Run::port(&ready), &pids(&ready)).await;
+}
+
+/// The socket (`socket:[INODE]`) a process has at fd 3.
+fn fd3(pid: u32) -> String {
+    std::fs::read_link(format!("/proc/{pid}/fd/3"))
+        .map(|p| p.display().to_string())
+        .unwrap_or_default()
+}
+
+fn slot_pid(status: &Value, index: u64) -> Option<u32> {
+    status["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["index"] == index && w["state"] == "ready")
+        .map(|w| w["pid"].as_u64().unwrap() as u32)
+}
+
+#[tokio::test]
+async fn reuseport_gives_each_slot_its_own_socket_kept_across_its_restarts() {
+    let run = Run::python(&["--policy", "reuseport"], &[]).await;
+    let before = run.try_status().await.unwrap();
+    assert_eq!(before["policy"], "reuseport");
+    let (first, second) = (slot_pid(&before, 0).unwrap(), slot_pid(&before, 1).unwrap());
+    let (socket0, socket1) = (fd3(first), fd3(second));
+    assert!(socket0.starts_with("socket:["), "{socket0}");
+    assert_ne!(socket0, socket1, "one socket per slot");
+    served_by_all(Run::port(&before), &pids(&before)).await;
+    kill_pid(first, Signal::KILL);
+    let after = run
+        .status_until("slot 0 has a new ready worker", |s| {
+            slot_pid(s, 0).is_some_and(|p| p != first)
+        })
+        .await;
+    let replacement = slot_pid(&after, 0).unwrap();
+    assert_eq!(fd3(replacement), socket0, "the slot keeps its socket");
+    served_by_all(Run::port(&after), &pids(&after)).await;
+}
+
+#[tokio::test]
+async fn round_robin_is_refused_with_the_reason() {
+    let mut run = Run::start(
+        &["-w", "1", "-l", "127.0.0.1:0", "--policy", "round-robin"],
+        &["python3", "worker.py"],
+        &[],
+    )
+    .await;
+    assert_eq!(run.exit_code().await, 2);
+    let output = run.output();
+    assert!(
+        output.contains("round-robin is not available") && output.contains("reuseport"),
+        "{output}"
+    );
+}
+
+/// Requests `count` times; every one must be answered.
+async fn serves(port: u16, count: usize) {
+    for _ in 0..count {
+        get_async(port).await.expect("a worker answers");
+    }
+}
+
+#[tokio::test]
+async fn closed_stdout_and_stderr_do_not_stop_the_primary() {
+    let (mut run, stdout, stderr) = Run::start_raw(
+        &["-w", "2", "-l", "127.0.0.1:0"],
+        &["python3", "worker.py"],
+        &["flood"],
+    )
+    .await;
+    // The reader goes away, as `| head -2` does.
+    drop((stdout, stderr));
+    let ready = run.until_ready(2).await;
+    let port = Run::port(&ready);
+    let lost = run
+        .status_until("lines to both closed streams are counted as lost", |s| {
+            s["output_lost"]["stdout"].as_u64() > Some(0)
+                && s["output_lost"]["stderr"].as_u64() > Some(0)
+        })
+        .await;
+    assert_eq!(pids(&lost), pids(&ready), "no worker was restarted");
+    // The primary's own records go to the closed stderr too.
+    let (code, _, err) = run.ctl(&["scale", "+1"]).await;
+    assert_eq!(code, 0, "{err}");
+    run.until_ready(3).await;
+    serves(port, 20).await;
+    let (code, _, _) = run.ctl(&["stop"]).await;
+    assert_eq!(code, 0);
+    assert_eq!(run.exit_code().await, 0, "a clean stop, no panic");
+}
+
+#[tokio::test]
+async fn a_full_stdout_stalls_nothing_and_the_loss_is_reported_once_it_drains() {
+    let (mut run, stdout, stderr) = Run::start_raw(
+        &["-w", "2", "-l", "127.0.0.1:0"],
+        &["python3", "worker.py"],
+        &["flood"],
+    )
+    .await;
+    // stderr is read; stdout is a pipe nobody reads (yet).
+    let (errors, err_reader) = collect(stderr);
+    run.stderr = errors;
+    run.readers.push(err_reader);
+    let ready = run.until_ready(2).await;
+    let status = run
+        .status_until("the full stdout drops lines", |s| {
+            s["output_lost"]["stdout"].as_u64() > Some(0)
+        })
+        .await;
+    assert_eq!(pids(&status), pids(&ready), "no worker was restarted");
+    serves(Run::port(&status), 20).await;
+    // The reader comes back: the primary says how much it lost.
+    let (lines, out_reader) = collect(stdout);
+    run.stdout = lines;
+    run.readers.push(out_reader);
+    run.printed("line(s) of output to stdout were lost", 1)
+        .await;
+    let (code, _, _) = run.ctl(&["stop"]).await;
+    assert_eq!(code, 0);
+    assert_eq!(run.exit_code().await, 0);
+}
+
+#[tokio::test]
+async fn a_worker_that_misses_the_ready_timeout_is_stopped_gracefully_and_told_why() {
+    // It serves, but never sends READY=1 (as uvicorn under --ready notify).
+    let mut run = Run::start(
+        &[
+            "-w",
+            "1",
+            "-l",
+            "127.0.0.1:0",
+            "--ready",
+            "notify",
+            "--ready-timeout",
+            "1s",
+            "--kill-timeout",
+            "20s",
+        ],
+        &["python3", "worker.py"],
+        &["never"],
+    )
+    .await;
+    // Its SIGTERM handler finishes and prints `done`: it was asked, not killed.
+    run.printed(" done", 1).await;
+    let _ = run.ctl(&["stop"]).await;
+    let _ = run.exit_code().await;
+    let output = run.output();
+    assert!(
+        output.contains("no READY=1 on NOTIFY_SOCKET within 1s")
+            && output.contains("does the program speak sd_notify? try --ready delay:2s or none"),
+        "{output}"
+    );
+}
+
+impl Run {
+    /// `procluster run` started by `sh -c 'ulimit LIMIT; exec procluster run …'`.
+    async fn with_limit(limit: &str, args: &[&str], program: &[&str]) -> Self {
+        let dir = TempDir::new("cli-limit");
+        let control = dir.0.join("control.sock");
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg(format!("ulimit {limit} && exec \"$0\" \"$@\""))
+            .arg(procluster())
+            .arg("run")
+            .arg("--control")
+            .arg(&control)
+            .args(args)
+            .arg("--")
+            .args(program)
+            .current_dir(&dir.0)
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("LISTEN_FDS")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start procluster run under a limit");
+        let (stdout, out_reader) = collect(child.stdout.take().unwrap());
+        let (stderr, err_reader) = collect(child.stderr.take().unwrap());
+        Self {
+            child,
+            control,
+            dir,
+            stdout,
+            stderr,
+            readers: vec![out_reader, err_reader],
+        }
+    }
+}
+
+/// `Max open files` of a process: (soft, hard).
+fn open_files_limit(pid: u32) -> (String, String) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("a Max open files line");
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    (fields[3].to_string(), fields[4].to_string())
+}
+
+#[tokio::test]
+async fn the_primary_raises_its_open_file_limit_and_workers_get_theirs_back() {
+    let hard = rustix::process::getrlimit(rustix::process::Resource::Nofile).maximum;
+    // 100 workers need about 500 descriptors in the primary.
+    if hard.is_some_and(|h| h < 1024) {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "the hard open-file limit ({hard:?}) is too low for this test"
+        );
+        eprintln!("hard open-file limit {hard:?} < 1024; skipping");
+        return;
+    }
+    let run = Run::with_limit(
+        "-Sn 128",
+        &["-w", "100", "-l", "127.0.0.1:0"],
+        &["sleep", "1000"],
+    )
+    .await;
+    let status = run.until_ready(100).await;
+    let primary = run.child.id().unwrap();
+    let (soft, hard) = open_files_limit(primary);
+    assert_eq!(soft, hard, "the primary runs at its hard limit");
+    let worker = pids(&status)[0];
+    assert_eq!(open_files_limit(worker).0, "128", "the worker's own limit");
+    let (code, _, _) = run.ctl(&["stop"]).await;
+    assert_eq!(code, 0);
+}
+
+#[tokio::test]
+async fn spawns_out_of_descriptors_are_retried_while_the_others_serve() {
+    // The hard limit too: not every worker fits.
+    let run = Run::with_limit(
+        "-n 64",
+        &["-w", "30", "-l", "127.0.0.1:0"],
+        &["sleep", "1000"],
+    )
+    .await;
+    run.printed_err("for lack of resources").await;
+    let some = run
+        .status_until("some workers run", |s| {
+            s["workers"].as_array().unwrap().len() >= 3
+        })
+        .await;
+    assert_eq!(some["desired"], 30);
+    assert_eq!(some["breaker_tripped"], false, "not a crash loop");
+    // Fewer slots: those left all get a worker; the primary never gave up.
+    let (code, _, err) = run.ctl(&["scale", "3"]).await;
+    assert_eq!(code, 0, "{err}");
+    run.until_ready(3).await;
+    let output = run.output();
+    assert!(!output.contains("crash loop"), "{output}");
+    assert!(output.contains("Too many open files"), "{output}");
 }

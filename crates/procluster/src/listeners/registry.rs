@@ -20,6 +20,7 @@ use tokio::sync::Notify;
 
 use super::bind::{self, TcpBind};
 use super::distributor::{Distributor, Mode, batch_for_frame_limit};
+use super::slots::ReusePortBinder;
 use crate::WorkerId;
 use crate::channel::{ChannelSender, SharedFd};
 use crate::protocol::{Control, FrameKind, HandedConnection, ListenReply, ListenSpec, Policy};
@@ -79,9 +80,9 @@ struct GroupState {
     holders: BTreeMap<WorkerId, Holder>,
     sockets: BTreeMap<Slot, GroupSocket>,
     distributor: Distributor<Accepted>,
-    /// A reuseport group's first socket, bound to learn the port, until a
-    /// slot claims it.
-    spare: Option<Socket>,
+    /// A reuseport group's sockets: the first one, bound to learn the
+    /// port, until a slot claims it, then one more per slot.
+    reuseport: Option<ReusePortBinder>,
     closed: bool,
 }
 
@@ -91,8 +92,6 @@ pub(crate) struct Group {
     policy: Policy,
     /// Address actually bound, e.g. `tcp://127.0.0.1:43121`.
     address: String,
-    /// For reuseport: how to bind one more socket on the same port.
-    tcp_bind: Option<(std::net::SocketAddr, TcpBind)>,
     unix_path: Option<PathBuf>,
     state: Mutex<GroupState>,
     /// Wakes acceptors when the queue has room again.
@@ -385,7 +384,6 @@ impl Registry {
 
     fn create_group(&self, key: u32, spec: &ListenSpec) -> io::Result<Group> {
         let mut policy = Policy::Shared;
-        let mut tcp_bind = None;
         let mut unix_path = None;
         let socket = match spec {
             ListenSpec::Tcp {
@@ -401,17 +399,13 @@ impl Registry {
                     reuse_port: policy == Policy::ReusePort,
                     first: true,
                 };
-                let socket = bind::tcp(addr, options)?;
-                // Later reuseport sockets join the port the first one got.
-                let bound = socket.local_addr()?.as_socket().unwrap_or(addr);
-                tcp_bind = Some((
-                    bound,
-                    TcpBind {
-                        first: false,
-                        ..options
-                    },
-                ));
-                socket
+                if policy == Policy::ReusePort {
+                    // Later sockets join the port the first one got.
+                    let binder = ReusePortBinder::tcp(addr, options)?;
+                    let address = binder.address().to_string();
+                    return Ok(self.new_group(key, policy, address, None, None, Some(binder)));
+                }
+                bind::tcp(addr, options)?
             }
             ListenSpec::Udp {
                 addr,
@@ -452,34 +446,44 @@ impl Registry {
             Some(path) => format!("unix:{}", path.display()),
             None => bind::describe_socket(&socket),
         };
+        Ok(self.new_group(key, policy, address, Some(socket), unix_path, None))
+    }
+
+    /// A group with its one socket (shared, round-robin) or its reuseport
+    /// binder.
+    fn new_group(
+        &self,
+        key: u32,
+        policy: Policy,
+        address: String,
+        socket: Option<Socket>,
+        unix_path: Option<PathBuf>,
+        reuseport: Option<ReusePortBinder>,
+    ) -> Group {
         let mode = if policy == Policy::RoundRobin {
             Mode::Credit
         } else {
             Mode::Push
         };
         let mut sockets = BTreeMap::new();
-        let mut spare = None;
-        if policy == Policy::ReusePort {
-            spare = Some(socket);
-        } else {
+        if let Some(socket) = socket {
             sockets.insert(Slot::All, GroupSocket::new(socket));
         }
-        Ok(Group {
+        Group {
             key,
             policy,
             address,
-            tcp_bind,
             unix_path,
             state: Mutex::new(GroupState {
                 holders: BTreeMap::new(),
                 sockets,
                 distributor: Distributor::new(mode)
                     .with_max_batch(batch_for_frame_limit(self.config.max_frame)),
-                spare,
+                reuseport,
                 closed: false,
             }),
             room: Notify::new(),
-        })
+        }
     }
 
     /// A socket the primary inherited from systemd (`LISTEN_FDS`), shared as
@@ -540,10 +544,11 @@ impl Registry {
             Policy::ReusePort => {
                 let slot = member.index.map_or(Slot::Worker(member.id), Slot::Index);
                 if !state.sockets.contains_key(&slot) {
-                    let socket = match state.spare.take() {
-                        Some(socket) => socket,
-                        None => new_reuseport_socket(group)?,
-                    };
+                    let socket = state
+                        .reuseport
+                        .as_mut()
+                        .ok_or_else(|| io::Error::other("reuseport group without an address"))?
+                        .next_socket()?;
                     state.sockets.insert(slot, GroupSocket::new(socket));
                 }
                 let entry = state.sockets.get_mut(&slot).expect("inserted above");
@@ -645,7 +650,7 @@ impl Registry {
         state.closed = true;
         let leftovers = state.distributor.drain_all();
         state.sockets.clear();
-        state.spare = None;
+        state.reuseport = None;
         drop(state);
         drop(leftovers);
         if let Some(path) = &group.unix_path {
@@ -666,13 +671,6 @@ impl GroupSocket {
             acceptor: None,
         }
     }
-}
-
-fn new_reuseport_socket(group: &Group) -> io::Result<Socket> {
-    let (addr, options) = group
-        .tcp_bind
-        .ok_or_else(|| io::Error::other("reuseport group without a TCP address"))?;
-    bind::tcp(addr, options)
 }
 
 async fn accept_loop(registry: Weak<Registry>, group: Arc<Group>, socket: OwnedFd) {

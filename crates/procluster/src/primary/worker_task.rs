@@ -86,6 +86,7 @@ pub(super) async fn fork(
         fds,
         settings.own_process_group,
         settings.batch_scheduling,
+        spawn::open_files_for_workers(),
     );
 
     let mut child = spawn::spawn(command, highest_target)

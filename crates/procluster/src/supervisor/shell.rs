@@ -489,6 +489,11 @@ impl Driver {
                         );
                         self.sup.spawned(spawn, id, Instant::now());
                     }
+                    Err(error) if error.is_resource_shortage() => {
+                        // Reported by the machine's `SpawnDeferred` event.
+                        tracing::debug!(slot, %error, "cannot start a worker for now");
+                        self.sup.spawn_deferred(spawn, error.to_string(), now);
+                    }
                     Err(error) => {
                         tracing::warn!(slot, %error, "cannot start a worker");
                         self.sup.spawn_failed(spawn, error.to_string(), now);
