@@ -1090,6 +1090,44 @@ async fn a_disconnecting_worker_leaves_its_connections_to_the_others() {
     }
 }
 
+/// Node closes a worker's servers before its IPC disconnect: a client that
+/// comes after the `Disconnect` event is refused (or served), never queued
+/// on a socket that only the leaving worker still held open and then reset.
+#[tokio::test]
+async fn after_a_disconnect_event_no_connection_is_queued_where_nobody_will_accept() {
+    for policy in POLICIES {
+        let (mut cluster, workers) = net_cluster(policy, 1).await;
+        let leaving = &workers[0];
+        let answers = ask_each(&mut cluster, &[leaving], &tcp("127.0.0.1:0", 2)).await;
+        let addr = answers.address(leaving.id());
+        // A connection the worker keeps open, so it stays alive after its
+        // disconnect, finishing its work.
+        let (_, held) = ask_tcp(addr).await.unwrap();
+        leaving.disconnect();
+        until(&mut cluster, |e| {
+            matches!(e, Event::Disconnect(_)).then_some(())
+        })
+        .await;
+        for attempt in 0..20 {
+            match tokio::net::TcpStream::connect(addr).await {
+                Err(e) => assert_eq!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionRefused,
+                    "{policy:?}, attempt {attempt}"
+                ),
+                Ok(mut stream) => {
+                    let greeting = read_greeting(&mut stream).await;
+                    assert!(
+                        greeting.is_ok(),
+                        "{policy:?}, attempt {attempt}: accepted after the disconnect, then {greeting:?}"
+                    );
+                }
+            }
+        }
+        drop(held);
+    }
+}
+
 #[tokio::test]
 async fn exclusive_binds_in_the_worker_and_still_reports_listening() {
     let (mut cluster, workers) = net_cluster(Policy::RoundRobin, 2).await;
