@@ -648,6 +648,18 @@ pub enum Control {
         /// How many more connections the worker will take now.
         n: u32,
     },
+    /// Primary → worker: stop accepting on the socket of listener `key`
+    /// and let go of it (the cluster is stopping); keep taking the
+    /// connections the primary hands over.
+    StopAccepting {
+        /// The listener.
+        key: u32,
+    },
+    /// Worker → primary: this worker no longer holds the socket of `key`.
+    StoppedAccepting {
+        /// The listener.
+        key: u32,
+    },
 }
 
 /// One connection of a [`Control::Connections`] message.

@@ -1128,6 +1128,51 @@ async fn after_a_disconnect_event_no_connection_is_queued_where_nobody_will_acce
     }
 }
 
+/// A graceful stop serves what was already queued: the listeners stop
+/// taking new clients, the connections waiting in their queues go to the
+/// workers, and only then do the workers leave.
+#[tokio::test]
+async fn draining_the_listeners_serves_every_queued_connection_and_refuses_new_ones() {
+    for policy in POLICIES {
+        let (mut cluster, workers) = net_cluster(policy, 1).await;
+        let worker = &workers[0];
+        // One accept loop: the worker serves one client at a time, the
+        // others wait in the queue.
+        let answers = ask_each(&mut cluster, &[worker], &tcp("127.0.0.1:0", 1)).await;
+        let addr = answers.address(worker.id());
+        let connected = Arc::new(AtomicUsize::new(0));
+        let clients: Vec<_> = (0..20)
+            .map(|_| {
+                let connected = connected.clone();
+                tokio::spawn(async move {
+                    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+                    connected.fetch_add(1, Ordering::SeqCst);
+                    read_greeting(&mut stream).await
+                })
+            })
+            .collect();
+        eventually("every client is connected", || {
+            connected.load(Ordering::SeqCst) == 20
+        })
+        .await;
+        let left = cluster
+            .drain_listeners(std::time::Duration::from_secs(20))
+            .await;
+        assert_eq!(left, 0, "{policy:?}: connections left untaken");
+        let refused = tokio::net::TcpStream::connect(addr).await;
+        assert!(refused.is_err(), "{policy:?}: a new client after the drain");
+        cluster.disconnect().await;
+        for (i, client) in clients.into_iter().enumerate() {
+            let greeting = client.await.unwrap();
+            assert_eq!(
+                greeting.as_ref().ok(),
+                Some(&worker.id()),
+                "{policy:?}: client {i}: {greeting:?}"
+            );
+        }
+    }
+}
+
 #[tokio::test]
 async fn exclusive_binds_in_the_worker_and_still_reports_listening() {
     let (mut cluster, workers) = net_cluster(Policy::RoundRobin, 2).await;

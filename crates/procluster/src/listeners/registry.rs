@@ -84,6 +84,10 @@ struct GroupState {
     /// port, until a slot claims it, then one more per slot.
     reuseport: Option<ReusePortBinder>,
     closed: bool,
+    /// The cluster is stopping: these workers were asked to let go of the
+    /// group's socket and have not said they did; the primary takes the
+    /// queues once they all have.
+    stopping: Option<BTreeSet<WorkerId>>,
 }
 
 /// One listening address shared by workers.
@@ -143,6 +147,8 @@ pub(crate) struct Registry {
     /// Keep groups open while no worker holds them.
     keep: AtomicBool,
     tables: Mutex<Tables>,
+    /// Wakes whoever waits for handed connections to be taken.
+    progress: Notify,
 }
 
 #[derive(Default)]
@@ -161,6 +167,7 @@ impl Registry {
             config,
             keep: AtomicBool::new(false),
             tables: Mutex::default(),
+            progress: Notify::new(),
         })
     }
 
@@ -235,6 +242,7 @@ impl Registry {
         }
         drop(state);
         group.room.notify_waiters();
+        self.progress.notify_waiters();
     }
 
     /// A worker waits for more connections on a round-robin listener.
@@ -263,6 +271,91 @@ impl Registry {
             if vacant {
                 retire_socket(&group, &mut state, Slot::Index(index));
             }
+        }
+    }
+
+    /// Stops taking new connections without losing those already waiting.
+    /// Workers that accept on a TCP group's socket themselves (shared,
+    /// reuseport) are asked to let go of it first, so nothing queues where
+    /// only they would look; once they have (`stopped_accepting`), the
+    /// primary accepts what waits in the queues, closes the sockets (new
+    /// clients are refused) and hands the connections to those workers,
+    /// which take them with their next `accept()`. Other groups (UDP, Unix)
+    /// simply close.
+    pub(crate) fn stop_accepting(self: &Arc<Self>) {
+        for group in self.groups() {
+            if !group.address.starts_with("tcp://") {
+                self.close_group(&group);
+                continue;
+            }
+            let mut state = group.state();
+            if state.closed {
+                continue;
+            }
+            state.closed = true;
+            let holding: BTreeSet<WorkerId> = if group.policy == Policy::RoundRobin {
+                BTreeSet::new()
+            } else {
+                state.holders.keys().copied().collect()
+            };
+            let ask = Control::StopAccepting { key: group.key }.encode();
+            let mut waiting = BTreeSet::new();
+            for worker in holding {
+                let sent =
+                    state.holders[&worker]
+                        .sender
+                        .send_now(FrameKind::Control, &ask, Vec::new());
+                if sent.is_ok() {
+                    waiting.insert(worker);
+                }
+            }
+            state.stopping = Some(waiting);
+            take_queues_once_released(&group, &mut state);
+        }
+    }
+
+    /// A worker let go of a group's socket, as `stop_accepting` asked.
+    pub(crate) fn stopped_accepting(&self, worker: WorkerId, key: u32) {
+        let Some(group) = self.group(key) else {
+            return;
+        };
+        let mut state = group.state();
+        if let Some(waiting) = &mut state.stopping {
+            waiting.remove(&worker);
+        }
+        take_queues_once_released(&group, &mut state);
+        drop(state);
+        self.progress.notify_waiters();
+    }
+
+    /// Resolves once every connection `stop_accepting` took has been taken
+    /// by a worker, or at `deadline`; then closes every group. Returns how
+    /// many were still waiting (they are closed with their groups).
+    pub(crate) async fn drained(&self, deadline: tokio::time::Instant) -> usize {
+        loop {
+            let progress = self.progress.notified();
+            tokio::pin!(progress);
+            progress.as_mut().enable();
+            let late = tokio::time::Instant::now() >= deadline;
+            let mut waiting = 0;
+            for group in self.groups() {
+                let mut state = group.state();
+                if late {
+                    // Whoever has not let go of the socket by now: take the
+                    // queues all the same.
+                    if let Some(stopping) = &mut state.stopping {
+                        stopping.clear();
+                    }
+                    take_queues_once_released(&group, &mut state);
+                }
+                let unreleased = state.stopping.as_ref().map_or(0, BTreeSet::len);
+                waiting += unreleased + state.distributor.queued() + state.distributor.in_flight();
+            }
+            if waiting == 0 || late {
+                self.close_all();
+                return waiting;
+            }
+            let _ = tokio::time::timeout_at(deadline, progress).await;
         }
     }
 
@@ -481,6 +574,7 @@ impl Registry {
                     .with_max_batch(batch_for_frame_limit(self.config.max_frame)),
                 reuseport,
                 closed: false,
+                stopping: None,
             }),
             room: Notify::new(),
         }
@@ -608,10 +702,15 @@ impl Registry {
     }
 
     fn leave(self: &Arc<Self>, group: &Arc<Group>, worker: WorkerId) {
+        self.progress.notify_waiters();
         let mut state = group.state();
         let Some(Holder { slot, .. }) = state.holders.remove(&worker) else {
             return;
         };
+        if let Some(stopping) = &mut state.stopping {
+            stopping.remove(&worker);
+        }
+        take_queues_once_released(group, &mut state);
         state.distributor.remove_target(worker);
         if let Some(entry) = state.sockets.get_mut(&slot) {
             if entry.holder == Some(worker) {
@@ -788,6 +887,29 @@ fn dispatch(key: u32, state: &mut GroupState) {
             .send_now_shared(FrameKind::Control, &control.encode(), fds)
             .is_ok()
     });
+}
+
+/// Once every worker asked by `stop_accepting` has let go of the group's
+/// socket: accepts what waits in the queues, closes the sockets, and hands
+/// the connections to the workers that hold the group.
+fn take_queues_once_released(group: &Group, state: &mut GroupState) {
+    if !state.stopping.as_ref().is_some_and(BTreeSet::is_empty) || state.sockets.is_empty() {
+        return;
+    }
+    state.reuseport = None;
+    let holders: Vec<WorkerId> = state.holders.keys().copied().collect();
+    for worker in holders {
+        state.distributor.add_target(worker);
+    }
+    let slots: Vec<Slot> = state.sockets.keys().copied().collect();
+    let before = state.distributor.queued() + state.distributor.in_flight();
+    for slot in slots {
+        retire_socket(group, state, slot);
+    }
+    let taken = (state.distributor.queued() + state.distributor.in_flight()).saturating_sub(before);
+    if taken > 0 {
+        tracing::debug!(address = %group.address, taken, "handing the connections queued at stop to the workers");
+    }
 }
 
 /// Takes a reuseport slot's socket out of its group: what waits in its

@@ -511,6 +511,7 @@ fn handle_control(inner: &Arc<Inner>, worker: &WorkerHandle, control: Control, f
             credit,
         } => inner.listeners.ack(worker.id(), key, seq, accepted, credit),
         Control::Credit { key, n } => inner.listeners.credit(worker.id(), key, n),
+        Control::StoppedAccepting { key } => inner.listeners.stopped_accepting(worker.id(), key),
         other => {
             drop(fds);
             tracing::debug!(worker = %worker.id(), ?other, "ignoring an unexpected control message");

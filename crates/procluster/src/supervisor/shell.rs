@@ -242,6 +242,7 @@ impl SupervisedCluster {
             backlog: backlog.clone(),
             requests,
             signals,
+            drain_until: None,
         };
         let task = tokio::spawn(driver.run());
         Ok(Self {
@@ -364,7 +365,15 @@ struct Driver {
     backlog: Arc<Backlog>,
     requests: mpsc::UnboundedReceiver<Request>,
     signals: Option<Signals>,
+    /// A stop began: until this deadline, the connections that were queued
+    /// on the listeners are handed to the workers before they are told to
+    /// leave.
+    drain_until: Option<tokio::time::Instant>,
 }
+
+/// Longest a graceful stop waits for the workers to take the connections
+/// queued when it began, before it disconnects them.
+const STOP_DRAIN_LIMIT: Duration = Duration::from_secs(2);
 
 impl Driver {
     async fn run(mut self) -> Result<Outcome, SupervisionError> {
@@ -501,11 +510,13 @@ impl Driver {
                 }
             }
             Command::Disconnect { worker } => {
+                self.finish_draining().await;
                 if let Some(t) = self.stopping(worker) {
                     t.handle.disconnect();
                 }
             }
             Command::Signal { worker, signal } => {
+                self.finish_draining().await;
                 let Some(t) = self.stopping(worker) else {
                     return;
                 };
@@ -519,6 +530,20 @@ impl Driver {
                         tracing::warn!(worker = %t.handle.id(), %error, "cannot kill worker");
                     }
                 }
+            }
+        }
+    }
+
+    /// During a stop, waits (once) until the connections queued when it
+    /// began are taken, or its deadline.
+    async fn finish_draining(&mut self) {
+        if let Some(deadline) = self.drain_until.take() {
+            let left = self.cluster.listeners_drained(deadline).await;
+            if left > 0 {
+                tracing::warn!(
+                    left,
+                    "connections queued at stop were not taken in time; closed"
+                );
             }
         }
     }
@@ -640,8 +665,11 @@ impl Driver {
         match *event {
             Event::StopStarted { .. } => {
                 // Refuse new connections now rather than queue them for
-                // workers that are leaving.
-                self.cluster.close_listeners();
+                // workers that are leaving; those already queued are handed
+                // to the workers before they are told to leave.
+                self.cluster.stop_accepting();
+                let within = (self.options.supervisor.kill_timeout / 2).min(STOP_DRAIN_LIMIT);
+                self.drain_until = Some(tokio::time::Instant::now() + within);
             }
             Event::WorkerReady { worker, .. } => {
                 if let Some(t) = self.workers.get_mut(&worker) {
