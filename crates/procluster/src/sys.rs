@@ -308,3 +308,68 @@ pub(crate) fn set_batch_scheduling() -> std::io::Result<()> {
 
 #[cfg(not(any(target_os = "linux", target_os = "android")))]
 fn set_normal_scheduling() {}
+
+/// `SO_ATTACH_REUSEPORT_CBPF` where Linux gives it the generic number.
+#[cfg(all(
+    any(target_os = "linux", target_os = "android"),
+    not(any(target_arch = "sparc", target_arch = "sparc64"))
+))]
+const SO_ATTACH_REUSEPORT_CBPF: libc::c_int = 51;
+
+/// Attaches a classic BPF program to the reuseport group of `socket`
+/// (`setsockopt(SO_ATTACH_REUSEPORT_CBPF)`, socket(7)).
+#[cfg(all(
+    any(target_os = "linux", target_os = "android"),
+    not(any(target_arch = "sparc", target_arch = "sparc64"))
+))]
+pub(crate) fn attach_reuseport_program(
+    socket: std::os::fd::BorrowedFd<'_>,
+    program: &[crate::listeners::steering::Instruction],
+) -> std::io::Result<()> {
+    let mut filters: Vec<libc::sock_filter> = program
+        .iter()
+        .map(|i| libc::sock_filter {
+            code: i.code,
+            jt: i.jt,
+            jf: i.jf,
+            k: i.k,
+        })
+        .collect();
+    let len = u16::try_from(filters.len())
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    let fprog = libc::sock_fprog {
+        len,
+        filter: filters.as_mut_ptr(),
+    };
+    // SAFETY: `fprog` points at `len` initialised `sock_filter`s in
+    // `filters`, which outlives the call; the kernel copies the program and
+    // keeps no pointer to it. The option's length is the size of the
+    // `sock_fprog` passed, and `socket` is a descriptor borrowed for the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_ATTACH_REUSEPORT_CBPF,
+            std::ptr::addr_of!(fprog).cast(),
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Elsewhere the kernel has no such program: the group keeps the kernel's
+/// own choice.
+#[cfg(not(all(
+    any(target_os = "linux", target_os = "android"),
+    not(any(target_arch = "sparc", target_arch = "sparc64"))
+)))]
+pub(crate) fn attach_reuseport_program(
+    _socket: std::os::fd::BorrowedFd<'_>,
+    _program: &[crate::listeners::steering::Instruction],
+) -> std::io::Result<()> {
+    Err(std::io::ErrorKind::Unsupported.into())
+}

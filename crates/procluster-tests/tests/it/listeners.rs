@@ -989,6 +989,41 @@ async fn reuseport_pair_with_an_idle_slot(
     (cluster, idle, serving, addr)
 }
 
+/// With the kernel steering new connections, a slot whose worker is gone
+/// gets none: nothing waits in its queue for the primary to move.
+#[tokio::test]
+async fn reuseport_steers_new_connections_away_from_a_slot_without_a_worker() {
+    let (mut cluster, gone, serving, addr) = reuseport_pair_with_an_idle_slot(0, true).await;
+    gone.signal(Signal::KILL).unwrap();
+    until(&mut cluster, |e| {
+        matches!(e, Event::Exit { worker, .. } if worker.id() == gone.id()).then_some(())
+    })
+    .await;
+    let before = cluster.listener_stats();
+    let answered = short_connections(addr, 60).await;
+    assert_eq!(answered, [serving.id(); 60]);
+    let after = cluster.listener_stats();
+    assert_eq!(
+        after.from_vacant_slots, before.from_vacant_slots,
+        "connections reached the vacant slot's queue: {before:?} -> {after:?}"
+    );
+    // A worker for the slot again: it gets its share of new connections.
+    let back = cluster
+        .fork_with(ForkOptions {
+            index: Some(0),
+            ..ForkOptions::default()
+        })
+        .await
+        .unwrap();
+    online(&mut cluster, 1).await;
+    ask_each(&mut cluster, &[&back], &tcp(&addr.to_string(), 16)).await;
+    let answered = short_connections(addr, 60).await;
+    assert!(
+        answered.contains(&back.id()) && answered.contains(&serving.id()),
+        "{answered:?}"
+    );
+}
+
 #[tokio::test]
 async fn reuseport_drains_a_dead_workers_queue_to_the_other_workers() {
     let (_cluster, idle, busy, addr) = reuseport_pair_with_an_idle_slot(0, false).await;

@@ -21,6 +21,7 @@ use tokio::sync::Notify;
 use super::bind::{self, TcpBind};
 use super::distributor::{Distributor, Mode, batch_for_frame_limit};
 use super::slots::ReusePortBinder;
+use super::steering::{self, SocketOrder};
 use crate::WorkerId;
 use crate::channel::{ChannelSender, SharedFd};
 use crate::protocol::{Control, FrameKind, HandedConnection, ListenReply, ListenSpec, Policy};
@@ -88,6 +89,10 @@ struct GroupState {
     /// group's socket and have not said they did; the primary takes the
     /// queues once they all have.
     stopping: Option<BTreeSet<WorkerId>>,
+    /// A reuseport group's sockets in the kernel's order, for steering.
+    order: SocketOrder<Slot>,
+    /// Steering works here (until the kernel refuses a program).
+    steering: bool,
 }
 
 /// One listening address shared by workers.
@@ -141,6 +146,28 @@ pub(crate) struct Joined {
     pub(crate) address: String,
 }
 
+/// What the primary's listeners have done since the cluster started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ListenerStats {
+    /// Connections the primary accepted itself, to hand them to workers:
+    /// under round-robin, and from reuseport slots that had no worker.
+    pub accepted_by_primary: u64,
+    /// Of those, connections taken from a reuseport slot that had no
+    /// worker (they had been queued there, or the kernel put them there
+    /// where steering is off).
+    pub from_vacant_slots: u64,
+    /// Failed `accept()` calls in the primary (out of descriptors...).
+    pub accept_errors: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    accepted_by_primary: std::sync::atomic::AtomicU64,
+    from_vacant_slots: std::sync::atomic::AtomicU64,
+    accept_errors: std::sync::atomic::AtomicU64,
+}
+
 /// Every listener group of a cluster, by request and by key.
 pub(crate) struct Registry {
     config: RegistryConfig,
@@ -149,6 +176,7 @@ pub(crate) struct Registry {
     tables: Mutex<Tables>,
     /// Wakes whoever waits for handed connections to be taken.
     progress: Notify,
+    counters: Counters,
 }
 
 #[derive(Default)]
@@ -168,6 +196,7 @@ impl Registry {
             keep: AtomicBool::new(false),
             tables: Mutex::default(),
             progress: Notify::new(),
+            counters: Counters::default(),
         })
     }
 
@@ -181,6 +210,16 @@ impl Registry {
 
     fn group(&self, key: u32) -> Option<Arc<Group>> {
         self.tables().by_key.get(&key).cloned()
+    }
+
+    /// What the listeners have done so far.
+    pub(crate) fn stats(&self) -> ListenerStats {
+        let read = |n: &std::sync::atomic::AtomicU64| n.load(Ordering::Relaxed);
+        ListenerStats {
+            accepted_by_primary: read(&self.counters.accepted_by_primary),
+            from_vacant_slots: read(&self.counters.from_vacant_slots),
+            accept_errors: read(&self.counters.accept_errors),
+        }
     }
 
     /// Keeps groups open while no worker holds them, so connections wait
@@ -575,6 +614,8 @@ impl Registry {
                 reuseport,
                 closed: false,
                 stopping: None,
+                order: SocketOrder::default(),
+                steering: true,
             }),
             room: Notify::new(),
         }
@@ -644,6 +685,7 @@ impl Registry {
                         .ok_or_else(|| io::Error::other("reuseport group without an address"))?
                         .next_socket()?;
                     state.sockets.insert(slot, GroupSocket::new(socket));
+                    state.order.listening(slot);
                 }
                 let entry = state.sockets.get_mut(&slot).expect("inserted above");
                 let fd = entry.socket.as_fd().try_clone_to_owned()?;
@@ -653,6 +695,7 @@ impl Registry {
                 }
                 state.holders.insert(member.id, holder(slot));
                 state.distributor.add_target(member.id);
+                steer(group, &mut state);
                 self.drain_vacant(group, &mut state);
                 // Connections drained while nobody held the group go out now.
                 dispatch(key, &mut state);
@@ -732,6 +775,9 @@ impl Registry {
         }
         dispatch(group.key, &mut state);
         if group.policy == Policy::ReusePort {
+            // New connections avoid the slot first; then what it queued is
+            // handed to the others.
+            steer(group, &mut state);
             self.drain_vacant(group, &mut state);
         }
     }
@@ -791,8 +837,19 @@ async fn accept_loop(registry: Weak<Registry>, group: Arc<Group>, socket: OwnedF
         }
         match accept_burst(&listener, room_left.min(ACCEPT_BURST)).await {
             Ok(burst) => {
-                if registry.strong_count() == 0 {
+                let Some(registry) = registry.upgrade() else {
                     return;
+                };
+                let count = burst.len() as u64;
+                registry
+                    .counters
+                    .accepted_by_primary
+                    .fetch_add(count, Ordering::Relaxed);
+                if group.policy == Policy::ReusePort {
+                    registry
+                        .counters
+                        .from_vacant_slots
+                        .fetch_add(count, Ordering::Relaxed);
                 }
                 let mut state = group.state();
                 if state.closed {
@@ -805,6 +862,12 @@ async fn accept_loop(registry: Weak<Registry>, group: Arc<Group>, socket: OwnedF
             }
             Err(error) if is_transient(&error) => {}
             Err(error) => {
+                if let Some(registry) = registry.upgrade() {
+                    registry
+                        .counters
+                        .accept_errors
+                        .fetch_add(1, Ordering::Relaxed);
+                }
                 tracing::warn!(address = %group.address, %error, "accept failed; pausing");
                 tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
             }
@@ -889,6 +952,37 @@ fn dispatch(key: u32, state: &mut GroupState) {
     });
 }
 
+/// Points the kernel's choice of a reuseport group's socket at the slots
+/// that have a worker: a slot whose worker is restarting, or that is being
+/// retired, gets no new connection. Where the kernel refuses the program,
+/// the group keeps the kernel's own choice and the primary drains vacant
+/// slots (as it does anyway for what was queued before).
+fn steer(group: &Group, state: &mut GroupState) {
+    steer_without(group, state, None);
+}
+
+/// [`steer`], also keeping new connections from slot `closing`.
+fn steer_without(group: &Group, state: &mut GroupState, closing: Option<Slot>) {
+    if group.policy != Policy::ReusePort || !state.steering {
+        return;
+    }
+    let eligible = state.order.indexes(|slot| {
+        Some(*slot) != closing && state.sockets.get(slot).is_some_and(|s| s.holder.is_some())
+    });
+    let program = steering::spread(&eligible, state.order.len());
+    let Some(target) = state.sockets.values().next() else {
+        return;
+    };
+    if let Err(error) = steering::attach(&*target.socket, &program) {
+        state.steering = false;
+        tracing::warn!(
+            address = %group.address,
+            %error,
+            "the kernel refused the reuseport steering program; new connections may queue for a slot whose worker is restarting, and are drained from there"
+        );
+    }
+}
+
 /// Once every worker asked by `stop_accepting` has let go of the group's
 /// socket: accepts what waits in the queues, closes the sockets, and hands
 /// the connections to the workers that hold the group.
@@ -921,6 +1015,9 @@ fn take_queues_once_released(group: &Group, state: &mut GroupState) {
 /// 5.14 and later) lets it migrate to another socket of the port; the window
 /// is one system call wide.
 fn retire_socket(group: &Group, state: &mut GroupState, slot: Slot) {
+    // Steered away before it goes, so nothing new reaches it between the
+    // last accept and the close.
+    steer_without(group, state, Some(slot));
     let Some(entry) = state.sockets.remove(&slot) else {
         return;
     };
@@ -940,6 +1037,11 @@ fn retire_socket(group: &Group, state: &mut GroupState, slot: Slot) {
         }
     }
     drop(entry);
+    if group.policy == Policy::ReusePort {
+        // The kernel moved its last socket into the closed one's place.
+        state.order.closed(slot);
+        steer(group, state);
+    }
     dispatch(group.key, state);
 }
 

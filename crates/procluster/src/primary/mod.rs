@@ -562,6 +562,13 @@ impl Cluster {
         self.inner.listeners.retire_slot(index);
     }
 
+    /// What the primary's listeners have done since the cluster started:
+    /// connections it accepted itself, those it took from reuseport slots
+    /// without a worker, accept errors.
+    pub fn listener_stats(&self) -> crate::listeners::ListenerStats {
+        self.inner.listeners.stats()
+    }
+
     /// Closes every shared listener now: new clients are refused, and
     /// connections still waiting in a socket's queue are closed unanswered.
     /// [`Cluster::drain_listeners`] closes without losing them.
