@@ -316,24 +316,20 @@ fn set_normal_scheduling() {}
 ))]
 const SO_ATTACH_REUSEPORT_CBPF: libc::c_int = 51;
 
-/// Attaches a classic BPF program to the reuseport group of `socket`
-/// (`setsockopt(SO_ATTACH_REUSEPORT_CBPF)`, socket(7)).
+/// Attaches a classic BPF program, as `(code, jt, jf, k)` instructions, to
+/// the reuseport group of `socket` (`setsockopt(SO_ATTACH_REUSEPORT_CBPF)`,
+/// socket(7)).
 #[cfg(all(
     any(target_os = "linux", target_os = "android"),
     not(any(target_arch = "sparc", target_arch = "sparc64"))
 ))]
 pub(crate) fn attach_reuseport_program(
     socket: std::os::fd::BorrowedFd<'_>,
-    program: &[crate::listeners::steering::Instruction],
+    program: &[(u16, u8, u8, u32)],
 ) -> std::io::Result<()> {
     let mut filters: Vec<libc::sock_filter> = program
         .iter()
-        .map(|i| libc::sock_filter {
-            code: i.code,
-            jt: i.jt,
-            jf: i.jf,
-            k: i.k,
-        })
+        .map(|&(code, jt, jf, k)| libc::sock_filter { code, jt, jf, k })
         .collect();
     let len = u16::try_from(filters.len())
         .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
@@ -369,7 +365,7 @@ pub(crate) fn attach_reuseport_program(
 )))]
 pub(crate) fn attach_reuseport_program(
     _socket: std::os::fd::BorrowedFd<'_>,
-    _program: &[crate::listeners::steering::Instruction],
+    _program: &[(u16, u8, u8, u32)],
 ) -> std::io::Result<()> {
     Err(std::io::ErrorKind::Unsupported.into())
 }

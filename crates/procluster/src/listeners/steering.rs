@@ -167,7 +167,8 @@ pub(crate) fn spread(eligible: &[u32], total: usize) -> Vec<Instruction> {
 /// When the kernel refuses the program (a kernel before 4.6, a sandbox that
 /// forbids it): the group then keeps the kernel's own choice.
 pub(crate) fn attach(socket: &impl AsFd, program: &[Instruction]) -> io::Result<()> {
-    crate::sys::attach_reuseport_program(socket.as_fd(), program)
+    let raw: Vec<(u16, u8, u8, u32)> = program.iter().map(|i| (i.code, i.jt, i.jf, i.k)).collect();
+    crate::sys::attach_reuseport_program(socket.as_fd(), &raw)
 }
 
 #[cfg(test)]
