@@ -270,6 +270,23 @@ pub async fn message(cluster: &mut Cluster) -> (WorkerHandle, Message) {
     }
 }
 
+/// The next user message and its sender, passing over other events, waiting
+/// up to `deadline` in all: for a message that takes long to make.
+pub async fn message_within(cluster: &mut Cluster, deadline: Duration) -> (WorkerHandle, Message) {
+    let wait = async {
+        loop {
+            match cluster.next_event().await {
+                Some(Event::Message { worker, message }) => return (worker, message),
+                Some(_) => {}
+                None => panic!("the cluster ended before the expected message"),
+            }
+        }
+    };
+    tokio::time::timeout(deadline, wait)
+        .await
+        .unwrap_or_else(|_| panic!("no message within {deadline:?}"))
+}
+
 /// The next user message decoded as a [`Reply`], and its sender.
 pub async fn reply(cluster: &mut Cluster) -> (WorkerHandle, Reply) {
     let (worker, message) = message(cluster).await;

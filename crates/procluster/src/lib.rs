@@ -38,9 +38,9 @@
 //!
 //! | layer | modules | what it is |
 //! |---|---|---|
-//! | vocabulary | `process` ([`WorkerId`], [`Signal`], [`ExitStatus`]), `sys` | the words for processes; the one module with `unsafe` code |
+//! | vocabulary | `process` ([`WorkerId`], [`Signal`], [`ExitStatus`]), `sys`, `sync` | the words for processes; the one module with `unsafe` code; locking that survives a panic |
 //! | protocol | `protocol` ([`Format`], [`Policy`]) | frames and control messages, no IO (fuzzed alone) |
-//! | channel | `channel`, [`message`], `handshake` | the socket that carries frames and descriptors; a worker's first frame |
+//! | channel | `channel`, [`message`], `handshake`, `error` ([`Error`]) | the socket that carries frames and descriptors; a worker's first frame; the crate's error |
 //! | port sharing | [`listeners`] | the primary's listener registry and a worker's listeners, which never see each other's process |
 //! | processes | [`primary`], [`worker`] | the cluster and its workers, their lifecycle and events |
 //! | supervision | [`supervisor`] | restarts, reloads, recycling, stopping |

@@ -967,9 +967,9 @@ mod tests {
                     continue;
                 }
                 let start = starts[i];
-                if let Some(last) = last_with_fds
-                    && !ends.iter().any(|&e| last < e && e <= start)
-                {
+                let shares_a_read =
+                    |last: usize| !ends.iter().any(|&e| last < e && e <= start);
+                if last_with_fds.is_some_and(shares_a_read) {
                     ends.push(start);
                     ends.sort_unstable();
                 }

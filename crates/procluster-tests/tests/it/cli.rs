@@ -504,6 +504,12 @@ async fn reload_wait_under_load_replaces_every_worker_and_drops_nothing() {
     );
 }
 
+/// The `--ready-timeout` of the tests that gate readiness: the time a
+/// worker has from its start to report ready once its gate opens, so long
+/// enough for Python or Node to start on a loaded machine; a reload whose
+/// new workers never report ready fails after it.
+const READY_TIMEOUT: &str = "10s";
+
 #[tokio::test]
 async fn notify_readiness_gates_workers_and_a_never_ready_worker_fails_the_reload() {
     let run = Run::start(
@@ -515,7 +521,7 @@ async fn notify_readiness_gates_workers_and_a_never_ready_worker_fails_the_reloa
             "--ready",
             "notify",
             "--ready-timeout",
-            "1s",
+            READY_TIMEOUT,
         ],
         &["python3", "worker.py"],
         &["gate"],
@@ -542,7 +548,7 @@ async fn node_workers_gate_readiness_on_process_send_and_serve_the_port() {
             "--ready",
             "node-ipc",
             "--ready-timeout",
-            "2s",
+            READY_TIMEOUT,
         ],
         &["node", "worker.js"],
         &["gate"],
