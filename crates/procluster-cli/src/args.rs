@@ -37,8 +37,8 @@ pub enum Command {
     /// SIGTERM or SIGINT (or `procluster stop`) stops gracefully: each worker
     /// gets --stop-signal, then SIGKILL after --kill-timeout. SIGHUP reloads.
     /// Exit status: 0 after a clean stop; 1 when a worker had to be killed or
-    /// the workers crash in a loop; 2 for bad usage or configuration; 127
-    /// when PROGRAM does not exist.
+    /// the workers crash in a loop; 2 for bad usage or configuration; 126
+    /// when PROGRAM is not executable; 127 when it does not exist.
     Run(Box<RunArgs>),
     /// Show the primary's pid, listeners and workers.
     Status(StatusArgs),

@@ -173,6 +173,10 @@ pub enum ConfigError {
         "no program to run: give one after `--` (procluster run -- PROGRAM [ARGS...]) or as `command` in the config file"
     )]
     NoProgram,
+    #[error(
+        "two listeners are named {0:?}: LISTEN_FDNAMES must tell them apart; give each its own NAME= (unnamed ones are listen0, listen1... by position)"
+    )]
+    DuplicateListener(String),
 }
 
 impl ConfigFile {
@@ -216,6 +220,7 @@ impl RunConfig {
         if command.is_empty() || command[0].is_empty() {
             return Err(ConfigError::NoProgram);
         }
+        check_listener_names(&listen)?;
         Ok(Self {
             workers: args
                 .workers
@@ -259,6 +264,19 @@ impl RunConfig {
             command,
         })
     }
+}
+
+/// Listener names (given, or `listen<N>` by position) must be unique: a
+/// program finds its sockets by them.
+fn check_listener_names(listen: &[ListenSpec]) -> Result<(), ConfigError> {
+    let mut seen = std::collections::HashSet::new();
+    for (i, spec) in listen.iter().enumerate() {
+        let name = spec.name.clone().unwrap_or_else(|| format!("listen{i}"));
+        if !seen.insert(name.clone()) {
+            return Err(ConfigError::DuplicateListener(name));
+        }
+    }
+    Ok(())
 }
 
 /// Workers for `auto`: the CPUs this process may run on, capped by a cgroup
@@ -365,6 +383,21 @@ mod tests {
     fn round_robin_in_the_file_is_refused_with_the_reason() {
         let error = ConfigFile::parse("policy = \"round-robin\"").unwrap_err();
         assert!(error.contains("round-robin is not available"), "{error}");
+    }
+
+    #[test]
+    fn duplicate_listener_names_are_refused() {
+        let args = run_args(&["-l", "web=127.0.0.1:1", "-l", "web=127.0.0.1:2", "--", "x"]);
+        let error = RunConfig::merge(args, ConfigFile::default()).unwrap_err();
+        assert!(
+            matches!(&error, ConfigError::DuplicateListener(n) if n == "web"),
+            "{error}"
+        );
+        // An explicit name may not take an unnamed listener's positional one.
+        let args = run_args(&["-l", "127.0.0.1:1", "-l", "listen0=127.0.0.1:2", "--", "x"]);
+        assert!(RunConfig::merge(args, ConfigFile::default()).is_err());
+        let args = run_args(&["-l", "127.0.0.1:1", "-l", "127.0.0.1:2", "--", "x"]);
+        assert!(RunConfig::merge(args, ConfigFile::default()).is_ok());
     }
 
     #[test]

@@ -40,6 +40,8 @@ pub enum RunError {
     #[error("{0}")]
     ProgramNotFound(String),
     #[error("{0}")]
+    ProgramNotExecutable(String),
+    #[error("{0}")]
     Io(#[from] std::io::Error),
     #[error("{0}")]
     Start(String),
@@ -50,6 +52,7 @@ impl RunError {
         match self {
             Self::Config(_) | Self::Usage(_) => ExitCode::from(2),
             Self::ProgramNotFound(_) => ExitCode::from(127),
+            Self::ProgramNotExecutable(_) => ExitCode::from(126),
             Self::Io(_) | Self::Start(_) => ExitCode::FAILURE,
         }
     }
@@ -141,7 +144,7 @@ struct Primary {
 
 impl Primary {
     async fn start(config: RunConfig) -> Result<Self, RunError> {
-        resolve_program(&config.command[0])?;
+        resolve_program(&config.command[0], None)?;
         let identity = crate::users::resolve(config.user.as_deref(), config.group.as_deref())
             .map_err(RunError::Usage)?;
         if config.watchdog.is_some() && config.ready != ReadyMode::Notify {
@@ -150,6 +153,12 @@ impl Primary {
             ));
         }
         let listeners = open_listeners(&config.listen, config.policy, None)?;
+        if listeners.is_empty() {
+            tracing::warn!(
+                "no listener: give -l HOST:PORT (or run under systemd socket activation); \
+                 the workers get no socket"
+            );
+        }
         let control_path = config
             .control
             .clone()
@@ -637,36 +646,50 @@ fn same_address(bound: &str, spec: &ListenSpec) -> bool {
     }
 }
 
-/// Fails early, with exit status 127, for a program that cannot be found.
-fn resolve_program(program: &str) -> Result<PathBuf, RunError> {
+/// Fails early, as a shell does: exit status 127 for a program that cannot
+/// be found, 126 for one that exists but cannot be executed. A relative
+/// path is looked up in `dir`, the workers' working directory.
+fn resolve_program(program: &str, dir: Option<&Path>) -> Result<PathBuf, RunError> {
     use std::os::unix::fs::PermissionsExt;
+    let is_file = |path: &Path| std::fs::metadata(path).is_ok_and(|m| m.is_file());
     let executable = |path: &Path| {
         std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
     };
+    let not_executable = |path: &Path| {
+        RunError::ProgramNotExecutable(format!(
+            "program {} is not executable (chmod +x it, or run it with its interpreter)",
+            path.display()
+        ))
+    };
     if program.contains('/') {
-        let path = PathBuf::from(program);
+        let path = match dir {
+            Some(dir) => dir.join(program),
+            None => PathBuf::from(program),
+        };
         if !path.exists() {
             return Err(RunError::ProgramNotFound(format!(
                 "program {program} does not exist"
             )));
         }
         if !executable(&path) {
-            return Err(RunError::ProgramNotFound(format!(
-                "program {program} is not executable"
-            )));
+            return Err(not_executable(&path));
         }
         return Ok(path);
     }
     let path_var = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path_var)
+    let candidates: Vec<PathBuf> = std::env::split_paths(&path_var)
         .map(|dir| dir.join(program))
-        .find(|candidate| executable(candidate))
-        .ok_or_else(|| {
-            RunError::ProgramNotFound(format!(
-                "program {program} not found on PATH ({})",
-                path_var.to_string_lossy()
-            ))
-        })
+        .collect();
+    if let Some(found) = candidates.iter().find(|c| executable(c)) {
+        return Ok(found.clone());
+    }
+    if let Some(found) = candidates.iter().find(|c| is_file(c)) {
+        return Err(not_executable(found));
+    }
+    Err(RunError::ProgramNotFound(format!(
+        "program {program} not found on PATH ({})",
+        path_var.to_string_lossy()
+    )))
 }
 
 /// Answers one control request.

@@ -1340,3 +1340,78 @@ async fn spawns_out_of_descriptors_are_retried_while_the_others_serve() {
     assert!(!output.contains("crash loop"), "{output}");
     assert!(output.contains("Too many open files"), "{output}");
 }
+
+/// `procluster ARGS` run to its end: exit status and stderr.
+async fn procluster_once(args: &[&str], dir: &Path) -> (i32, String) {
+    let out = tokio::time::timeout(
+        DEADLINE,
+        Command::new(procluster())
+            .args(args)
+            .current_dir(dir)
+            .env_remove("LISTEN_FDS")
+            .stdin(Stdio::null())
+            .output(),
+    )
+    .await
+    .expect("procluster ends in time")
+    .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn small_mistakes_get_the_conventional_status_and_a_useful_message() {
+    let dir = TempDir::new("cli-mistakes");
+    std::fs::write(dir.0.join("server.sh"), "#!/bin/sh\nsleep 1\n").unwrap();
+    let control = dir.0.join("c.sock");
+    let control = control.to_str().unwrap();
+
+    let (code, err) =
+        procluster_once(&["run", "--control", control, "--", "./server.sh"], &dir.0).await;
+    assert_eq!(code, 126, "exists but is not executable: {err}");
+    assert!(err.contains("not executable"), "{err}");
+
+    let (code, err) =
+        procluster_once(&["run", "-l", "tcp//127.0.0.1:80", "--", "true"], &dir.0).await;
+    assert_eq!(
+        code, 2,
+        "a malformed listen address is a usage error: {err}"
+    );
+    assert!(err.contains("did you mean tcp://"), "{err}");
+
+    let (code, err) = procluster_once(
+        &[
+            "run",
+            "-l",
+            "web=127.0.0.1:0",
+            "-l",
+            "web=127.0.0.1:0",
+            "--",
+            "true",
+        ],
+        &dir.0,
+    )
+    .await;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("two listeners are named \"web\""), "{err}");
+
+    let (code, err) = procluster_once(&["run", "-w", "2", "python3", "app.py"], &dir.0).await;
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("unexpected argument 'python3'")
+            && err.contains("procluster run -w 2 -- python3 app.py"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn a_cluster_without_any_listener_is_warned_about() {
+    let mut run = Run::start(&["-w", "1"], &["sh", "-c", "echo up; sleep 100"], &[]).await;
+    run.printed("up", 1).await;
+    run.printed_err("no listener").await;
+    let (code, _, _) = run.ctl(&["stop"]).await;
+    assert_eq!(code, 0);
+    assert_eq!(run.exit_code().await, 0);
+}
