@@ -13,7 +13,7 @@ use procluster::primary::{
     ChildFd, Cluster, Event, ForkHook, ForkOptions, Program, Settings, Stdio, WorkerHandle,
 };
 use procluster::supervisor::{
-    self, BreakerConfig, HeartbeatConfig, Readiness as SupervisorReadiness, Report,
+    self, BreakerConfig, HeartbeatConfig, Readiness as SupervisorReadiness, RecycleConfig, Report,
     SupervisedCluster, SupervisionError, SupervisionOptions, SupervisorConfig, SupervisorHandle,
     WorkerPhase,
 };
@@ -140,11 +140,31 @@ struct Primary {
     listeners: Vec<Listener>,
     /// Kept for the primary's life: the notify sockets' directory.
     notify_dir: Option<PathBuf>,
+    /// Removed when the primary ends.
+    _pidfile: Option<Pidfile>,
 }
 
 impl Primary {
     async fn start(config: RunConfig) -> Result<Self, RunError> {
-        resolve_program(&config.command[0], None)?;
+        if let Some(dir) = &config.chdir {
+            if !dir.is_dir() {
+                return Err(RunError::Usage(format!(
+                    "--chdir {}: not a directory",
+                    dir.display()
+                )));
+            }
+        }
+        resolve_program(&config.command[0], config.chdir.as_deref())?;
+        if config.max_requests.is_some()
+            && !matches!(config.ready, ReadyMode::Notify | ReadyMode::NodeIpc)
+        {
+            return Err(RunError::Usage(
+                "--max-requests needs the program to report its count: with --ready notify it \
+                 sends X_PROCLUSTER_REQUESTS=TOTAL to NOTIFY_SOCKET, with --ready node-ipc \
+                 process.send({procluster: {requests: TOTAL}})"
+                    .into(),
+            ));
+        }
         let identity = crate::users::resolve(config.user.as_deref(), config.group.as_deref())
             .map_err(RunError::Usage)?;
         if config.watchdog.is_some() && config.ready != ReadyMode::Notify {
@@ -152,7 +172,7 @@ impl Primary {
                 "--watchdog needs --ready notify (workers ping with WATCHDOG=1)".into(),
             ));
         }
-        let listeners = open_listeners(&config.listen, config.policy, None)?;
+        let listeners = open_listeners(&config.listen, config.policy, config.backlog)?;
         if listeners.is_empty() {
             tracing::warn!(
                 "no listener: give -l HOST:PORT (or run under systemd socket activation); \
@@ -164,6 +184,10 @@ impl Primary {
             .clone()
             .unwrap_or_else(|| crate::control::default_path(&config.name));
         let mut control = ControlSocket::bind(&control_path)?;
+        let pidfile = match &config.pidfile {
+            Some(path) => Some(Pidfile::write(path)?),
+            None => None,
+        };
 
         let notify_dir = match config.ready {
             ReadyMode::Notify => {
@@ -209,6 +233,12 @@ impl Primary {
             args: Some(shim.to_args()),
             stdio: Stdio::Callback(crate::logs::output_hook(config.log_format)),
             own_process_group: true,
+            env: config
+                .env
+                .iter()
+                .map(|(key, value)| (key.into(), value.into()))
+                .collect(),
+            cwd: config.chdir.clone(),
             workers: procluster::primary::Workers::Count(workers),
             program: Program::Foreign {
                 stop_signal: config.stop_signal.0,
@@ -250,6 +280,12 @@ impl Primary {
                     timeout,
                     ..HeartbeatConfig::default()
                 }),
+                recycle: RecycleConfig {
+                    max_rss: config.max_memory,
+                    max_requests: config.max_requests,
+                    max_requests_jitter: config.max_requests_jitter,
+                    max_age: config.max_age,
+                },
                 ..SupervisorConfig::default()
             },
             readiness: match config.ready {
@@ -299,6 +335,7 @@ impl Primary {
             initial_workers: workers,
             listeners,
             notify_dir,
+            _pidfile: pidfile,
         })
     }
 
@@ -506,6 +543,37 @@ impl StaticInfo {
     }
 }
 
+/// `--pidfile`: the primary's pid, written whole (a temporary file renamed
+/// into place) and removed when the primary ends.
+#[derive(Debug)]
+struct Pidfile(PathBuf);
+
+impl Pidfile {
+    fn write(path: &Path) -> Result<Self, RunError> {
+        let fail = |e: std::io::Error| {
+            RunError::Start(format!("cannot write the pid file {}: {e}", path.display()))
+        };
+        let temporary = path.with_extension(format!("tmp.{}", std::process::id()));
+        std::fs::write(&temporary, format!("{}\n", std::process::id())).map_err(fail)?;
+        std::fs::rename(&temporary, path).map_err(|e| {
+            let _ = std::fs::remove_file(&temporary);
+            fail(e)
+        })?;
+        Ok(Self(path.to_path_buf()))
+    }
+}
+
+impl Drop for Pidfile {
+    fn drop(&mut self) {
+        // Only ours: another primary may have taken the name since.
+        let ours = std::fs::read_to_string(&self.0)
+            .is_ok_and(|text| text.trim() == std::process::id().to_string());
+        if ours {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+}
+
 fn remove(path: Option<PathBuf>) {
     if let Some(path) = path {
         let _ = std::fs::remove_file(path);
@@ -526,6 +594,7 @@ async fn watch(worker: WorkerHandle, mut signals: Signals) {
                 worker.report_ready();
             }
             readiness::Signal::Watchdog => worker.report_heartbeat(),
+            readiness::Signal::Requests(total) => worker.report_requests(total),
             readiness::Signal::Stopping => {
                 tracing::info!(worker = %worker.id(), "worker says it is stopping");
             }

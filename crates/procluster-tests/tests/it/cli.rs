@@ -46,7 +46,9 @@ fn procluster() -> PathBuf {
 /// A Python worker: serves HTTP on the socket at fd 3 (`socket.fromfd`),
 /// answering `ID PID INDEX`. With `--ready notify` it sends READY=1 once the
 /// file `go` exists in its directory (at once if there is no `gate` file),
-/// and never when a file `never` exists. With a file `flood` it prints
+/// and never when a file `never` exists; with a file `count` it reports its
+/// request count (`X_PROCLUSTER_REQUESTS`) there after each request. With a
+/// file `flood` it prints
 /// lines of 1 kB on stdout (and every tenth a short one on stderr) as fast
 /// as it can, about 2000 a second. SIGTERM: stop accepting, finish the
 /// requests in flight, exit 0.
@@ -59,8 +61,13 @@ sock = socket.fromfd(3, socket.AF_INET, socket.SOCK_STREAM)
 # Every worker waits on the same socket: after a wake-up another may have
 # taken the connection, so accept must not block.
 sock.setblocking(False)
+served = [0]
 class Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
+        served[0] += 1
+        if os.environ.get("NOTIFY_SOCKET") and os.path.exists(os.path.join(here, "count")):
+            n = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            n.sendto(b"X_PROCLUSTER_REQUESTS=%d" % served[0], os.environ["NOTIFY_SOCKET"])
         body = ("%s %s %s\n" % (wid, os.getpid(), os.environ.get("PROCLUSTER_WORKER_INDEX"))).encode()
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
@@ -1414,4 +1421,189 @@ async fn a_cluster_without_any_listener_is_warned_about() {
     let (code, _, _) = run.ctl(&["stop"]).await;
     assert_eq!(code, 0);
     assert_eq!(run.exit_code().await, 0);
+}
+
+#[tokio::test]
+async fn env_env_file_chdir_backlog_and_pidfile_reach_the_workers() {
+    let dir = TempDir::new("cli-flags");
+    let home = dir.0.join("home");
+    std::fs::create_dir(&home).unwrap();
+    let env_file = dir.0.join("app.env");
+    std::fs::write(
+        &env_file,
+        "# settings\nexport FROM_FILE='file value'\nSHARED=file\n",
+    )
+    .unwrap();
+    let pidfile = dir.0.join("primary.pid");
+    let mut run = Run::start(
+        &[
+            "-w",
+            "1",
+            "-l",
+            "127.0.0.1:0",
+            "--backlog",
+            "77",
+            "--env-file",
+            env_file.to_str().unwrap(),
+            "-e",
+            "SHARED=flag",
+            "--env",
+            "EMPTY=",
+            "--chdir",
+            home.to_str().unwrap(),
+            "--pidfile",
+            pidfile.to_str().unwrap(),
+        ],
+        &[
+            "sh",
+            "-c",
+            "echo \"env [$FROM_FILE] [$SHARED] [${EMPTY-unset}] cwd $(pwd)\"; exec sleep 1000",
+        ],
+        &[],
+    )
+    .await;
+    let status = run.until_ready(1).await;
+    run.printed("env [", 1).await;
+    let line = run
+        .stdout
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|l| l.contains("env ["))
+        .cloned()
+        .unwrap();
+    assert!(
+        line.ends_with(&format!(
+            "env [file value] [flag] [] cwd {}",
+            home.display()
+        )),
+        "{line}"
+    );
+    let primary = run.child.id().unwrap();
+    assert_eq!(
+        std::fs::read_to_string(&pidfile).unwrap().trim(),
+        primary.to_string()
+    );
+    let port = Run::port(&status);
+    let listeners = procluster_tests::ss_listeners(port);
+    assert!(
+        !listeners.is_empty() && listeners.iter().all(|l| l.send_q == 77),
+        "{}",
+        listeners.len()
+    );
+    let (code, _, _) = run.ctl(&["stop"]).await;
+    assert_eq!(code, 0);
+    assert_eq!(run.exit_code().await, 0);
+    assert!(!pidfile.exists(), "the pid file goes with the primary");
+}
+
+#[tokio::test]
+async fn graceful_timeout_is_the_kill_timeout() {
+    let mut run = Run::start(
+        &["-w", "1", "--graceful-timeout", "300ms"],
+        &[
+            "sh",
+            "-c",
+            "trap '' TERM; echo ignoring-term; while :; do sleep 0.05; done",
+        ],
+        &[],
+    )
+    .await;
+    run.until_ready(1).await;
+    run.printed("ignoring-term", 1).await;
+    let (code, _, _) = run.ctl(&["stop"]).await;
+    assert_eq!(code, 0);
+    assert_eq!(
+        run.exit_code().await,
+        1,
+        "killed after the graceful timeout"
+    );
+}
+
+/// Waits until slot 0's worker is no longer `first` and the new one is
+/// ready; the status then.
+async fn replaced(run: &Run, first: u32) -> Value {
+    run.status_until("slot 0 has a new ready worker", |s| {
+        slot_pid(s, 0).is_some_and(|p| p != first)
+    })
+    .await
+}
+
+#[tokio::test]
+async fn max_age_recycles_workers_new_first() {
+    let run = Run::python(&["--max-age", "1s", "--ready", "notify"], &[]).await;
+    let first = slot_pid(&run.try_status().await.unwrap(), 0).unwrap();
+    let after = replaced(&run, first).await;
+    let recycled = after["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["index"] == 0)
+        .unwrap()
+        .clone();
+    assert_eq!(
+        recycled["restarts"], 0,
+        "a recycle is not a restart: {after}"
+    );
+    assert!(
+        run.output().contains("recycling worker"),
+        "{}",
+        run.output()
+    );
+}
+
+#[tokio::test]
+async fn max_requests_recycles_a_worker_by_the_count_it_reports() {
+    let run = Run::start(
+        &[
+            "-w",
+            "1",
+            "-l",
+            "127.0.0.1:0",
+            "--max-requests",
+            "5",
+            "--max-requests-jitter",
+            "0",
+            "--ready",
+            "notify",
+        ],
+        &["python3", "worker.py"],
+        &["count"],
+    )
+    .await;
+    let status = run.until_ready(1).await;
+    let first = slot_pid(&status, 0).unwrap();
+    let port = Run::port(&status);
+    serves(port, 5).await;
+    replaced(&run, first).await;
+    let output = run.output();
+    assert!(output.contains("requests (limit 5)"), "{output}");
+}
+
+#[tokio::test]
+async fn max_memory_counts_the_workers_whole_process_tree() {
+    // The worker itself is small; the child it starts holds 64 MiB.
+    let worker = r#"
+import signal, subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", "b = bytearray(64 << 20)\nimport time\ntime.sleep(1000)"])
+def stop(*_):
+    child.kill()
+    sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+print("tree up", flush=True)
+while True:
+    time.sleep(1)
+"#;
+    let run = Run::start(
+        &["-w", "1", "--max-memory", "40M"],
+        &["python3", "-c", worker],
+        &[],
+    )
+    .await;
+    let status = run.until_ready(1).await;
+    let first = slot_pid(&status, 0).unwrap();
+    let own = procluster_tests::rss_bytes(first).unwrap_or(0);
+    assert!(own < 40 << 20, "the worker alone is under the limit: {own}");
+    replaced(&run, first).await;
+    assert!(run.output().contains("memory"), "{}", run.output());
 }

@@ -242,6 +242,7 @@ impl SupervisedCluster {
             backlog: backlog.clone(),
             requests,
             signals,
+            last_memory_sample: None,
         };
         let task = tokio::spawn(driver.run());
         Ok(Self {
@@ -364,7 +365,13 @@ struct Driver {
     backlog: Arc<Backlog>,
     requests: mpsc::UnboundedReceiver<Request>,
     signals: Option<Signals>,
+    /// When memory was last measured.
+    last_memory_sample: Option<Instant>,
 }
+
+/// How often workers' memory is measured (a walk of `/proc`) when a
+/// memory limit is set.
+const MEMORY_SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
 
 impl Driver {
     async fn run(mut self) -> Result<Outcome, SupervisionError> {
@@ -614,8 +621,22 @@ impl Driver {
                     self.sup.requests(id, total, now);
                 }
             }
-            if rss {
-                if let Some(bytes) = super::memory::resident_bytes(t.handle.pid()) {
+        }
+        // Memory changes slowly and costs a walk of /proc: once a second.
+        let due = self
+            .last_memory_sample
+            .is_none_or(|at| now.duration_since(at) >= MEMORY_SAMPLE_INTERVAL);
+        if rss && due {
+            self.last_memory_sample = Some(now);
+            let pids: Vec<u32> = self.workers.values().map(|t| t.handle.pid()).collect();
+            let sizes = super::memory::tree_resident_bytes(&pids);
+            let workers: Vec<(WorkerId, u32)> = self
+                .workers
+                .iter()
+                .map(|(&id, t)| (id, t.handle.pid()))
+                .collect();
+            for (id, pid) in workers {
+                if let Some(&bytes) = sizes.get(&pid) {
                     self.sup.rss(id, bytes, now);
                 }
             }
