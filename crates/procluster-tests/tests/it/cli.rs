@@ -1607,3 +1607,301 @@ while True:
     replaced(&run, first).await;
     assert!(run.output().contains("memory"), "{}", run.output());
 }
+
+/// The real programs of the README's table, installed by
+/// `scripts/test-deps` in `.test-deps/` at the workspace root.
+fn test_deps() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.test-deps")
+}
+
+/// Whether `path` exists; if not, the test is skipped with a message, or
+/// fails under CI (where `.ci/run` installs it).
+fn prerequisite(path: &Path, what: &str) -> bool {
+    if path.exists() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{what} is missing at {}: run scripts/test-deps",
+        path.display()
+    );
+    eprintln!(
+        "{what} is missing at {}; run scripts/test-deps; skipping",
+        path.display()
+    );
+    false
+}
+
+/// The `procluster run …` command of the README's PM2/gunicorn table whose
+/// program is `program`, as words.
+fn readme_command(program: &str) -> Vec<String> {
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../README.md"))
+            .expect("README.md");
+    let table = readme
+        .split("### For users of PM2, gunicorn and systemd")
+        .nth(1)
+        .and_then(|rest| rest.split("\n\n").find(|block| block.starts_with('|')))
+        .expect("the README's table");
+    table
+        .split('`')
+        .filter(|code| code.starts_with("procluster run "))
+        .map(|code| {
+            code.split_whitespace()
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        })
+        .find(|words| {
+            words
+                .iter()
+                .position(|w| w == "--")
+                .is_some_and(|at| words.get(at + 1).is_some_and(|p| p == program))
+        })
+        .unwrap_or_else(|| panic!("no `procluster run … -- {program}` in the README's table"))
+}
+
+/// A Python WSGI app for gunicorn: `ID PID INDEX`.
+const WSGI_APP: &str = r#"
+import os
+def app(environ, start_response):
+    body = ("%s %s %s\n" % (os.environ["PROCLUSTER_WORKER_ID"], os.getpid(), os.environ["PROCLUSTER_WORKER_INDEX"])).encode()
+    start_response("200 OK", [("Content-Length", str(len(body)))])
+    return [body]
+"#;
+
+/// A Python ASGI app for uvicorn: `ID PID INDEX`.
+const ASGI_APP: &str = r#"
+import os
+async def app(scope, receive, send):
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+    body = ("%s %s %s\n" % (os.environ["PROCLUSTER_WORKER_ID"], os.getpid(), os.environ["PROCLUSTER_WORKER_INDEX"])).encode()
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+"#;
+
+/// Node's plain `http`, as the README's PM2 row says.
+const NODE_APP: &str = r#"
+const http = require('http');
+const server = http.createServer((req, res) =>
+  res.end(`${process.env.PROCLUSTER_WORKER_ID} ${process.pid} ${process.env.PROCLUSTER_WORKER_INDEX}\n`));
+server.listen({ fd: 3 }, () => process.send('ready'));
+process.on('SIGTERM', () => server.close(() => process.exit(0)));
+"#;
+
+/// The same with express.
+const EXPRESS_APP: &str = r#"
+const app = require('express')();
+app.get('/', (req, res) =>
+  res.send(`${process.env.PROCLUSTER_WORKER_ID} ${process.pid} ${process.env.PROCLUSTER_WORKER_INDEX}\n`));
+const server = app.listen({ fd: 3 }, () => process.send('ready'));
+process.on('SIGTERM', () => server.close(() => process.exit(0)));
+"#;
+
+impl Run {
+    /// Runs a README command: its port becomes 0 (any free one), the
+    /// control socket is the run's own; `app` is written to `file` in the
+    /// run's directory, and `env` is added to procluster's environment.
+    async fn readme(command: &[String], file: &str, app: &str, env: &[(&str, String)]) -> Self {
+        let dir = TempDir::new("cli-readme");
+        std::fs::write(dir.0.join(file), app).unwrap();
+        let control = dir.0.join("control.sock");
+        let args: Vec<String> = command[2..]
+            .iter()
+            .map(|word| match word.rsplit_once(':') {
+                Some((host, port)) if host == "127.0.0.1" && port.parse::<u16>().is_ok() => {
+                    "127.0.0.1:0".to_string()
+                }
+                _ => word.clone(),
+            })
+            .collect();
+        let mut child = Command::new(procluster());
+        child
+            .arg("run")
+            .arg("--control")
+            .arg(&control)
+            .args(&args)
+            .current_dir(&dir.0)
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("LISTEN_FDS")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        for (key, value) in env {
+            child.env(key, value);
+        }
+        let mut child = child.spawn().expect("start a README command");
+        let (stdout, out_reader) = collect(child.stdout.take().unwrap());
+        let (stderr, err_reader) = collect(child.stderr.take().unwrap());
+        Self {
+            child,
+            control,
+            dir,
+            stdout,
+            stderr,
+            readers: vec![out_reader, err_reader],
+        }
+    }
+
+    /// The number of workers the command asked for.
+    fn workers_of(command: &[String]) -> usize {
+        let at = command.iter().position(|w| w == "-w").expect("-w");
+        match command[at + 1].as_str() {
+            "auto" => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n.parse().unwrap(),
+        }
+    }
+
+    /// Ready, served by every worker, reloaded with `reload --wait` under
+    /// requests that all get answers, served by the new workers, stopped
+    /// with exit 0.
+    async fn behaves_as_the_readme_says(mut self, workers: usize) {
+        let ready = self.until_ready(workers).await;
+        let port = Run::port(&ready);
+        served_by_ids(port, &ids(&ready)).await;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let load = {
+            let stop = stop.clone();
+            tokio::task::spawn_blocking(move || {
+                let (mut ok, mut failed) = (0, Vec::new());
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) && ok < 20_000 {
+                    match get(port) {
+                        Ok(_) => ok += 1,
+                        Err(e) => failed.push(e.to_string()),
+                    }
+                }
+                (ok, failed)
+            })
+        };
+        let (code, out, err) = self.ctl(&["reload", "--wait"]).await;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(code, 0, "{out}{err}\n{}", self.output());
+        let (ok, failed) = load.await.unwrap();
+        assert!(
+            failed.is_empty() && ok > 0,
+            "{} failed of {}: {failed:?}",
+            failed.len(),
+            ok + failed.len()
+        );
+        let after = self.until_ready(workers).await;
+        assert!(
+            pids(&after).iter().all(|p| !pids(&ready).contains(p)),
+            "every worker is new"
+        );
+        served_by_ids(port, &ids(&after)).await;
+        let (code, _, _) = self.ctl(&["stop"]).await;
+        assert_eq!(code, 0);
+        assert_eq!(self.exit_code().await, 0, "{}", self.output());
+    }
+}
+
+/// The workers' ids (`PROCLUSTER_WORKER_ID`), sorted.
+fn ids(status: &Value) -> Vec<u64> {
+    let mut ids: Vec<u64> = status["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["id"].as_u64().unwrap())
+        .collect();
+    ids.sort_unstable();
+    ids
+}
+
+/// Requests until every worker id in `wanted` has answered (by the first
+/// field of the body: a forking server answers from a child process, with
+/// the worker's id but a pid of its own).
+async fn served_by_ids(port: u16, wanted: &[u64]) {
+    let mut seen = std::collections::BTreeSet::new();
+    let start = Instant::now();
+    while !wanted.iter().all(|id| seen.contains(id)) {
+        let body = get_async(port).await.expect("a worker answers");
+        seen.insert(body.split(' ').next().unwrap().parse::<u64>().unwrap());
+        assert!(
+            start.elapsed() < DEADLINE,
+            "not every worker served: wanted {wanted:?}, saw {seen:?}"
+        );
+    }
+}
+
+fn venv_path() -> String {
+    let bin = test_deps().join("venv/bin");
+    format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    )
+}
+
+#[tokio::test]
+async fn the_readmes_gunicorn_command_serves_reloads_and_scales_by_signal() {
+    if !prerequisite(&test_deps().join("venv/bin/gunicorn"), "gunicorn") {
+        return;
+    }
+    let command = readme_command("gunicorn");
+    let workers = Run::workers_of(&command);
+    let run = Run::readme(&command, "app.py", WSGI_APP, &[("PATH", venv_path())]).await;
+    let ready = run.until_ready(workers).await;
+    // gunicorn's signals, sent to the primary.
+    let primary = run.child.id().unwrap();
+    kill_pid(primary, Signal::TTIN);
+    run.until_ready(workers + 1).await;
+    kill_pid(primary, Signal::TTOU);
+    run.until_ready(workers).await;
+    kill_pid(primary, Signal::HUP);
+    run.status_until("SIGHUP reloaded every worker", |s| {
+        s["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|w| w["generation"] == 1 && w["state"] == "ready")
+            .count()
+            == workers
+    })
+    .await;
+    let output = run.output();
+    assert!(!output.contains("Bad file descriptor"), "{output}");
+    assert!(
+        !output.contains("gunicorn.ctl"),
+        "no control socket of gunicorn's: {output}"
+    );
+    let _ = ready;
+    run.behaves_as_the_readme_says(workers).await;
+}
+
+#[tokio::test]
+async fn the_readmes_uvicorn_command_serves_and_reloads() {
+    if !prerequisite(&test_deps().join("venv/bin/uvicorn"), "uvicorn") {
+        return;
+    }
+    let command = readme_command("uvicorn");
+    let workers = Run::workers_of(&command);
+    let run = Run::readme(&command, "app.py", ASGI_APP, &[("PATH", venv_path())]).await;
+    run.behaves_as_the_readme_says(workers).await;
+}
+
+#[tokio::test]
+async fn the_readmes_node_command_serves_and_reloads_with_plain_http_and_express() {
+    let modules = test_deps().join("node/node_modules");
+    if !node_available() {
+        assert!(std::env::var_os("CI").is_none(), "node is required");
+        eprintln!("node is not installed; skipping");
+        return;
+    }
+    if !prerequisite(&modules.join("express"), "express") {
+        return;
+    }
+    let command = readme_command("node");
+    let workers = Run::workers_of(&command);
+    for app in [NODE_APP, EXPRESS_APP] {
+        let env = [("NODE_PATH", modules.display().to_string())];
+        let run = Run::readme(&command, "app.js", app, &env).await;
+        run.behaves_as_the_readme_says(workers).await;
+    }
+}
