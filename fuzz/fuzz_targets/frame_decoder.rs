@@ -7,7 +7,9 @@ use libfuzzer_sys::fuzz_target;
 use procluster::protocol::{Control, FrameDecoder};
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&cut, rest)) = data.split_first() else { return };
+    let Some((&cut, rest)) = data.split_first() else {
+        return;
+    };
     let cut = usize::from(cut).max(1);
     let mut decoder = FrameDecoder::new(64 * 1024);
     for chunk in rest.chunks(cut) {

@@ -1,6 +1,8 @@
 //! Shared pieces of the integration tests: the messages the test worker
 //! understands, and helpers to wait for events with generous deadlines.
 
+pub mod redis;
+
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -58,11 +60,42 @@ pub fn name(event: &Event) -> &'static str {
     }
 }
 
+/// Whether this is a CI run: the `CI` environment variable is set (and not
+/// empty, `0` or `false`), as CI services set it.
+pub fn in_ci() -> bool {
+    std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "0" && v != "false")
+}
+
+/// Whether a test whose prerequisite may be missing on a developer's machine
+/// (node, root, IPv6...) goes on: `true` when `available`. When it is
+/// missing, a CI run ([`in_ci`]) fails right here, naming it, so that no test
+/// passes in CI without having run; elsewhere the test is skipped with a
+/// note on stderr.
+///
+/// ```no_run
+/// # fn ipv6() -> bool { true }
+/// if !procluster_tests::prerequisite("an IPv6 loopback", ipv6()) {
+///     return;
+/// }
+/// ```
+#[track_caller]
+pub fn prerequisite(what: &str, available: bool) -> bool {
+    if available {
+        return true;
+    }
+    assert!(
+        !in_ci(),
+        "missing prerequisite: {what} (CI is set, so the test fails instead of skipping)"
+    );
+    eprintln!("skipped: missing prerequisite: {what} (with CI set, this fails)");
+    false
+}
+
 /// Number of open descriptors of this process.
 pub fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd")
-        .map(|d| d.count())
-        .unwrap_or(0)
+        .expect("/proc/self/fd lists the open descriptors (Linux procfs)")
+        .count()
 }
 
 /// Whether a process exists (and is not a zombie).
@@ -117,6 +150,14 @@ pub enum Command {
     /// Start a child and report which descriptors it has, and what the
     /// worker's own channel is, to show the child did not inherit it.
     ChildFds,
+    /// Open the cluster's service `service`, send `text` through it (with
+    /// a descriptor of /dev/null attached if `with_fd`), and reply
+    /// `ServiceEcho` with what came back, or with the error.
+    ServiceEcho {
+        service: String,
+        text: String,
+        with_fd: bool,
+    },
     /// Start this program again as a child that reports what `role()` says,
     /// with a socket made by the worker at fd 3: the worst case of a child
     /// that inherits the worker's environment and finds a socket at fd 3.
@@ -150,6 +191,9 @@ pub enum Reply {
     ChildEnv(String),
     /// What `role()` said in a child of the worker.
     ChildRole(String),
+    /// What a service echoed (`Ok(text, descriptors that came back)`), or why
+    /// the service could not be used.
+    ServiceEcho(Result<(String, usize), String>),
     Fds(usize),
     /// What `ChildFds` saw: the link target of the worker's channel (fd 3)
     /// and of every descriptor of the child.
@@ -365,8 +409,23 @@ pub enum NetCommand {
     /// `listen_udp(addr)`; every datagram is reported as
     /// `NetReply::Datagram`.
     ListenUdp { addr: String },
+    /// `listen_udp_with(addr, …)` with these options.
+    ListenUdpWith {
+        addr: String,
+        exclusive: bool,
+        reuse_address: bool,
+    },
     /// `listen_unix(path)`, served like `Serve::Hold` with `capacity` loops.
     ListenUnix { path: String, capacity: usize },
+    /// `listen_unix_with(path, …)` with these options, one accept loop.
+    ListenUnixWith {
+        path: String,
+        readable_all: bool,
+        writable_all: bool,
+    },
+    /// Drops the UDP socket or Unix listener reported as listening on
+    /// `address`; the reply is `NetReply::Closed`.
+    Close { address: String },
 }
 
 /// How a worker in `net` mode serves a TCP listener.
@@ -393,6 +452,8 @@ pub enum NetReply {
     Failed { kind: String, message: String },
     /// A datagram arrived on a UDP socket.
     Datagram(String),
+    /// The listener of a `Close` is dropped.
+    Closed,
 }
 
 /// Reads the `worker <id>\n` greeting of a `net` mode worker.

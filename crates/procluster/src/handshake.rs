@@ -97,9 +97,9 @@ pub(crate) fn marked_by_parent() -> Option<u32> {
 /// and reads its settings. `ready_to_start` runs after the checks that
 /// consume nothing, so a refusal there (no runtime) repeats itself on the
 /// next call.
-pub(crate) fn detect(
-    ready_to_start: impl FnOnce() -> Result<(), crate::Error>,
-) -> Result<Detected, DetectError> {
+pub(crate) fn detect<E>(
+    ready_to_start: impl FnOnce() -> Result<(), E>,
+) -> Result<Detected, DetectError<E>> {
     let Some(primary) = marked_by_parent() else {
         return Ok(Detected::NotWorker);
     };
@@ -122,11 +122,11 @@ pub(crate) fn detect(
 
 /// How `detect` failed.
 #[derive(Debug)]
-pub(crate) enum DetectError {
+pub(crate) enum DetectError<E> {
     /// Marked as a worker, but not a usable one.
     Broken(Broken),
     /// The caller refused to start (for example, no runtime).
-    Refused(crate::Error),
+    Refused(E),
 }
 
 /// The socket at fd 3 must be a Unix stream socket whose other end the

@@ -90,7 +90,9 @@ pub use protocol::{Format, Policy, UnknownName};
 
 use crate::sync::lock;
 
-/// The fd number at which a worker finds its channel.
+/// The fd number at which a worker finds its channel. In a worker the
+/// library owns this descriptor once [`role()`] has run: the application
+/// must not close it or take it for itself.
 pub const CHANNEL_FD: i32 = 3;
 
 /// The one environment variable a primary sets in its workers:

@@ -11,6 +11,24 @@ use serde::de::DeserializeOwned;
 use crate::WorkerId;
 use crate::protocol::Format;
 
+/// A frame of one of the cluster's services (a work pool, the bus...), as
+/// it arrived at either end.
+#[derive(Debug)]
+pub struct ServiceFrame {
+    /// How the body is encoded (the service decides; the header carries it).
+    pub format: Format,
+    /// The service's bytes.
+    pub body: Bytes,
+    /// Descriptors that came with the frame.
+    pub fds: Vec<OwnedFd>,
+}
+
+/// Splits a service frame's payload into the service's index and its body.
+pub(crate) fn split_service_payload(payload: Bytes) -> (u16, Bytes) {
+    let index = u16::from_le_bytes([payload[0], payload[1]]);
+    (index, payload.slice(2..))
+}
+
 /// A message received from the other end of a channel.
 ///
 /// The payload is kept encoded until [`Message::decode`] is called, so one

@@ -1,6 +1,6 @@
 //! The only module with `unsafe` code: what must run between `fork` and
-//! `exec` in a new worker, changes to the process environment, and the
-//! calling thread's scheduling policy.
+//! `exec` in a new worker, descriptors inherited by number, registration
+//! with Tokio's reactor, and the calling thread's scheduling policy.
 //!
 //! Everything else in the crate goes through the safe wrappers of `rustix`,
 //! `socket2` and `tokio`.
@@ -87,13 +87,16 @@ pub(crate) fn prepare_child(
         }
         Ok(())
     };
-    // SAFETY: the hook runs in the forked child before `exec`; it only makes
-    // raw system calls through rustix (prctl, getppid, setpgid, fcntl, dup2,
-    // prlimit64),
-    // which are async-signal-safe, and `sched_setscheduler`, which POSIX does
-    // not list as such but glibc and musl implement as a bare system call
-    // stub; it allocates nothing and takes no lock.
-    // The captured vector was allocated before the fork and is only read.
+    // SAFETY: `pre_exec` asks that the hook, which runs in the forked child
+    // before `exec`, do only what is safe in a child of a multi-threaded
+    // process: no allocation, no lock, async-signal-safe calls only. It makes
+    // system calls through rustix (prctl, getppid, setpgid, fcntl, prlimit64)
+    // and libc (dup2, fcntl), all async-signal-safe, plus
+    // `sched_setscheduler`, which POSIX does not list as such but glibc and
+    // musl implement as a bare system call stub; `abort` is async-signal-safe
+    // too. Its errors are `io::Error`s made from an errno, which allocate
+    // nothing. The captured vector was allocated before the fork and is only
+    // read.
     unsafe {
         command.pre_exec(hook);
     }
@@ -119,14 +122,15 @@ fn move_fds(moves: &[(OwnedFd, RawFd)], base: RawFd) -> std::io::Result<()> {
         std::mem::forget(copy);
     }
     for (i, (_, target)) in moves.iter().enumerate() {
-        // SAFETY: plain system calls on descriptor numbers, no ownership
-        // involved: `scratch[i]` is a copy this child made above and keeps
+        // SAFETY: `dup2` and `fcntl(F_SETFD)` take descriptor numbers and no
+        // pointer. `scratch[i]` is a copy this child made above and keeps
         // open until exec; `target` is a number the child wants filled,
-        // open or not (dup2 closes whatever is there, atomically). dup2
-        // leaves the new descriptor without close-on-exec, except when
-        // source and target are the same number, which cannot happen here
-        // (scratch numbers are above every target); the flag is cleared
-        // explicitly all the same.
+        // open or not: dup2 closes whatever is there, atomically, and that
+        // belongs to the parent's image, which nothing in this child uses
+        // again before exec replaces it. dup2 leaves the new descriptor
+        // without close-on-exec, except when source and target are the same
+        // number, which cannot happen here (scratch numbers are above every
+        // target); the flag is cleared explicitly all the same.
         let placed = unsafe {
             libc::dup2(scratch[i], *target) == *target
                 && libc::fcntl(*target, libc::F_SETFD, 0) == 0
@@ -138,24 +142,32 @@ fn move_fds(moves: &[(OwnedFd, RawFd)], base: RawFd) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Whether descriptor number `fd` is open in this process, asked without
+/// borrowing it (a borrow must only ever name an open descriptor).
+fn is_open(fd: RawFd) -> bool {
+    // SAFETY: `fcntl(F_GETFD)` takes a bare number and no pointer: it reads
+    // the descriptor's flags, or fails with EBADF when nothing is open at
+    // that number. Nothing is borrowed, owned or closed.
+    fd >= 0 && unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0
+}
+
 /// Takes a descriptor number handed down by the parent, such as the worker's
 /// channel at fd 3, and marks it close-on-exec so the worker's own children do
 /// not inherit it.
 ///
 /// Returns `None` if `fd` is not open.
 pub(crate) fn adopt_inherited_fd(fd: RawFd) -> Option<OwnedFd> {
-    if fd < 0 {
+    if !is_open(fd) {
         return None;
     }
-    // SAFETY: we only borrow the number to ask the kernel whether it is open;
-    // the borrow does not outlive this statement.
-    let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-    rustix::io::fcntl_getfd(borrowed).ok()?;
-    // SAFETY: the fd is open (checked above). The only caller, the worker
-    // handshake, adopts it once it has checked that it is the socket the
-    // primary placed for this process (its peer is the primary), and at most
-    // once per process (under `role()`'s lock, failures latched): nothing
-    // else in the process owns it.
+    // SAFETY: `from_raw_fd` needs an open descriptor that nothing else in
+    // the process owns. It is open (checked just above, on the bare number).
+    // The only caller, the worker handshake, adopts it once it has checked
+    // that it is the socket the primary placed for this process (its peer is
+    // the primary), and at most once per process (under `role()`'s lock; a
+    // failure after adoption is latched, so there is no second attempt).
+    // Nothing else owns it as long as the application leaves a worker's
+    // fd 3 ([`crate::CHANNEL_FD`]) to the library, as documented.
     let owned = unsafe { OwnedFd::from_raw_fd(fd) };
     rustix::io::fcntl_setfd(&owned, FdFlags::CLOEXEC).ok()?;
     Some(owned)
@@ -168,15 +180,16 @@ pub(crate) fn with_inherited_fd<R>(
     fd: RawFd,
     f: impl FnOnce(std::os::fd::BorrowedFd<'_>) -> R,
 ) -> Option<R> {
-    if fd < 0 {
+    if !is_open(fd) {
         return None;
     }
-    // SAFETY: the borrow lives for this call only and is used for `fcntl`
-    // and `f`'s queries; ownership is never taken and nothing is closed. Were
-    // the number closed meanwhile by another thread, those calls would fail
-    // with EBADF (or query whatever took the number), never touch memory.
+    // SAFETY: `borrow_raw` needs a number that stays open while borrowed.
+    // It is open (checked just above) and nothing here closes it: the
+    // borrow lives for this call only, ownership is never taken. The number
+    // is inherited and owned by no handle of the library; should code
+    // elsewhere in the process close it meanwhile, `f`'s queries fail with
+    // EBADF, or ask about whatever took the number, and touch no memory.
     let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-    rustix::io::fcntl_getfd(borrowed).ok()?;
     Some(f(borrowed))
 }
 
@@ -187,14 +200,16 @@ pub(crate) fn with_inherited_fd<R>(
 /// it), so calling this twice, or on a number other code owns, is harmless.
 /// `None` if `fd` is not open.
 pub(crate) fn duplicate_inherited_fd(fd: RawFd) -> Option<OwnedFd> {
-    if fd < 0 {
+    if !is_open(fd) {
         return None;
     }
-    // SAFETY: the borrow lasts for this function only and is used for
-    // `fcntl` calls, which fail harmlessly with EBADF on a closed number;
-    // ownership of the number is never taken.
+    // SAFETY: `borrow_raw` needs a number that stays open while borrowed.
+    // It is open (checked just above) and nothing here closes it: the
+    // borrow lasts for this function only and is used for two `fcntl` calls.
+    // The number is inherited and owned by no handle of the library; should
+    // code elsewhere in the process close it meanwhile, those calls fail
+    // with EBADF, or act on whatever took the number, and touch no memory.
     let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-    rustix::io::fcntl_getfd(borrowed).ok()?;
     let copy = rustix::io::fcntl_dupfd_cloexec(borrowed, 0).ok()?;
     let _ = rustix::io::fcntl_setfd(borrowed, FdFlags::CLOEXEC);
     Some(copy)
@@ -238,9 +253,11 @@ pub(crate) fn async_fd(
     fd: OwnedFd,
     interest: tokio::io::Interest,
 ) -> std::io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
-    // SAFETY: `fd` is an `OwnedFd` moved into the `AsyncFd`, which owns it
-    // for its whole life: it stays open and names the same description until
-    // the `AsyncFd` is dropped, and `OwnedFd::as_raw_fd` always returns it.
+    // SAFETY: the descriptor must stay open, name the same description and
+    // be what `as_raw_fd` returns for the `AsyncFd`'s whole life. `fd` is an
+    // `OwnedFd` moved into the `AsyncFd`, which owns it until dropped, and
+    // `OwnedFd::as_raw_fd` always returns the same number; no caller swaps
+    // it out through `AsyncFd::get_mut` (the crate only uses `get_ref`).
     unsafe {
         tokio::io::unix::AsyncFd::register_with_interest(fd, interest).map_err(|e| e.into_parts().1)
     }

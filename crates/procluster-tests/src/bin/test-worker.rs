@@ -101,6 +101,31 @@ fn busy_loop() -> ! {
     }
 }
 
+/// One round trip through a service whose primary side echoes frames.
+async fn service_echo(
+    worker: &Worker,
+    service: &str,
+    text: &str,
+    with_fd: bool,
+) -> Result<(String, usize), String> {
+    let port = worker
+        .service(service, |port| port)
+        .map_err(|e| e.to_string())?;
+    let fds = if with_fd {
+        vec![std::fs::File::open("/dev/null").expect("/dev/null").into()]
+    } else {
+        Vec::new()
+    };
+    port.send(port.format(), text.as_bytes(), fds)
+        .await
+        .map_err(|e| e.to_string())?;
+    let frame = port.recv().await.ok_or("the service's port closed")?;
+    Ok((
+        String::from_utf8_lossy(&frame.body).into_owned(),
+        frame.fds.len(),
+    ))
+}
+
 async fn serve(worker: Worker) {
     let shutdown = worker.shutdown_signal();
     tokio::pin!(shutdown);
@@ -166,6 +191,11 @@ async fn handle(worker: &Worker, command: Command, message: &mut procluster::Mes
                 .expect("sh");
             Reply::ChildEnv(String::from_utf8_lossy(&out.stdout).into_owned())
         }
+        Command::ServiceEcho {
+            service,
+            text,
+            with_fd,
+        } => Reply::ServiceEcho(service_echo(worker, &service, &text, with_fd).await),
         Command::ChildRole => {
             let (ours, theirs) = std::os::unix::net::UnixStream::pair().expect("socketpair");
             // The shell moves its standard input (our socket) to fd 3, then
@@ -237,7 +267,7 @@ mod net {
     use std::sync::Arc;
     use std::task::Poll;
 
-    use procluster::listeners::{TcpListener, TcpOptions};
+    use procluster::listeners::{TcpListener, TcpOptions, UdpOptions, UnixOptions};
     use procluster::worker::Worker;
     use procluster_tests::{NetCommand, NetReply, Serve};
     use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -250,8 +280,42 @@ mod net {
         // Loops that never end by themselves; aborted at the end.
         let mut background = JoinSet::new();
         let mut kept = Vec::new();
+        let mut kept_unix = Vec::new();
+        // The tasks serving each UDP socket or Unix listener, by address.
+        let mut holders: std::collections::HashMap<String, Vec<tokio::task::JoinHandle<()>>> =
+            std::collections::HashMap::new();
         while let Some(message) = worker.recv().await {
-            let command: NetCommand = message.decode().expect("a net command");
+            let command = match message.decode().expect("a net command") {
+                NetCommand::ListenUdp { addr } => NetCommand::ListenUdpWith {
+                    addr,
+                    exclusive: false,
+                    reuse_address: false,
+                },
+                NetCommand::ListenUnixWith {
+                    path,
+                    readable_all,
+                    writable_all,
+                } => {
+                    let mut options = UnixOptions::default();
+                    options.readable_all = readable_all;
+                    options.writable_all = writable_all;
+                    let reply = match worker.listen_unix_with(&path, options).await {
+                        Err(e) => failed(&e),
+                        Ok(listener) => {
+                            kept_unix.push(listener);
+                            NetReply::Listening {
+                                address: path,
+                                round_robin: false,
+                            }
+                        }
+                    };
+                    if worker.send(&reply).await.is_err() {
+                        break;
+                    }
+                    continue;
+                }
+                other => other,
+            };
             let reply = match command {
                 NetCommand::ListenTcp {
                     addr,
@@ -306,7 +370,22 @@ mod net {
                         }
                     }
                 }
-                NetCommand::ListenUdp { addr } => match worker.listen_udp(&addr).await {
+                NetCommand::ListenUdp { .. } | NetCommand::ListenUnixWith { .. } => {
+                    unreachable!("rewritten above")
+                }
+                NetCommand::ListenUdpWith {
+                    addr,
+                    exclusive,
+                    reuse_address,
+                } => match worker
+                    .listen_udp_with(&addr, {
+                        let mut options = UdpOptions::default();
+                        options.exclusive = exclusive;
+                        options.reuse_address = reuse_address;
+                        options
+                    })
+                    .await
+                {
                     Err(e) => failed(&e),
                     Ok(socket) => {
                         let reply = NetReply::Listening {
@@ -314,7 +393,7 @@ mod net {
                             round_robin: false,
                         };
                         let worker = worker.clone();
-                        background.spawn(async move {
+                        let task = tokio::spawn(async move {
                             let mut buf = vec![0u8; 2048];
                             while let Ok(n) = socket.recv(&mut buf).await {
                                 let text = String::from_utf8_lossy(&buf[..n]).into_owned();
@@ -323,6 +402,9 @@ mod net {
                                 }
                             }
                         });
+                        if let NetReply::Listening { address, .. } = &reply {
+                            holders.entry(address.clone()).or_default().push(task);
+                        }
                         reply
                     }
                 },
@@ -334,11 +416,12 @@ mod net {
                             for _ in 0..capacity {
                                 let listener = listener.clone();
                                 let id = worker.id().get();
-                                background.spawn(async move {
+                                let task = tokio::spawn(async move {
                                     while let Ok((stream, _)) = listener.accept().await {
                                         greet_and_hold(stream, id).await;
                                     }
                                 });
+                                holders.entry(path.clone()).or_default().push(task);
                             }
                             NetReply::Listening {
                                 address: path,
@@ -347,13 +430,24 @@ mod net {
                         }
                     }
                 }
+                NetCommand::Close { address } => {
+                    for task in holders.remove(&address).unwrap_or_default() {
+                        task.abort();
+                        let _ = task.await;
+                    }
+                    NetReply::Closed
+                }
             };
             if worker.send(&reply).await.is_err() {
                 break;
             }
         }
         // Disconnected: serve what was accepted, then exit.
+        for task in holders.into_values().flatten() {
+            task.abort();
+        }
         drop(kept);
+        drop(kept_unix);
         background.abort_all();
         while serving.join_next().await.is_some() {}
     }

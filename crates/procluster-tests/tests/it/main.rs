@@ -28,4 +28,5 @@ pub fn test_primary() -> &'static str {
 mod cli;
 mod demo;
 mod listeners;
+mod services;
 mod supervisor;

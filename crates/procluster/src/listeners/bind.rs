@@ -19,6 +19,12 @@ pub struct TcpBind {
     pub ipv6_only: Option<bool>,
     /// `SO_REUSEPORT`, to bind the same address again.
     pub reuse_port: bool,
+    /// Bind as the first socket of its group: the bind fails with
+    /// `AddrInUse` when any socket holds the address, even one that set
+    /// `SO_REUSEPORT` (another cluster, an old version still running); with
+    /// [`reuse_port`](Self::reuse_port), `SO_REUSEPORT` is set only after the
+    /// bind, so the group's later sockets can still join.
+    pub first: bool,
 }
 
 /// Parses `host:port` (IPv6 in brackets) into a socket address, resolving a
@@ -54,9 +60,8 @@ pub fn tcp(addr: SocketAddr, options: TcpBind) -> io::Result<Socket> {
         Some(Protocol::TCP),
     )?;
     socket.set_reuse_address(true)?;
-    if options.reuse_port {
-        #[cfg(all(unix, not(target_os = "solaris"), not(target_os = "illumos")))]
-        socket.set_reuse_port(true)?;
+    if options.reuse_port && !options.first {
+        set_reuse_port(&socket)?;
     }
     if addr.is_ipv6() {
         socket.set_only_v6(options.ipv6_only.unwrap_or(false))?;
@@ -65,6 +70,11 @@ pub fn tcp(addr: SocketAddr, options: TcpBind) -> io::Result<Socket> {
     socket
         .bind(&addr.into())
         .map_err(|e| bind_error(e, &format!("tcp://{addr}")))?;
+    if options.reuse_port && options.first {
+        // Alone on the address so far; now others of the group may join
+        // (Linux reads the flag of the bound socket when they bind).
+        set_reuse_port(&socket)?;
+    }
     let backlog = options
         .backlog
         .unwrap_or(DEFAULT_BACKLOG)
@@ -81,20 +91,60 @@ pub fn tcp(addr: SocketAddr, options: TcpBind) -> io::Result<Socket> {
 /// # Errors
 /// The bind error, naming the address.
 pub fn udp(addr: SocketAddr, reuse_port: bool) -> io::Result<Socket> {
+    udp_with(
+        addr,
+        UdpBind {
+            reuse_port,
+            ..UdpBind::default()
+        },
+    )
+}
+
+/// Options for a UDP socket.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct UdpBind {
+    /// For an IPv6 address: IPv6 only (default: dual stack).
+    pub ipv6_only: Option<bool>,
+    /// `SO_REUSEADDR` (Node's `reuseAddr`): bind an address another socket
+    /// with the option holds (multicast receivers).
+    pub reuse_address: bool,
+    /// `SO_REUSEPORT`, to bind the same address again.
+    pub reuse_port: bool,
+}
+
+/// [`udp`] with every option.
+///
+/// # Errors
+/// The bind error, naming the address.
+pub fn udp_with(addr: SocketAddr, options: UdpBind) -> io::Result<Socket> {
     let socket = Socket::new(
         Domain::for_address(addr),
         Type::DGRAM.cloexec(),
         Some(Protocol::UDP),
     )?;
-    if reuse_port {
-        #[cfg(all(unix, not(target_os = "solaris"), not(target_os = "illumos")))]
-        socket.set_reuse_port(true)?;
+    if options.reuse_port {
+        set_reuse_port(&socket)?;
+    }
+    if options.reuse_address {
+        socket.set_reuse_address(true)?;
+    }
+    if addr.is_ipv6() {
+        socket.set_only_v6(options.ipv6_only.unwrap_or(false))?;
     }
     socket.set_nonblocking(true)?;
     socket
         .bind(&addr.into())
         .map_err(|e| bind_error(e, &format!("udp://{addr}")))?;
     Ok(socket)
+}
+
+/// `SO_REUSEPORT`, where the system has it.
+fn set_reuse_port(socket: &Socket) -> io::Result<()> {
+    #[cfg(all(unix, not(target_os = "solaris"), not(target_os = "illumos")))]
+    socket.set_reuse_port(true)?;
+    #[cfg(not(all(unix, not(target_os = "solaris"), not(target_os = "illumos"))))]
+    let _ = socket;
+    Ok(())
 }
 
 /// Binds and listens on a Unix stream socket path; the socket is

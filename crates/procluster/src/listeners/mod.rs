@@ -37,9 +37,11 @@
 pub mod activation;
 pub mod bind;
 mod distributor;
+mod held;
 pub(crate) mod registry;
 pub mod slots;
 pub(crate) mod tcp;
 
 pub use bind::{DEFAULT_BACKLOG, describe_socket};
+pub use held::{FdListener, UdpOptions, UdpSocket, UnixListener, UnixOptions};
 pub use tcp::{DEFAULT_PREFETCH, TcpListener, TcpOptions};

@@ -295,10 +295,66 @@ fn errno_of(error: &io::Error) -> Option<i32> {
     })
 }
 
+/// Longest path a Unix socket address holds (`sun_path`, less its NUL).
+const MAX_UNIX_PATH: usize = 107;
+
+/// The form of an absolute socket path to bind: the path itself, or, when
+/// it is too long for a socket address, the path relative to the primary's
+/// working directory if that one fits (as Node's primary does).
+fn bindable_path(path: &std::path::Path) -> PathBuf {
+    let fits = |p: &std::path::Path| p.as_os_str().len() <= MAX_UNIX_PATH;
+    if fits(path) {
+        return path.to_path_buf();
+    }
+    match std::env::current_dir() {
+        Ok(cwd) => {
+            let relative = relative_to(path, &cwd);
+            if fits(&relative) {
+                relative
+            } else {
+                path.to_path_buf()
+            }
+        }
+        Err(_) => path.to_path_buf(),
+    }
+}
+
+/// `path` relative to `base`, both absolute, by their components alone.
+fn relative_to(path: &std::path::Path, base: &std::path::Path) -> PathBuf {
+    let path: Vec<_> = path.components().collect();
+    let base: Vec<_> = base.components().collect();
+    let common = path.iter().zip(&base).take_while(|(a, b)| a == b).count();
+    let mut relative = PathBuf::new();
+    for _ in common..base.len() {
+        relative.push("..");
+    }
+    for component in &path[common..] {
+        relative.push(component);
+    }
+    relative
+}
+
+/// How a group bound to what `spec` asks for describes its address, when
+/// the request names one exactly (not port 0, not a host name).
+fn bound_form(spec: &ListenSpec) -> Option<String> {
+    match spec {
+        ListenSpec::Tcp { addr, .. } => {
+            let addr: std::net::SocketAddr = addr.parse().ok()?;
+            (addr.port() != 0).then(|| format!("tcp://{addr}"))
+        }
+        ListenSpec::Udp { addr, .. } => {
+            let addr: std::net::SocketAddr = addr.parse().ok()?;
+            (addr.port() != 0).then(|| format!("udp://{addr}"))
+        }
+        ListenSpec::Unix { path, .. } => Some(format!("unix:{path}")),
+        ListenSpec::InheritedFd { .. } => None,
+    }
+}
+
 fn request_key(spec: &ListenSpec) -> String {
     match spec {
         ListenSpec::Tcp { addr, .. } => format!("tcp:{addr}"),
-        ListenSpec::Udp { addr } => format!("udp:{addr}"),
+        ListenSpec::Udp { addr, .. } => format!("udp:{addr}"),
         ListenSpec::Unix { path, .. } => format!("unix:{path}"),
         ListenSpec::InheritedFd { fd } => format!("fd:{fd}"),
     }
@@ -310,6 +366,13 @@ impl Registry {
         let mut tables = self.tables();
         if let Some(group) = tables.by_request.get(&request) {
             return Ok(group.clone());
+        }
+        // A fixed address another request already bound (say, the port a
+        // `listen(0)` got): the same socket, not a second bind.
+        if let Some(bound) = bound_form(spec) {
+            if let Some(group) = tables.by_key.values().find(|g| g.address == bound) {
+                return Ok(group.clone());
+            }
         }
         let key = tables.next_key;
         let group = Arc::new(self.create_group(key, spec)?);
@@ -334,6 +397,7 @@ impl Registry {
                     backlog: *backlog,
                     ipv6_only: *ipv6_only,
                     reuse_port: policy == Policy::ReusePort,
+                    first: true,
                 };
                 if policy == Policy::ReusePort {
                     // Later sockets join the port the first one got.
@@ -343,16 +407,45 @@ impl Registry {
                 }
                 bind::tcp(addr, options)?
             }
-            ListenSpec::Udp { addr } => bind::udp(bind::parse_addr(addr)?, false)?,
-            ListenSpec::Unix { path, backlog } => {
+            ListenSpec::Udp {
+                addr,
+                ipv6_only,
+                reuse_address,
+            } => bind::udp_with(
+                bind::parse_addr(addr)?,
+                bind::UdpBind {
+                    ipv6_only: *ipv6_only,
+                    reuse_address: *reuse_address,
+                    reuse_port: false,
+                },
+            )?,
+            ListenSpec::Unix {
+                path,
+                backlog,
+                mode,
+            } => {
                 let path = PathBuf::from(path);
-                let socket = bind::unix(&path, *backlog)?;
+                let socket = bind::unix(&bindable_path(&path), *backlog)?;
+                if let Some(mode) = mode {
+                    use std::os::unix::fs::PermissionsExt;
+                    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(*mode))
+                        .map_err(|e| {
+                            io::Error::new(
+                                e.kind(),
+                                format!("cannot set the mode of {}: {e}", path.display()),
+                            )
+                        })?;
+                }
                 unix_path = Some(path);
                 socket
             }
             ListenSpec::InheritedFd { fd } => self.inherited(*fd)?,
         };
-        let address = bind::describe_socket(&socket);
+        // A Unix socket bound by a relative path is known by the path asked for.
+        let address = match &unix_path {
+            Some(path) => format!("unix:{}", path.display()),
+            None => bind::describe_socket(&socket),
+        };
         Ok(self.new_group(key, policy, address, Some(socket), unix_path, None))
     }
 
@@ -726,4 +819,26 @@ fn retire_socket(group: &Group, state: &mut GroupState, slot: Slot) {
     }
     drop(entry);
     dispatch(group.key, state);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn a_path_relative_to_a_base_climbs_only_what_it_must() {
+        assert_eq!(
+            relative_to(Path::new("/a/b/c/sock"), Path::new("/a/b")),
+            Path::new("c/sock")
+        );
+        assert_eq!(
+            relative_to(Path::new("/a/x/sock"), Path::new("/a/b/c")),
+            Path::new("../../x/sock")
+        );
+        assert_eq!(
+            relative_to(Path::new("/a/sock"), Path::new("/a")),
+            Path::new("sock")
+        );
+    }
 }

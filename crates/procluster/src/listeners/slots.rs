@@ -66,11 +66,18 @@ impl ReusePortBinder {
     /// # Errors
     /// The bind error, naming the address.
     pub fn tcp(addr: SocketAddr, options: TcpBind) -> io::Result<Self> {
-        let options = TcpBind {
+        // The first binds alone, so a port another cluster or process holds
+        // (even with SO_REUSEPORT) is in use; the others join it.
+        let first = TcpBind {
             reuse_port: true,
+            first: true,
             ..options
         };
-        Self::from_first(bind::tcp(addr, options)?, Kind::Tcp(options))
+        let others = TcpBind {
+            first: false,
+            ..first
+        };
+        Self::from_first(bind::tcp(addr, first)?, Kind::Tcp(others))
     }
 
     /// Binds the first UDP socket on `addr`, with `SO_REUSEPORT`.

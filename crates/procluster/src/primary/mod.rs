@@ -18,6 +18,7 @@
 //! ```
 
 mod output;
+mod service;
 mod settings;
 mod spawn;
 mod worker_handle;
@@ -32,6 +33,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::{Semaphore, mpsc, watch};
 
 pub use output::{MAX_LINE, OutputHook, OutputLine, Stream};
+pub use service::{Service, ServiceContext};
 pub use settings::{
     ChildFd, DEFAULT_SHUTDOWN_GRACE, ForkHook, ForkOptions, Program, Settings, Stdio, Workers,
 };
@@ -109,9 +111,22 @@ impl Event {
 const MIN_MAX_FRAME: usize = 4096;
 
 /// Builds a [`Cluster`] (Node's `setupPrimary`).
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct ClusterBuilder {
     settings: Settings,
+    services: Vec<Arc<dyn Service>>,
+}
+
+impl std::fmt::Debug for ClusterBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterBuilder")
+            .field("settings", &self.settings)
+            .field(
+                "services",
+                &self.services.iter().map(|s| s.name()).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
 }
 
 impl ClusterBuilder {
@@ -236,6 +251,13 @@ impl ClusterBuilder {
         self
     }
 
+    /// Adds a service to the cluster (a work pool, the bus, the store...):
+    /// it lives in the primary and its workers reach it by name.
+    pub fn service(mut self, service: impl Service) -> Self {
+        self.services.push(Arc::new(service));
+        self
+    }
+
     /// Checks the settings and builds the cluster; no worker starts yet.
     ///
     /// The first cluster of a process raises the process's soft open-file
@@ -266,6 +288,7 @@ impl ClusterBuilder {
             )));
         }
         check_fds(settings, &settings.fds)?;
+        check_services(&self.services)?;
         if let Some(policy) = policy_from_env()? {
             settings.policy = policy;
         }
@@ -294,7 +317,13 @@ impl ClusterBuilder {
             budget_total: budget,
             live: live_tx,
             listeners,
+            services: self.services,
         });
+        for (index, service) in inner.services.iter().enumerate() {
+            // `check_services` keeps the index within a u16.
+            let index = u16::try_from(index).unwrap_or(u16::MAX);
+            service.attach(service::ServiceContext::new(index, &inner));
+        }
         Ok(Cluster {
             inner,
             events: rx,
@@ -328,6 +357,8 @@ pub(crate) struct Inner {
     live: watch::Sender<usize>,
     /// Listeners shared with workers.
     pub(crate) listeners: Arc<Registry>,
+    /// The cluster's services, in the order workers learn them.
+    pub(crate) services: Vec<Arc<dyn Service>>,
 }
 
 impl Inner {
@@ -341,6 +372,10 @@ impl Inner {
 
     pub(crate) fn worker(&self, id: WorkerId) -> Option<WorkerHandle> {
         self.workers().get(&id).cloned()
+    }
+
+    pub(crate) fn all_workers(&self) -> Vec<WorkerHandle> {
+        self.workers().values().cloned().collect()
     }
 
     fn insert(&self, worker: WorkerHandle) {
@@ -479,7 +514,7 @@ impl Cluster {
 
     /// The workers alive (forked and not yet reaped), by id.
     pub fn workers(&self) -> Vec<WorkerHandle> {
-        self.inner.workers().values().cloned().collect()
+        self.inner.all_workers()
     }
 
     /// A worker by id, while it is alive.
@@ -589,12 +624,30 @@ pub(crate) fn worker_env(
     env
 }
 
+/// Services need distinct names, and their index must fit a frame.
+fn check_services(services: &[Arc<dyn Service>]) -> Result<()> {
+    if services.len() > service::MAX_SERVICES {
+        return Err(Error::Settings(format!(
+            "{} services: at most {} are possible",
+            services.len(),
+            service::MAX_SERVICES
+        )));
+    }
+    let mut names = std::collections::BTreeSet::new();
+    for service in services {
+        let name = service.name();
+        if !names.insert(name.clone()) {
+            return Err(Error::Settings(format!(
+                "two services are named {name:?}: give each its own name"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// What a new worker learns in its channel's first frame.
-pub(crate) fn hello(
-    id: WorkerId,
-    settings: &Settings,
-    options: &ForkOptions,
-) -> crate::handshake::Hello {
+pub(crate) fn hello(inner: &Inner, id: WorkerId, options: &ForkOptions) -> crate::handshake::Hello {
+    let settings = &inner.settings;
     crate::handshake::Hello {
         id,
         index: options.index.map(|i| i as u64),
@@ -603,7 +656,7 @@ pub(crate) fn hello(
         heartbeat: settings.heartbeat_interval,
         shutdown_grace: settings.shutdown_grace,
         busy_poll: settings.busy_poll,
-        services: Vec::new(),
+        services: inner.services.iter().map(|s| s.name()).collect(),
     }
 }
 

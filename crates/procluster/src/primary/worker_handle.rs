@@ -275,14 +275,36 @@ impl WorkerHandle {
         *lock(&self.shared.unread) < UNREAD_WINDOW
     }
 
-    /// Sends `signal` to the worker process (SIGTERM if you have no reason to
-    /// pick another) and nothing else: no disconnect, no bookkeeping. The
-    /// worker's `Exit` event reports what the signal did.
+    /// Node's `worker.kill(signal)`: the worker leaves the cluster at once
+    /// (the primary closes its channel, so it gets no more messages, and its
+    /// runtime fires its shutdown signal) and is sent `signal` (SIGTERM if
+    /// you have no reason to pick another). Its `Exit` event then reports
+    /// `exited_after_disconnect == true`, as Node's does. To send a signal
+    /// and nothing else, use [`WorkerHandle::signal`]; to let the worker
+    /// finish its work first, [`WorkerHandle::disconnect`].
+    ///
+    /// # Errors
+    /// As [`WorkerHandle::signal`].
+    pub fn kill(&self, signal: Signal) -> Result<(), Error> {
+        {
+            let mut life = self.shared.lifecycle();
+            if life.exit.is_some() {
+                return Ok(());
+            }
+            life.exited_after_disconnect = true;
+        }
+        self.shared.sender.close();
+        self.signal(signal)
+    }
+
+    /// Sends `signal` to the worker process and nothing else: no
+    /// disconnect, no bookkeeping (Node's `worker.process.kill(signal)`).
+    /// The worker's `Exit` event reports what the signal did.
     ///
     /// # Errors
     /// An I/O error from the OS; a worker that is already dead is not an
     /// error.
-    pub fn kill(&self, signal: Signal) -> Result<(), Error> {
+    pub fn signal(&self, signal: Signal) -> Result<(), Error> {
         let Some(pid) = self.live_pid() else {
             return Ok(());
         };
@@ -329,7 +351,7 @@ impl WorkerHandle {
             life.exited_after_disconnect = true;
         }
         if let Some(signal) = self.shared.stop_signal {
-            if let Err(error) = self.kill(signal) {
+            if let Err(error) = self.signal(signal) {
                 tracing::warn!(worker = %self.id(), %error, "cannot ask a worker to stop");
             }
             return;

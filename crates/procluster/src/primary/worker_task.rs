@@ -12,7 +12,7 @@ use super::worker_handle::{Lifecycle, WorkerHandle, WorkerShared, WorkerState};
 use super::{ChildFd, Event, ForkOptions, Inner, Program, Stdio, hello, spawn, worker_env};
 use crate::channel::{self, ChannelError, ChannelReader};
 use crate::listeners::registry::{Member, failure_reply};
-use crate::message::Message;
+use crate::message::{Message, ServiceFrame};
 use crate::protocol::{Control, Frame, FrameKind, ListenSpec};
 use crate::{Error, ExitStatus, Signal, WorkerId};
 
@@ -69,7 +69,7 @@ pub(super) async fn fork(
         drop(theirs);
     } else {
         // The worker's settings wait in its channel before it starts.
-        write_all(&ours, &hello(id, settings, &options).to_frame())
+        write_all(&ours, &hello(inner, id, &options).to_frame())
             .map_err(|e| Error::io("cannot write a worker's settings to its channel", e))?;
         fds.place(theirs, crate::CHANNEL_FD);
     }
@@ -314,6 +314,7 @@ async fn run(
         life.exited_after_disconnect
     };
     tracing::debug!(worker = %worker.id(), %status, exited_after_disconnect, "worker exited");
+    super::service::worker_gone(&inner.services, &worker, Some(status));
     inner.finish(
         worker.id(),
         Event::Exit {
@@ -347,11 +348,17 @@ async fn drain_outputs(outputs: Vec<tokio::task::JoinHandle<()>>) {
     }
 }
 
+/// Whether a frame is a user message, which waits in the application's
+/// queue (and counts against its budget).
+fn is_user(frame: &Frame) -> bool {
+    matches!(frame.kind, FrameKind::User | FrameKind::Relayed)
+}
+
 /// Bytes of user messages among `frames`, as the queue counts them.
 fn user_bytes(frames: &[Frame]) -> usize {
     frames
         .iter()
-        .filter(|f| f.kind != FrameKind::Control)
+        .filter(|f| is_user(f))
         .map(|f| f.payload.len().max(1))
         .sum()
 }
@@ -405,9 +412,10 @@ fn deliver(
     let mut batch = Vec::new();
     let mut outcome = Ok(());
     for frame in frames.drain(..) {
-        let charge = match frame.kind {
-            FrameKind::Control => 0,
-            _ => take_charge(&frame, &mut left),
+        let charge = if is_user(&frame) {
+            take_charge(&frame, &mut left)
+        } else {
+            0
         };
         if outcome.is_err() || frame.kind == FrameKind::Relayed {
             // Not queued for the application: give its share back.
@@ -440,6 +448,10 @@ fn deliver(
                     Ok(control) => handle_control(inner, worker, control, frame.fds),
                     Err(error) => outcome = Err(ChannelError::Protocol(error)),
                 }
+            }
+            FrameKind::Service => {
+                flush(inner, &mut batch);
+                to_service(inner, worker, frame);
             }
         }
     }
@@ -596,6 +608,7 @@ fn mark_disconnected(inner: &Arc<Inner>, worker: &WorkerHandle) {
     worker.shared.unread_room.notify_waiters();
     if advance(worker, WorkerState::Disconnected) {
         inner.listeners.worker_gone(worker.id());
+        super::service::worker_gone(&inner.services, worker, None);
         inner.emit(Event::Disconnect(worker.clone()));
     }
 }
@@ -612,7 +625,27 @@ fn misbehaved(inner: &Arc<Inner>, worker: &WorkerHandle, error: &ChannelError) {
         worker: worker.clone(),
         error: message,
     });
-    let _ = worker.kill(Signal::KILL);
+    let _ = worker.signal(Signal::KILL);
+}
+
+/// Hands a service frame to its service in the primary.
+fn to_service(inner: &Inner, worker: &WorkerHandle, frame: Frame) {
+    let (index, body) = crate::message::split_service_payload(frame.payload);
+    match inner.services.get(usize::from(index)) {
+        Some(service) => service.on_frame(
+            worker,
+            ServiceFrame {
+                format: frame.format,
+                body,
+                fds: frame.fds,
+            },
+        ),
+        None => tracing::warn!(
+            worker = %worker.id(),
+            index,
+            "dropped a frame for a service the cluster does not have"
+        ),
+    }
 }
 
 /// Forwards a worker-to-worker message without ever waiting on the target:

@@ -516,13 +516,13 @@ impl Driver {
                 let Some(t) = self.stopping(worker) else {
                     return;
                 };
-                if let Err(error) = t.handle.kill(signal) {
+                if let Err(error) = t.handle.signal(signal) {
                     tracing::warn!(worker = %t.handle.id(), %error, "cannot signal worker");
                 }
             }
             Command::Kill { worker } => {
                 if let Some(t) = self.stopping(worker) {
-                    if let Err(error) = t.handle.kill(crate::Signal::KILL) {
+                    if let Err(error) = t.handle.signal(crate::Signal::KILL) {
                         tracing::warn!(worker = %t.handle.id(), %error, "cannot kill worker");
                     }
                 }

@@ -18,6 +18,9 @@
 //! ```
 
 mod listen;
+mod service;
+
+pub use service::ServicePort;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -74,6 +77,12 @@ pub(crate) struct WorkerInner {
     shutdown_grace: Duration,
     pending_listens: Mutex<HashMap<u32, ListenWaiter>>,
     listeners: Arc<WorkerListeners>,
+    /// The cluster's services, by index, as the primary listed them.
+    services: Vec<String>,
+    /// Where frames of each service this worker uses go.
+    service_inboxes: Mutex<HashMap<u16, mpsc::UnboundedSender<crate::message::ServiceFrame>>>,
+    /// The worker side of each service this worker uses.
+    service_states: Mutex<HashMap<String, Arc<dyn std::any::Any + Send + Sync>>>,
 }
 
 /// Where the primary's answer to a listen request goes.
@@ -124,6 +133,9 @@ impl Worker {
             consumed: Default::default(),
             shutdown_grace: hello.shutdown_grace,
             pending_listens: Mutex::new(HashMap::new()),
+            services: hello.services,
+            service_inboxes: Mutex::default(),
+            service_states: Mutex::default(),
         });
         tokio::spawn(read_loop(inner.clone(), reader, inbox_tx));
         if let Some(every) = hello.heartbeat {
@@ -341,18 +353,20 @@ impl WorkerInner {
             return;
         }
         self.listeners.close_all();
-        let _ = self.sender.send_now(
-            FrameKind::Control,
-            &Control::Disconnected.encode(),
-            Vec::new(),
-        );
-        if self.shutdown_grace.is_zero() {
-            self.shutdown.send_replace(true);
-            return;
-        }
         let inner = self.clone();
         tokio::spawn(async move {
-            tokio::time::sleep(inner.shutdown_grace).await;
+            // As Node: the worker's servers are closed before the primary
+            // hears of the disconnect, so no connection reaches a socket
+            // that only this worker still held open.
+            inner.listeners.sockets_released().await;
+            let _ = inner.sender.send_now(
+                FrameKind::Control,
+                &Control::Disconnected.encode(),
+                Vec::new(),
+            );
+            if !inner.shutdown_grace.is_zero() {
+                tokio::time::sleep(inner.shutdown_grace).await;
+            }
             inner.shutdown.send_replace(true);
         });
     }
@@ -405,6 +419,8 @@ impl WorkerInner {
         for (_, waiter) in lock(&self.pending_listens).drain() {
             drop(waiter);
         }
+        // Services' ports end: their `recv` returns `None`.
+        lock(&self.service_inboxes).clear();
         tokio::spawn(async {
             tokio::time::sleep(ORPHAN_GRACE).await;
             std::process::exit(1);
@@ -430,6 +446,7 @@ async fn dispatch(
             Ok(other) => tracing::debug!(?other, "ignoring an unexpected control message"),
             Err(error) => return Err(format!("the primary sent a bad control message: {error}")),
         },
+        FrameKind::Service => inner.to_service(frame),
         FrameKind::User | FrameKind::Relayed => {
             let (from_worker, payload) = if frame.kind == FrameKind::Relayed {
                 let id = u32::from_le_bytes(
