@@ -1299,12 +1299,11 @@ fn open_files_limit(pid: u32) -> (String, String) {
 async fn the_primary_raises_its_open_file_limit_and_workers_get_theirs_back() {
     let hard = rustix::process::getrlimit(rustix::process::Resource::Nofile).maximum;
     // 100 workers need about 500 descriptors in the primary.
-    if hard.is_some_and(|h| h < 1024) {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "the hard open-file limit ({hard:?}) is too low for this test"
-        );
-        eprintln!("hard open-file limit {hard:?} < 1024; skipping");
+    let enough = hard.is_none_or(|h| h >= 1024);
+    if !prerequisite(
+        &format!("a hard open-file limit of 1024 or more (it is {hard:?})"),
+        enough,
+    ) {
         return;
     }
     let run = Run::with_limit(
@@ -1615,22 +1614,13 @@ fn test_deps() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.test-deps")
 }
 
-/// Whether `path` exists; if not, the test is skipped with a message, or
-/// fails under CI (where `.ci/run` installs it).
-fn prerequisite(path: &Path, what: &str) -> bool {
-    if path.exists() {
-        return true;
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "{what} is missing at {}: run scripts/test-deps",
-        path.display()
-    );
-    eprintln!(
-        "{what} is missing at {}; run scripts/test-deps; skipping",
-        path.display()
-    );
-    false
+/// Whether a program of `scripts/test-deps` is installed (skipped with a
+/// message if not, failed under CI).
+fn installed(path: &Path, what: &str) -> bool {
+    prerequisite(
+        &format!("{what} at {} (run scripts/test-deps)", path.display()),
+        path.exists(),
+    )
 }
 
 /// The `procluster run …` command of the README's PM2/gunicorn table whose
@@ -1842,7 +1832,7 @@ fn venv_path() -> String {
 
 #[tokio::test]
 async fn the_readmes_gunicorn_command_serves_reloads_and_scales_by_signal() {
-    if !prerequisite(&test_deps().join("venv/bin/gunicorn"), "gunicorn") {
+    if !installed(&test_deps().join("venv/bin/gunicorn"), "gunicorn") {
         return;
     }
     let command = readme_command("gunicorn");
@@ -1878,7 +1868,7 @@ async fn the_readmes_gunicorn_command_serves_reloads_and_scales_by_signal() {
 
 #[tokio::test]
 async fn the_readmes_uvicorn_command_serves_and_reloads() {
-    if !prerequisite(&test_deps().join("venv/bin/uvicorn"), "uvicorn") {
+    if !installed(&test_deps().join("venv/bin/uvicorn"), "uvicorn") {
         return;
     }
     let command = readme_command("uvicorn");
@@ -1890,12 +1880,10 @@ async fn the_readmes_uvicorn_command_serves_and_reloads() {
 #[tokio::test]
 async fn the_readmes_node_command_serves_and_reloads_with_plain_http_and_express() {
     let modules = test_deps().join("node/node_modules");
-    if !node_available() {
-        assert!(std::env::var_os("CI").is_none(), "node is required");
-        eprintln!("node is not installed; skipping");
+    if !prerequisite("node", node_available()) {
         return;
     }
-    if !prerequisite(&modules.join("express"), "express") {
+    if !installed(&modules.join("express"), "express") {
         return;
     }
     let command = readme_command("node");
