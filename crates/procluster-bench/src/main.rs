@@ -6,6 +6,7 @@ mod http;
 mod ipc;
 mod reliability;
 mod report;
+mod scale;
 mod supervision;
 
 use clap::{Parser, Subcommand};
@@ -44,6 +45,10 @@ enum Bench {
     /// Supervision figures: SIGKILL → replacement listening (no backoff),
     /// rolling reload of 4 workers, primary RSS with 16 workers beside Node's.
     Supervision(supervision::SupervisionArgs),
+    /// One primary with 1024 workers under a soft open-file limit of 1024,
+    /// for the library (the hello example) and the command: time to ready,
+    /// idle CPU, RSS, descriptors, `status` latency, stop time.
+    Scale(scale::ScaleArgs),
     /// A supervised HTTP cluster of bench workers, like the hello example but
     /// with --backoff-ms, --no-breaker and --delay-ms (used by `reliability`
     /// and `supervision`).
@@ -94,5 +99,8 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
             .await
             .map_err(|e| e as Box<dyn std::error::Error>),
         Bench::SupervisedServer(args) => supervision::server_main(args).await,
+        Bench::Scale(args) => tokio::task::spawn_blocking(move || scale::run(args))
+            .await?
+            .map_err(|e| e as Box<dyn std::error::Error>),
     }
 }

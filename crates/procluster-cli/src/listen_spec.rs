@@ -95,6 +95,14 @@ fn check_host_port(addr: &str, whole: &str) -> Result<String, String> {
             "invalid listen address {whole:?}: {why} (e.g. 127.0.0.1:8080, [::]:80, localhost:0)"
         )
     };
+    if addr.contains('/') {
+        let hint = ["tcp", "udp", "unix"]
+            .iter()
+            .find(|scheme| addr.starts_with(*scheme))
+            .map(|scheme| format!(" (did you mean {scheme}://…?)"))
+            .unwrap_or_default();
+        return Err(bad(&format!("a host has no '/'{hint}")));
+    }
     let colon = addr.rfind(':').ok_or_else(|| bad("missing :PORT"))?;
     let (host, port) = (&addr[..colon], &addr[colon + 1..]);
     if host.is_empty() {
@@ -235,6 +243,9 @@ mod tests {
             ("http://x:1", "unknown scheme"),
             ("unix:", "needs a path"),
             ("bad name=1.2.3.4:5", "invalid listener name"),
+            ("tcp//127.0.0.1:80", "did you mean tcp://"),
+            ("127.0.0.1/8:80", "a host has no '/'"),
+            ("udp:/127.0.0.1:53", "did you mean udp://"),
         ] {
             let error = ListenSpec::parse(text).unwrap_err();
             assert!(error.contains(why), "{text}: {error}");

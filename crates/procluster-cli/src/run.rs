@@ -13,7 +13,7 @@ use procluster::primary::{
     ChildFd, Cluster, Event, ForkHook, ForkOptions, Program, Settings, Stdio, WorkerHandle,
 };
 use procluster::supervisor::{
-    self, BreakerConfig, HeartbeatConfig, Readiness as SupervisorReadiness, Report,
+    self, BreakerConfig, HeartbeatConfig, Readiness as SupervisorReadiness, RecycleConfig, Report,
     SupervisedCluster, SupervisionError, SupervisionOptions, SupervisorConfig, SupervisorHandle,
     WorkerPhase,
 };
@@ -40,6 +40,8 @@ pub enum RunError {
     #[error("{0}")]
     ProgramNotFound(String),
     #[error("{0}")]
+    ProgramNotExecutable(String),
+    #[error("{0}")]
     Io(#[from] std::io::Error),
     #[error("{0}")]
     Start(String),
@@ -50,6 +52,7 @@ impl RunError {
         match self {
             Self::Config(_) | Self::Usage(_) => ExitCode::from(2),
             Self::ProgramNotFound(_) => ExitCode::from(127),
+            Self::ProgramNotExecutable(_) => ExitCode::from(126),
             Self::Io(_) | Self::Start(_) => ExitCode::FAILURE,
         }
     }
@@ -137,11 +140,31 @@ struct Primary {
     listeners: Vec<Listener>,
     /// Kept for the primary's life: the notify sockets' directory.
     notify_dir: Option<PathBuf>,
+    /// Removed when the primary ends.
+    _pidfile: Option<Pidfile>,
 }
 
 impl Primary {
     async fn start(config: RunConfig) -> Result<Self, RunError> {
-        resolve_program(&config.command[0])?;
+        if let Some(dir) = &config.chdir {
+            if !dir.is_dir() {
+                return Err(RunError::Usage(format!(
+                    "--chdir {}: not a directory",
+                    dir.display()
+                )));
+            }
+        }
+        resolve_program(&config.command[0], config.chdir.as_deref())?;
+        if config.max_requests.is_some()
+            && !matches!(config.ready, ReadyMode::Notify | ReadyMode::NodeIpc)
+        {
+            return Err(RunError::Usage(
+                "--max-requests needs the program to report its count: with --ready notify it \
+                 sends X_PROCLUSTER_REQUESTS=TOTAL to NOTIFY_SOCKET, with --ready node-ipc \
+                 process.send({procluster: {requests: TOTAL}})"
+                    .into(),
+            ));
+        }
         let identity = crate::users::resolve(config.user.as_deref(), config.group.as_deref())
             .map_err(RunError::Usage)?;
         if config.watchdog.is_some() && config.ready != ReadyMode::Notify {
@@ -149,12 +172,22 @@ impl Primary {
                 "--watchdog needs --ready notify (workers ping with WATCHDOG=1)".into(),
             ));
         }
-        let listeners = open_listeners(&config.listen, config.policy, None)?;
+        let listeners = open_listeners(&config.listen, config.policy, config.backlog)?;
+        if listeners.is_empty() {
+            tracing::warn!(
+                "no listener: give -l HOST:PORT (or run under systemd socket activation); \
+                 the workers get no socket"
+            );
+        }
         let control_path = config
             .control
             .clone()
             .unwrap_or_else(|| crate::control::default_path(&config.name));
         let mut control = ControlSocket::bind(&control_path)?;
+        let pidfile = match &config.pidfile {
+            Some(path) => Some(Pidfile::write(path)?),
+            None => None,
+        };
 
         let notify_dir = match config.ready {
             ReadyMode::Notify => {
@@ -200,6 +233,12 @@ impl Primary {
             args: Some(shim.to_args()),
             stdio: Stdio::Callback(crate::logs::output_hook(config.log_format)),
             own_process_group: true,
+            env: config
+                .env
+                .iter()
+                .map(|(key, value)| (key.into(), value.into()))
+                .collect(),
+            cwd: config.chdir.clone(),
             workers: procluster::primary::Workers::Count(workers),
             program: Program::Foreign {
                 stop_signal: config.stop_signal.0,
@@ -241,6 +280,12 @@ impl Primary {
                     timeout,
                     ..HeartbeatConfig::default()
                 }),
+                recycle: RecycleConfig {
+                    max_rss: config.max_memory,
+                    max_requests: config.max_requests,
+                    max_requests_jitter: config.max_requests_jitter,
+                    max_age: config.max_age,
+                },
                 ..SupervisorConfig::default()
             },
             readiness: match config.ready {
@@ -290,6 +335,7 @@ impl Primary {
             initial_workers: workers,
             listeners,
             notify_dir,
+            _pidfile: pidfile,
         })
     }
 
@@ -497,6 +543,37 @@ impl StaticInfo {
     }
 }
 
+/// `--pidfile`: the primary's pid, written whole (a temporary file renamed
+/// into place) and removed when the primary ends.
+#[derive(Debug)]
+struct Pidfile(PathBuf);
+
+impl Pidfile {
+    fn write(path: &Path) -> Result<Self, RunError> {
+        let fail = |e: std::io::Error| {
+            RunError::Start(format!("cannot write the pid file {}: {e}", path.display()))
+        };
+        let temporary = path.with_extension(format!("tmp.{}", std::process::id()));
+        std::fs::write(&temporary, format!("{}\n", std::process::id())).map_err(fail)?;
+        std::fs::rename(&temporary, path).map_err(|e| {
+            let _ = std::fs::remove_file(&temporary);
+            fail(e)
+        })?;
+        Ok(Self(path.to_path_buf()))
+    }
+}
+
+impl Drop for Pidfile {
+    fn drop(&mut self) {
+        // Only ours: another primary may have taken the name since.
+        let ours = std::fs::read_to_string(&self.0)
+            .is_ok_and(|text| text.trim() == std::process::id().to_string());
+        if ours {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+}
+
 fn remove(path: Option<PathBuf>) {
     if let Some(path) = path {
         let _ = std::fs::remove_file(path);
@@ -517,6 +594,7 @@ async fn watch(worker: WorkerHandle, mut signals: Signals) {
                 worker.report_ready();
             }
             readiness::Signal::Watchdog => worker.report_heartbeat(),
+            readiness::Signal::Requests(total) => worker.report_requests(total),
             readiness::Signal::Stopping => {
                 tracing::info!(worker = %worker.id(), "worker says it is stopping");
             }
@@ -637,36 +715,50 @@ fn same_address(bound: &str, spec: &ListenSpec) -> bool {
     }
 }
 
-/// Fails early, with exit status 127, for a program that cannot be found.
-fn resolve_program(program: &str) -> Result<PathBuf, RunError> {
+/// Fails early, as a shell does: exit status 127 for a program that cannot
+/// be found, 126 for one that exists but cannot be executed. A relative
+/// path is looked up in `dir`, the workers' working directory.
+fn resolve_program(program: &str, dir: Option<&Path>) -> Result<PathBuf, RunError> {
     use std::os::unix::fs::PermissionsExt;
+    let is_file = |path: &Path| std::fs::metadata(path).is_ok_and(|m| m.is_file());
     let executable = |path: &Path| {
         std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
     };
+    let not_executable = |path: &Path| {
+        RunError::ProgramNotExecutable(format!(
+            "program {} is not executable (chmod +x it, or run it with its interpreter)",
+            path.display()
+        ))
+    };
     if program.contains('/') {
-        let path = PathBuf::from(program);
+        let path = match dir {
+            Some(dir) => dir.join(program),
+            None => PathBuf::from(program),
+        };
         if !path.exists() {
             return Err(RunError::ProgramNotFound(format!(
                 "program {program} does not exist"
             )));
         }
         if !executable(&path) {
-            return Err(RunError::ProgramNotFound(format!(
-                "program {program} is not executable"
-            )));
+            return Err(not_executable(&path));
         }
         return Ok(path);
     }
     let path_var = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path_var)
+    let candidates: Vec<PathBuf> = std::env::split_paths(&path_var)
         .map(|dir| dir.join(program))
-        .find(|candidate| executable(candidate))
-        .ok_or_else(|| {
-            RunError::ProgramNotFound(format!(
-                "program {program} not found on PATH ({})",
-                path_var.to_string_lossy()
-            ))
-        })
+        .collect();
+    if let Some(found) = candidates.iter().find(|c| executable(c)) {
+        return Ok(found.clone());
+    }
+    if let Some(found) = candidates.iter().find(|c| is_file(c)) {
+        return Err(not_executable(found));
+    }
+    Err(RunError::ProgramNotFound(format!(
+        "program {program} not found on PATH ({})",
+        path_var.to_string_lossy()
+    )))
 }
 
 /// Answers one control request.

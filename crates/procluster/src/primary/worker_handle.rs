@@ -165,6 +165,15 @@ impl WorkerHandle {
         self.shared.lifecycle().last_heartbeat = Some(std::time::Instant::now());
     }
 
+    /// Records how many requests the worker has served in all, as a
+    /// procluster worker's own count does ([`requests`](Self::requests),
+    /// which recycling by `max_requests` reads); for a foreign program that
+    /// reports its count another way, such as the `procluster` command's
+    /// `X_PROCLUSTER_REQUESTS=N` sd_notify message.
+    pub fn report_requests(&self, total: u64) {
+        self.shared.lifecycle().requests = total;
+    }
+
     /// How it exited, once it has.
     pub fn exit_status(&self) -> Option<ExitStatus> {
         self.shared.lifecycle().exit

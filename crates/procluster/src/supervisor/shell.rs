@@ -243,6 +243,7 @@ impl SupervisedCluster {
             requests,
             signals,
             drain_until: None,
+            last_memory_sample: None,
         };
         let task = tokio::spawn(driver.run());
         Ok(Self {
@@ -369,11 +370,17 @@ struct Driver {
     /// on the listeners are handed to the workers before they are told to
     /// leave.
     drain_until: Option<tokio::time::Instant>,
+    /// When memory was last measured.
+    last_memory_sample: Option<Instant>,
 }
 
 /// Longest a graceful stop waits for the workers to take the connections
 /// queued when it began, before it disconnects them.
 const STOP_DRAIN_LIMIT: Duration = Duration::from_secs(2);
+
+/// How often workers' memory is measured (a walk of `/proc`) when a
+/// memory limit is set.
+const MEMORY_SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
 
 impl Driver {
     async fn run(mut self) -> Result<Outcome, SupervisionError> {
@@ -639,8 +646,22 @@ impl Driver {
                     self.sup.requests(id, total, now);
                 }
             }
-            if rss {
-                if let Some(bytes) = super::memory::resident_bytes(t.handle.pid()) {
+        }
+        // Memory changes slowly and costs a walk of /proc: once a second.
+        let due = self
+            .last_memory_sample
+            .is_none_or(|at| now.duration_since(at) >= MEMORY_SAMPLE_INTERVAL);
+        if rss && due {
+            self.last_memory_sample = Some(now);
+            let pids: Vec<u32> = self.workers.values().map(|t| t.handle.pid()).collect();
+            let sizes = super::memory::tree_resident_bytes(&pids);
+            let workers: Vec<(WorkerId, u32)> = self
+                .workers
+                .iter()
+                .map(|(&id, t)| (id, t.handle.pid()))
+                .collect();
+            for (id, pid) in workers {
+                if let Some(&bytes) = sizes.get(&pid) {
                     self.sup.rss(id, bytes, now);
                 }
             }
