@@ -46,7 +46,8 @@ pub enum Command {
     },
 }
 
-/// Why a worker failed unexpectedly. Every failure counts for the breaker.
+/// Why a worker failed unexpectedly. Every failure counts for the breaker,
+/// except [`CrashCause::TaskFault`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CrashCause {
     /// The process exited on its own (or was killed by someone else).
@@ -62,6 +63,17 @@ pub enum CrashCause {
     ReadyTimeout,
     /// The worker stopped sending heartbeats and was killed.
     Hang,
+    /// The process ended while it ran a task that a service of the cluster
+    /// (a work pool) holds responsible: the task had already ended another
+    /// worker, so the fault is the input's, not the worker's. The slot is
+    /// restarted as after any failure, but the crash-loop breaker does not
+    /// count it: one poison task must not stop the whole cluster.
+    TaskFault {
+        /// Exit status.
+        info: ExitStatus,
+        /// What the service says about the task.
+        task: String,
+    },
 }
 
 /// A short phrase for the failure, to follow "the worker", e.g. "exited
@@ -85,6 +97,9 @@ impl std::fmt::Display for CrashCause {
             Self::SpawnFailed(why) => write!(f, "could not be started: {why}"),
             Self::ReadyTimeout => write!(f, "was not ready within the ready timeout"),
             Self::Hang => write!(f, "stopped sending heartbeats"),
+            Self::TaskFault { info, task } => {
+                write!(f, "ended ({info}) while running {task}")
+            }
         }
     }
 }
