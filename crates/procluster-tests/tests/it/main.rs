@@ -27,5 +27,6 @@ pub fn test_primary() -> &'static str {
 }
 mod cli;
 mod listeners;
+mod pool;
 mod services;
 mod supervisor;
