@@ -438,3 +438,32 @@ async fn a_million_submissions_against_a_queue_of_a_thousand_keep_the_primary_fl
         after >> 20
     );
 }
+
+#[tokio::test]
+async fn a_64_mib_task_and_its_64_mib_result_come_back_whole_by_memory_file_and_by_socket() {
+    let data: Vec<u8> = (0..64u32 << 20).map(|n| (n % 251) as u8).collect();
+    for threshold in [Some(procluster::pool::DEFAULT_MEMFD_THRESHOLD), None] {
+        let pool = pool(PoolConfig {
+            memfd_threshold: threshold,
+            ..PoolConfig::default()
+        });
+        let mut cluster = builder("pool")
+            .service(pool.clone())
+            .format(procluster::Format::Binary)
+            .build()
+            .unwrap();
+        cluster.start().await.unwrap();
+        let answer = within(
+            "the large task",
+            pool.submit(PoolTask::Blob(Blob(data.clone()))),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("threshold {threshold:?}: {e}"));
+        assert_eq!(answer.n, 64 << 20);
+        assert!(
+            answer.blob.as_ref() == Some(&Blob(data.clone())),
+            "the bytes came back changed"
+        );
+        cluster.disconnect().await;
+    }
+}

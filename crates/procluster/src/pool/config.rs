@@ -33,7 +33,18 @@ pub struct PoolConfig {
     pub queue: usize,
     /// How many tasks one worker runs at once. At least 1.
     pub concurrency: u32,
+    /// Tasks and results from this many encoded bytes up travel in a
+    /// sealed memory file (Linux `memfd`) whose descriptor rides with the
+    /// frame, instead of through the channel's socket: the receiver maps it
+    /// and decodes from its pages, and a worker's task is forwarded by the
+    /// primary without being read. `None`: always through the socket.
+    /// (Workers learn it from the primary before their first task; a
+    /// worker's submissions before that use the default.)
+    pub memfd_threshold: Option<usize>,
 }
+
+/// The default [`PoolConfig::memfd_threshold`]: 256 KiB.
+pub const DEFAULT_MEMFD_THRESHOLD: usize = 256 * 1024;
 
 impl Default for PoolConfig {
     fn default() -> Self {
@@ -42,6 +53,7 @@ impl Default for PoolConfig {
             timeout: Some(Duration::from_secs(60)),
             queue: 1024,
             concurrency: 1,
+            memfd_threshold: Some(DEFAULT_MEMFD_THRESHOLD),
         }
     }
 }

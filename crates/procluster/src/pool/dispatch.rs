@@ -7,15 +7,16 @@
 //! worker always sees a task's `Run` before its `Cancel`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::Instant;
 
-use bytes::Bytes;
 use tokio::sync::{Notify, Semaphore};
 
 use super::config::PoolConfig;
 use super::error::{Attempt, AttemptFailure, PoolError};
+use super::payload::Payload;
 use super::sink::{Outcome, Sink};
 use super::stats::PoolStats;
 use super::wire::{self, ToPrimary, ToWorker};
@@ -62,7 +63,7 @@ struct State {
 }
 
 struct Task {
-    payload: Bytes,
+    payload: Payload,
     /// `None` once the submitter stopped waiting.
     sink: Option<Sink>,
     /// Failed attempts that count towards `max_attempts`.
@@ -131,6 +132,10 @@ impl Core {
         }
     }
 
+    pub(super) fn memfd_threshold(&self) -> Option<usize> {
+        self.config.memfd_threshold
+    }
+
     /// The cluster's format, once the pool belongs to one.
     pub(super) fn format(&self) -> Result<Format, PoolError> {
         self.context
@@ -151,7 +156,7 @@ impl Core {
     /// Cancel safe: nothing is queued unless the future completes.
     pub(super) async fn submit(
         &self,
-        payload: Bytes,
+        payload: Payload,
         wait: bool,
         sink: Sink,
     ) -> Result<u64, (PoolError, Sink)> {
@@ -169,7 +174,7 @@ impl Core {
         Ok(self.insert(payload, sink, None))
     }
 
-    fn insert(&self, payload: Bytes, sink: Sink, origin: Option<(WorkerId, u64)>) -> u64 {
+    fn insert(&self, payload: Payload, sink: Sink, origin: Option<(WorkerId, u64)>) -> u64 {
         let mut state = self.lock();
         state.next_task += 1;
         let id = state.next_task;
@@ -235,7 +240,7 @@ impl Core {
                 let frame = wire::encode(&ToWorker::Cancel { task: id }, &[]);
                 if let Some(member) = state.members.get(&worker) {
                     // A frame this small always fits.
-                    let _ = self.send(&member.handle, frame);
+                    let _ = self.send(&member.handle, frame, Vec::new());
                 }
             }
         }
@@ -262,7 +267,7 @@ impl Core {
     /// A frame from the pool's side in worker `from`.
     pub(super) fn on_frame(&self, from: &WorkerHandle, frame: ServiceFrame) {
         let (envelope, payload) = match wire::decode::<ToPrimary>(frame.body) {
-            Ok(decoded) => decoded,
+            Ok((envelope, rest)) => (envelope, Payload::received(rest, frame.fds)),
             Err(error) => {
                 tracing::warn!(pool = %self.name, worker = %from.id(), %error, "dropped a pool frame that does not decode");
                 return;
@@ -271,6 +276,10 @@ impl Core {
         let mut state = self.lock();
         match envelope {
             ToPrimary::Ready => {
+                let settings = ToWorker::Settings {
+                    memfd_threshold: self.config.memfd_threshold.map(|t| t as u64),
+                };
+                let _ = self.send(from, wire::encode(&settings, &[]), Vec::new());
                 let accepting = from.is_connected();
                 state.members.entry(from.id()).or_insert_with(|| Member {
                     handle: from.clone(),
@@ -318,7 +327,7 @@ impl Core {
         id: u64,
         attempt: u32,
         outcome: Result<(), super::HandlerError>,
-        payload: Bytes,
+        payload: Payload,
     ) {
         if !self.end_run(state, worker, id, attempt) {
             return; // an attempt the pool gave up on (timed out, cancelled)
@@ -431,27 +440,33 @@ impl Core {
         };
         let (outcome, payload) = match outcome {
             Ok(payload) => (Ok(()), payload),
-            Err(error) => (Err(error), Bytes::new()),
+            Err(error) => (Err(error), Payload::default()),
         };
-        let frame = wire::encode(
-            &ToWorker::Answer {
-                submission,
-                outcome,
-            },
-            &payload,
-        );
-        if let Err(error) = self.send(&handle, frame) {
+        let sent = payload
+            .for_frame()
+            .map_err(|e| e.to_string())
+            .and_then(|(bytes, fds)| {
+                let frame = wire::encode(
+                    &ToWorker::Answer {
+                        submission,
+                        outcome,
+                    },
+                    bytes,
+                );
+                self.send(&handle, frame, fds).map_err(|e| e.to_string())
+            });
+        if let Err(error) = sent {
             let refused = ToWorker::Answer {
                 submission,
-                outcome: Err(PoolError::Codec(error.to_string())),
+                outcome: Err(PoolError::Codec(error)),
             };
-            let _ = self.send(&handle, wire::encode(&refused, &[]));
+            let _ = self.send(&handle, wire::encode(&refused, &[]), Vec::new());
         }
     }
 
     /// A task from a worker: queued at once when there is room; otherwise
     /// refused (`try_submit`) or waiting for room in a task of its own.
-    fn worker_submits(&self, from: &WorkerHandle, submission: u64, wait: bool, payload: Bytes) {
+    fn worker_submits(&self, from: &WorkerHandle, submission: u64, wait: bool, payload: Payload) {
         let worker = from.id();
         let sink = Sink::Worker { worker, submission };
         let waiting = self.lock().submissions.get(&worker).map_or(0, HashMap::len);
@@ -659,7 +674,12 @@ impl Core {
         member.running.push(id);
         member.alone = alone;
         member.reserved = false;
-        let frame = wire::encode(&ToWorker::Run { task: id, attempt }, &task.payload);
+        let framed = task.payload.for_frame().map(|(bytes, fds)| {
+            (
+                wire::encode(&ToWorker::Run { task: id, attempt }, bytes),
+                fds,
+            )
+        });
         let handle = member.handle.clone();
         state.cursor = Some(worker);
         if let Some(at) = deadline {
@@ -669,28 +689,39 @@ impl Core {
                 self.wake_timer();
             }
         }
-        if let Err(error) = self.send(&handle, frame) {
-            // Too large for the channel: it can never run.
+        let sent = framed
+            .map_err(|e| e.to_string())
+            .and_then(|(frame, fds)| self.send(&handle, frame, fds).map_err(|e| e.to_string()));
+        if let Err(error) = sent {
+            // Too large for the channel (or out of descriptors): it cannot run.
             self.end_run(state, worker, id, attempt);
             state.stats.failed += 1;
-            self.finish(state, id, Err(PoolError::Codec(error.to_string())));
+            self.finish(state, id, Err(PoolError::Codec(error)));
         }
     }
 
     /// Queues a frame on a worker's channel without waiting: a full channel
     /// gets it from a task of its own. Fails only for a frame over the
     /// channel's limit; a worker that is gone is dealt with when it exits.
-    fn send(&self, worker: &WorkerHandle, frame: Vec<u8>) -> Result<(), Error> {
+    fn send(&self, worker: &WorkerHandle, frame: Vec<u8>, fds: Vec<OwnedFd>) -> Result<(), Error> {
         let Some(context) = self.context.get() else {
             return Ok(());
         };
         let format = context.format().unwrap_or(Format::Binary);
-        match context.try_send(worker, format, &frame, Vec::new()) {
+        // Kept for the slow path: a refused frame gives its descriptors back
+        // only by being dropped.
+        let copies = fds
+            .iter()
+            .map(OwnedFd::try_clone)
+            .collect::<Result<Vec<_>, _>>();
+        match context.try_send(worker, format, &frame, fds) {
             Ok(()) => Ok(()),
             Err(Error::Channel(ChannelError::Full)) => {
                 let (context, worker) = (context.clone(), worker.clone());
+                let fds =
+                    copies.map_err(|e| Error::io("cannot duplicate a payload's descriptor", e))?;
                 tokio::spawn(async move {
-                    let _ = context.send(&worker, format, &frame, Vec::new()).await;
+                    let _ = context.send(&worker, format, &frame, fds).await;
                 });
                 Ok(())
             }

@@ -76,6 +76,7 @@ mod cancel;
 mod config;
 mod dispatch;
 mod error;
+mod payload;
 mod sink;
 mod stats;
 mod submit;
@@ -91,7 +92,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 pub use cancel::CancelToken;
-pub use config::PoolConfig;
+pub use config::{DEFAULT_MEMFD_THRESHOLD, PoolConfig};
 pub use dispatch::MAX_WORKER_SUBMISSIONS;
 pub use error::{Attempt, AttemptFailure, HandlerError, PoolError};
 pub use stats::{LATENCY_BUCKETS, Latency, PoolStats};
@@ -277,16 +278,16 @@ where
     {
         let format = self.side.format();
         let handler = Arc::new(handler);
-        let erased: worker_side::Handler = Arc::new(move |payload: Bytes, cancel| {
+        let erased: worker_side::Handler = Arc::new(move |payload: Bytes, cancel, threshold| {
             let handler = handler.clone();
             Box::pin(async move {
                 let task: T = crate::message::decode(format, &payload)
                     .map_err(|e| HandlerError::new(format!("the task does not decode: {e}")))?;
+                // The task's bytes (perhaps a mapped memory file) go now.
+                drop(payload);
                 let result = handler(task, cancel).await?;
-                let mut out = Vec::new();
-                crate::message::encode_into(format, &result, &mut out)
-                    .map_err(|e| HandlerError::new(format!("cannot encode the result: {e}")))?;
-                Ok(Bytes::from(out))
+                submit::encode(format, threshold, &result)
+                    .map_err(|e| HandlerError::new(format!("cannot encode the result: {e}")))
             })
         });
         self.side.serve(erased).await

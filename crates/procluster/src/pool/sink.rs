@@ -1,14 +1,14 @@
 //! Where a task's outcome goes: a waiting submitter, a batch, or a worker
 //! that submitted it over its channel.
 
-use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
 use super::error::PoolError;
+use super::payload::Payload;
 use crate::WorkerId;
 
 /// A task's result in the cluster's format, or why there is none.
-pub(super) type Outcome = Result<Bytes, PoolError>;
+pub(super) type Outcome = Result<Payload, PoolError>;
 
 /// One result of a batch: its index in the batch, and the outcome.
 pub(super) enum BatchItem {

@@ -7,13 +7,13 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use super::dispatch::Core;
 use super::error::PoolError;
+use super::payload::{Payload, PayloadWriter};
 use super::sink::{BatchItem, Outcome, Sink};
 use super::worker_side::Side;
 use crate::Format;
@@ -36,7 +36,7 @@ impl Via {
 
     async fn submit(
         &self,
-        payload: Bytes,
+        payload: Payload,
         wait: bool,
         sink: Sink,
     ) -> Result<u64, (PoolError, Sink)> {
@@ -53,12 +53,18 @@ impl Via {
         }
     }
 
-    fn encode<T: Serialize + ?Sized>(&self, task: &T) -> Result<(Format, Bytes), PoolError> {
+    fn memfd_threshold(&self) -> Option<usize> {
+        match self {
+            Via::Primary(core) => core.memfd_threshold(),
+            Via::Worker(side) => side.memfd_threshold(),
+        }
+    }
+
+    fn encode<T: Serialize + ?Sized>(&self, task: &T) -> Result<(Format, Payload), PoolError> {
         let format = self.format()?;
-        let mut bytes = Vec::new();
-        crate::message::encode_into(format, task, &mut bytes)
-            .map_err(|e| PoolError::Codec(format!("cannot encode the task: {e}")))?;
-        Ok((format, Bytes::from(bytes)))
+        encode(format, self.memfd_threshold(), task)
+            .map(|payload| (format, payload))
+            .map_err(|e| PoolError::Codec(format!("cannot encode the task: {e}")))
     }
 
     /// Submits one task and waits for its result; dropping the future
@@ -87,8 +93,21 @@ impl Via {
     }
 }
 
+/// Encodes a task or a result, in a memory file from `threshold` bytes up.
+pub(super) fn encode<T: Serialize + ?Sized>(
+    format: Format,
+    threshold: Option<usize>,
+    value: &T,
+) -> std::io::Result<Payload> {
+    let mut writer = PayloadWriter::new(threshold);
+    crate::message::encode_into(format, value, &mut writer)?;
+    writer.finish()
+}
+
 fn decode<R: DeserializeOwned>(format: Format, outcome: Outcome) -> Result<R, PoolError> {
-    let bytes = outcome?;
+    let bytes = outcome?
+        .bytes()
+        .map_err(|e| PoolError::Codec(format!("cannot read the result's memory file: {e}")))?;
     crate::message::decode(format, &bytes).map_err(|e| PoolError::Codec(e.to_string()))
 }
 

@@ -15,6 +15,9 @@ pub(super) enum ToWorker {
     Run { task: u64, attempt: u32 },
     /// Nobody waits for task `task` any more.
     Cancel { task: u64 },
+    /// The pool's settings a worker needs, before its first task: payloads
+    /// from this size up go in a sealed memory file.
+    Settings { memfd_threshold: Option<u64> },
     /// The outcome of the worker's submission `submission`; the result
     /// follows when it is `Ok`.
     Answer {

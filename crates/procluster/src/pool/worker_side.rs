@@ -3,28 +3,38 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::os::fd::OwnedFd;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use bytes::Bytes;
 use tokio::sync::{Notify, Semaphore, watch};
 
 use super::cancel::CancelToken;
+use super::config::DEFAULT_MEMFD_THRESHOLD;
 use super::dispatch::MAX_WORKER_SUBMISSIONS;
 use super::error::{HandlerError, PoolError};
+use super::payload::Payload;
 use super::sink::Sink;
 use super::wire::{self, ToPrimary, ToWorker};
 use crate::worker::{ServicePort, Worker};
 use crate::{ChannelError, Error, Format};
 
-/// A handler on bytes: the task in, the result out, both in the cluster's
-/// format.
+/// A handler on bytes: the task in, the result out (encoded with the
+/// memory-file threshold given), both in the cluster's format.
 pub(super) type Handler = Arc<
-    dyn Fn(Bytes, CancelToken) -> Pin<Box<dyn Future<Output = Result<Bytes, HandlerError>> + Send>>
+    dyn Fn(
+            Bytes,
+            CancelToken,
+            Option<usize>,
+        ) -> Pin<Box<dyn Future<Output = Result<Payload, HandlerError>> + Send>>
         + Send
         + Sync,
 >;
+
+/// `memfd_threshold` when the primary says "none".
+const NO_THRESHOLD: usize = usize::MAX;
 
 /// One worker's side of one pool, shared by every handle on it.
 pub(super) struct Side {
@@ -38,6 +48,8 @@ pub(super) struct Side {
     idle: Notify,
     handler: OnceLock<Handler>,
     reading: AtomicBool,
+    /// The pool's memory-file threshold ([`NO_THRESHOLD`]: none).
+    memfd_threshold: AtomicUsize,
 }
 
 #[derive(Default)]
@@ -62,6 +74,7 @@ impl Side {
             idle: Notify::new(),
             handler: OnceLock::new(),
             reading: AtomicBool::new(false),
+            memfd_threshold: AtomicUsize::new(DEFAULT_MEMFD_THRESHOLD),
         }
     }
 
@@ -71,6 +84,11 @@ impl Side {
 
     pub(super) fn format(&self) -> Format {
         self.port.format()
+    }
+
+    /// From how many bytes a payload goes in a memory file.
+    pub(super) fn memfd_threshold(&self) -> Option<usize> {
+        Some(self.memfd_threshold.load(Ordering::Relaxed)).filter(|t| *t != NO_THRESHOLD)
     }
 
     /// Starts reading the primary's frames, once.
@@ -112,7 +130,7 @@ impl Side {
     /// Cancel safe: nothing is sent unless the future completes.
     pub(super) async fn submit(
         self: &Arc<Self>,
-        payload: Bytes,
+        payload: Payload,
         wait: bool,
         sink: Sink,
     ) -> Result<u64, (PoolError, Sink)> {
@@ -138,18 +156,24 @@ impl Side {
             id
         };
         place.forget();
-        let frame = wire::encode(
-            &ToPrimary::Submit {
-                submission: id,
-                wait,
-            },
-            &payload,
-        );
-        if let Err(error) = self.send(frame) {
+        let sent = payload
+            .for_frame()
+            .map_err(|e| e.to_string())
+            .and_then(|(bytes, fds)| {
+                let frame = wire::encode(
+                    &ToPrimary::Submit {
+                        submission: id,
+                        wait,
+                    },
+                    bytes,
+                );
+                self.send(frame, fds).map_err(|e| e.to_string())
+            });
+        if let Err(error) = sent {
             let sink = self.lock().pending.remove(&id);
             self.window.add_permits(1);
             if let Some(sink) = sink {
-                return Err((PoolError::Closed(error.to_string()), sink));
+                return Err((PoolError::Closed(error), sink));
             }
         }
         Ok(id)
@@ -159,18 +183,25 @@ impl Side {
     pub(super) fn cancel(self: &Arc<Self>, id: u64) {
         if self.lock().pending.remove(&id).is_some() {
             self.window.add_permits(1);
-            let _ = self.send(wire::encode(&ToPrimary::Withdraw { submission: id }, &[]));
+            let withdraw = wire::encode(&ToPrimary::Withdraw { submission: id }, &[]);
+            let _ = self.send(withdraw, Vec::new());
         }
     }
 
     /// Queues a frame for the primary without waiting (a full channel gets
     /// it from a task of its own).
-    fn send(self: &Arc<Self>, frame: Vec<u8>) -> Result<(), Error> {
-        match self.port.try_send(self.format(), &frame, Vec::new()) {
+    fn send(self: &Arc<Self>, frame: Vec<u8>, fds: Vec<OwnedFd>) -> Result<(), Error> {
+        let copies = fds
+            .iter()
+            .map(OwnedFd::try_clone)
+            .collect::<Result<Vec<_>, _>>();
+        match self.port.try_send(self.format(), &frame, fds) {
             Err(Error::Channel(ChannelError::Full)) => {
+                let fds =
+                    copies.map_err(|e| Error::io("cannot duplicate a payload's descriptor", e))?;
                 let side = self.clone();
                 tokio::spawn(async move {
-                    let _ = side.port.send(side.format(), &frame, Vec::new()).await;
+                    let _ = side.port.send(side.format(), &frame, fds).await;
                 });
                 Ok(())
             }
@@ -179,15 +210,17 @@ impl Side {
     }
 
     /// Runs attempt `attempt` of task `task` in a task of its own.
-    fn run(self: &Arc<Self>, task: u64, attempt: u32, payload: Bytes) {
+    fn run(self: &Arc<Self>, task: u64, attempt: u32, payload: Payload) {
         let handler = match self.handler.get() {
             Some(handler) if self.worker.is_connected() => handler.clone(),
             _ => {
                 // Leaving the cluster (or not serving): the task goes back.
-                let _ = self.send(wire::encode(&ToPrimary::Refused { task, attempt }, &[]));
+                let refused = wire::encode(&ToPrimary::Refused { task, attempt }, &[]);
+                let _ = self.send(refused, Vec::new());
                 return;
             }
         };
+        let threshold = self.memfd_threshold();
         let (cancel, token) = CancelToken::new();
         self.lock().running.insert(task, cancel);
         let guard = Running {
@@ -198,7 +231,12 @@ impl Side {
         };
         tokio::spawn(async move {
             let mut guard = guard;
-            let outcome = handler(payload, token).await;
+            let outcome = match payload.bytes() {
+                Ok(bytes) => handler(bytes, token, threshold).await,
+                Err(error) => Err(HandlerError::new(format!(
+                    "cannot read the task's memory file: {error}"
+                ))),
+            };
             guard.report(outcome).await;
         });
     }
@@ -209,7 +247,7 @@ impl Side {
         }
     }
 
-    fn answered(&self, submission: u64, outcome: Result<(), PoolError>, payload: Bytes) {
+    fn answered(&self, submission: u64, outcome: Result<(), PoolError>, payload: Payload) {
         let Some(sink) = self.lock().pending.remove(&submission) else {
             return; // withdrawn meanwhile
         };
@@ -243,38 +281,40 @@ struct Running {
 }
 
 impl Running {
-    async fn report(&mut self, outcome: Result<Bytes, HandlerError>) {
+    async fn report(&mut self, outcome: Result<Payload, HandlerError>) {
         self.reported = true;
-        let frame = self.frame(outcome);
+        let (frame, fds) = self.frame(outcome);
         let side = &self.side;
         // Sent before the task stops counting as running, so a worker
         // that leaves once idle has sent every result.
-        let _ = side.port.send(side.format(), &frame, Vec::new()).await;
+        let _ = side.port.send(side.format(), &frame, fds).await;
         side.finished(self.task);
     }
 
-    fn frame(&self, outcome: Result<Bytes, HandlerError>) -> Vec<u8> {
-        let (outcome, payload) = match outcome {
-            Ok(payload) => (Ok(()), payload),
-            Err(error) => (Err(error), Bytes::new()),
-        };
-        let done = ToPrimary::Done {
+    fn frame(&self, outcome: Result<Payload, HandlerError>) -> (Vec<u8>, Vec<OwnedFd>) {
+        let done = |outcome| ToPrimary::Done {
             task: self.task,
             attempt: self.attempt,
             outcome,
         };
-        wire::encode(&done, &payload)
+        let result = outcome.and_then(|payload| {
+            let (bytes, fds) = payload.for_frame().map_err(|e| {
+                HandlerError::new(format!("cannot send the result's memory file: {e}"))
+            })?;
+            Ok((wire::encode(&done(Ok(())), bytes), fds))
+        });
+        result.unwrap_or_else(|error| (wire::encode(&done(Err(error)), &[]), Vec::new()))
     }
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
         if !self.reported {
-            let frame = self.frame(Err(HandlerError::new(format!(
+            let (frame, fds) = self.frame(Err(HandlerError::new(format!(
                 "the handler of pool {:?} panicked",
                 self.side.name
             ))));
-            let _ = self.side.send(frame);
+            let _ = self.side.send(frame, fds);
             self.side.finished(self.task);
         }
     }
@@ -295,7 +335,7 @@ impl Side {
 async fn read(side: Arc<Side>) {
     while let Some(frame) = side.port.recv().await {
         let (envelope, payload) = match wire::decode::<ToWorker>(frame.body) {
-            Ok(decoded) => decoded,
+            Ok((envelope, rest)) => (envelope, Payload::received(rest, frame.fds)),
             Err(error) => {
                 tracing::warn!(pool = %side.name, %error, "dropped a pool frame that does not decode");
                 continue;
@@ -304,6 +344,12 @@ async fn read(side: Arc<Side>) {
         match envelope {
             ToWorker::Run { task, attempt } => side.run(task, attempt, payload),
             ToWorker::Cancel { task } => side.cancel_running(task),
+            ToWorker::Settings { memfd_threshold } => {
+                let threshold = memfd_threshold
+                    .and_then(|t| usize::try_from(t).ok())
+                    .unwrap_or(NO_THRESHOLD);
+                side.memfd_threshold.store(threshold, Ordering::Relaxed);
+            }
             ToWorker::Answer {
                 submission,
                 outcome,
