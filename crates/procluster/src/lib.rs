@@ -44,6 +44,7 @@
 //! | port sharing | [`listeners`] | the primary's listener registry and a worker's listeners, which never see each other's process |
 //! | processes | [`primary`], [`worker`] | the cluster and its workers, their lifecycle and events |
 //! | supervision | [`supervisor`] | restarts, reloads, recycling, stopping |
+//! | services | [`pool`] | work pools: tasks run by the workers, none lost |
 //!
 //! # How a process knows it is a worker
 //!
@@ -68,6 +69,7 @@ mod error;
 mod handshake;
 pub mod listeners;
 pub mod message;
+pub mod pool;
 pub mod primary;
 mod process;
 #[cfg(feature = "fuzzing")]

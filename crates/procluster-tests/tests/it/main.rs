@@ -28,5 +28,6 @@ pub fn test_primary() -> &'static str {
 mod cli;
 mod demo;
 mod listeners;
+mod pool;
 mod services;
 mod supervisor;

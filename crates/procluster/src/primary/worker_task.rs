@@ -114,6 +114,7 @@ pub(super) async fn fork(
                 last_heartbeat: None,
                 reported_ready: false,
                 requests: 0,
+                exit_blame: None,
             }),
             pidfd,
             unread: Mutex::new(0),

@@ -581,9 +581,13 @@ impl Driver {
             primary::Event::Exit { status, .. } => {
                 self.workers.remove(&id);
                 let status = *status;
+                let blame = event.worker().exit_blame();
                 // The cluster's Exit goes out before what the supervisor makes of it.
                 self.forward(Report::Cluster(event));
-                self.sup.exited(id, status, now);
+                match blame {
+                    Some(task) => self.sup.exited_by_task(id, status, task, now),
+                    None => self.sup.exited(id, status, now),
+                }
                 return;
             }
             _ => {}
