@@ -1,6 +1,7 @@
 //! Shared pieces of the integration tests: the messages the test worker
 //! understands, and helpers to wait for events with generous deadlines.
 
+pub mod bus;
 pub mod redis;
 
 use std::path::PathBuf;

@@ -44,6 +44,8 @@
 //! | port sharing | [`listeners`] | the primary's listener registry and a worker's listeners, which never see each other's process |
 //! | processes | [`primary`], [`worker`] | the cluster and its workers, their lifecycle and events |
 //! | supervision | [`supervisor`] | restarts, reloads, recycling, stopping |
+//! | delivery | `fanout` | bounded queues with credit from the primary to many subscribers |
+//! | services | [`bus`] | parts of the cluster that live in the primary, reached from every worker |
 //!
 //! # How a process knows it is a worker
 //!
@@ -63,8 +65,10 @@
 #![warn(missing_docs)]
 #![deny(unsafe_code)]
 
+pub mod bus;
 mod channel;
 mod error;
+mod fanout;
 mod handshake;
 pub mod listeners;
 pub mod message;

@@ -25,6 +25,7 @@ mod output;
 pub fn test_primary() -> &'static str {
     env!("CARGO_BIN_EXE_test-primary")
 }
+mod bus;
 mod cli;
 mod listeners;
 mod services;

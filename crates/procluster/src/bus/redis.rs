@@ -1,0 +1,1 @@
+//! The bus over Redis (written in the next step).
