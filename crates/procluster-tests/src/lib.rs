@@ -3,6 +3,7 @@
 
 pub mod bus;
 pub mod redis;
+pub mod store;
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -45,7 +45,7 @@
 //! | processes | [`primary`], [`worker`] | the cluster and its workers, their lifecycle and events |
 //! | supervision | [`supervisor`] | restarts, reloads, recycling, stopping |
 //! | delivery | `fanout` | bounded queues with credit from the primary to many subscribers |
-//! | services | [`bus`] | parts of the cluster that live in the primary, reached from every worker |
+//! | services | [`bus`], [`store`] | parts of the cluster that live in the primary, reached from every worker |
 //!
 //! # How a process knows it is a worker
 //!
@@ -78,6 +78,7 @@ mod process;
 pub mod protocol;
 #[cfg(not(feature = "fuzzing"))]
 mod protocol;
+pub mod store;
 pub mod supervisor;
 mod sync;
 #[allow(unsafe_code)]

@@ -29,4 +29,5 @@ mod bus;
 mod cli;
 mod listeners;
 mod services;
+mod store;
 mod supervisor;

@@ -1,0 +1,1 @@
+//! The store over Redis (written in a later step).
