@@ -49,9 +49,12 @@ pub enum BusReply {
     Subscribed(Result<(), String>),
     Collected(Collected),
     Published(u64),
+    /// Still at it: messages read or published so far (every 2000), so
+    /// that a test's deadline measures progress, not the whole run.
+    Progress(u64),
     Responding,
-    /// The reply's text and who sent it, or the error.
-    Requested(Result<(String, Sender), String>),
+    /// The reply's text and who sent it (with its host), or the error.
+    Requested(Result<(String, String), String>),
 }
 
 /// What a collecting subscriber saw.
@@ -67,6 +70,14 @@ pub struct Collected {
     pub ended_early: bool,
 }
 
+/// How a collector names a publisher: its sender, and on Redis its host.
+pub fn label(sender: Sender, host: Option<&str>) -> String {
+    match host {
+        Some(host) => format!("{sender} on {host}"),
+        None => sender.to_string(),
+    }
+}
+
 /// A published message: its publisher's sequence number.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Numbered {
@@ -79,6 +90,9 @@ pub struct Numbered {
 pub struct Echoed {
     pub text: String,
 }
+
+/// Messages between two progress reports.
+const PROGRESS: u64 = 2000;
 
 /// The worker's side: one task per command.
 pub async fn worker_main(worker: Worker) {
@@ -117,21 +131,24 @@ async fn run(worker: Worker, bus: Bus, command: BusCommand) {
             };
             reply(BusReply::Subscribed(Ok(()))).await;
             let mut seen = Collected::default();
-            let mut last: BTreeMap<Sender, u64> = BTreeMap::new();
+            let mut last: BTreeMap<String, u64> = BTreeMap::new();
             while seen.total < expect {
                 let Some(message) = sub.next().await else {
                     seen.ended_early = true;
                     break;
                 };
                 let numbered: Numbered = message.decode().expect("a numbered message");
-                let sender = message.sender();
+                let sender = label(message.sender(), message.host());
                 let expected = last.get(&sender).map_or(0, |s| s + 1);
                 if numbered.seq != expected {
                     seen.out_of_order += 1;
                 }
-                last.insert(sender, numbered.seq);
+                last.insert(sender.clone(), numbered.seq);
                 seen.total += 1;
-                *seen.per_sender.entry(sender.to_string()).or_default() += 1;
+                *seen.per_sender.entry(sender).or_default() += 1;
+                if seen.total % PROGRESS == 0 {
+                    reply(BusReply::Progress(seen.total)).await;
+                }
             }
             reply(BusReply::Collected(seen)).await;
         }
@@ -167,6 +184,9 @@ async fn run(worker: Worker, bus: Bus, command: BusCommand) {
                     padding: padding.clone(),
                 };
                 bus.publish(&topic, &message).await.expect("publish");
+                if (seq + 1) % PROGRESS == 0 {
+                    reply(BusReply::Progress(seq + 1)).await;
+                }
             }
             reply(BusReply::Published(count)).await;
         }
@@ -190,7 +210,7 @@ async fn run(worker: Worker, bus: Bus, command: BusCommand) {
             let result = match bus.request_timeout(&topic, &Echoed { text }, timeout).await {
                 Ok(answer) => answer
                     .decode::<Echoed>()
-                    .map(|e| (e.text, answer.sender()))
+                    .map(|e| (e.text, label(answer.sender(), answer.host())))
                     .map_err(|e| e.to_string()),
                 Err(e) => Err(e.to_string()),
             };

@@ -41,11 +41,16 @@ pub enum StoreCommand {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum StoreReply {
     Incremented(u64),
-    Swapped { failed: u64 },
+    Swapped {
+        failed: u64,
+    },
     Done(Result<(), String>),
     Value(Result<Option<i64>, String>),
     Watching,
     Changes(Vec<Seen>),
+    /// Still at it (every 2000 operations), so that a test's deadline
+    /// measures progress, not the whole run.
+    Progress(u64),
 }
 
 /// One change as a watch saw it.
@@ -101,7 +106,13 @@ async fn run(worker: Worker, store: Store, command: StoreCommand) {
         } => {
             let slots = Arc::new(tokio::sync::Semaphore::new(in_flight.max(1)));
             let mut tasks = tokio::task::JoinSet::new();
-            for _ in 0..times {
+            for done in 0..times {
+                if done > 0 && done % 2000 == 0 {
+                    worker
+                        .send(&StoreReply::Progress(done))
+                        .await
+                        .expect("report");
+                }
                 let slot = slots.clone().acquire_owned().await.expect("semaphore");
                 let (store, key) = (store.clone(), key.clone());
                 tasks.spawn(async move {
@@ -114,7 +125,13 @@ async fn run(worker: Worker, store: Store, command: StoreCommand) {
         }
         StoreCommand::CasIncr { key, times } => {
             let mut failed = 0;
-            for _ in 0..times {
+            for done in 0..times {
+                if done > 0 && done % 200 == 0 {
+                    worker
+                        .send(&StoreReply::Progress(done))
+                        .await
+                        .expect("report");
+                }
                 loop {
                     let current: Option<i64> = store.get(&key).await.expect("get");
                     let next = current.unwrap_or(0) + 1;

@@ -7,9 +7,10 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use procluster::WorkerId;
-use procluster::bus::{Bus, BusError, Limits, Sender};
+use procluster::bus::{Bus, BusError, Limits, RedisOptions, Sender};
 use procluster::primary::{Cluster, WorkerHandle};
-use procluster_tests::bus::{BusCommand, BusReply, Collected, Echoed, Numbered};
+use procluster_tests::bus::{BusCommand, BusReply, Collected, Echoed, Numbered, label};
+use procluster_tests::redis::RedisServer;
 use procluster_tests::*;
 
 use crate::builder;
@@ -41,10 +42,16 @@ impl BusCluster {
         self.workers[worker].send(&command).await.unwrap();
     }
 
-    /// The next report of any worker.
+    /// The next report of any worker (progress reports passed over: each
+    /// keeps the deadline from running out while work goes on).
     pub(crate) async fn report(&mut self) -> (WorkerId, BusReply) {
-        let (worker, message) = message(&mut self.cluster).await;
-        (worker.id(), message.decode().expect("a bus report"))
+        loop {
+            let (worker, message) = message(&mut self.cluster).await;
+            match message.decode().expect("a bus report") {
+                BusReply::Progress(_) => continue,
+                report => return (worker.id(), report),
+            }
+        }
     }
 
     /// The next `n` reports, by worker.
@@ -87,14 +94,16 @@ fn publish(topic: &str, count: u64) -> BusCommand {
     }
 }
 
+/// How collectors name worker `id` of `host`.
+fn worker_label(id: WorkerId, host: Option<&str>) -> String {
+    label(Sender::Worker(id), host)
+}
+
 /// What each publisher should have delivered to a subscriber.
-fn everything_from(publishers: &[WorkerId], each: u64) -> Collected {
+fn everything_from(publishers: &[String], each: u64) -> Collected {
     Collected {
         total: each * publishers.len() as u64,
-        per_sender: publishers
-            .iter()
-            .map(|id| (Sender::Worker(*id).to_string(), each))
-            .collect(),
+        per_sender: publishers.iter().map(|p| (p.clone(), each)).collect(),
         out_of_order: 0,
         ended_early: false,
     }
@@ -104,23 +113,21 @@ fn everything_from(publishers: &[WorkerId], each: u64) -> Collected {
 /// them up as a worker's `Collected`.
 async fn collect_here(sub: &mut procluster::bus::Subscription, expect: u64) -> Collected {
     let mut seen = Collected::default();
-    let mut last: BTreeMap<Sender, u64> = BTreeMap::new();
+    let mut last: BTreeMap<String, u64> = BTreeMap::new();
     while seen.total < expect {
         let message = tokio::time::timeout(DEADLINE, sub.next())
             .await
             .expect("timed out waiting for a bus message")
             .expect("the subscription ended");
         let numbered: Numbered = message.decode().unwrap();
-        let expected = last.get(&message.sender()).map_or(0, |s| s + 1);
+        let sender = label(message.sender(), message.host());
+        let expected = last.get(&sender).map_or(0, |s| s + 1);
         if numbered.seq != expected {
             seen.out_of_order += 1;
         }
-        last.insert(message.sender(), numbered.seq);
+        last.insert(sender.clone(), numbered.seq);
         seen.total += 1;
-        *seen
-            .per_sender
-            .entry(message.sender().to_string())
-            .or_default() += 1;
+        *seen.per_sender.entry(sender).or_default() += 1;
     }
     seen
 }
@@ -128,7 +135,7 @@ async fn collect_here(sub: &mut procluster::bus::Subscription, expect: u64) -> C
 /// 4 workers each publish 10 000 messages; each worker (through an exact
 /// topic, `*` or `>`) and the primary get all 40 000, each publisher's in
 /// order, attributed to the worker that published them.
-pub(crate) async fn every_subscriber_gets_every_message_in_order(bus: Bus) {
+pub(crate) async fn every_subscriber_gets_every_message_in_order(bus: Bus, host: Option<&str>) {
     const EACH: u64 = 10_000;
     let mut c = BusCluster::start(bus, 4).await;
     let mut here = c
@@ -143,7 +150,7 @@ pub(crate) async fn every_subscriber_gets_every_message_in_order(bus: Bus) {
     for i in 0..4 {
         c.tell(i, publish("load.x", EACH)).await;
     }
-    let publishers: Vec<WorkerId> = (0..4).map(|i| c.id(i)).collect();
+    let publishers: Vec<String> = (0..4).map(|i| worker_label(c.id(i), host)).collect();
     let mut collected = 0;
     for (worker, report) in c.reports(8).await {
         match report {
@@ -166,7 +173,7 @@ pub(crate) async fn every_subscriber_gets_every_message_in_order(bus: Bus) {
 /// A subscriber that never reads holds at most its queue in the primary;
 /// the publisher and another subscriber go on at full speed and lose
 /// nothing. Under the disconnect policy, the deaf subscription is ended.
-pub(crate) async fn a_subscriber_that_never_reads_hurts_nobody(bus: Bus) {
+pub(crate) async fn a_subscriber_that_never_reads_hurts_nobody(bus: Bus, host: Option<&str>) {
     const COUNT: u64 = 20_000;
     let mut c = BusCluster::start(bus, 4).await;
     for (worker, disconnect) in [(0, false), (1, true)] {
@@ -195,7 +202,7 @@ pub(crate) async fn a_subscriber_that_never_reads_hurts_nobody(bus: Bus) {
         match report {
             BusReply::Published(n) => assert_eq!(n, COUNT),
             BusReply::Collected(seen) => {
-                assert_eq!(seen, everything_from(&[c.id(3)], COUNT))
+                assert_eq!(seen, everything_from(&[worker_label(c.id(3), host)], COUNT))
             }
             other => panic!("worker {worker}: {other:?}"),
         }
@@ -213,7 +220,10 @@ pub(crate) async fn a_subscriber_that_never_reads_hurts_nobody(bus: Bus) {
 
 /// A subscriber killed while messages flow: the other subscribers get
 /// everything.
-pub(crate) async fn a_worker_killed_mid_stream_costs_the_others_nothing(bus: Bus) {
+pub(crate) async fn a_worker_killed_mid_stream_costs_the_others_nothing(
+    bus: Bus,
+    host: Option<&str>,
+) {
     const EACH: u64 = 10_000;
     let mut c = BusCluster::start(bus, 5).await;
     for i in 0..3 {
@@ -224,7 +234,7 @@ pub(crate) async fn a_worker_killed_mid_stream_costs_the_others_nothing(bus: Bus
     c.tell(4, publish("chaos.b", EACH)).await;
     let victim = c.workers[2].clone();
     victim.kill(procluster::Signal::KILL).unwrap();
-    let publishers = [c.id(3), c.id(4)];
+    let publishers = [worker_label(c.id(3), host), worker_label(c.id(4), host)];
     let mut seen = 0;
     while seen < 4 {
         let (worker, report) = c.report().await;
@@ -243,7 +253,7 @@ pub(crate) async fn a_worker_killed_mid_stream_costs_the_others_nothing(bus: Bus
 /// Requests reach a responder and come back with its answer and name; no
 /// responder is an error at once; a silent responder is a timeout; the
 /// primary asks and answers too.
-pub(crate) async fn request_reply(bus: Bus) {
+pub(crate) async fn request_reply(bus: Bus, host: Option<&str>) {
     let mut c = BusCluster::start(bus, 3).await;
     c.tell(
         0,
@@ -283,17 +293,15 @@ pub(crate) async fn request_reply(bus: Bus) {
         panic!("{answer:?}")
     };
     assert_eq!(text, format!("hi from worker {responder}"));
-    assert_eq!(sender, Sender::Worker(responder));
+    assert_eq!(sender, worker_label(responder, host));
 
     c.tell(1, ask("primary.echo", 30_000)).await;
     let (_, answer) = c.report().await;
     let BusReply::Requested(Ok((text, sender))) = answer else {
         panic!("{answer:?}")
     };
-    assert_eq!(
-        (text.as_str(), sender),
-        ("hi from the primary", Sender::Primary)
-    );
+    assert_eq!(text, "hi from the primary");
+    assert_eq!(sender, label(Sender::Primary, host));
 
     // Nobody subscribes: an error at once, long before the timeout.
     c.tell(1, ask("nobody.home", 600_000)).await;
@@ -320,7 +328,10 @@ pub(crate) async fn request_reply(bus: Bus) {
         .request_timeout("echo", &Echoed { text: "yo".into() }, DEADLINE)
         .await
         .unwrap();
-    assert_eq!(answer.sender(), Sender::Worker(responder));
+    assert_eq!(
+        label(answer.sender(), answer.host()),
+        worker_label(responder, host)
+    );
     assert_eq!(
         answer.decode::<Echoed>().unwrap().text,
         format!("yo from worker {responder}")
@@ -333,24 +344,110 @@ pub(crate) async fn request_reply(bus: Bus) {
     assert!(matches!(error, BusError::NoResponders { .. }), "{error}");
 }
 
-#[tokio::test]
-async fn local_every_subscriber_gets_every_message_in_order() {
-    every_subscriber_gets_every_message_in_order(Bus::local()).await;
+/// Runs checks against each backend: the local bus, and Redis.
+macro_rules! on_each_backend {
+    ($($check:ident),* $(,)?) => {
+        mod local {
+            $(
+                #[tokio::test]
+                async fn $check() {
+                    super::$check(procluster::bus::Bus::local(), None).await;
+                }
+            )*
+        }
+        mod on_redis {
+            $(
+                #[tokio::test]
+                async fn $check() {
+                    let server = super::RedisServer::start();
+                    let bus = super::redis_bus(&server, "a").await;
+                    super::$check(bus, Some("a")).await;
+                }
+            )*
+        }
+    };
 }
 
-#[tokio::test]
-async fn local_a_subscriber_that_never_reads_hurts_nobody() {
-    a_subscriber_that_never_reads_hurts_nobody(Bus::local()).await;
+on_each_backend!(
+    every_subscriber_gets_every_message_in_order,
+    a_subscriber_that_never_reads_hurts_nobody,
+    a_worker_killed_mid_stream_costs_the_others_nothing,
+    request_reply,
+);
+
+/// A bus on `server`, whose primary calls itself `host`.
+async fn redis_bus(server: &RedisServer, host: &str) -> Bus {
+    let options = RedisOptions {
+        host: Some(host.into()),
+        ..RedisOptions::default()
+    };
+    Bus::redis_with(&server.url(), options).await.unwrap()
 }
 
+/// Two primaries ("hosts") share one Redis: each of their 4 workers gets
+/// all 40 000 messages of the 4, in order per publisher, each named with
+/// its host; a request from one host is answered on the other.
 #[tokio::test]
-async fn local_a_worker_killed_mid_stream_costs_the_others_nothing() {
-    a_worker_killed_mid_stream_costs_the_others_nothing(Bus::local()).await;
-}
-
-#[tokio::test]
-async fn local_request_reply() {
-    request_reply(Bus::local()).await;
+async fn two_hosts_share_one_bus_through_redis() {
+    const EACH: u64 = 10_000;
+    let server = RedisServer::start();
+    let mut hosts = [
+        BusCluster::start(redis_bus(&server, "a").await, 2).await,
+        BusCluster::start(redis_bus(&server, "b").await, 2).await,
+    ];
+    for host in &hosts {
+        for i in 0..2 {
+            host.tell(i, collect("load.*", 4 * EACH)).await;
+        }
+    }
+    for host in &mut hosts {
+        host.subscribed(2).await;
+    }
+    for host in &hosts {
+        for i in 0..2 {
+            host.tell(i, publish("load.x", EACH)).await;
+        }
+    }
+    let publishers: Vec<String> = [("a", 0), ("a", 1), ("b", 0), ("b", 1)]
+        .iter()
+        .map(|(name, i)| worker_label(hosts[usize::from(*name == "b")].id(*i), Some(name)))
+        .collect();
+    for host in &mut hosts {
+        for (worker, report) in host.reports(4).await {
+            match report {
+                BusReply::Published(n) => assert_eq!(n, EACH),
+                BusReply::Collected(seen) => {
+                    assert_eq!(seen, everything_from(&publishers, EACH), "worker {worker}")
+                }
+                other => panic!("worker {worker}: {other:?}"),
+            }
+        }
+    }
+    // Request/reply across hosts.
+    let [a, b] = &mut hosts;
+    b.tell(
+        0,
+        BusCommand::Respond {
+            topic: "echo".into(),
+        },
+    )
+    .await;
+    b.subscribed(1).await;
+    a.tell(
+        1,
+        BusCommand::Request {
+            topic: "echo".into(),
+            text: "hi".into(),
+            timeout_ms: 30_000,
+        },
+    )
+    .await;
+    let (_, answer) = a.report().await;
+    let BusReply::Requested(Ok((text, sender))) = answer else {
+        panic!("{answer:?}")
+    };
+    assert_eq!(text, format!("hi from worker {}", b.id(0)));
+    assert_eq!(sender, worker_label(b.id(0), Some("b")));
 }
 
 #[tokio::test]

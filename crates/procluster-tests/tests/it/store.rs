@@ -6,11 +6,19 @@ use std::time::Duration;
 
 use procluster::WorkerId;
 use procluster::primary::{Cluster, WorkerHandle};
-use procluster::store::{ChangeKind, Limits, Store, StoreConfig};
+use procluster::store::{ChangeKind, Limits, Store, StoreConfig, StoreError};
+use procluster_tests::redis::RedisServer;
 use procluster_tests::store::{Seen, StoreCommand, StoreReply};
 use procluster_tests::*;
 
 use crate::builder;
+
+/// Which backend a check runs against, where their behaviour differs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Backend {
+    Local,
+    Redis,
+}
 
 /// A cluster of `store`-mode test workers around a store.
 pub(crate) struct StoreCluster {
@@ -39,9 +47,15 @@ impl StoreCluster {
         self.workers[worker].send(&command).await.unwrap();
     }
 
+    /// The next report of any worker, progress reports passed over.
     pub(crate) async fn report(&mut self) -> (WorkerId, StoreReply) {
-        let (worker, message) = message(&mut self.cluster).await;
-        (worker.id(), message.decode().expect("a store report"))
+        loop {
+            let (worker, message) = message(&mut self.cluster).await;
+            match message.decode().expect("a store report") {
+                StoreReply::Progress(_) => continue,
+                report => return (worker.id(), report),
+            }
+        }
     }
 
     /// Asks one worker and returns its report.
@@ -53,7 +67,7 @@ impl StoreCluster {
 
 /// 4 workers × 10 000 increments of one key, 64 in flight each: exactly
 /// 40 000.
-pub(crate) async fn increments_from_every_worker_all_count(store: Store) {
+pub(crate) async fn increments_from_every_worker_all_count(store: Store, _: Backend) {
     let mut c = StoreCluster::start(store, 4).await;
     for i in 0..4 {
         c.tell(
@@ -77,7 +91,7 @@ pub(crate) async fn increments_from_every_worker_all_count(store: Store) {
 }
 
 /// Compare-and-swap loops from 4 workers on one key lose no update.
-pub(crate) async fn compare_and_swap_under_contention_loses_nothing(store: Store) {
+pub(crate) async fn compare_and_swap_under_contention_loses_nothing(store: Store, _: Backend) {
     let mut c = StoreCluster::start(store, 4).await;
     for i in 0..4 {
         c.tell(
@@ -113,8 +127,9 @@ pub(crate) async fn compare_and_swap_under_contention_loses_nothing(store: Store
     assert_eq!(c.store.get::<i64>("cas").await.unwrap(), None);
 }
 
-/// A key set with a time to live disappears, and watches hear it expire.
-pub(crate) async fn keys_expire_after_their_ttl(store: Store) {
+/// A key set with a time to live disappears; on the local store, watches
+/// hear it expire (Redis expires keys itself and tells nobody).
+pub(crate) async fn keys_expire_after_their_ttl(store: Store, backend: Backend) {
     let mut c = StoreCluster::start(store, 1).await;
     let mut watch = c.store.watch("session").await.unwrap();
     let set = StoreCommand::Set {
@@ -123,16 +138,28 @@ pub(crate) async fn keys_expire_after_their_ttl(store: Store) {
         ttl_ms: Some(300),
     };
     assert!(matches!(c.ask(0, set).await, StoreReply::Done(Ok(()))));
-    let mut kinds = Vec::new();
-    while kinds.last() != Some(&ChangeKind::Expired) {
-        let change = tokio::time::timeout(DEADLINE, watch.next())
-            .await
-            .expect("the key did not expire in time")
-            .expect("the watch ended");
-        assert_eq!(change.key(), "session");
-        kinds.push(change.kind());
+    let first = tokio::time::timeout(DEADLINE, watch.next())
+        .await
+        .expect("no change seen")
+        .expect("the watch ended");
+    assert_eq!((first.key(), first.kind()), ("session", ChangeKind::Set));
+    match backend {
+        Backend::Local => {
+            let expired = tokio::time::timeout(DEADLINE, watch.next())
+                .await
+                .expect("the key did not expire in time")
+                .expect("the watch ended");
+            assert_eq!(expired.kind(), ChangeKind::Expired);
+        }
+        Backend::Redis => {
+            // Nothing to wait on: look until the key is gone.
+            let start = std::time::Instant::now();
+            while c.store.get::<i64>("session").await.unwrap().is_some() {
+                assert!(start.elapsed() < DEADLINE, "the key did not expire in time");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
     }
-    assert_eq!(kinds, [ChangeKind::Set, ChangeKind::Expired]);
     let get = StoreCommand::Get {
         key: "session".into(),
     };
@@ -152,7 +179,7 @@ pub(crate) async fn keys_expire_after_their_ttl(store: Store) {
 
 /// A watch in a worker and one in the primary see every change of their
 /// prefix, in the order the changes happened.
-pub(crate) async fn watch_sees_every_change_in_order(store: Store) {
+pub(crate) async fn watch_sees_every_change_in_order(store: Store, _: Backend) {
     const EACH: u64 = 1000;
     let mut c = StoreCluster::start(store, 3).await;
     let mut here = c
@@ -221,7 +248,7 @@ pub(crate) async fn watch_sees_every_change_in_order(store: Store) {
 
 /// What a worker stored is still there after it is SIGKILLed, for the
 /// worker that replaces it.
-pub(crate) async fn the_store_outlives_worker_restarts(store: Store) {
+pub(crate) async fn the_store_outlives_worker_restarts(store: Store, _: Backend) {
     let mut c = StoreCluster::start(store, 1).await;
     let set = StoreCommand::Set {
         key: "kept".into(),
@@ -242,29 +269,142 @@ pub(crate) async fn the_store_outlives_worker_restarts(store: Store) {
     ));
 }
 
-#[tokio::test]
-async fn local_increments_from_every_worker_all_count() {
-    increments_from_every_worker_all_count(Store::local()).await;
+/// Runs checks against each backend: the local store, and Redis.
+macro_rules! on_each_backend {
+    ($($check:ident),* $(,)?) => {
+        mod local {
+            $(
+                #[tokio::test]
+                async fn $check() {
+                    super::$check(procluster::store::Store::local(), super::Backend::Local).await;
+                }
+            )*
+        }
+        mod on_redis {
+            $(
+                #[tokio::test]
+                async fn $check() {
+                    let server = super::RedisServer::start();
+                    let store = procluster::store::Store::redis(&server.url()).await.unwrap();
+                    super::$check(store, super::Backend::Redis).await;
+                }
+            )*
+        }
+    };
 }
 
+on_each_backend!(
+    increments_from_every_worker_all_count,
+    compare_and_swap_under_contention_loses_nothing,
+    keys_expire_after_their_ttl,
+    watch_sees_every_change_in_order,
+    the_store_outlives_worker_restarts,
+);
+
+/// Two primaries ("hosts") share one store through Redis: their workers'
+/// increments and swaps all count, and a watch on one host sees the other
+/// host's changes.
 #[tokio::test]
-async fn local_compare_and_swap_under_contention_loses_nothing() {
-    compare_and_swap_under_contention_loses_nothing(Store::local()).await;
+async fn two_hosts_share_one_store_through_redis() {
+    let server = RedisServer::start();
+    let mut hosts = [
+        StoreCluster::start(Store::redis(&server.url()).await.unwrap(), 2).await,
+        StoreCluster::start(Store::redis(&server.url()).await.unwrap(), 2).await,
+    ];
+    let mut watch = hosts[0].store.watch("shared.name").await.unwrap();
+    for host in &hosts {
+        for i in 0..2 {
+            host.tell(
+                i,
+                StoreCommand::Incr {
+                    key: "hits".into(),
+                    times: 10_000,
+                    in_flight: 64,
+                },
+            )
+            .await;
+            host.tell(
+                i,
+                StoreCommand::CasIncr {
+                    key: "cas".into(),
+                    times: 100,
+                },
+            )
+            .await;
+        }
+    }
+    for host in &mut hosts {
+        for _ in 0..4 {
+            let (worker, report) = host.report().await;
+            assert!(
+                matches!(
+                    report,
+                    StoreReply::Incremented(_) | StoreReply::Swapped { .. }
+                ),
+                "worker {worker}: {report:?}"
+            );
+        }
+    }
+    for host in &hosts {
+        assert_eq!(host.store.get::<i64>("hits").await.unwrap(), Some(40_000));
+        assert_eq!(host.store.get::<i64>("cas").await.unwrap(), Some(400));
+    }
+    let set = StoreCommand::Set {
+        key: "shared.name".into(),
+        value: 5,
+        ttl_ms: None,
+    };
+    assert!(matches!(
+        hosts[1].ask(0, set).await,
+        StoreReply::Done(Ok(()))
+    ));
+    let change = tokio::time::timeout(DEADLINE, watch.next())
+        .await
+        .expect("no change seen across hosts")
+        .unwrap();
+    assert_eq!(
+        (change.key(), change.value::<i64>().unwrap()),
+        ("shared.name", Some(5))
+    );
 }
 
+/// In the binary format, integers are varints: Redis increments them
+/// through a script, and they read back as integers.
 #[tokio::test]
-async fn local_keys_expire_after_their_ttl() {
-    keys_expire_after_their_ttl(Store::local()).await;
-}
-
-#[tokio::test]
-async fn local_watch_sees_every_change_in_order() {
-    watch_sees_every_change_in_order(Store::local()).await;
-}
-
-#[tokio::test]
-async fn local_the_store_outlives_worker_restarts() {
-    the_store_outlives_worker_restarts(Store::local()).await;
+async fn redis_increments_in_the_binary_format() {
+    let server = RedisServer::start();
+    let store = Store::redis(&server.url()).await.unwrap();
+    let mut cluster = builder("store")
+        .workers(2)
+        .format(procluster::Format::Binary)
+        .service(store.service())
+        .build()
+        .unwrap();
+    let workers = cluster.start().await.unwrap();
+    online(&mut cluster, 2).await;
+    for worker in &workers {
+        worker
+            .send(&StoreCommand::Incr {
+                key: "n".into(),
+                times: 1000,
+                in_flight: 16,
+            })
+            .await
+            .unwrap();
+    }
+    for _ in 0..2 {
+        let (_, message) = message(&mut cluster).await;
+        let report: StoreReply = message.decode().unwrap();
+        assert!(
+            matches!(report, StoreReply::Incremented(1000)),
+            "{report:?}"
+        );
+    }
+    assert_eq!(store.get::<i64>("n").await.unwrap(), Some(2000));
+    assert_eq!(store.incr("n", -2001).await.unwrap(), -1);
+    store.set("text", &"not a number").await.unwrap();
+    let error = store.incr("text", 1).await.unwrap_err();
+    assert!(matches!(error, StoreError::NotANumber { .. }), "{error}");
 }
 
 #[tokio::test]

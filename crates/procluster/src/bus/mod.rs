@@ -214,6 +214,44 @@ impl Bus {
         }
     }
 
+    /// A bus shared through the Redis server at `url` (`redis://HOST:PORT`,
+    /// `redis+unix:///path/to/socket`) by every primary that names it, and
+    /// their workers. Call it in the primary and add [`Bus::service`] to
+    /// the cluster: workers learn from it where to connect.
+    ///
+    /// # Errors
+    /// [`BusError::Backend`] when the server cannot be reached.
+    #[cfg(feature = "redis")]
+    pub async fn redis(url: &str) -> Result<Self, BusError> {
+        Self::redis_with(url, RedisOptions::default()).await
+    }
+
+    /// [`Bus::redis`] with options of its own.
+    ///
+    /// # Errors
+    /// As [`Bus::redis`].
+    #[cfg(feature = "redis")]
+    pub async fn redis_with(url: &str, options: RedisOptions) -> Result<Self, BusError> {
+        let host = options.host.clone().unwrap_or_else(redis::default_host);
+        let options = RedisOptions {
+            host: Some(host.clone()),
+            ..options
+        };
+        let backend = wire::Backend::Redis {
+            url: url.to_string(),
+            prefix: options.prefix.clone(),
+            host,
+        };
+        let service = BusService::new(BusConfig::default(), backend);
+        // The primary's own format is known once the cluster is built; the
+        // backend asks the service for it.
+        let redis = redis::RedisBus::connect_primary(url, options, service.clone()).await?;
+        Ok(Self {
+            backend: redis,
+            service: Some(service),
+        })
+    }
+
     /// The primary's side of the bus, to add to the cluster with
     /// [`ClusterBuilder::service`](crate::primary::ClusterBuilder::service).
     ///
@@ -239,10 +277,16 @@ impl Bus {
                 service: None,
             }),
             #[cfg(feature = "redis")]
-            wire::Backend::Redis { url, prefix } => Ok(Self {
-                backend: redis::RedisBus::connect(&url, prefix, client.format(), {
-                    Sender::Worker(worker.id())
-                })
+            wire::Backend::Redis { url, prefix, host } => Ok(Self {
+                backend: redis::RedisBus::connect(
+                    &url,
+                    RedisOptions {
+                        prefix,
+                        host: Some(host),
+                    },
+                    client.format(),
+                    Sender::Worker(worker.id()),
+                )
                 .await?,
                 service: None,
             }),
@@ -336,7 +380,7 @@ impl Bus {
             .request(topic.to_string(), body, timeout)
             .await?;
         let (header, body) = wire::split::<Down<'_>>(&frame)?;
-        let Down::Reply { sender, .. } = header else {
+        let Down::Reply { sender, host, .. } = header else {
             return Err(BusError::Protocol(format!(
                 "expected a reply, got {header:?}"
             )));
@@ -344,6 +388,7 @@ impl Bus {
         Ok(BusMessage {
             topic: topic.to_string(),
             sender,
+            host: host.map(str::to_string),
             format: self.backend.format(),
             body,
             reply: None,
@@ -355,9 +400,13 @@ impl Bus {
         self.backend.format()
     }
 
-    /// Counters of the primary's side (`None` in a worker).
+    /// Counters of the primary's side of the local bus (`None` in a worker
+    /// and on Redis).
     pub fn stats(&self) -> Option<BusStats> {
-        self.service.as_ref().map(BusService::stats)
+        self.service
+            .as_ref()
+            .filter(|s| s.is_local())
+            .map(BusService::stats)
     }
 
     fn encode<T: Serialize + ?Sized>(&self, value: &T) -> Result<Bytes, BusError> {
@@ -365,6 +414,27 @@ impl Bus {
         crate::message::encode_into(self.backend.format(), value, &mut body)
             .map_err(BusError::Encode)?;
         Ok(Bytes::from(body))
+    }
+}
+
+/// Options of the Redis backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisOptions {
+    /// Prefix of the bus's channel names in Redis (default `procluster`):
+    /// clusters with different prefixes share a server without meeting.
+    pub prefix: String,
+    /// This primary's name among the hosts that share the server, as
+    /// subscribers see it in [`BusMessage::host`] (default: the machine's
+    /// host name and the primary's pid).
+    pub host: Option<String>,
+}
+
+impl Default for RedisOptions {
+    fn default() -> Self {
+        Self {
+            prefix: "procluster".into(),
+            host: None,
+        }
     }
 }
 
@@ -398,6 +468,7 @@ impl Default for BusConfig {
 pub struct BusMessage {
     topic: String,
     sender: Sender,
+    host: Option<String>,
     format: Format,
     body: Bytes,
     reply: Option<(ReplyTo, Arc<dyn Backend>)>,
@@ -423,6 +494,13 @@ impl BusMessage {
     /// Who published it.
     pub fn sender(&self) -> Sender {
         self.sender
+    }
+
+    /// On the Redis backend, the host (cluster) of the publisher, as its
+    /// primary names itself ([`RedisOptions::host`]): worker ids are only
+    /// unique within one host. `None` on the local bus.
+    pub fn host(&self) -> Option<&str> {
+        self.host.as_deref()
     }
 
     /// Decodes the body as a `T`.
@@ -501,6 +579,7 @@ impl Subscription {
                     sender,
                     reply,
                     dropped,
+                    host,
                     ..
                 } => {
                     self.dropped = self.dropped.max(dropped);
@@ -510,6 +589,7 @@ impl Subscription {
                     return Some(BusMessage {
                         topic: topic.to_string(),
                         sender,
+                        host: host.map(str::to_string),
                         format: self.backend.format(),
                         body,
                         reply: reply.map(|to| (to, self.backend.clone())),

@@ -103,7 +103,20 @@ impl BusService {
         Arc::new(PrimaryBackend(self.router.clone()))
     }
 
-    /// The counters now.
+    pub(crate) fn is_local(&self) -> bool {
+        self.router.backend == wire::Backend::Local
+    }
+
+    /// The cluster's format, once the cluster is built.
+    pub(crate) fn format(&self) -> Format {
+        self.router
+            .context
+            .get()
+            .and_then(ServiceContext::format)
+            .unwrap_or_default()
+    }
+
+    /// The counters now (all zero on Redis: the server routes).
     pub fn stats(&self) -> BusStats {
         let router = &self.router;
         let state = lock(&router.state);
@@ -314,6 +327,7 @@ impl Router {
                     sender,
                     reply,
                     dropped: entry.outlet.dropped(),
+                    host: None,
                 },
                 body,
             );
@@ -392,6 +406,7 @@ impl Router {
             &Down::Reply {
                 id: to.id,
                 sender: responder,
+                host: None,
             },
             body,
         );

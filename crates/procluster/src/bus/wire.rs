@@ -23,8 +23,13 @@ pub(crate) struct ReplyTo {
 pub(crate) enum Backend {
     /// The primary, over the channels.
     Local,
-    /// A Redis server, shared by every primary that names it.
-    Redis { url: String, prefix: String },
+    /// A Redis server, shared by every primary that names it; `host` names
+    /// this primary's cluster among them.
+    Redis {
+        url: String,
+        prefix: String,
+        host: String,
+    },
 }
 
 /// From a worker's side to the primary.
@@ -82,11 +87,14 @@ pub(crate) enum Down<'a> {
         reply: Option<ReplyTo>,
         /// Messages this subscription lost to its overflow policy so far.
         dropped: u64,
+        /// The publisher's host (Redis backend).
+        host: Option<&'a str>,
     },
     /// The body follows.
     Reply {
         id: u64,
         sender: Sender,
+        host: Option<&'a str>,
     },
     NoResponders {
         id: u64,
@@ -128,6 +136,7 @@ mod tests {
                 sender: Sender::Worker(WorkerId::new(3)),
                 reply: None,
                 dropped: 2,
+                host: None,
             },
             b"{\"text\":1}",
         );

@@ -217,6 +217,38 @@ impl Store {
         })
     }
 
+    /// A store held by the Redis server at `url` (`redis://HOST:PORT`,
+    /// `redis+unix:///path/to/socket`), shared by every primary that names
+    /// it with the same `prefix` of key names, and their workers. Call it in
+    /// the primary and add [`Store::service`] to the cluster.
+    ///
+    /// # Errors
+    /// [`StoreError::Backend`] when the server cannot be reached.
+    #[cfg(feature = "redis")]
+    pub async fn redis(url: &str) -> Result<Self, StoreError> {
+        Self::redis_prefixed(url, "procluster").await
+    }
+
+    /// [`Store::redis`] with a prefix of its own for key names in Redis
+    /// (`procluster` by default).
+    ///
+    /// # Errors
+    /// As [`Store::redis`].
+    #[cfg(feature = "redis")]
+    pub async fn redis_prefixed(url: &str, prefix: &str) -> Result<Self, StoreError> {
+        let backend = wire::Backend::Redis {
+            url: url.to_string(),
+            prefix: prefix.to_string(),
+        };
+        let service = StoreService::new(StoreConfig::default(), backend)?;
+        let redis =
+            redis::RedisStore::connect_primary(url, prefix.to_string(), service.clone()).await?;
+        Ok(Self {
+            backend: Arc::new(redis),
+            service: Some(service),
+        })
+    }
+
     /// The primary's side of the store, to add to the cluster with
     /// [`ClusterBuilder::service`](crate::primary::ClusterBuilder::service).
     ///
@@ -243,7 +275,7 @@ impl Store {
             }),
             #[cfg(feature = "redis")]
             wire::Backend::Redis { url, prefix } => Ok(Self {
-                backend: redis::RedisStore::connect(&url, prefix, client.format()).await?,
+                backend: Arc::new(redis::RedisStore::connect(&url, prefix, client.format()).await?),
                 service: None,
             }),
             #[cfg(not(feature = "redis"))]
@@ -437,9 +469,13 @@ impl Store {
         })
     }
 
-    /// Counters of the primary's store (`None` in a worker).
+    /// Counters of the primary's local store (`None` in a worker and on
+    /// Redis).
     pub fn stats(&self) -> Option<StoreStats> {
-        self.service.as_ref().map(StoreService::stats)
+        self.service
+            .as_ref()
+            .filter(|s| s.is_local())
+            .map(StoreService::stats)
     }
 
     /// Writes the store to its snapshot file now (the primary's handle, with

@@ -124,7 +124,16 @@ impl StoreService {
         Arc::new(PrimaryBackend(self.shared.clone()))
     }
 
-    /// The counters now.
+    pub(crate) fn is_local(&self) -> bool {
+        self.shared.backend == wire::Backend::Local
+    }
+
+    /// The cluster's format, once the cluster is built.
+    pub(crate) fn format(&self) -> Format {
+        lock(&self.shared.state).core.format()
+    }
+
+    /// The counters now (of the local store).
     pub fn stats(&self) -> StoreStats {
         let shared = &self.shared;
         let state = lock(&shared.state);
