@@ -1,7 +1,9 @@
 //! Shared pieces of the integration tests: the messages the test worker
 //! understands, and helpers to wait for events with generous deadlines.
 
+pub mod bus;
 pub mod redis;
+pub mod store;
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -44,7 +44,8 @@
 //! | port sharing | [`listeners`] | the primary's listener registry and a worker's listeners, which never see each other's process |
 //! | processes | [`primary`], [`worker`] | the cluster and its workers, their lifecycle and events |
 //! | supervision | [`supervisor`] | restarts, reloads, recycling, stopping |
-//! | services | [`pool`] | work pools: tasks run by the workers, none lost |
+//! | delivery | `fanout` | bounded queues with credit from the primary to many subscribers |
+//! | services | [`pool`], [`bus`], [`store`] | parts of the cluster that live in the primary, reached from every worker: work pools (tasks run by the workers, none lost), the bus, the shared store |
 //!
 //! # How a process knows it is a worker
 //!
@@ -64,8 +65,10 @@
 #![warn(missing_docs)]
 #![deny(unsafe_code)]
 
+pub mod bus;
 mod channel;
 mod error;
+mod fanout;
 mod handshake;
 pub mod listeners;
 pub mod message;
@@ -76,6 +79,7 @@ mod process;
 pub mod protocol;
 #[cfg(not(feature = "fuzzing"))]
 mod protocol;
+pub mod store;
 pub mod supervisor;
 mod sync;
 #[allow(unsafe_code)]

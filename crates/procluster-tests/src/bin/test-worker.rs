@@ -50,6 +50,8 @@ async fn main() {
         }
         "crash-at-boot" => panic!("boot failure (on purpose)"),
         "net" => net::run(worker).await,
+        "bus" => procluster_tests::bus::worker_main(worker).await,
+        "store" => procluster_tests::store::worker_main(worker).await,
         "ready-serve" => {
             say_ready(&worker).await;
             serve(worker).await;

@@ -25,9 +25,11 @@ mod output;
 pub fn test_primary() -> &'static str {
     env!("CARGO_BIN_EXE_test-primary")
 }
+mod bus;
 mod cli;
 mod demo;
 mod listeners;
 mod pool;
 mod services;
+mod store;
 mod supervisor;
