@@ -82,7 +82,7 @@ pub mod worker;
 
 use std::sync::{Mutex, OnceLock};
 
-pub use channel::ChannelError;
+pub use channel::{ChannelError, ChannelStats};
 pub use error::{Error, Result};
 pub use message::{DecodeError, Message};
 pub use process::{ExitStatus, Signal, UnknownSignal, WorkerId};
