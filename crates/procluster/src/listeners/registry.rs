@@ -11,7 +11,7 @@ use std::io;
 use std::ops::Range;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
@@ -83,6 +83,8 @@ struct GroupState {
     /// slot claims it.
     spare: Option<Socket>,
     closed: bool,
+    /// Connections each holder took, while it holds the group.
+    handed: BTreeMap<WorkerId, u64>,
 }
 
 /// One listening address shared by workers.
@@ -97,6 +99,8 @@ pub(crate) struct Group {
     state: Mutex<GroupState>,
     /// Wakes acceptors when the queue has room again.
     room: Notify,
+    /// Accepts in the primary that failed (other than a client giving up).
+    accept_errors: AtomicU64,
 }
 
 impl Group {
@@ -229,7 +233,9 @@ impl Registry {
         };
         let mut state = group.state();
         // A taken connection: our copy closes here.
-        drop(state.distributor.ack(worker, seq, accepted));
+        if state.distributor.ack(worker, seq, accepted).is_some() {
+            *state.handed.entry(worker).or_default() += 1;
+        }
         state.distributor.credit(worker, credit as usize);
         if !accepted || credit > 0 {
             dispatch(key, &mut state);
@@ -265,6 +271,37 @@ impl Registry {
                 retire_socket(&group, &mut state, Slot::Index(index));
             }
         }
+    }
+
+    /// A snapshot of every open group, for metrics.
+    pub(crate) fn stats(&self) -> Vec<ListenerStats> {
+        let mut groups = self.groups();
+        groups.sort_by_key(|g| g.key);
+        groups
+            .iter()
+            .map(|group| {
+                let state = group.state();
+                let inode = |socket: &Socket| rustix::fs::fstat(socket).ok().map(|st| st.st_ino);
+                let mut sockets: Vec<(Option<usize>, u64)> = state
+                    .sockets
+                    .iter()
+                    .filter_map(|(slot, s)| {
+                        let slot = match slot {
+                            Slot::Index(index) => Some(*index),
+                            Slot::All | Slot::Worker(_) => None,
+                        };
+                        Some((slot, inode(&s.socket)?))
+                    })
+                    .collect();
+                sockets.extend(state.spare.as_ref().and_then(inode).map(|i| (None, i)));
+                ListenerStats {
+                    address: group.address.clone(),
+                    accept_errors: group.accept_errors.load(Ordering::Relaxed),
+                    handed: state.handed.iter().map(|(w, n)| (*w, *n)).collect(),
+                    sockets,
+                }
+            })
+            .collect()
     }
 
     /// Closes every group (the cluster is going away).
@@ -378,8 +415,10 @@ impl Registry {
                     .with_max_batch(batch_for_frame_limit(self.config.max_frame)),
                 spare,
                 closed: false,
+                handed: BTreeMap::new(),
             }),
             room: Notify::new(),
+            accept_errors: AtomicU64::new(0),
         })
     }
 
@@ -508,6 +547,7 @@ impl Registry {
         let Some(Holder { slot, .. }) = state.holders.remove(&worker) else {
             return;
         };
+        state.handed.remove(&worker);
         state.distributor.remove_target(worker);
         if let Some(entry) = state.sockets.get_mut(&slot) {
             if entry.holder == Some(worker) {
@@ -559,6 +599,22 @@ impl Registry {
 
 type Answer = (ListenReply, Vec<OwnedFd>);
 
+/// One shared listener as metrics see it.
+#[derive(Debug, Clone)]
+pub(crate) struct ListenerStats {
+    /// The address bound, e.g. `tcp://127.0.0.1:43121`.
+    pub(crate) address: String,
+    /// Accepts in the primary that failed.
+    pub(crate) accept_errors: u64,
+    /// Connections handed to each worker that holds it now (round-robin,
+    /// and the draining of vacant reuseport slots).
+    pub(crate) handed: Vec<(WorkerId, u64)>,
+    /// Its sockets: the slot of a reuseport socket (`None` for the one
+    /// socket of a shared group) and the socket's inode, by which the
+    /// kernel's tables name it.
+    pub(crate) sockets: Vec<(Option<usize>, u64)>,
+}
+
 impl GroupSocket {
     fn new(socket: Socket) -> Self {
         Self {
@@ -609,6 +665,7 @@ async fn accept_loop(registry: Weak<Registry>, group: Arc<Group>, socket: OwnedF
             }
             Err(error) if is_transient(&error) => {}
             Err(error) => {
+                group.accept_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(address = %group.address, %error, "accept failed; pausing");
                 tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
             }

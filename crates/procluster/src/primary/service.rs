@@ -111,6 +111,14 @@ impl ServiceContext {
         self.cluster.upgrade()?.worker(id)
     }
 
+    /// The cluster's shared listeners, for metrics.
+    pub(crate) fn listener_stats(&self) -> Vec<crate::listeners::registry::ListenerStats> {
+        self.cluster
+            .upgrade()
+            .map(|inner| inner.listeners.stats())
+            .unwrap_or_default()
+    }
+
     /// The cluster's format for user values.
     pub fn format(&self) -> Option<Format> {
         Some(self.cluster.upgrade()?.settings.format)
