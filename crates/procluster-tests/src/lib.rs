@@ -2,6 +2,7 @@
 //! understands, and helpers to wait for events with generous deadlines.
 
 pub mod redis;
+pub mod telemetry;
 
 use std::path::PathBuf;
 use std::time::Duration;

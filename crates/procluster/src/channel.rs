@@ -328,7 +328,10 @@ impl ChannelSender {
         payload: &[u8],
         fds: Vec<SharedFd>,
     ) -> Result<(), ChannelError> {
-        let state = self.shared.counters.refused(self.queue_small(kind, payload, fds))?;
+        let state = self
+            .shared
+            .counters
+            .refused(self.queue_small(kind, payload, fds))?;
         self.flush(state);
         Ok(())
     }

@@ -78,6 +78,7 @@ pub mod supervisor;
 mod sync;
 #[allow(unsafe_code)]
 mod sys;
+pub mod telemetry;
 pub mod worker;
 
 use std::sync::{Mutex, OnceLock};

@@ -29,3 +29,4 @@ mod cli;
 mod listeners;
 mod services;
 mod supervisor;
+mod telemetry;
