@@ -29,6 +29,7 @@ pub struct RunConfig {
     pub group: Option<String>,
     pub log_format: LogFormat,
     pub command: Vec<String>,
+    pub metrics: Option<String>,
 }
 
 pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -60,6 +61,8 @@ pub struct ConfigFile {
     group: Option<String>,
     #[serde(alias = "log_format")]
     log_format: Option<LogFormat>,
+    /// Where the metrics endpoint listens.
+    metrics: Option<String>,
     /// The program and its arguments.
     command: Option<Vec<String>>,
 }
@@ -246,6 +249,7 @@ impl RunConfig {
             group: args.group.or(file.group),
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
             command,
+            metrics: args.metrics.or(file.metrics),
         })
     }
 }

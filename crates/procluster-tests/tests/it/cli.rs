@@ -1023,3 +1023,4 @@ async fn workers_running_as_another_user_can_report_readiness() {
     let ready = run.until_ready(2).await;
     served_by_all(Run::port(&ready), &pids(&ready)).await;
 }
+mod telemetry;

@@ -50,7 +50,7 @@ mod worker;
 
 pub use exposition::Aggregation;
 pub use logs::{LogOutput, LogRecord};
-pub use procfs::{CpuMeter, TreeUsage, tree_usage};
+pub use procfs::{CpuMeter, ProcessTable, TreeUsage, tree_usage};
 pub use wire::FieldValue;
 pub use worker::{DEFAULT_LOG_BUFFER, LogLayer, WorkerTelemetry, worker};
 
@@ -85,6 +85,8 @@ pub struct TelemetryBuilder {
     ready_while_reloading: bool,
     scrape_timeout: Duration,
     logs: LogOutput,
+    /// Listening sockets made outside the cluster's listeners: label, inode.
+    sockets: Vec<(String, u64)>,
 }
 
 impl Default for TelemetryBuilder {
@@ -96,6 +98,7 @@ impl Default for TelemetryBuilder {
             ready_while_reloading: false,
             scrape_timeout: DEFAULT_SCRAPE_TIMEOUT,
             logs: LogOutput::Tracing,
+            sockets: Vec::new(),
         }
     }
 }
@@ -142,6 +145,20 @@ impl TelemetryBuilder {
     /// subscriber).
     pub fn logs(mut self, output: LogOutput) -> Self {
         self.logs = output;
+        self
+    }
+
+    /// Also reports the accept queue of a listening TCP socket the cluster
+    /// did not bind itself (one passed to workers as a descriptor, as the
+    /// command does), under the label `listener="label"`.
+    pub fn watch_socket(
+        mut self,
+        label: impl Into<String>,
+        socket: impl std::os::fd::AsFd,
+    ) -> Self {
+        if let Ok(stat) = rustix::fs::fstat(socket) {
+            self.sockets.push((label.into(), stat.st_ino));
+        }
         self
     }
 
@@ -509,9 +526,17 @@ impl Telemetry {
         let context = self.shared.context.get();
         let workers = context.map(ServiceContext::workers).unwrap_or_default();
         let table = procfs::ProcessTable::read();
-        let listeners = context
+        let mut listeners = context
             .map(ServiceContext::listener_stats)
             .unwrap_or_default();
+        listeners.extend(self.shared.config.sockets.iter().map(|(label, inode)| {
+            crate::listeners::registry::ListenerStats {
+                address: label.clone(),
+                accept_errors: 0,
+                handed: Vec::new(),
+                sockets: vec![(None, *inode)],
+            }
+        }));
         let queues = if listeners.is_empty() {
             Default::default()
         } else {

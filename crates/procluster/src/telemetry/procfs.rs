@@ -35,16 +35,24 @@ fn parse_stat(text: &str) -> Option<Stat> {
     })
 }
 
-/// Every process of the system and who started it, read once per look.
+/// Every process of the system and who started it, read once per look, to
+/// measure several process trees from one reading of `/proc`.
+///
+/// ```no_run
+/// let table = procluster::telemetry::ProcessTable::read();
+/// if let Some(usage) = table.tree_usage(std::process::id()) {
+///     println!("{} bytes resident, {} s of CPU", usage.rss_bytes, usage.cpu_seconds);
+/// }
+/// ```
 #[derive(Debug, Default)]
-pub(crate) struct ProcessTable {
+pub struct ProcessTable {
     stats: HashMap<u32, Stat>,
     children: HashMap<u32, Vec<u32>>,
 }
 
 impl ProcessTable {
     /// Reads `/proc`; empty where there is none.
-    pub(crate) fn read() -> Self {
+    pub fn read() -> Self {
         let mut table = Self::default();
         let Ok(entries) = std::fs::read_dir("/proc") else {
             return table;
@@ -85,7 +93,7 @@ impl ProcessTable {
     }
 
     /// What the process tree of `root` uses now; `None` when `root` is gone.
-    pub(crate) fn tree_usage(&self, root: u32) -> Option<TreeUsage> {
+    pub fn tree_usage(&self, root: u32) -> Option<TreeUsage> {
         let root_stat = self.stats.get(&root)?;
         let ticks_per_second = rustix::param::clock_ticks_per_second().max(1) as f64;
         let page = rustix::param::page_size() as u64;
@@ -212,8 +220,8 @@ impl CpuMeter {
     }
 }
 
-/// CPU use and memory of one process tree, in one call (for the command's
-/// `status`).
+/// CPU use and memory of one process tree, in one call (to measure
+/// several, read a [`ProcessTable`] once).
 pub fn tree_usage(pid: u32) -> Option<TreeUsage> {
     ProcessTable::read().tree_usage(pid)
 }
