@@ -4,6 +4,7 @@
 pub mod bus;
 pub mod redis;
 pub mod store;
+pub mod telemetry;
 
 use std::path::PathBuf;
 use std::time::Duration;

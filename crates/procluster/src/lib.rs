@@ -84,11 +84,12 @@ pub mod supervisor;
 mod sync;
 #[allow(unsafe_code)]
 mod sys;
+pub mod telemetry;
 pub mod worker;
 
 use std::sync::{Mutex, OnceLock};
 
-pub use channel::ChannelError;
+pub use channel::{ChannelError, ChannelStats};
 pub use error::{Error, Result};
 pub use message::{DecodeError, Message};
 pub use process::{ExitStatus, Signal, UnknownSignal, WorkerId};

@@ -1900,3 +1900,4 @@ async fn the_readmes_node_command_serves_and_reloads_with_plain_http_and_express
         run.behaves_as_the_readme_says(workers).await;
     }
 }
+mod telemetry;

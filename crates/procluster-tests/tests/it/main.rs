@@ -33,3 +33,4 @@ mod pool;
 mod services;
 mod store;
 mod supervisor;
+mod telemetry;

@@ -11,7 +11,7 @@ use std::io;
 use std::ops::Range;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
@@ -93,6 +93,8 @@ struct GroupState {
     order: SocketOrder<Slot>,
     /// Steering works here (until the kernel refuses a program).
     steering: bool,
+    /// Connections each holder took, while it holds the group.
+    handed: BTreeMap<WorkerId, u64>,
 }
 
 /// One listening address shared by workers.
@@ -105,6 +107,8 @@ pub(crate) struct Group {
     state: Mutex<GroupState>,
     /// Wakes acceptors when the queue has room again.
     room: Notify,
+    /// Accepts in the primary that failed (other than a client giving up).
+    accept_errors: AtomicU64,
 }
 
 impl Group {
@@ -274,7 +278,9 @@ impl Registry {
         };
         let mut state = group.state();
         // A taken connection: our copy closes here.
-        drop(state.distributor.ack(worker, seq, accepted));
+        if state.distributor.ack(worker, seq, accepted).is_some() {
+            *state.handed.entry(worker).or_default() += 1;
+        }
         state.distributor.credit(worker, credit as usize);
         if !accepted || credit > 0 {
             dispatch(key, &mut state);
@@ -396,6 +402,36 @@ impl Registry {
             }
             let _ = tokio::time::timeout_at(deadline, progress).await;
         }
+    }
+
+    /// A snapshot of every open group, for metrics.
+    pub(crate) fn group_stats(&self) -> Vec<GroupStats> {
+        let mut groups = self.groups();
+        groups.sort_by_key(|g| g.key);
+        groups
+            .iter()
+            .map(|group| {
+                let state = group.state();
+                let inode = |socket: &Socket| rustix::fs::fstat(socket).ok().map(|st| st.st_ino);
+                let sockets: Vec<(Option<usize>, u64)> = state
+                    .sockets
+                    .iter()
+                    .filter_map(|(slot, s)| {
+                        let slot = match slot {
+                            Slot::Index(index) => Some(*index),
+                            Slot::All | Slot::Worker(_) => None,
+                        };
+                        Some((slot, inode(&s.socket)?))
+                    })
+                    .collect();
+                GroupStats {
+                    address: group.address.clone(),
+                    accept_errors: group.accept_errors.load(Ordering::Relaxed),
+                    handed: state.handed.iter().map(|(w, n)| (*w, *n)).collect(),
+                    sockets,
+                }
+            })
+            .collect()
     }
 
     /// Closes every group (the cluster is going away).
@@ -616,8 +652,10 @@ impl Registry {
                 stopping: None,
                 order: SocketOrder::default(),
                 steering: true,
+                handed: BTreeMap::new(),
             }),
             room: Notify::new(),
+            accept_errors: AtomicU64::new(0),
         }
     }
 
@@ -754,6 +792,7 @@ impl Registry {
             stopping.remove(&worker);
         }
         take_queues_once_released(group, &mut state);
+        state.handed.remove(&worker);
         state.distributor.remove_target(worker);
         if let Some(entry) = state.sockets.get_mut(&slot) {
             if entry.holder == Some(worker) {
@@ -807,6 +846,22 @@ impl Registry {
 }
 
 type Answer = (ListenReply, Vec<OwnedFd>);
+
+/// One shared listener as metrics see it.
+#[derive(Debug, Clone)]
+pub(crate) struct GroupStats {
+    /// The address bound, e.g. `tcp://127.0.0.1:43121`.
+    pub(crate) address: String,
+    /// Accepts in the primary that failed.
+    pub(crate) accept_errors: u64,
+    /// Connections handed to each worker that holds it now (round-robin,
+    /// and the draining of vacant reuseport slots).
+    pub(crate) handed: Vec<(WorkerId, u64)>,
+    /// Its sockets: the slot of a reuseport socket (`None` for the one
+    /// socket of a shared group) and the socket's inode, by which the
+    /// kernel's tables name it.
+    pub(crate) sockets: Vec<(Option<usize>, u64)>,
+}
 
 impl GroupSocket {
     fn new(socket: Socket) -> Self {
@@ -868,6 +923,7 @@ async fn accept_loop(registry: Weak<Registry>, group: Arc<Group>, socket: OwnedF
                         .accept_errors
                         .fetch_add(1, Ordering::Relaxed);
                 }
+                group.accept_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(address = %group.address, %error, "accept failed; pausing");
                 tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
             }

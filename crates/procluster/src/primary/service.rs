@@ -111,6 +111,14 @@ impl ServiceContext {
         self.cluster.upgrade()?.worker(id)
     }
 
+    /// The cluster's shared listeners, for metrics.
+    pub(crate) fn listener_stats(&self) -> Vec<crate::listeners::registry::GroupStats> {
+        self.cluster
+            .upgrade()
+            .map(|inner| inner.listeners.group_stats())
+            .unwrap_or_default()
+    }
+
     /// The cluster's format for user values.
     pub fn format(&self) -> Option<Format> {
         Some(self.cluster.upgrade()?.settings.format)

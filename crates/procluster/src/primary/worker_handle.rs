@@ -185,6 +185,13 @@ impl WorkerHandle {
         self.shared.lifecycle().exit_blame.clone()
     }
 
+    /// What crossed the worker's channel so far: frames and bytes each way,
+    /// and frames refused (see [`ChannelStats`](crate::ChannelStats)). A
+    /// foreign program has no channel: all zeros.
+    pub fn channel_stats(&self) -> crate::ChannelStats {
+        self.shared.sender.stats()
+    }
+
     /// How it exited, once it has.
     pub fn exit_status(&self) -> Option<ExitStatus> {
         self.shared.lifecycle().exit
