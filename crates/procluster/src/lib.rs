@@ -34,7 +34,7 @@
 //!
 //! # A tour of the modules
 //!
-//! Layers, each using only those below it:
+//! Layers, each using only those in the rows above it:
 //!
 //! | layer | modules | what it is |
 //! |---|---|---|
