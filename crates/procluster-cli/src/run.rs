@@ -394,7 +394,8 @@ impl Primary {
                             self.on_cluster_event(event, &mut watchers, &mut last_failure);
                         }
                         Report::Supervisor(event) => {
-                            if let supervisor::Event::WorkerReady { slot, .. } = event {
+                            if let supervisor::Event::WorkerReady { slot, worker, .. } = event {
+                                self.per_slot(|slots| slots.worker_ready(slot, worker));
                                 ready_slots.insert(slot);
                                 if !told_ready && ready_slots.len() >= self.initial_workers {
                                     told_ready = true;
@@ -464,6 +465,7 @@ impl Primary {
                     pid = worker.pid(),
                     "worker started"
                 );
+
                 let pending = lock(&self.pending).remove(&worker.id());
                 if let Some(pending) = pending {
                     let task = tokio::spawn(watch(worker.clone(), pending.signals));
@@ -479,6 +481,11 @@ impl Primary {
                     task.abort();
                     remove(cleanup);
                 }
+                if let Some(slot) = worker.index() {
+                    // New connections avoid the slot until its next worker
+                    // is ready.
+                    self.per_slot(|slots| slots.worker_exited(slot, worker.id()));
+                }
                 if exited_after_disconnect {
                     tracing::info!(worker = %worker.id(), pid = worker.pid(), %status, "worker stopped");
                 } else {
@@ -488,6 +495,15 @@ impl Primary {
             }
             Event::Error { error, .. } => tracing::error!("{error}"),
             _ => {}
+        }
+    }
+
+    /// Applies `change` to every listener's per-slot sockets.
+    fn per_slot(&self, mut change: impl FnMut(&mut SlotSockets)) {
+        for listener in &self.listeners {
+            if let ListenerSockets::PerSlot(slots) = &listener.sockets {
+                change(&mut lock(slots));
+            }
         }
     }
 

@@ -28,7 +28,7 @@
 //! # Ok(()) }
 //! ```
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
@@ -37,6 +37,8 @@ use std::sync::Arc;
 use socket2::{Socket, Type};
 
 use super::bind::{self, TcpBind};
+use super::steering::{self, SocketOrder};
+use crate::WorkerId;
 
 /// What kind of socket to bind again.
 #[derive(Debug, Clone, Copy)]
@@ -163,19 +165,73 @@ impl TryFrom<Socket> for ReusePortBinder {
 }
 
 /// One reuseport socket per worker slot, kept across the slot's restarts.
+///
+/// For TCP, new connections are steered by the kernel to the slots that
+/// have a ready worker ([`worker_ready`](Self::worker_ready),
+/// [`worker_exited`](Self::worker_exited)): a slot whose worker is
+/// restarting gets none until the new one is ready, so nothing waits in its
+/// queue meanwhile (Linux 4.6 and later; elsewhere, or before any worker is
+/// ready, the kernel spreads connections over every slot's socket).
 #[derive(Debug)]
 pub struct SlotSockets {
     binder: ReusePortBinder,
     sockets: BTreeMap<usize, Arc<OwnedFd>>,
+    /// The sockets in the kernel's order.
+    order: SocketOrder<usize>,
+    /// The ready workers of each slot (two during a slot's reload).
+    workers: BTreeMap<usize, BTreeSet<WorkerId>>,
+    /// Steering works here (until the kernel refuses a program).
+    steering: bool,
 }
 
 impl SlotSockets {
     /// No slot has a socket yet; the binder's first socket goes to the
     /// first slot that asks.
     pub fn new(binder: ReusePortBinder) -> Self {
+        let steering = binder.is_stream();
         Self {
             binder,
             sockets: BTreeMap::new(),
+            order: SocketOrder::default(),
+            workers: BTreeMap::new(),
+            steering,
+        }
+    }
+
+    /// `worker` of `slot` is ready: the slot's socket gets new connections.
+    pub fn worker_ready(&mut self, slot: usize, worker: WorkerId) {
+        self.workers.entry(slot).or_default().insert(worker);
+        self.steer();
+    }
+
+    /// `worker` of `slot` ended: with no other ready worker in the slot, its
+    /// socket gets no new connection until one is ready.
+    pub fn worker_exited(&mut self, slot: usize, worker: WorkerId) {
+        if let Some(ready) = self.workers.get_mut(&slot) {
+            ready.remove(&worker);
+            if ready.is_empty() {
+                self.workers.remove(&slot);
+            }
+        }
+        self.steer();
+    }
+
+    fn steer(&mut self) {
+        if !self.steering {
+            return;
+        }
+        let eligible = self.order.indexes(|slot| self.workers.contains_key(slot));
+        let program = steering::spread(&eligible, self.order.len());
+        let Some(socket) = self.sockets.values().next() else {
+            return;
+        };
+        if let Err(error) = steering::attach(&**socket, &program) {
+            self.steering = false;
+            tracing::warn!(
+                address = %self.binder.address(),
+                %error,
+                "the kernel refused the reuseport steering program; a restarting slot's queue waits for its next worker"
+            );
         }
     }
 
@@ -194,6 +250,8 @@ impl SlotSockets {
         }
         let socket = Arc::new(OwnedFd::from(self.binder.next_socket()?));
         self.sockets.insert(slot, socket.clone());
+        self.order.listening(slot);
+        self.steer();
         Ok(socket)
     }
 
@@ -205,12 +263,20 @@ impl SlotSockets {
     /// Takes the slot's socket out (it closes when the last holder drops
     /// it, and the kernel stops routing connections to it).
     pub fn remove(&mut self, slot: usize) -> Option<Arc<OwnedFd>> {
-        self.sockets.remove(&slot)
+        let removed = self.sockets.remove(&slot);
+        if removed.is_some() {
+            self.order.closed(slot);
+            self.steer();
+        }
+        removed
     }
 
     /// Keeps the sockets of slots `0..count` only: the cluster scaled down.
     pub fn retain_below(&mut self, count: usize) {
-        self.sockets.retain(|&slot, _| slot < count);
+        let gone: Vec<usize> = self.sockets.range(count..).map(|(slot, _)| *slot).collect();
+        for slot in gone {
+            self.remove(slot);
+        }
     }
 
     /// How many slots hold a socket.
