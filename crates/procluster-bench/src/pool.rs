@@ -287,9 +287,49 @@ fn bench_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../bench")
 }
 
+/// Installs an npm package (once) into `target/bench-npm`, which git
+/// ignores; returns the `node_modules` directory for `NODE_PATH`.
+fn npm_package(spec: &str, name: &str) -> Option<PathBuf> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/bench-npm");
+    let modules = dir.join("node_modules");
+    if !modules.join(name).exists() {
+        let _ = std::fs::create_dir_all(&dir);
+        let status = Command::new("npm")
+            .args([
+                "install",
+                "--no-save",
+                "--no-audit",
+                "--no-fund",
+                "--prefix",
+            ])
+            .arg(&dir)
+            .arg(spec)
+            .stdout(std::process::Stdio::null())
+            .status();
+        if !matches!(status, Ok(s) if s.success()) {
+            eprintln!("cannot install {spec} with npm; its rows are left empty");
+            return None;
+        }
+    }
+    Some(modules)
+}
+
 /// Runs a comparison program that prints one JSON line last.
 fn run_json(program: &str, args: &[String]) -> Option<serde_json::Value> {
-    let output = Command::new(program).args(args).output();
+    run_json_with(program, args, None)
+}
+
+fn run_json_with(
+    program: &str,
+    args: &[String],
+    node_path: Option<&std::path::Path>,
+) -> Option<serde_json::Value> {
+    let mut command = Command::new(program);
+    command.args(args);
+    if let Some(path) = node_path {
+        command.env("NODE_PATH", path);
+    }
+    let output = command.output();
     match output {
         Ok(out) if out.status.success() => {
             let text = String::from_utf8_lossy(&out.stdout);
@@ -339,8 +379,9 @@ pub async fn run(args: PoolArgs) -> Result<(), Box<dyn std::error::Error>> {
         .then(|| run_json("node", &with("node/pool-broker.js")))
         .flatten();
     let piscina = others
-        .then(|| run_json("node", &with("node/pool-piscina.js")))
-        .flatten();
+        .then(|| npm_package("piscina@4", "piscina"))
+        .flatten()
+        .and_then(|modules| run_json_with("node", &with("node/pool-piscina.js"), Some(&modules)));
     let python = others
         .then(|| run_json("python3", &with("python/pool_mp.py")))
         .flatten();

@@ -57,6 +57,9 @@ struct State {
     deadlines: BTreeSet<(Instant, u64)>,
     /// The worker that got the last task, for round-robin among equals.
     cursor: Option<WorkerId>,
+    /// The worker kept free of new tasks until it is idle, for a task that
+    /// must run alone.
+    reserved: Option<WorkerId>,
     /// Tasks workers submitted, by worker and the worker's number.
     submissions: HashMap<WorkerId, HashMap<u64, Submission>>,
     stats: PoolStats,
@@ -95,8 +98,6 @@ struct Member {
     running: Vec<u64>,
     /// It runs a suspect task: nothing else goes there.
     alone: bool,
-    /// It is kept free of new tasks until idle, for a suspect task.
-    reserved: bool,
     /// The pool killed it because this task timed out.
     recycled_for: Option<u64>,
 }
@@ -286,7 +287,6 @@ impl Core {
                     accepting,
                     running: Vec::new(),
                     alone: false,
-                    reserved: false,
                     recycled_for: None,
                 });
             }
@@ -517,7 +517,6 @@ impl Core {
         let Some(status) = exit else {
             if let Some(member) = state.members.get_mut(&worker.id()) {
                 member.accepting = false;
-                member.reserved = false;
             }
             self.dispatch(&mut state);
             return;
@@ -625,6 +624,10 @@ impl Core {
 
     /// Sends queued tasks to workers with free capacity.
     fn dispatch(&self, state: &mut State) {
+        if state.suspects_queued == 0 {
+            // No task waits to run alone: no worker needs keeping free.
+            state.reserved = None;
+        }
         let mut at = 0;
         while at < state.queue.len() {
             let id = state.queue[at];
@@ -673,7 +676,9 @@ impl Core {
         });
         member.running.push(id);
         member.alone = alone;
-        member.reserved = false;
+        if state.reserved == Some(worker) {
+            state.reserved = None;
+        }
         let framed = task.payload.for_frame().map(|(bytes, fds)| {
             (
                 wire::encode(&ToWorker::Run { task: id, attempt }, bytes),
@@ -756,7 +761,8 @@ impl State {
         let mut best: Option<(usize, WorkerId)> = None;
         let later = self.members.range((Excluded(after), Unbounded));
         for (id, m) in later.chain(self.members.range(..=after)) {
-            let usable = m.accepting && !m.alone && !m.reserved && m.running.len() < limit;
+            let usable =
+                m.accepting && !m.alone && self.reserved != Some(*id) && m.running.len() < limit;
             if usable && best.is_none_or(|(n, _)| m.running.len() < n) {
                 best = Some((m.running.len(), *id));
                 if m.running.is_empty() {
@@ -772,24 +778,26 @@ impl State {
         self.members
             .iter()
             .filter(|(_, m)| m.accepting && m.running.is_empty())
-            .min_by_key(|(_, m)| !m.reserved)
+            .min_by_key(|(id, _)| self.reserved != Some(**id))
             .map(|(id, _)| *id)
     }
 
     /// Keeps the least busy member free of new tasks until it is idle, so a
     /// task that must run alone gets a worker even under load.
     fn reserve_member(&mut self) {
-        if self.members.values().any(|m| m.reserved && m.accepting) {
+        let kept = self
+            .reserved
+            .and_then(|id| self.members.get(&id))
+            .is_some_and(|m| m.accepting);
+        if kept {
             return;
         }
-        let least = self
+        self.reserved = self
             .members
-            .iter_mut()
+            .iter()
             .filter(|(_, m)| m.accepting && !m.alone)
-            .min_by_key(|(_, m)| m.running.len());
-        if let Some((_, member)) = least {
-            member.reserved = true;
-        }
+            .min_by_key(|(_, m)| m.running.len())
+            .map(|(id, _)| *id);
     }
 }
 
