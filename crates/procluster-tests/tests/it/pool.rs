@@ -346,6 +346,46 @@ async fn cancelling_removes_a_queued_task_and_signals_a_running_one() {
 }
 
 #[tokio::test]
+async fn try_submit_fails_at_once_when_the_queue_is_full_and_submit_waits_for_room() {
+    let pool = pool(PoolConfig {
+        queue: 1,
+        ..PoolConfig::default()
+    });
+    let _cluster = cluster(&pool, 1).await;
+    let running = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.submit(PoolTask::WaitForCancel(1)).await }
+    });
+    eventually("the task runs", || pool.stats().running == 1).await;
+    let queued = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.submit(PoolTask::Echo(2)).await }
+    });
+    eventually("the queue is full", || pool.stats().queued == 1).await;
+    let refused = within("try_submit", pool.try_submit(PoolTask::Echo(3))).await;
+    assert_eq!(refused.unwrap_err(), PoolError::Full(1));
+    assert_eq!(pool.stats().refused_full, 1);
+    // A waiting submit gets its place once the queue moves.
+    let waiting = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.submit(PoolTask::Echo(4)).await }
+    });
+    running.abort();
+    assert_eq!(
+        within("the queued task", queued).await.unwrap().unwrap().n,
+        2
+    );
+    assert_eq!(
+        within("the waiting task", waiting)
+            .await
+            .unwrap()
+            .unwrap()
+            .n,
+        4
+    );
+}
+
+#[tokio::test]
 async fn a_rolling_reload_under_a_steady_load_fails_no_task() {
     let pool = pool(PoolConfig {
         concurrency: 2,
@@ -411,7 +451,15 @@ async fn a_million_submissions_against_a_queue_of_a_thousand_keep_the_primary_fl
         concurrency: 64,
         ..PoolConfig::default()
     });
-    let _cluster = cluster(&pool, 2).await;
+    // The compact format: a million tasks are mostly encoding in a debug
+    // build.
+    let mut cluster = builder("pool")
+        .service(pool.clone())
+        .workers(2)
+        .format(procluster::Format::Binary)
+        .build()
+        .unwrap();
+    cluster.start().await.unwrap();
     const TASKS: u64 = 1_000_000;
     let mut batch = pool.submit_all((0..TASKS).map(PoolTask::Echo), Order::Completed);
     let mut answered = 0u64;

@@ -229,7 +229,7 @@ impl Core {
                     state.queue.remove(at);
                 }
                 if suspect {
-                    state.suspects_queued -= 1;
+                    state.suspects_queued = state.suspects_queued.saturating_sub(1);
                 }
                 if holds_place {
                     self.room.add_permits(1);
@@ -642,7 +642,7 @@ impl Core {
                 Some(worker) => {
                     state.queue.remove(at);
                     if suspect {
-                        state.suspects_queued -= 1;
+                        state.suspects_queued = state.suspects_queued.saturating_sub(1);
                     }
                     self.start(state, id, worker, alone);
                 }
