@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use procluster::pool::{AttemptFailure, Order, Pool, PoolConfig, PoolError};
+use procluster::pool::{Attempt, AttemptFailure, Order, Pool, PoolConfig, PoolError};
 use procluster::primary::Cluster;
 use procluster::supervisor::{
     BackoffConfig, BreakerConfig, CrashCause, Readiness, Report, SupervisedCluster,
@@ -240,6 +240,58 @@ async fn a_hung_task_times_out_its_worker_is_recycled_and_another_worker_runs_it
     assert_eq!(exited.status, ExitStatus::signaled(Signal::KILL));
     let stats = pool.stats();
     assert_eq!((stats.recycled, stats.retried, stats.done), (1, 1, 1));
+}
+
+#[tokio::test]
+async fn tasks_beside_a_hung_one_run_again_without_losing_an_attempt() {
+    let pool = pool(PoolConfig {
+        concurrency: 4,
+        max_attempts: 1,
+        timeout: Some(Duration::from_secs(2)),
+        ..PoolConfig::default()
+    });
+    let mut cluster = builder("pool").service(pool.clone()).build().unwrap();
+    let first = cluster.fork().await.unwrap();
+    let hung = tokio::spawn({
+        let pool = pool.clone();
+        let task = PoolTask::HangOn {
+            n: 0,
+            on: first.id(),
+        };
+        async move { pool.submit(task).await }
+    });
+    eventually("the hung task runs", || pool.stats().running == 1).await;
+    // Three slow tasks share the hung worker; they are still running when
+    // the pool recycles it.
+    let slow: Vec<_> = (1..=3)
+        .map(|n| {
+            let pool = pool.clone();
+            tokio::spawn(async move { pool.submit(PoolTask::Work { n, millis: 60_000 }).await })
+        })
+        .collect();
+    eventually("all four run", || pool.stats().running == 4).await;
+    let error = within("the hung task", hung).await.unwrap().unwrap_err();
+    let PoolError::Failed(attempts) = &error else {
+        panic!("{error}")
+    };
+    assert!(
+        matches!(
+            attempts[..],
+            [Attempt {
+                failure: AttemptFailure::TimedOut(_),
+                ..
+            }]
+        ),
+        "{error}"
+    );
+    // Their worker is gone: they wait for another, having lost no attempt.
+    eventually("the three wait again", || pool.stats().queued == 3).await;
+    assert_eq!(pool.stats().requeued, 3);
+    for task in slow {
+        task.abort();
+    }
+    let (exited, _) = exit_of(&mut cluster, first.id()).await;
+    assert_eq!(exited.status, ExitStatus::signaled(Signal::KILL));
 }
 
 #[tokio::test]

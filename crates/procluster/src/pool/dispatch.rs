@@ -596,6 +596,15 @@ impl Core {
                 continue;
             };
             let (worker, attempt) = (run.worker, run.attempt);
+            let recycling = state
+                .members
+                .get(&worker)
+                .is_some_and(|m| m.recycled_for.is_some());
+            if recycling {
+                // Its worker is being killed for another task: it runs
+                // again, without counting, once the worker is gone.
+                continue;
+            }
             self.end_run(state, worker, id, attempt);
             if let Some(member) = state.members.get_mut(&worker) {
                 member.accepting = false;
