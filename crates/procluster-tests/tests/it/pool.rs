@@ -564,6 +564,15 @@ async fn a_64_mib_task_and_its_64_mib_result_come_back_whole_by_memory_file_and_
             answer.blob.as_ref() == Some(&Blob(data.clone())),
             "the bytes came back changed"
         );
+        // As a view of the payload (no copy out of the memory file).
+        let shared = procluster::pool::SharedBytes::from(data.clone());
+        let answer = within("the shared bytes", pool.submit(PoolTask::Shared(shared)))
+            .await
+            .unwrap();
+        assert!(
+            answer.shared.as_deref() == Some(&data[..]),
+            "the shared bytes came back changed"
+        );
         cluster.disconnect().await;
     }
 }

@@ -77,6 +77,7 @@ mod config;
 mod dispatch;
 mod error;
 mod payload;
+mod shared;
 mod sink;
 mod stats;
 mod submit;
@@ -95,6 +96,7 @@ pub use cancel::CancelToken;
 pub use config::{DEFAULT_MEMFD_THRESHOLD, PoolConfig};
 pub use dispatch::MAX_WORKER_SUBMISSIONS;
 pub use error::{Attempt, AttemptFailure, HandlerError, PoolError};
+pub use shared::SharedBytes;
 pub use stats::{LATENCY_BUCKETS, Latency, PoolStats};
 pub use submit::{BATCH_WINDOW, Batch, Order};
 
@@ -281,9 +283,12 @@ where
         let erased: worker_side::Handler = Arc::new(move |payload: Bytes, cancel, threshold| {
             let handler = handler.clone();
             Box::pin(async move {
-                let task: T = crate::message::decode(format, &payload)
-                    .map_err(|e| HandlerError::new(format!("the task does not decode: {e}")))?;
-                // The task's bytes (perhaps a mapped memory file) go now.
+                let task: T = shared::decoding(&payload, |bytes| {
+                    crate::message::decode(format, bytes)
+                        .map_err(|e| HandlerError::new(format!("the task does not decode: {e}")))
+                })?;
+                // The task's bytes go now, unless the task holds a view of them
+                // (`SharedBytes`).
                 drop(payload);
                 let result = handler(task, cancel).await?;
                 submit::encode(format, threshold, &result)
