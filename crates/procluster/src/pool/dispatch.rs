@@ -469,7 +469,14 @@ impl Core {
     fn worker_submits(&self, from: &WorkerHandle, submission: u64, wait: bool, payload: Payload) {
         let worker = from.id();
         let sink = Sink::Worker { worker, submission };
-        let waiting = self.lock().submissions.get(&worker).map_or(0, HashMap::len);
+        let waiting = {
+            let mut state = self.lock();
+            let waiting = state.submissions.get(&worker).map_or(0, HashMap::len);
+            if waiting >= MAX_WORKER_SUBMISSIONS {
+                state.stats.refused_worker_limit += 1;
+            }
+            waiting
+        };
         if waiting >= MAX_WORKER_SUBMISSIONS {
             self.answer(
                 worker,

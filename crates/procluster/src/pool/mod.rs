@@ -70,6 +70,23 @@
 //! unique key, Redis `SET NX`), skipping work already recorded. That is
 //! the standard idempotency key; no queue can do it for the handler.
 //!
+//! # Limits
+//!
+//! Everything a worker or a submitter can make the primary hold is bounded:
+//!
+//! * tasks waiting for a worker: [`PoolConfig::queue`]; when full, `submit`
+//!   waits and `try_submit` is refused (`stats().refused_full`). A task
+//!   that runs again after a failed attempt goes back to the front even when
+//!   the queue is full, so the queue can pass its bound by at most the
+//!   number of tasks running;
+//! * tasks running: [`PoolConfig::concurrency`] per worker;
+//! * a worker's submissions in the primary (queued, running, or waiting for
+//!   room with their bytes): [`MAX_WORKER_SUBMISSIONS`]; more are refused
+//!   with [`PoolError::TooManySubmissions`] (`stats().refused_worker_limit`);
+//! * a [`Batch`]: [`BATCH_WINDOW`] tasks submitted and not yet read;
+//! * a pool frame from a worker that does not decode is dropped and logged;
+//!   a result for a task the worker is not running is ignored.
+//!
 //! Counters for the telemetry are in [`Pool::stats`].
 
 mod cancel;
