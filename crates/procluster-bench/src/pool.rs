@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use procluster::pool::{HandlerError, Order, Pool, PoolConfig, WorkerPool};
+use procluster::pool::{HandlerError, Order, Pool, PoolConfig, SharedBytes, WorkerPool};
 use procluster::primary::{Cluster, Event};
 use procluster::worker::Worker;
 use serde::{Deserialize, Serialize};
@@ -57,6 +57,7 @@ pub enum Task {
         rounds: u32,
     },
     Bytes(#[serde(with = "bytes_as_bytes")] Vec<u8>),
+    Shared(SharedBytes),
 }
 
 #[derive(Serialize, Deserialize, Debug)]
@@ -64,6 +65,7 @@ pub enum Answer {
     Echo(u64),
     Hash([u8; 32]),
     Bytes(#[serde(with = "bytes_as_bytes")] Vec<u8>),
+    Shared(SharedBytes),
 }
 
 /// Bytes as one byte string (compact in the binary format).
@@ -117,6 +119,7 @@ pub async fn worker_main(worker: Worker) -> Result<(), Box<dyn std::error::Error
             Task::Echo(n) => Answer::Echo(n),
             Task::Hash { seed, rounds } => Answer::Hash(hash_rounds(seed, rounds)),
             Task::Bytes(bytes) => Answer::Bytes(bytes),
+            Task::Shared(bytes) => Answer::Shared(bytes),
         })
     })
     .await?;
@@ -242,10 +245,11 @@ async fn cpu(args: &PoolArgs) -> (f64, f64, f64) {
     )
 }
 
-/// One large task and its result (the same bytes back), median of 5, ms,
-/// by sealed memory file and through the socket; and one memcpy of the
-/// same size, median of 5, ms.
-async fn payload(args: &PoolArgs) -> (f64, f64, f64) {
+/// One large task and its result (the same bytes back), median of 5, ms:
+/// by sealed memory file as `Vec<u8>` (copied out of the mapping) and as
+/// `SharedBytes` (a view of it), and through the socket; and one memcpy of
+/// the same size, median of 5, ms.
+async fn payload(args: &PoolArgs) -> [f64; 4] {
     let size = args.payload_mib << 20;
     let source = vec![7u8; size];
     let mut target = vec![0u8; size];
@@ -256,8 +260,9 @@ async fn payload(args: &PoolArgs) -> (f64, f64, f64) {
         std::hint::black_box(&target);
         copies.push(start.elapsed());
     }
+    let memfd = Some(procluster::pool::DEFAULT_MEMFD_THRESHOLD);
     let mut medians = Vec::new();
-    for threshold in [Some(procluster::pool::DEFAULT_MEMFD_THRESHOLD), None] {
+    for (threshold, shared) in [(memfd, false), (memfd, true), (None, false)] {
         let config = PoolConfig {
             memfd_threshold: threshold,
             ..PoolConfig::default()
@@ -265,16 +270,29 @@ async fn payload(args: &PoolArgs) -> (f64, f64, f64) {
         let (cluster, pool) = cluster(1, config).await;
         let mut trips = Vec::new();
         for _ in 0..5 {
-            let bytes = source.clone();
+            let task = match shared {
+                true => Task::Shared(SharedBytes::from(source.clone())),
+                false => Task::Bytes(source.clone()),
+            };
             let start = Instant::now();
-            let answer = pool.submit(Task::Bytes(bytes)).await.expect("large task");
+            let answer = pool.submit(task).await.expect("large task");
             trips.push(start.elapsed());
-            assert!(matches!(answer, Answer::Bytes(b) if b.len() == size));
+            let len = match answer {
+                Answer::Bytes(b) => b.len(),
+                Answer::Shared(b) => b.len(),
+                _ => 0,
+            };
+            assert_eq!(len, size);
         }
         stop(cluster).await;
         medians.push(quantile(&mut trips, 0.5) / 1000.0);
     }
-    (medians[0], medians[1], quantile(&mut copies, 0.5) / 1000.0)
+    [
+        medians[0],
+        medians[1],
+        medians[2],
+        quantile(&mut copies, 0.5) / 1000.0,
+    ]
 }
 
 fn quantile(samples: &mut [Duration], q: f64) -> f64 {
@@ -287,9 +305,49 @@ fn bench_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../bench")
 }
 
+/// Installs an npm package (once) into `target/bench-npm`, which git
+/// ignores; returns the `node_modules` directory for `NODE_PATH`.
+fn npm_package(spec: &str, name: &str) -> Option<PathBuf> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/bench-npm");
+    let modules = dir.join("node_modules");
+    if !modules.join(name).exists() {
+        let _ = std::fs::create_dir_all(&dir);
+        let status = Command::new("npm")
+            .args([
+                "install",
+                "--no-save",
+                "--no-audit",
+                "--no-fund",
+                "--prefix",
+            ])
+            .arg(&dir)
+            .arg(spec)
+            .stdout(std::process::Stdio::null())
+            .status();
+        if !matches!(status, Ok(s) if s.success()) {
+            eprintln!("cannot install {spec} with npm; its rows are left empty");
+            return None;
+        }
+    }
+    Some(modules)
+}
+
 /// Runs a comparison program that prints one JSON line last.
 fn run_json(program: &str, args: &[String]) -> Option<serde_json::Value> {
-    let output = Command::new(program).args(args).output();
+    run_json_with(program, args, None)
+}
+
+fn run_json_with(
+    program: &str,
+    args: &[String],
+    node_path: Option<&std::path::Path>,
+) -> Option<serde_json::Value> {
+    let mut command = Command::new(program);
+    command.args(args);
+    if let Some(path) = node_path {
+        command.env("NODE_PATH", path);
+    }
+    let output = command.output();
     match output {
         Ok(out) if out.status.success() => {
             let text = String::from_utf8_lossy(&out.stdout);
@@ -339,8 +397,9 @@ pub async fn run(args: PoolArgs) -> Result<(), Box<dyn std::error::Error>> {
         .then(|| run_json("node", &with("node/pool-broker.js")))
         .flatten();
     let piscina = others
-        .then(|| run_json("node", &with("node/pool-piscina.js")))
-        .flatten();
+        .then(|| npm_package("piscina@4", "piscina"))
+        .flatten()
+        .and_then(|modules| run_json_with("node", &with("node/pool-piscina.js"), Some(&modules)));
     let python = others
         .then(|| run_json("python3", &with("python/pool_mp.py")))
         .flatten();
@@ -349,7 +408,7 @@ pub async fn run(args: PoolArgs) -> Result<(), Box<dyn std::error::Error>> {
     let (p50, p99) = tiny_latency(&args).await;
     let channel = channel_round_trip(args.rounds).await;
     let (per_task_ms, cpu_rate, cpu_ideal) = cpu(&args).await;
-    let (large_ms, plain_ms, memcpy_ms) = payload(&args).await;
+    let [large_ms, shared_ms, plain_ms, memcpy_ms] = payload(&args).await;
 
     let mut rows = vec![
         Row::compared(
@@ -441,6 +500,16 @@ pub async fn run(args: PoolArgs) -> Result<(), Box<dyn std::error::Error>> {
             Some(plain_ms),
             false,
         ),
+        Row::compared(
+            &format!(
+                "{} MiB round trip as SharedBytes vs one memcpy",
+                args.payload_mib
+            ),
+            "ms",
+            shared_ms,
+            Some(memcpy_ms),
+            false,
+        ),
     ];
     rows.retain(|row| row.value.is_finite());
     print_table(&rows, "procluster", "other");
@@ -448,7 +517,7 @@ pub async fn run(args: PoolArgs) -> Result<(), Box<dyn std::error::Error>> {
         "bench": "pool", "workers": args.workers, "tasks": args.tasks,
         "rows": to_json(&rows),
         "node_broker": broker, "piscina": piscina, "python_multiprocessing": python,
-        "memcpy_ms": memcpy_ms, "plain_path_ms": plain_ms, "channel_round_trip_p50_us": channel,
+        "memcpy_ms": memcpy_ms, "plain_path_ms": plain_ms, "shared_bytes_ms": shared_ms, "channel_round_trip_p50_us": channel,
     });
     println!("{json}");
     Ok(())

@@ -238,6 +238,8 @@ pub enum PoolTask {
     WaitForCancel(u64),
     /// Answer with the same bytes.
     Blob(Blob),
+    /// Answer with the same bytes, as a view of the task's payload.
+    Shared(procluster::pool::SharedBytes),
 }
 
 /// What the test pool answers: the task's number, the worker that ran it,
@@ -247,6 +249,9 @@ pub struct PoolAnswer {
     pub n: u64,
     pub worker: WorkerId,
     pub blob: Option<Blob>,
+    /// What a `Shared` task came with.
+    #[serde(default)]
+    pub shared: Option<procluster::pool::SharedBytes>,
 }
 
 /// Bytes serialised as one byte string (`serialize_bytes`): in the binary

@@ -614,6 +614,7 @@ mod pool {
             n,
             worker: worker.id(),
             blob: None,
+            shared: None,
         };
         match task {
             PoolTask::Echo(n) => Ok(answer(n)),
@@ -642,6 +643,13 @@ mod pool {
                 n: blob.0.len() as u64,
                 worker: worker.id(),
                 blob: Some(blob),
+                shared: None,
+            }),
+            PoolTask::Shared(bytes) => Ok(PoolAnswer {
+                n: bytes.len() as u64,
+                worker: worker.id(),
+                blob: None,
+                shared: Some(bytes),
             }),
         }
     }

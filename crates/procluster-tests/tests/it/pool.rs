@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use procluster::pool::{AttemptFailure, Order, Pool, PoolConfig, PoolError};
+use procluster::pool::{Attempt, AttemptFailure, Order, Pool, PoolConfig, PoolError};
 use procluster::primary::Cluster;
 use procluster::supervisor::{
     BackoffConfig, BreakerConfig, CrashCause, Readiness, Report, SupervisedCluster,
@@ -243,6 +243,58 @@ async fn a_hung_task_times_out_its_worker_is_recycled_and_another_worker_runs_it
 }
 
 #[tokio::test]
+async fn tasks_beside_a_hung_one_run_again_without_losing_an_attempt() {
+    let pool = pool(PoolConfig {
+        concurrency: 4,
+        max_attempts: 1,
+        timeout: Some(Duration::from_secs(2)),
+        ..PoolConfig::default()
+    });
+    let mut cluster = builder("pool").service(pool.clone()).build().unwrap();
+    let first = cluster.fork().await.unwrap();
+    let hung = tokio::spawn({
+        let pool = pool.clone();
+        let task = PoolTask::HangOn {
+            n: 0,
+            on: first.id(),
+        };
+        async move { pool.submit(task).await }
+    });
+    eventually("the hung task runs", || pool.stats().running == 1).await;
+    // Three slow tasks share the hung worker; they are still running when
+    // the pool recycles it.
+    let slow: Vec<_> = (1..=3)
+        .map(|n| {
+            let pool = pool.clone();
+            tokio::spawn(async move { pool.submit(PoolTask::Work { n, millis: 60_000 }).await })
+        })
+        .collect();
+    eventually("all four run", || pool.stats().running == 4).await;
+    let error = within("the hung task", hung).await.unwrap().unwrap_err();
+    let PoolError::Failed(attempts) = &error else {
+        panic!("{error}")
+    };
+    assert!(
+        matches!(
+            attempts[..],
+            [Attempt {
+                failure: AttemptFailure::TimedOut(_),
+                ..
+            }]
+        ),
+        "{error}"
+    );
+    // Their worker is gone: they wait for another, having lost no attempt.
+    eventually("the three wait again", || pool.stats().queued == 3).await;
+    assert_eq!(pool.stats().requeued, 3);
+    for task in slow {
+        task.abort();
+    }
+    let (exited, _) = exit_of(&mut cluster, first.id()).await;
+    assert_eq!(exited.status, ExitStatus::signaled(Signal::KILL));
+}
+
+#[tokio::test]
 async fn a_poison_task_fails_after_its_attempts_and_does_not_trip_the_breaker() {
     let pool = pool(PoolConfig {
         max_attempts: 3,
@@ -346,6 +398,46 @@ async fn cancelling_removes_a_queued_task_and_signals_a_running_one() {
 }
 
 #[tokio::test]
+async fn try_submit_fails_at_once_when_the_queue_is_full_and_submit_waits_for_room() {
+    let pool = pool(PoolConfig {
+        queue: 1,
+        ..PoolConfig::default()
+    });
+    let _cluster = cluster(&pool, 1).await;
+    let running = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.submit(PoolTask::WaitForCancel(1)).await }
+    });
+    eventually("the task runs", || pool.stats().running == 1).await;
+    let queued = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.submit(PoolTask::Echo(2)).await }
+    });
+    eventually("the queue is full", || pool.stats().queued == 1).await;
+    let refused = within("try_submit", pool.try_submit(PoolTask::Echo(3))).await;
+    assert_eq!(refused.unwrap_err(), PoolError::Full(1));
+    assert_eq!(pool.stats().refused_full, 1);
+    // A waiting submit gets its place once the queue moves.
+    let waiting = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.submit(PoolTask::Echo(4)).await }
+    });
+    running.abort();
+    assert_eq!(
+        within("the queued task", queued).await.unwrap().unwrap().n,
+        2
+    );
+    assert_eq!(
+        within("the waiting task", waiting)
+            .await
+            .unwrap()
+            .unwrap()
+            .n,
+        4
+    );
+}
+
+#[tokio::test]
 async fn a_rolling_reload_under_a_steady_load_fails_no_task() {
     let pool = pool(PoolConfig {
         concurrency: 2,
@@ -411,7 +503,15 @@ async fn a_million_submissions_against_a_queue_of_a_thousand_keep_the_primary_fl
         concurrency: 64,
         ..PoolConfig::default()
     });
-    let _cluster = cluster(&pool, 2).await;
+    // The compact format: a million tasks are mostly encoding in a debug
+    // build.
+    let mut cluster = builder("pool")
+        .service(pool.clone())
+        .workers(2)
+        .format(procluster::Format::Binary)
+        .build()
+        .unwrap();
+    cluster.start().await.unwrap();
     const TASKS: u64 = 1_000_000;
     let mut batch = pool.submit_all((0..TASKS).map(PoolTask::Echo), Order::Completed);
     let mut answered = 0u64;
@@ -463,6 +563,15 @@ async fn a_64_mib_task_and_its_64_mib_result_come_back_whole_by_memory_file_and_
         assert!(
             answer.blob.as_ref() == Some(&Blob(data.clone())),
             "the bytes came back changed"
+        );
+        // As a view of the payload (no copy out of the memory file).
+        let shared = procluster::pool::SharedBytes::from(data.clone());
+        let answer = within("the shared bytes", pool.submit(PoolTask::Shared(shared)))
+            .await
+            .unwrap();
+        assert!(
+            answer.shared.as_deref() == Some(&data[..]),
+            "the shared bytes came back changed"
         );
         cluster.disconnect().await;
     }

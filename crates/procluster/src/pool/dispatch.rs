@@ -57,6 +57,9 @@ struct State {
     deadlines: BTreeSet<(Instant, u64)>,
     /// The worker that got the last task, for round-robin among equals.
     cursor: Option<WorkerId>,
+    /// The worker kept free of new tasks until it is idle, for a task that
+    /// must run alone.
+    reserved: Option<WorkerId>,
     /// Tasks workers submitted, by worker and the worker's number.
     submissions: HashMap<WorkerId, HashMap<u64, Submission>>,
     stats: PoolStats,
@@ -95,8 +98,6 @@ struct Member {
     running: Vec<u64>,
     /// It runs a suspect task: nothing else goes there.
     alone: bool,
-    /// It is kept free of new tasks until idle, for a suspect task.
-    reserved: bool,
     /// The pool killed it because this task timed out.
     recycled_for: Option<u64>,
 }
@@ -228,7 +229,7 @@ impl Core {
                     state.queue.remove(at);
                 }
                 if suspect {
-                    state.suspects_queued -= 1;
+                    state.suspects_queued = state.suspects_queued.saturating_sub(1);
                 }
                 if holds_place {
                     self.room.add_permits(1);
@@ -286,7 +287,6 @@ impl Core {
                     accepting,
                     running: Vec::new(),
                     alone: false,
-                    reserved: false,
                     recycled_for: None,
                 });
             }
@@ -469,7 +469,14 @@ impl Core {
     fn worker_submits(&self, from: &WorkerHandle, submission: u64, wait: bool, payload: Payload) {
         let worker = from.id();
         let sink = Sink::Worker { worker, submission };
-        let waiting = self.lock().submissions.get(&worker).map_or(0, HashMap::len);
+        let waiting = {
+            let mut state = self.lock();
+            let waiting = state.submissions.get(&worker).map_or(0, HashMap::len);
+            if waiting >= MAX_WORKER_SUBMISSIONS {
+                state.stats.refused_worker_limit += 1;
+            }
+            waiting
+        };
         if waiting >= MAX_WORKER_SUBMISSIONS {
             self.answer(
                 worker,
@@ -517,7 +524,6 @@ impl Core {
         let Some(status) = exit else {
             if let Some(member) = state.members.get_mut(&worker.id()) {
                 member.accepting = false;
-                member.reserved = false;
             }
             self.dispatch(&mut state);
             return;
@@ -597,6 +603,15 @@ impl Core {
                 continue;
             };
             let (worker, attempt) = (run.worker, run.attempt);
+            let recycling = state
+                .members
+                .get(&worker)
+                .is_some_and(|m| m.recycled_for.is_some());
+            if recycling {
+                // Its worker is being killed for another task: it runs
+                // again, without counting, once the worker is gone.
+                continue;
+            }
             self.end_run(state, worker, id, attempt);
             if let Some(member) = state.members.get_mut(&worker) {
                 member.accepting = false;
@@ -625,6 +640,10 @@ impl Core {
 
     /// Sends queued tasks to workers with free capacity.
     fn dispatch(&self, state: &mut State) {
+        if state.suspects_queued == 0 {
+            // No task waits to run alone: no worker needs keeping free.
+            state.reserved = None;
+        }
         let mut at = 0;
         while at < state.queue.len() {
             let id = state.queue[at];
@@ -639,7 +658,7 @@ impl Core {
                 Some(worker) => {
                     state.queue.remove(at);
                     if suspect {
-                        state.suspects_queued -= 1;
+                        state.suspects_queued = state.suspects_queued.saturating_sub(1);
                     }
                     self.start(state, id, worker, alone);
                 }
@@ -673,7 +692,9 @@ impl Core {
         });
         member.running.push(id);
         member.alone = alone;
-        member.reserved = false;
+        if state.reserved == Some(worker) {
+            state.reserved = None;
+        }
         let framed = task.payload.for_frame().map(|(bytes, fds)| {
             (
                 wire::encode(&ToWorker::Run { task: id, attempt }, bytes),
@@ -756,7 +777,8 @@ impl State {
         let mut best: Option<(usize, WorkerId)> = None;
         let later = self.members.range((Excluded(after), Unbounded));
         for (id, m) in later.chain(self.members.range(..=after)) {
-            let usable = m.accepting && !m.alone && !m.reserved && m.running.len() < limit;
+            let usable =
+                m.accepting && !m.alone && self.reserved != Some(*id) && m.running.len() < limit;
             if usable && best.is_none_or(|(n, _)| m.running.len() < n) {
                 best = Some((m.running.len(), *id));
                 if m.running.is_empty() {
@@ -772,24 +794,26 @@ impl State {
         self.members
             .iter()
             .filter(|(_, m)| m.accepting && m.running.is_empty())
-            .min_by_key(|(_, m)| !m.reserved)
+            .min_by_key(|(id, _)| self.reserved != Some(**id))
             .map(|(id, _)| *id)
     }
 
     /// Keeps the least busy member free of new tasks until it is idle, so a
     /// task that must run alone gets a worker even under load.
     fn reserve_member(&mut self) {
-        if self.members.values().any(|m| m.reserved && m.accepting) {
+        let kept = self
+            .reserved
+            .and_then(|id| self.members.get(&id))
+            .is_some_and(|m| m.accepting);
+        if kept {
             return;
         }
-        let least = self
+        self.reserved = self
             .members
-            .iter_mut()
+            .iter()
             .filter(|(_, m)| m.accepting && !m.alone)
-            .min_by_key(|(_, m)| m.running.len());
-        if let Some((_, member)) = least {
-            member.reserved = true;
-        }
+            .min_by_key(|(_, m)| m.running.len())
+            .map(|(id, _)| *id);
     }
 }
 

@@ -70,6 +70,23 @@
 //! unique key, Redis `SET NX`), skipping work already recorded. That is
 //! the standard idempotency key; no queue can do it for the handler.
 //!
+//! # Limits
+//!
+//! Everything a worker or a submitter can make the primary hold is bounded:
+//!
+//! * tasks waiting for a worker: [`PoolConfig::queue`]; when full, `submit`
+//!   waits and `try_submit` is refused (`stats().refused_full`). A task
+//!   that runs again after a failed attempt goes back to the front even when
+//!   the queue is full, so the queue can pass its bound by at most the
+//!   number of tasks running;
+//! * tasks running: [`PoolConfig::concurrency`] per worker;
+//! * a worker's submissions in the primary (queued, running, or waiting for
+//!   room with their bytes): [`MAX_WORKER_SUBMISSIONS`]; more are refused
+//!   with [`PoolError::TooManySubmissions`] (`stats().refused_worker_limit`);
+//! * a [`Batch`]: [`BATCH_WINDOW`] tasks submitted and not yet read;
+//! * a pool frame from a worker that does not decode is dropped and logged;
+//!   a result for a task the worker is not running is ignored.
+//!
 //! Counters for the telemetry are in [`Pool::stats`].
 
 mod cancel;
@@ -77,6 +94,7 @@ mod config;
 mod dispatch;
 mod error;
 mod payload;
+mod shared;
 mod sink;
 mod stats;
 mod submit;
@@ -95,6 +113,7 @@ pub use cancel::CancelToken;
 pub use config::{DEFAULT_MEMFD_THRESHOLD, PoolConfig};
 pub use dispatch::MAX_WORKER_SUBMISSIONS;
 pub use error::{Attempt, AttemptFailure, HandlerError, PoolError};
+pub use shared::SharedBytes;
 pub use stats::{LATENCY_BUCKETS, Latency, PoolStats};
 pub use submit::{BATCH_WINDOW, Batch, Order};
 
@@ -281,9 +300,12 @@ where
         let erased: worker_side::Handler = Arc::new(move |payload: Bytes, cancel, threshold| {
             let handler = handler.clone();
             Box::pin(async move {
-                let task: T = crate::message::decode(format, &payload)
-                    .map_err(|e| HandlerError::new(format!("the task does not decode: {e}")))?;
-                // The task's bytes (perhaps a mapped memory file) go now.
+                let task: T = shared::decoding(&payload, |bytes| {
+                    crate::message::decode(format, bytes)
+                        .map_err(|e| HandlerError::new(format!("the task does not decode: {e}")))
+                })?;
+                // The task's bytes go now, unless the task holds a view of them
+                // (`SharedBytes`).
                 drop(payload);
                 let result = handler(task, cancel).await?;
                 submit::encode(format, threshold, &result)

@@ -36,6 +36,9 @@ pub struct PoolStats {
     pub cancelled: u64,
     /// Submissions refused because the queue was full (`try_submit`).
     pub refused_full: u64,
+    /// Submissions refused because their worker already had
+    /// [`MAX_WORKER_SUBMISSIONS`](super::MAX_WORKER_SUBMISSIONS) waiting.
+    pub refused_worker_limit: u64,
     /// Workers the pool recycled (SIGKILL) because a task timed out.
     pub recycled: u64,
     /// Time from submission to result of the tasks done.

@@ -108,7 +108,9 @@ fn decode<R: DeserializeOwned>(format: Format, outcome: Outcome) -> Result<R, Po
     let bytes = outcome?
         .bytes()
         .map_err(|e| PoolError::Codec(format!("cannot read the result's memory file: {e}")))?;
-    crate::message::decode(format, &bytes).map_err(|e| PoolError::Codec(e.to_string()))
+    super::shared::decoding(&bytes, |bytes| {
+        crate::message::decode(format, bytes).map_err(|e| PoolError::Codec(e.to_string()))
+    })
 }
 
 /// Cancels its task when dropped before the result came.
