@@ -7,6 +7,7 @@ mod ipc;
 mod reliability;
 mod report;
 mod supervision;
+mod telemetry;
 
 use clap::{Parser, Subcommand};
 use procluster::Role;
@@ -49,6 +50,10 @@ enum Bench {
     /// and `supervision`).
     #[command(hide = true)]
     SupervisedServer(supervision::ServerArgs),
+    /// Telemetry: a scrape of 64 workers × 100 series beside prom-client's
+    /// AggregatorRegistry, log events forwarded per second, a worker's
+    /// tracing call.
+    Telemetry(telemetry::TelemetryArgs),
 }
 
 /// By default the bench runs as procluster recommends for one worker per
@@ -78,6 +83,8 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     if let Role::Worker(worker) = procluster::role()? {
         if supervision::is_http_worker() {
             supervision::http_worker_main(worker).await?;
+        } else if telemetry::is_bench_worker() {
+            telemetry::worker_main(worker).await;
         } else {
             ipc::worker_main(worker).await;
         }
@@ -94,5 +101,6 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
             .await
             .map_err(|e| e as Box<dyn std::error::Error>),
         Bench::SupervisedServer(args) => supervision::server_main(args).await,
+        Bench::Telemetry(args) => telemetry::run(args).await,
     }
 }
