@@ -393,3 +393,86 @@ async fn a_flooding_worker_drops_what_its_buffer_cannot_hold_and_the_primary_cou
     worker.kill(Signal::KILL).unwrap();
     while cluster.next_event().await.is_some() {}
 }
+
+async fn listening(
+    telemetry: &Telemetry,
+    mode: &str,
+    policy: procluster::Policy,
+) -> (Cluster, SocketAddr, SocketAddr) {
+    let mut cluster = Cluster::builder()
+        .exec(telemetry_worker())
+        .args([mode])
+        .stdio(Stdio::Null)
+        .policy(policy)
+        .service(telemetry.clone())
+        .build()
+        .unwrap();
+    let endpoint = endpoint(telemetry).await;
+    cluster.fork().await.unwrap();
+    let (_, message) = message(&mut cluster).await;
+    let address: String = message.decode().unwrap();
+    (cluster, endpoint, address.parse().unwrap())
+}
+
+#[tokio::test]
+async fn round_robin_connections_are_counted_per_worker() {
+    let telemetry = Telemetry::builder().metrics_addr("127.0.0.1:0").build();
+    let (cluster, endpoint, address) =
+        listening(&telemetry, "listen-accept", procluster::Policy::RoundRobin).await;
+    for _ in 0..10 {
+        let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+        // The worker closes each connection once it has it.
+        let mut buf = [0u8; 1];
+        let _ = tokio::io::AsyncReadExt::read(&mut stream, &mut buf).await;
+    }
+    // The worker's acknowledgements travel on its channel beside the
+    // connections' close: wait for the count, up to the deadline.
+    let handed = |scrape: &prometheus_parse::Scrape| -> f64 {
+        scrape
+            .samples
+            .iter()
+            .filter(|s| s.metric == "procluster_connections_handed_total")
+            .map(|s| match s.value {
+                prometheus_parse::Value::Counter(v) => v,
+                _ => 0.0,
+            })
+            .sum()
+    };
+    let start = std::time::Instant::now();
+    let scrape = loop {
+        let scrape = scrape(endpoint).await;
+        if handed(&scrape) >= 10.0 || start.elapsed() > DEADLINE {
+            break scrape;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(handed(&scrape), 10.0);
+    assert_eq!(
+        value(&scrape, "procluster_accept_errors_total", &[]),
+        Some(0.0)
+    );
+    cluster.disconnect().await;
+}
+
+#[tokio::test]
+async fn connections_nobody_accepts_show_in_the_listen_queue() {
+    let telemetry = Telemetry::builder().metrics_addr("127.0.0.1:0").build();
+    let (cluster, endpoint, address) =
+        listening(&telemetry, "listen-hold", procluster::Policy::Shared).await;
+    let mut clients = Vec::new();
+    for _ in 0..5 {
+        clients.push(tokio::net::TcpStream::connect(address).await.unwrap());
+    }
+    let scrape = scrape(endpoint).await;
+    let listener = format!("tcp://{address}");
+    assert_eq!(
+        value(
+            &scrape,
+            "procluster_listen_queue_depth",
+            &[("listener", &listener)]
+        ),
+        Some(5.0)
+    );
+    drop(clients);
+    cluster.disconnect().await;
+}
