@@ -44,6 +44,7 @@
 //! | port sharing | [`listeners`] | the primary's listener registry and a worker's listeners, which never see each other's process |
 //! | processes | [`primary`], [`worker`] | the cluster and its workers, their lifecycle and events |
 //! | supervision | [`supervisor`] | restarts, reloads, recycling, stopping |
+//! | services | [`telemetry`] | the cluster's metrics endpoint and health probes, workers' metrics and logs through the primary |
 //!
 //! # How a process knows it is a worker
 //!
