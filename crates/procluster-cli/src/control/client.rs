@@ -46,14 +46,14 @@ async fn run(args: &ClientArgs, request: Request) -> Result<Response, ExitCode> 
     match call(&socket_path(args), &request).await {
         Ok(response) if response.ok => Ok(response),
         Ok(response) => {
-            eprintln!(
-                "procluster: {}",
+            print_err(&format!(
+                "procluster: {}\n",
                 response.error.as_deref().unwrap_or("the request failed")
-            );
+            ));
             Err(ExitCode::FAILURE)
         }
         Err(error) => {
-            eprintln!("procluster: {error}");
+            print_err(&format!("procluster: {error}\n"));
             Err(ExitCode::from(NOT_RUNNING))
         }
     }
@@ -61,7 +61,7 @@ async fn run(args: &ClientArgs, request: Request) -> Result<Response, ExitCode> 
 
 fn print_message(response: &Response) {
     if let Some(message) = &response.message {
-        println!("{message}");
+        print_out(&format!("{message}\n"));
     }
 }
 
@@ -72,9 +72,9 @@ pub async fn status(args: StatusArgs) -> ExitCode {
     };
     let status = response.status.unwrap_or_default();
     if args.json {
-        println!("{status}");
+        print_out(&format!("{status}\n"));
     } else {
-        print!("{}", human_status(&status));
+        print_out(&human_status(&status));
     }
     ExitCode::SUCCESS
 }
@@ -160,4 +160,16 @@ pub fn human_status(status: &serde_json::Value) -> String {
         let _ = writeln!(out, "reload  {reload}");
     }
     out
+}
+
+/// Prints to stdout; a reader that went away (`| head`) is not an error
+/// worth a panic.
+fn print_out(text: &str) {
+    use std::io::Write;
+    let _ = std::io::stdout().lock().write_all(text.as_bytes());
+}
+
+fn print_err(text: &str) {
+    use std::io::Write;
+    let _ = std::io::stderr().lock().write_all(text.as_bytes());
 }

@@ -15,7 +15,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 
 use super::procfs::TreeUsage;
-use crate::listeners::registry::ListenerStats;
+use crate::listeners::registry::GroupStats;
 use crate::primary::WorkerState;
 use crate::supervisor::{CrashCause, RecycleReason};
 use crate::{ChannelStats, WorkerId};
@@ -108,6 +108,8 @@ pub(crate) fn cause_of_failure(cause: &CrashCause) -> &'static str {
         CrashCause::SpawnFailed(_) => "spawn",
         CrashCause::ReadyTimeout => "ready_timeout",
         CrashCause::Hang => "hang",
+        CrashCause::NoResources(_) => "no_resources",
+        CrashCause::TaskFault { .. } => "task",
     }
 }
 
@@ -147,7 +149,7 @@ impl WorkerSnapshot {
 #[derive(Debug, Clone)]
 pub(crate) struct Snapshot {
     pub(crate) workers: Vec<WorkerSnapshot>,
-    pub(crate) listeners: Vec<ListenerStats>,
+    pub(crate) listeners: Vec<GroupStats>,
     /// Accept queue of listening sockets, by inode.
     pub(crate) queues: HashMap<u64, u64>,
     pub(crate) scrape_failures: u64,

@@ -532,7 +532,7 @@ impl Telemetry {
             .map(ServiceContext::listener_stats)
             .unwrap_or_default();
         listeners.extend(self.shared.config.sockets.iter().map(|(label, inode)| {
-            crate::listeners::registry::ListenerStats {
+            crate::listeners::registry::GroupStats {
                 address: label.clone(),
                 accept_errors: 0,
                 handed: Vec::new(),
