@@ -9,6 +9,7 @@ mod reliability;
 mod report;
 mod scale;
 mod supervision;
+mod telemetry;
 
 use clap::{Parser, Subcommand};
 use procluster::Role;
@@ -59,6 +60,10 @@ enum Bench {
     /// and `supervision`).
     #[command(hide = true)]
     SupervisedServer(supervision::ServerArgs),
+    /// Telemetry: a scrape of 64 workers × 100 series beside prom-client's
+    /// AggregatorRegistry, log events forwarded per second, a worker's
+    /// tracing call.
+    Telemetry(telemetry::TelemetryArgs),
 }
 
 /// By default the bench runs as procluster recommends for one worker per
@@ -90,6 +95,8 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
             pool::worker_main(worker).await?;
         } else if supervision::is_http_worker() {
             supervision::http_worker_main(worker).await?;
+        } else if telemetry::is_bench_worker() {
+            telemetry::worker_main(worker).await;
         } else {
             ipc::worker_main(worker).await;
         }
@@ -110,5 +117,6 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         Bench::Scale(args) => tokio::task::spawn_blocking(move || scale::run(args))
             .await?
             .map_err(|e| e as Box<dyn std::error::Error>),
+        Bench::Telemetry(args) => telemetry::run(args).await,
     }
 }

@@ -45,7 +45,7 @@
 //! | processes | [`primary`], [`worker`] | the cluster and its workers, their lifecycle and events |
 //! | supervision | [`supervisor`] | restarts, reloads, recycling, stopping |
 //! | delivery | `fanout` | bounded queues with credit from the primary to many subscribers |
-//! | services | [`pool`], [`bus`], [`store`] | parts of the cluster that live in the primary, reached from every worker: work pools (tasks run by the workers, none lost), the bus, the shared store |
+//! | services | [`pool`], [`bus`], [`store`], [`telemetry`] | parts of the cluster that live in the primary, reached from every worker: work pools (tasks run by the workers, none lost), the bus, the shared store, the metrics endpoint with health probes and workers' logs |
 //!
 //! # How a process knows it is a worker
 //!

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use clap::Args;
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::sync::broadcast::error::RecvError;
 
@@ -56,10 +56,13 @@ impl LogsQuery {
     }
 }
 
-/// Answers a `logs` request on the control connection.
+/// Answers a `logs` request on the control connection; a follower ends
+/// when its client closes the connection (`client`, the connection's
+/// reading side, ends).
 pub async fn serve(
     query: LogsQuery,
     mut out: impl AsyncWrite + Unpin,
+    mut client: impl AsyncRead + Unpin,
     recent: Option<Arc<Recent>>,
 ) -> std::io::Result<()> {
     let Some(recent) = recent else {
@@ -77,8 +80,17 @@ pub async fn serve(
     }
     // Lines pushed between subscribing and reading the backlog come in both.
     let mut in_backlog_window = !backlog.is_empty();
+    let gone = async move {
+        let mut buf = [0u8; 256];
+        while matches!(client.read(&mut buf).await, Ok(n) if n > 0) {}
+    };
+    tokio::pin!(gone);
     loop {
-        match feed.recv().await {
+        let received = tokio::select! {
+            received = feed.recv() => received,
+            () = &mut gone => return Ok(()),
+        };
+        match received {
             Ok(line) => {
                 if !query.wants(&line) {
                     continue;
@@ -240,12 +252,39 @@ mod tests {
             lines: 10,
         };
         let mut out = Vec::new();
-        serve(query, &mut out, Some(recent)).await.unwrap();
+        serve(query, &mut out, tokio::io::empty(), Some(recent))
+            .await
+            .unwrap();
         let text = String::from_utf8(out).unwrap();
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 3, "{text}");
         assert!(lines[0].contains("\"ok\":true"));
         assert!(lines[1].contains("\"line\":\"a\"") && lines[2].contains("\"line\":\"c\""));
+    }
+
+    #[tokio::test]
+    async fn a_follower_ends_when_its_client_goes() {
+        let recent = Arc::new(Recent::default());
+        let query = LogsQuery {
+            follow: true,
+            worker: None,
+            slot: None,
+            lines: 10,
+        };
+        let (client, server) = tokio::io::duplex(64);
+        let serving = tokio::spawn(serve(
+            query,
+            tokio::io::sink(),
+            server,
+            Some(recent.clone()),
+        ));
+        recent.push(line(1, 0, "while following"));
+        drop(client);
+        tokio::time::timeout(std::time::Duration::from_secs(30), serving)
+            .await
+            .expect("the follower ends")
+            .unwrap()
+            .unwrap();
     }
 
     #[test]

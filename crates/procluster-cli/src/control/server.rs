@@ -150,13 +150,14 @@ async fn answer(
         Response::error("permission denied: only the user running procluster may control it")
     } else {
         let mut line = String::new();
-        BufReader::new(read)
-            .take(MAX_REQUEST)
-            .read_line(&mut line)
-            .await?;
+        let mut reader = BufReader::new(read).take(MAX_REQUEST);
+        reader.read_line(&mut line).await?;
         match serde_json::from_str::<Request>(line.trim()) {
             Err(e) => Response::error(format!("bad request: {e}")),
-            Ok(Request::Logs(query)) => return super::logs::serve(query, write, recent).await,
+            Ok(Request::Logs(query)) => {
+                let client = reader.into_inner();
+                return super::logs::serve(query, write, client, recent).await;
+            }
             Ok(request) => {
                 let (tx, rx) = oneshot::channel();
                 if calls.send((request, tx)).is_err() {

@@ -8,7 +8,10 @@
 //!   `batch{worker}`), flushing every 1000, then sends the message
 //!   `LogsDone { dropped }` and stays;
 //! - `flood N`: logs N events as fast as it can without flushing, then
-//!   flushes and sends `LogsDone { dropped }`.
+//!   flushes and sends `LogsDone { dropped }`;
+//! - `listen-accept`: listens on a port of 127.0.0.1 shared through the
+//!   primary, sends its address and accepts (and closes) connections;
+//! - `listen-hold`: the same, but never accepts.
 
 use procluster::Role;
 use procluster::telemetry::WorkerTelemetry;
@@ -44,6 +47,19 @@ async fn main() {
             }
         }
         "log" => log(&worker, &telemetry, n, 1000).await,
+        "listen-accept" | "listen-hold" => {
+            let listener = worker.listen_tcp("127.0.0.1:0").await.expect("listen");
+            let address = listener.local_addr().expect("address").to_string();
+            worker.send(&address).await.expect("send the address");
+            if mode == "listen-accept" {
+                while let Ok((stream, _)) = listener.accept().await {
+                    drop(stream);
+                }
+            } else {
+                worker.shutdown_signal().await;
+            }
+            drop(listener);
+        }
         "flood" => log(&worker, &telemetry, n, u64::MAX).await,
         other => {
             eprintln!("unknown mode {other}");

@@ -243,6 +243,17 @@ async fn readyz_flips_while_a_reload_waits_for_a_never_ready_worker_and_healthz_
     assert_eq!(http_get(addr, "/readyz", None).await.status, 503);
     ready_workers(&mut supervised, &telemetry, 2).await;
     assert_eq!(http_get(addr, "/readyz", None).await.status, 200);
+    // A first worker slower than the ready timeout on a loaded machine
+    // counts too: compare with what is there now.
+    let timeouts = |scrape: &prometheus_parse::Scrape| {
+        value(
+            scrape,
+            "procluster_worker_restarts_total",
+            &[("slot", "0"), ("cause", "ready_timeout")],
+        )
+        .unwrap_or(0.0)
+    };
+    let timeouts_before = timeouts(&scrape(addr).await);
     let handle = supervised.handle();
     let reload = tokio::spawn(async move { handle.reload().await });
     observe_until(&mut supervised, &telemetry, |r| {
@@ -273,14 +284,7 @@ async fn readyz_flips_while_a_reload_waits_for_a_never_ready_worker_and_healthz_
         value(&scrape, "procluster_reloads_total", &[("result", "failed")]),
         Some(1.0)
     );
-    assert_eq!(
-        value(
-            &scrape,
-            "procluster_worker_restarts_total",
-            &[("slot", "0"), ("cause", "ready_timeout")]
-        ),
-        Some(1.0)
-    );
+    assert_eq!(timeouts(&scrape), timeouts_before + 1.0);
     stop(supervised, &telemetry).await;
     assert_eq!(http_get(addr, "/readyz", None).await.status, 503);
     assert_eq!(http_get(addr, "/healthz", None).await.status, 503);
@@ -392,4 +396,87 @@ async fn a_flooding_worker_drops_what_its_buffer_cannot_hold_and_the_primary_cou
     );
     worker.kill(Signal::KILL).unwrap();
     while cluster.next_event().await.is_some() {}
+}
+
+async fn listening(
+    telemetry: &Telemetry,
+    mode: &str,
+    policy: procluster::Policy,
+) -> (Cluster, SocketAddr, SocketAddr) {
+    let mut cluster = Cluster::builder()
+        .exec(telemetry_worker())
+        .args([mode])
+        .stdio(Stdio::Null)
+        .policy(policy)
+        .service(telemetry.clone())
+        .build()
+        .unwrap();
+    let endpoint = endpoint(telemetry).await;
+    cluster.fork().await.unwrap();
+    let (_, message) = message(&mut cluster).await;
+    let address: String = message.decode().unwrap();
+    (cluster, endpoint, address.parse().unwrap())
+}
+
+#[tokio::test]
+async fn round_robin_connections_are_counted_per_worker() {
+    let telemetry = Telemetry::builder().metrics_addr("127.0.0.1:0").build();
+    let (cluster, endpoint, address) =
+        listening(&telemetry, "listen-accept", procluster::Policy::RoundRobin).await;
+    for _ in 0..10 {
+        let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+        // The worker closes each connection once it has it.
+        let mut buf = [0u8; 1];
+        let _ = tokio::io::AsyncReadExt::read(&mut stream, &mut buf).await;
+    }
+    // The worker's acknowledgements travel on its channel beside the
+    // connections' close: wait for the count, up to the deadline.
+    let handed = |scrape: &prometheus_parse::Scrape| -> f64 {
+        scrape
+            .samples
+            .iter()
+            .filter(|s| s.metric == "procluster_connections_handed_total")
+            .map(|s| match s.value {
+                prometheus_parse::Value::Counter(v) => v,
+                _ => 0.0,
+            })
+            .sum()
+    };
+    let start = std::time::Instant::now();
+    let scrape = loop {
+        let scrape = scrape(endpoint).await;
+        if handed(&scrape) >= 10.0 || start.elapsed() > DEADLINE {
+            break scrape;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(handed(&scrape), 10.0);
+    assert_eq!(
+        value(&scrape, "procluster_accept_errors_total", &[]),
+        Some(0.0)
+    );
+    cluster.disconnect().await;
+}
+
+#[tokio::test]
+async fn connections_nobody_accepts_show_in_the_listen_queue() {
+    let telemetry = Telemetry::builder().metrics_addr("127.0.0.1:0").build();
+    let (cluster, endpoint, address) =
+        listening(&telemetry, "listen-hold", procluster::Policy::Shared).await;
+    let mut clients = Vec::new();
+    for _ in 0..5 {
+        clients.push(tokio::net::TcpStream::connect(address).await.unwrap());
+    }
+    let scrape = scrape(endpoint).await;
+    let listener = format!("tcp://{address}");
+    assert_eq!(
+        value(
+            &scrape,
+            "procluster_listen_queue_depth",
+            &[("listener", &listener)]
+        ),
+        Some(5.0)
+    );
+    drop(clients);
+    cluster.disconnect().await;
 }

@@ -364,7 +364,7 @@ pub(crate) fn merge(
                     merged.len() - 1
                 }
             };
-            for mut sample in family.samples {
+            for (position, mut sample) in family.samples.into_iter().enumerate() {
                 if how == Aggregation::PerWorker {
                     let mut labels = vec![("worker".to_string(), contribution.worker.clone())];
                     if let Some(slot) = &contribution.slot {
@@ -377,6 +377,15 @@ pub(crate) fn merge(
                             .filter(|(k, _)| k != "worker" && k != "slot"),
                     );
                     sample.labels = labels;
+                } else if let Some(same) = merged[at]
+                    .samples
+                    .get_mut(position)
+                    .filter(|m| m.name == sample.name && m.labels == sample.labels)
+                {
+                    // Workers usually list a family's series in the same
+                    // order: no lookup needed.
+                    same.value += sample.value;
+                    continue;
                 }
                 let key = (sample.name.clone(), sample.labels.clone());
                 match positions[at].get(&key) {
@@ -532,6 +541,25 @@ mod tests {
         assert_eq!(merged[1].samples[0].value, 43.0);
         assert_eq!(merged[2].samples.len(), 4);
         assert_eq!(merged[2].samples[3].value, 4.0);
+    }
+
+    #[test]
+    fn sums_match_series_listed_in_another_order() {
+        let reversed = "# TYPE jobs counter\njobs_total{queue=\"b\\\"x\"} 10\njobs_total{queue=\"a\"} 20\njobs_total{queue=\"c\"} 5\n";
+        let (merged, _) = merge(
+            vec![contribution("1", WORKER), contribution("2", reversed)],
+            Aggregation::Sum,
+            &[],
+        );
+        let values: Vec<(String, f64)> = merged[0]
+            .samples
+            .iter()
+            .map(|s| (s.labels[0].1.clone(), s.value))
+            .collect();
+        assert_eq!(
+            values,
+            [("a".into(), 23.0), ("b\"x".into(), 11.0), ("c".into(), 5.0)]
+        );
     }
 
     #[test]

@@ -446,8 +446,7 @@ impl Telemetry {
     }
 
     pub(crate) async fn scrape(&self, dialect: Dialect) -> String {
-        let contributions = self.collect_workers().await;
-        let snapshot = self.snapshot();
+        let (contributions, snapshot) = self.collect_workers().await;
         let mut own = exposition::parse(&self.shared.metrics.encode(&snapshot)).unwrap_or_default();
         let reserved: Vec<&str> = own.iter().map(|f| f.name.as_str()).collect();
         let (app, report) =
@@ -462,10 +461,11 @@ impl Telemetry {
     }
 
     /// Asks every worker whose telemetry side is open for its registry,
-    /// waiting up to the scrape timeout.
-    async fn collect_workers(&self) -> Vec<Contribution> {
+    /// waiting up to the scrape timeout, and reads the cluster's own figures
+    /// while the workers answer.
+    async fn collect_workers(&self) -> (Vec<Contribution>, metrics::Snapshot) {
         let Some(context) = self.shared.context.get() else {
-            return Vec::new();
+            return (Vec::new(), self.snapshot());
         };
         let _one_at_a_time = self.shared.scrape_lock.lock().await;
         let id = self.shared.next_scrape.fetch_add(1, Ordering::Relaxed);
@@ -487,7 +487,7 @@ impl Telemetry {
             }
         }
         if waiting.is_empty() {
-            return Vec::new();
+            return (Vec::new(), self.snapshot());
         }
         self.state().pending = Some(PendingScrape {
             id,
@@ -495,16 +495,17 @@ impl Telemetry {
             answers: Vec::new(),
             done: Some(done_tx),
         });
+        let snapshot = self.snapshot();
         let _ = tokio::time::timeout(self.shared.config.scrape_timeout, done_rx).await;
         let Some(pending) = self.state().pending.take() else {
-            return Vec::new();
+            return (Vec::new(), snapshot);
         };
         self.shared
             .scrape_failures
             .fetch_add(pending.waiting.len() as u64, Ordering::Relaxed);
         let mut answers = pending.answers;
         answers.sort_by_key(|(worker, _)| worker.id());
-        answers
+        let contributions = answers
             .into_iter()
             .filter_map(|(worker, text)| match exposition::parse(&text) {
                 Ok(families) => Some(Contribution {
@@ -518,7 +519,8 @@ impl Telemetry {
                     None
                 }
             })
-            .collect()
+            .collect();
+        (contributions, snapshot)
     }
 
     /// Everything the cluster's own metrics need, read now.

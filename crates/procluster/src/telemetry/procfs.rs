@@ -35,8 +35,10 @@ fn parse_stat(text: &str) -> Option<Stat> {
     })
 }
 
-/// Every process of the system and who started it, read once per look, to
-/// measure several process trees from one reading of `/proc`.
+/// How process trees are read from `/proc`: where the kernel lists each
+/// thread's children (`/proc/PID/task/TID/children`), a tree is walked from
+/// its root, reading only its own processes; elsewhere every process of the
+/// system is read once to learn who started whom.
 ///
 /// ```no_run
 /// let table = procluster::telemetry::ProcessTable::read();
@@ -46,34 +48,46 @@ fn parse_stat(text: &str) -> Option<Stat> {
 /// ```
 #[derive(Debug, Default)]
 pub struct ProcessTable {
+    /// Every process, when the kernel does not list children.
+    scanned: Option<Scan>,
+}
+
+#[derive(Debug, Default)]
+struct Scan {
     stats: HashMap<u32, Stat>,
     children: HashMap<u32, Vec<u32>>,
 }
 
-impl ProcessTable {
-    /// Reads `/proc`; empty where there is none.
-    pub fn read() -> Self {
-        let mut table = Self::default();
-        let Ok(entries) = std::fs::read_dir("/proc") else {
-            return table;
-        };
-        for entry in entries.flatten() {
-            let Some(pid) = entry
-                .file_name()
-                .to_str()
-                .and_then(|n| n.parse::<u32>().ok())
-            else {
-                continue;
-            };
-            let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-                continue; // gone meanwhile
-            };
-            if let Some(stat) = parse_stat(&text) {
-                table.children.entry(stat.ppid).or_default().push(pid);
-                table.stats.insert(pid, stat);
-            }
+fn read_stat(pid: u32) -> Option<Stat> {
+    parse_stat(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+/// Children of `pid`, from its threads' `children` files.
+fn children_of(pid: u32) -> Vec<u32> {
+    let mut children = Vec::new();
+    let Ok(threads) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return children;
+    };
+    for thread in threads.flatten() {
+        if let Ok(text) = std::fs::read_to_string(thread.path().join("children")) {
+            children.extend(
+                text.split_whitespace()
+                    .filter_map(|c| c.parse::<u32>().ok()),
+            );
         }
-        table
+    }
+    children
+}
+
+impl ProcessTable {
+    /// Gets ready to read process trees (reading every process only where
+    /// the kernel does not list children).
+    pub fn read() -> Self {
+        let me = std::process::id();
+        let listed = std::path::Path::new(&format!("/proc/{me}/task/{me}/children")).exists();
+        Self {
+            scanned: (!listed).then(Scan::read),
+        }
     }
 
     /// `root` and its descendants (each once, even if the table is odd).
@@ -83,7 +97,11 @@ impl ProcessTable {
         while next < seen.len() {
             let pid = seen[next];
             next += 1;
-            for &child in self.children.get(&pid).into_iter().flatten() {
+            let children = match &self.scanned {
+                Some(scan) => scan.children.get(&pid).cloned().unwrap_or_default(),
+                None => children_of(pid),
+            };
+            for child in children {
                 if !seen.contains(&child) {
                     seen.push(child);
                 }
@@ -92,9 +110,19 @@ impl ProcessTable {
         seen
     }
 
+    fn stat(&self, pid: u32) -> Option<Stat> {
+        match &self.scanned {
+            Some(scan) => scan.stats.get(&pid).copied(),
+            None => read_stat(pid),
+        }
+    }
+
     /// What the process tree of `root` uses now; `None` when `root` is gone.
     pub fn tree_usage(&self, root: u32) -> Option<TreeUsage> {
-        let root_stat = self.stats.get(&root)?;
+        if root == 0 {
+            return None;
+        }
+        let root_stat = self.stat(root)?;
         let ticks_per_second = rustix::param::clock_ticks_per_second().max(1) as f64;
         let page = rustix::param::page_size() as u64;
         let mut usage = TreeUsage {
@@ -108,8 +136,12 @@ impl ProcessTable {
             ..TreeUsage::default()
         };
         for pid in self.tree(root) {
-            let Some(stat) = self.stats.get(&pid) else {
-                continue;
+            let Some(stat) = (if pid == root {
+                Some(root_stat)
+            } else {
+                self.stat(pid)
+            }) else {
+                continue; // gone meanwhile
             };
             usage.processes += 1;
             usage.cpu_seconds += stat.ticks as f64 / ticks_per_second;
@@ -118,6 +150,29 @@ impl ProcessTable {
             usage.open_fds += open_fds(pid);
         }
         Some(usage)
+    }
+}
+
+impl Scan {
+    fn read() -> Self {
+        let mut scan = Self::default();
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return scan;
+        };
+        for entry in entries.flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if let Some(stat) = read_stat(pid) {
+                scan.children.entry(stat.ppid).or_default().push(pid);
+                scan.stats.insert(pid, stat);
+            }
+        }
+        scan
     }
 }
 
@@ -252,6 +307,26 @@ mod tests {
         let mut queues = HashMap::new();
         parse_listen_queues(text, &mut queues);
         assert_eq!(queues, HashMap::from([(4242, 5)]));
+    }
+
+    #[test]
+    fn both_ways_of_reading_trees_agree_on_a_tree_with_a_child() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let me = std::process::id();
+        let walked = ProcessTable { scanned: None };
+        let scanned = ProcessTable {
+            scanned: Some(Scan::read()),
+        };
+        for table in [&walked, &scanned] {
+            let tree = table.tree(me);
+            assert!(tree.contains(&child.id()), "{tree:?}");
+            assert_eq!(tree[0], me);
+        }
+        let _ = child.kill();
+        let _ = child.wait();
     }
 
     #[test]

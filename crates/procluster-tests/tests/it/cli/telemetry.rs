@@ -11,7 +11,11 @@ async fn tickers(extra: &[&str]) -> Run {
     args.extend_from_slice(extra);
     let run = Run::start(&args, &["python3", "-c", TICKER], &[]).await;
     run.until_ready(2).await;
-    run.printed("tick", 10).await;
+    // Both workers have printed: the slot filters below find lines of each.
+    let status = run.try_status().await.expect("status");
+    for worker in status["workers"].as_array().unwrap() {
+        run.printed(&format!("tick {} ", worker["id"]), 5).await;
+    }
     run
 }
 
