@@ -462,3 +462,37 @@ pub(crate) fn map_sealed(fd: &OwnedFd) -> std::io::Result<SealedMapping> {
 pub(crate) fn map_sealed(_fd: &OwnedFd) -> std::io::Result<SealedMapping> {
     Err(std::io::ErrorKind::Unsupported.into())
 }
+
+/// How many connections wait in the accept queue of listening TCP socket
+/// `socket` (`TCP_INFO`'s `tcpi_unacked` on a listening socket, what `ss
+/// -lnt` shows as Recv-Q; tcp(7)).
+#[cfg(any(target_os = "linux", target_os = "android"))]
+pub(crate) fn listen_queue_len(socket: std::os::fd::BorrowedFd<'_>) -> std::io::Result<u32> {
+    let mut info = std::mem::MaybeUninit::<libc::tcp_info>::zeroed();
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: `info` is a zeroed `tcp_info` (all integers, so zero is a valid
+    // value) that outlives the call, and `len` says its size: the kernel
+    // writes at most `len` bytes into it and stores in `len` how many.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: zero-initialised above and possibly partly overwritten by the
+    // kernel: every field holds a valid integer either way.
+    let info = unsafe { info.assume_init() };
+    Ok(info.tcpi_unacked)
+}
+
+/// Elsewhere the queue's length is not known.
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+pub(crate) fn listen_queue_len(_socket: std::os::fd::BorrowedFd<'_>) -> std::io::Result<u32> {
+    Err(std::io::ErrorKind::Unsupported.into())
+}

@@ -1004,7 +1004,7 @@ async fn reuseport_steers_new_connections_away_from_a_slot_without_a_worker() {
     assert_eq!(answered, [serving.id(); 60]);
     let after = cluster.listener_stats();
     assert_eq!(
-        after.from_vacant_slots, before.from_vacant_slots,
+        after.taken_from_slots, before.taken_from_slots,
         "connections reached the vacant slot's queue: {before:?} -> {after:?}"
     );
     // A worker for the slot again: it gets its share of new connections.
@@ -1022,6 +1022,25 @@ async fn reuseport_steers_new_connections_away_from_a_slot_without_a_worker() {
         answered.contains(&back.id()) && answered.contains(&serving.id()),
         "{answered:?}"
     );
+}
+
+/// A worker that stops accepting (its application busy, or hung) strands
+/// nothing: the primary sees its slot's queue stop moving, steers new
+/// connections to the others and hands them what waited there.
+#[tokio::test]
+async fn reuseport_moves_connections_away_from_a_worker_that_does_not_accept() {
+    let (cluster, idle, serving, addr) = reuseport_pair_with_an_idle_slot(0, false).await;
+    // As many at once as the serving worker has accept loops.
+    let answered = greetings(connect_all(addr, 16).await).await;
+    assert_eq!(answered, [serving.id(); 16]);
+    assert!(
+        cluster.listener_stats().taken_from_slots > 0,
+        "some connections had reached the idle slot's queue and were moved"
+    );
+    // And one by one, for a while: the slot is tried again now and then,
+    // and found stuck again.
+    assert_eq!(short_connections(addr, 30).await, [serving.id(); 30]);
+    drop(idle);
 }
 
 #[tokio::test]

@@ -95,7 +95,39 @@ struct GroupState {
     steering: bool,
     /// Connections each holder took, while it holds the group.
     handed: BTreeMap<WorkerId, u64>,
+    /// Reuseport slots whose worker stopped taking connections: steered
+    /// around, their queues moved to the others, until `Stuck::since`
+    /// plus [`STUCK_RETRY`].
+    stuck: BTreeMap<Slot, Stuck>,
+    /// Each reuseport slot's queue as last seen, while not empty.
+    queues: BTreeMap<Slot, Backlog>,
+    /// The task that watches a reuseport group's queues.
+    watcher: Option<tokio::task::JoinHandle<()>>,
 }
+
+/// A reuseport slot taken out of the rotation.
+#[derive(Debug, Clone, Copy)]
+struct Stuck {
+    since: std::time::Instant,
+}
+
+/// A slot's queue while it has connections waiting.
+#[derive(Debug, Clone, Copy)]
+struct Backlog {
+    len: u32,
+    /// Since when it has not shrunk.
+    since: std::time::Instant,
+}
+
+/// How often a reuseport group's queues are looked at.
+const QUEUE_POLL: Duration = Duration::from_millis(10);
+/// A queue that has not shrunk for this long belongs to a worker that is
+/// not accepting (busy with long requests, or hung): new connections go to
+/// the other slots, and what waits there is handed to them.
+const STUCK_AFTER: Duration = Duration::from_millis(20);
+/// A stuck slot gets another chance after this long (its worker may be
+/// accepting again; if not, it is found stuck again within `STUCK_AFTER`).
+const STUCK_RETRY: Duration = Duration::from_millis(100);
 
 /// One listening address shared by workers.
 pub(crate) struct Group {
@@ -155,12 +187,14 @@ pub(crate) struct Joined {
 #[non_exhaustive]
 pub struct ListenerStats {
     /// Connections the primary accepted itself, to hand them to workers:
-    /// under round-robin, and from reuseport slots that had no worker.
+    /// under round-robin, and from reuseport slots whose worker was gone or
+    /// not accepting.
     pub accepted_by_primary: u64,
-    /// Of those, connections taken from a reuseport slot that had no
-    /// worker (they had been queued there, or the kernel put them there
-    /// where steering is off).
-    pub from_vacant_slots: u64,
+    /// Of those, connections taken from a reuseport slot's queue for
+    /// another worker: the slot had no worker (they had been queued before,
+    /// or the kernel put them there where steering is off), or its worker
+    /// was not accepting.
+    pub taken_from_slots: u64,
     /// Failed `accept()` calls in the primary (out of descriptors...).
     pub accept_errors: u64,
 }
@@ -168,7 +202,7 @@ pub struct ListenerStats {
 #[derive(Default)]
 struct Counters {
     accepted_by_primary: std::sync::atomic::AtomicU64,
-    from_vacant_slots: std::sync::atomic::AtomicU64,
+    taken_from_slots: std::sync::atomic::AtomicU64,
     accept_errors: std::sync::atomic::AtomicU64,
 }
 
@@ -221,7 +255,7 @@ impl Registry {
         let read = |n: &std::sync::atomic::AtomicU64| n.load(Ordering::Relaxed);
         ListenerStats {
             accepted_by_primary: read(&self.counters.accepted_by_primary),
-            from_vacant_slots: read(&self.counters.from_vacant_slots),
+            taken_from_slots: read(&self.counters.taken_from_slots),
             accept_errors: read(&self.counters.accept_errors),
         }
     }
@@ -653,6 +687,9 @@ impl Registry {
                 order: SocketOrder::default(),
                 steering: true,
                 handed: BTreeMap::new(),
+                stuck: BTreeMap::new(),
+                queues: BTreeMap::new(),
+                watcher: None,
             }),
             room: Notify::new(),
             accept_errors: AtomicU64::new(0),
@@ -732,9 +769,17 @@ impl Registry {
                     task.abort();
                 }
                 state.holders.insert(member.id, holder(slot));
+                state.stuck.remove(&slot);
+                state.queues.remove(&slot);
                 state.distributor.add_target(member.id);
                 steer(group, &mut state);
                 self.drain_vacant(group, &mut state);
+                if state.steering && state.watcher.is_none() {
+                    state.watcher = Some(tokio::spawn(watch_queues(
+                        Arc::downgrade(self),
+                        group.clone(),
+                    )));
+                }
                 // Connections drained while nobody held the group go out now.
                 dispatch(key, &mut state);
                 Ok((ListenReply::Socket { key, address }, vec![fd]))
@@ -799,6 +844,8 @@ impl Registry {
                 entry.holder = None;
             }
         }
+        state.stuck.remove(&slot);
+        state.queues.remove(&slot);
         let retired = match slot {
             Slot::Worker(_) => true,
             Slot::Index(index) => self.tables().retired.contains(&index),
@@ -832,6 +879,9 @@ impl Registry {
         }
         let mut state = group.state();
         state.closed = true;
+        if let Some(watcher) = state.watcher.take() {
+            watcher.abort();
+        }
         let leftovers = state.distributor.drain_all();
         state.sockets.clear();
         state.reuseport = None;
@@ -903,7 +953,7 @@ async fn accept_loop(registry: Weak<Registry>, group: Arc<Group>, socket: OwnedF
                 if group.policy == Policy::ReusePort {
                     registry
                         .counters
-                        .from_vacant_slots
+                        .taken_from_slots
                         .fetch_add(count, Ordering::Relaxed);
                 }
                 let mut state = group.state();
@@ -1008,6 +1058,85 @@ fn dispatch(key: u32, state: &mut GroupState) {
     });
 }
 
+/// Watches a reuseport group's queues: a slot whose queue stops shrinking
+/// while connections wait in it has a worker that is not accepting (busy
+/// with long requests, or hung). New connections are steered to the other
+/// slots and the primary hands what waits there to the other workers, so no
+/// connection waits behind a busy worker while another is idle. After
+/// [`STUCK_RETRY`] the slot is tried again.
+async fn watch_queues(registry: Weak<Registry>, group: Arc<Group>) {
+    let mut ticks = tokio::time::interval(QUEUE_POLL);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let Some(registry) = registry.upgrade() else {
+            return;
+        };
+        let mut state = group.state();
+        if state.closed || !state.steering {
+            state.watcher = None;
+            return;
+        }
+        let now = std::time::Instant::now();
+        let mut changed = false;
+        let held: Vec<(Slot, WorkerId)> = state
+            .sockets
+            .iter()
+            .filter_map(|(slot, s)| Some((*slot, s.holder?)))
+            .collect();
+        for (slot, worker) in held {
+            if let Some(stuck) = state.stuck.get(&slot).copied() {
+                if now.duration_since(stuck.since) >= STUCK_RETRY {
+                    state.stuck.remove(&slot);
+                    state.queues.remove(&slot);
+                    if let Some(entry) = state.sockets.get_mut(&slot) {
+                        if let Some(task) = entry.acceptor.take() {
+                            task.abort();
+                        }
+                    }
+                    state.distributor.add_target(worker);
+                    changed = true;
+                }
+                continue;
+            }
+            let len = state
+                .sockets
+                .get(&slot)
+                .and_then(|s| crate::sys::listen_queue_len(s.socket.as_fd()).ok())
+                .unwrap_or(0);
+            if len == 0 {
+                state.queues.remove(&slot);
+                continue;
+            }
+            let backlog = state
+                .queues
+                .entry(slot)
+                .or_insert(Backlog { len, since: now });
+            if len < backlog.len {
+                *backlog = Backlog { len, since: now };
+                continue;
+            }
+            backlog.len = len;
+            if now.duration_since(backlog.since) >= STUCK_AFTER && state.holders.len() > 1 {
+                tracing::debug!(address = %group.address, ?slot, waiting = len, "a slot's worker is not accepting; its connections go to the others");
+                state.stuck.insert(slot, Stuck { since: now });
+                state.queues.remove(&slot);
+                // Its own worker gets none of what the primary moves.
+                state.distributor.remove_target(worker);
+                changed = true;
+            }
+        }
+        if changed {
+            steer(&group, &mut state);
+            let stuck: Vec<Slot> = state.stuck.keys().copied().collect();
+            for slot in stuck {
+                registry.ensure_acceptor(&group, &mut state, slot);
+            }
+            dispatch(group.key, &mut state);
+        }
+    }
+}
+
 /// Points the kernel's choice of a reuseport group's socket at the slots
 /// that have a worker: a slot whose worker is restarting, or that is being
 /// retired, gets no new connection. Where the kernel refuses the program,
@@ -1023,7 +1152,9 @@ fn steer_without(group: &Group, state: &mut GroupState, closing: Option<Slot>) {
         return;
     }
     let eligible = state.order.indexes(|slot| {
-        Some(*slot) != closing && state.sockets.get(slot).is_some_and(|s| s.holder.is_some())
+        Some(*slot) != closing
+            && !state.stuck.contains_key(slot)
+            && state.sockets.get(slot).is_some_and(|s| s.holder.is_some())
     });
     let program = steering::spread(&eligible, state.order.len());
     let Some(target) = state.sockets.values().next() else {
