@@ -344,10 +344,8 @@ impl Sink {
             let mut in_batch = 0u64;
             let mut lines = lines.into_iter().peekable();
             while let Some(line) = lines.next() {
-                if lost > 0 && in_batch == 0 {
-                    if out.write(&self.notice(lost)).is_ok() {
-                        lost = 0;
-                    }
+                if lost > 0 && in_batch == 0 && out.write(&self.notice(lost)).is_ok() {
+                    lost = 0;
                 }
                 batch.extend_from_slice(&line);
                 in_batch += 1;
