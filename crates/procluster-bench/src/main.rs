@@ -4,6 +4,7 @@
 
 mod http;
 mod ipc;
+mod pool;
 mod reliability;
 mod report;
 mod scale;
@@ -42,6 +43,10 @@ enum Bench {
     /// 1000 crash/restart cycles with flat fds/RSS and no zombies. Prints a
     /// table and one JSON line; exits non-zero if a check fails.
     Reliability(reliability::ReliabilityArgs),
+    /// Work pools: tiny and CPU tasks, latency beside the channel's round
+    /// trip, large payloads beside memcpy; the articles' Node broker,
+    /// piscina and Python's multiprocessing.Pool in the same run.
+    Pool(pool::PoolArgs),
     /// Supervision figures: SIGKILL → replacement listening (no backoff),
     /// rolling reload of 4 workers, primary RSS with 16 workers beside Node's.
     Supervision(supervision::SupervisionArgs),
@@ -81,7 +86,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
 async fn run() -> Result<(), Box<dyn std::error::Error>> {
     if let Role::Worker(worker) = procluster::role()? {
-        if supervision::is_http_worker() {
+        if pool::is_pool_worker() {
+            pool::worker_main(worker).await?;
+        } else if supervision::is_http_worker() {
             supervision::http_worker_main(worker).await?;
         } else {
             ipc::worker_main(worker).await;
@@ -92,6 +99,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         Bench::Ipc(args) => ipc::run(args).await,
         Bench::Http(args) => Ok(tokio::task::spawn_blocking(move || http::run(args)).await??),
         Bench::IdealServer { port } => http::ideal_server_main(port).await,
+        Bench::Pool(args) => pool::run(args).await,
         Bench::Reliability(args) => {
             Ok(tokio::task::spawn_blocking(move || reliability::run(args)).await??)
         }

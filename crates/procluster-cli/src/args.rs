@@ -50,6 +50,11 @@ pub enum Command {
     Scale(ScaleArgs),
     /// Stop the primary and its workers gracefully.
     Stop(ClientArgs),
+    /// Print the workers' recent output, and with -f follow it as it comes.
+    Logs(crate::control::logs::LogsArgs),
+    /// A live view of the cluster: workers with CPU and memory, totals, the
+    /// latest output; keys to reload, scale and quit.
+    Top(crate::top::TopArgs),
     /// Internal: the exec shim a worker starts as (sets LISTEN_PID to its own
     /// pid, drops privileges, then execs the program).
     #[command(name = "__exec", hide = true)]
@@ -197,6 +202,11 @@ pub struct RunArgs {
     /// {ts, worker, index, pid, stream, line}). [default: text]
     #[arg(long, value_enum)]
     pub log_format: Option<LogFormat>,
+
+    /// Serve Prometheus metrics (`/metrics`) and health probes (`/healthz`,
+    /// `/readyz`) on this address, e.g. 127.0.0.1:9100.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
 
     /// The program to run in each worker, and its arguments.
     #[arg(last = true, value_name = "PROGRAM [ARGS]...")]

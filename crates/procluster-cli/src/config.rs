@@ -40,6 +40,7 @@ pub struct RunConfig {
     pub backlog: Option<u32>,
     pub pidfile: Option<PathBuf>,
     pub command: Vec<String>,
+    pub metrics: Option<String>,
 }
 
 pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -90,6 +91,8 @@ pub struct ConfigFile {
     chdir: Option<PathBuf>,
     backlog: Option<u32>,
     pidfile: Option<PathBuf>,
+    /// Where the metrics endpoint listens.
+    metrics: Option<String>,
     /// The program and its arguments.
     command: Option<Vec<String>>,
 }
@@ -392,6 +395,7 @@ impl RunConfig {
             backlog: args.backlog.or(file.backlog),
             pidfile: args.pidfile.or(file.pidfile),
             command,
+            metrics: args.metrics.or(file.metrics),
         })
     }
 }

@@ -7,9 +7,11 @@ mod control;
 mod listen_spec;
 mod logs;
 mod readiness;
+mod recent;
 mod run;
 mod shim;
 mod systemd;
+mod top;
 mod users;
 
 use std::process::ExitCode;
@@ -46,6 +48,8 @@ fn main() -> ExitCode {
             Command::Reload(args) => control::client::reload(args).await,
             Command::Scale(args) => control::client::scale(args).await,
             Command::Stop(args) => control::client::stop(args).await,
+            Command::Logs(args) => control::logs::logs(args).await,
+            Command::Top(args) => top::top(args).await,
             Command::Exec(_) => unreachable!("handled above"),
         }
     })

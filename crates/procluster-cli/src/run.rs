@@ -117,6 +117,8 @@ struct StaticInfo {
     command: Vec<String>,
     control: PathBuf,
     listeners: Vec<(String, String)>,
+    /// CPU use per worker, between `status` calls.
+    cpu: Mutex<procluster::telemetry::CpuMeter>,
 }
 
 /// Per-worker readiness waiting for the worker's `Fork` event.
@@ -142,6 +144,8 @@ struct Primary {
     notify_dir: Option<PathBuf>,
     /// Removed when the primary ends.
     _pidfile: Option<Pidfile>,
+    /// The metrics endpoint's service, with --metrics.
+    telemetry: Option<procluster::telemetry::Telemetry>,
 }
 
 impl Primary {
@@ -212,6 +216,7 @@ impl Primary {
             owner: identity.uid.map(|uid| (uid, identity.gid)),
         };
         let pending: PendingMap = Arc::default();
+        let recent = Arc::new(crate::recent::Recent::default());
         let workers = config.workers.resolve();
 
         let shim = ShimArgs {
@@ -231,7 +236,10 @@ impl Primary {
         let settings = Settings {
             exec: Some(exe),
             args: Some(shim.to_args()),
-            stdio: Stdio::Callback(crate::logs::output_hook(config.log_format)),
+            stdio: Stdio::Callback(crate::recent::tap(
+                recent.clone(),
+                crate::logs::output_hook(config.log_format),
+            )),
             own_process_group: true,
             env: config
                 .env
@@ -262,8 +270,27 @@ impl Primary {
             )),
             ..Settings::default()
         };
-        let cluster = Cluster::builder()
-            .settings(settings)
+        let telemetry = config.metrics.as_ref().map(|addr| {
+            listeners
+                .iter()
+                .fold(procluster::telemetry::Telemetry::builder(), |b, l| {
+                    // The queue of a shared socket; per-slot sockets come
+                    // and go with their slots.
+                    match &l.sockets {
+                        ListenerSockets::Shared(socket) => {
+                            b.watch_socket(l.name.clone(), &**socket)
+                        }
+                        ListenerSockets::PerSlot(_) => b,
+                    }
+                })
+                .metrics_addr(addr.clone())
+                .build()
+        });
+        let mut cluster = Cluster::builder().settings(settings);
+        if let Some(telemetry) = &telemetry {
+            cluster = cluster.service(telemetry.clone());
+        }
+        let cluster = cluster
             .build()
             .map_err(|e| RunError::Start(e.to_string()))?;
         let options = SupervisionOptions {
@@ -298,7 +325,15 @@ impl Primary {
         let supervised = SupervisedCluster::start(cluster, options)
             .map_err(|e| RunError::Start(e.to_string()))?;
         let handle = supervised.handle();
+        if let Some(telemetry) = &telemetry {
+            let endpoint = telemetry
+                .start()
+                .await
+                .map_err(|e| RunError::Start(e.to_string()))?;
+            tracing::info!(address = %format!("http://{endpoint}/metrics"), "metrics");
+        }
         let (calls_tx, calls) = mpsc::unbounded_channel();
+        control.keep_logs(recent);
         control.serve(calls_tx);
         let info = Arc::new(StaticInfo {
             name: config.name.clone(),
@@ -313,6 +348,7 @@ impl Primary {
                 .iter()
                 .map(|l| (l.name.clone(), l.address.clone()))
                 .collect(),
+            cpu: Mutex::default(),
         });
         for listener in &listeners {
             tracing::info!(name = %listener.name, address = %listener.address, "listening");
@@ -336,6 +372,7 @@ impl Primary {
             listeners,
             notify_dir,
             _pidfile: pidfile,
+            telemetry,
         })
     }
 
@@ -349,6 +386,9 @@ impl Primary {
             tokio::select! {
                 event = self.supervised.next_event() => {
                     let Some(event) = event else { break };
+                    if let Some(telemetry) = &self.telemetry {
+                        telemetry.observe(&event);
+                    }
                     match event {
                         Report::Cluster(event) => {
                             self.on_cluster_event(event, &mut watchers, &mut last_failure);
@@ -798,6 +838,8 @@ async fn answer(request: Request, handle: SupervisorHandle, info: Arc<StaticInfo
             Ok(()) => Response::ok("stopping"),
             Err(e) => Response::error(e.to_string()),
         },
+        // The control socket streams logs itself.
+        Request::Logs(_) => Response::error("logs are served by the control socket"),
     }
 }
 
@@ -805,11 +847,22 @@ fn status_json(
     status: &procluster::supervisor::ClusterStatus,
     info: &StaticInfo,
 ) -> serde_json::Value {
+    let table = procluster::telemetry::ProcessTable::read();
+    let mut cpu = info.cpu.lock().unwrap_or_else(|e| e.into_inner());
+    let pids: Vec<u32> = status.workers.iter().map(|w| w.pid).collect();
+    cpu.retain(&pids);
     let workers: Vec<_> = status
         .workers
         .iter()
         .map(|w| {
+            let usage = table.tree_usage(w.pid);
+            let cpu_percent = usage.map(|u| cpu.percent(w.pid, u.cpu_seconds, u.uptime));
             serde_json::json!({
+                "cpu_percent": cpu_percent.map(|p| (p * 10.0).round() / 10.0),
+                "rss_bytes": usage.map(|u| u.rss_bytes),
+                "fds": usage.map(|u| u.open_fds),
+                "threads": usage.map(|u| u.threads),
+                "processes": usage.map(|u| u.processes),
                 "id": w.id,
                 "index": w.index,
                 "pid": w.pid,

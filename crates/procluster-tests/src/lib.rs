@@ -1,7 +1,10 @@
 //! Shared pieces of the integration tests: the messages the test worker
 //! understands, and helpers to wait for events with generous deadlines.
 
+pub mod bus;
 pub mod redis;
+pub mod store;
+pub mod telemetry;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -170,6 +173,9 @@ pub enum Command {
     /// `padding` bytes of text, from a task of its own while the worker goes
     /// on serving commands.
     SendFds { count: u64, padding: usize },
+    /// In `pool` mode: submit `Echo(0..count)` to the test pool from this
+    /// worker and reply `PoolSubmitted` with every answer.
+    PoolSubmit { count: u64 },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -206,6 +212,41 @@ pub enum Reply {
         seq: u64,
         padding: String,
     },
+    /// What a worker's own submissions to the test pool came back with.
+    PoolSubmitted(Result<Vec<PoolAnswer>, String>),
+}
+
+/// The name of the test worker's pool (`pool` mode).
+pub const TEST_POOL: &str = "test";
+
+/// A task of the test worker's pool.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum PoolTask {
+    /// Answer `n` at once.
+    Echo(u64),
+    /// Answer `n` after `millis` of (simulated) work.
+    Work { n: u64, millis: u64 },
+    /// Never finish on worker `on`, cancelled or not; answer `n` anywhere
+    /// else.
+    HangOn { n: u64, on: WorkerId },
+    /// SIGKILL the worker that runs it.
+    Poison,
+    /// Fail with a handler error.
+    Fail { retryable: bool },
+    /// Wait until cancelled, then send the primary `Reply::Echo("cancelled
+    /// n")`.
+    WaitForCancel(u64),
+    /// Answer with the same bytes.
+    Blob(Blob),
+}
+
+/// What the test pool answers: the task's number, the worker that ran it,
+/// and the bytes of a `Blob` task.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolAnswer {
+    pub n: u64,
+    pub worker: WorkerId,
+    pub blob: Option<Blob>,
 }
 
 /// Bytes serialised as one byte string (`serialize_bytes`): in the binary
@@ -268,6 +309,23 @@ pub async fn message(cluster: &mut Cluster) -> (WorkerHandle, Message) {
             return (worker, message);
         }
     }
+}
+
+/// The next user message and its sender, passing over other events, waiting
+/// up to `deadline` in all: for a message that takes long to make.
+pub async fn message_within(cluster: &mut Cluster, deadline: Duration) -> (WorkerHandle, Message) {
+    let wait = async {
+        loop {
+            match cluster.next_event().await {
+                Some(Event::Message { worker, message }) => return (worker, message),
+                Some(_) => {}
+                None => panic!("the cluster ended before the expected message"),
+            }
+        }
+    };
+    tokio::time::timeout(deadline, wait)
+        .await
+        .unwrap_or_else(|_| panic!("no message within {deadline:?}"))
 }
 
 /// The next user message decoded as a [`Reply`], and its sender.

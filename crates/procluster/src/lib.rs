@@ -34,16 +34,18 @@
 //!
 //! # A tour of the modules
 //!
-//! Layers, each using only those below it:
+//! Layers, each using only those in the rows above it:
 //!
 //! | layer | modules | what it is |
 //! |---|---|---|
-//! | vocabulary | `process` ([`WorkerId`], [`Signal`], [`ExitStatus`]), `sys` | the words for processes; the one module with `unsafe` code |
+//! | vocabulary | `process` ([`WorkerId`], [`Signal`], [`ExitStatus`]), `sys`, `sync` | the words for processes; the one module with `unsafe` code; locking that survives a panic |
 //! | protocol | `protocol` ([`Format`], [`Policy`]) | frames and control messages, no IO (fuzzed alone) |
-//! | channel | `channel`, [`message`], `handshake` | the socket that carries frames and descriptors; a worker's first frame |
+//! | channel | `channel`, [`message`], `handshake`, `error` ([`Error`]) | the socket that carries frames and descriptors; a worker's first frame; the crate's error |
 //! | port sharing | [`listeners`] | the primary's listener registry and a worker's listeners, which never see each other's process |
 //! | processes | [`primary`], [`worker`] | the cluster and its workers, their lifecycle and events |
 //! | supervision | [`supervisor`] | restarts, reloads, recycling, stopping |
+//! | delivery | `fanout` | bounded queues with credit from the primary to many subscribers |
+//! | services | [`pool`], [`bus`], [`store`] | parts of the cluster that live in the primary, reached from every worker: work pools (tasks run by the workers, none lost), the bus, the shared store |
 //!
 //! # How a process knows it is a worker
 //!
@@ -63,26 +65,31 @@
 #![warn(missing_docs)]
 #![deny(unsafe_code)]
 
+pub mod bus;
 mod channel;
 mod error;
+mod fanout;
 mod handshake;
 pub mod listeners;
 pub mod message;
+pub mod pool;
 pub mod primary;
 mod process;
 #[cfg(feature = "fuzzing")]
 pub mod protocol;
 #[cfg(not(feature = "fuzzing"))]
 mod protocol;
+pub mod store;
 pub mod supervisor;
 mod sync;
 #[allow(unsafe_code)]
 mod sys;
+pub mod telemetry;
 pub mod worker;
 
 use std::sync::{Mutex, OnceLock};
 
-pub use channel::ChannelError;
+pub use channel::{ChannelError, ChannelStats};
 pub use error::{Error, Result};
 pub use message::{DecodeError, Message};
 pub use process::{ExitStatus, Signal, UnknownSignal, WorkerId};

@@ -648,6 +648,18 @@ pub enum Control {
         /// How many more connections the worker will take now.
         n: u32,
     },
+    /// Primary → worker: stop accepting on the socket of listener `key`
+    /// and let go of it (the cluster is stopping); keep taking the
+    /// connections the primary hands over.
+    StopAccepting {
+        /// The listener.
+        key: u32,
+    },
+    /// Worker → primary: this worker no longer holds the socket of `key`.
+    StoppedAccepting {
+        /// The listener.
+        key: u32,
+    },
 }
 
 /// One connection of a [`Control::Connections`] message.
@@ -955,9 +967,9 @@ mod tests {
                     continue;
                 }
                 let start = starts[i];
-                if let Some(last) = last_with_fds
-                    && !ends.iter().any(|&e| last < e && e <= start)
-                {
+                let shares_a_read =
+                    |last: usize| !ends.iter().any(|&e| last < e && e <= start);
+                if last_with_fds.is_some_and(shares_a_read) {
                     ends.push(start);
                     ends.sort_unstable();
                 }

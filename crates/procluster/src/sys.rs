@@ -1,6 +1,8 @@
 //! The only module with `unsafe` code: what must run between `fork` and
 //! `exec` in a new worker, descriptors inherited by number, registration
-//! with Tokio's reactor, and the calling thread's scheduling policy.
+//! with Tokio's reactor, the calling thread's scheduling policy, the
+//! reuseport steering program, and read-only mappings of sealed memory
+//! files.
 //!
 //! Everything else in the crate goes through the safe wrappers of `rustix`,
 //! `socket2` and `tokio`.
@@ -308,3 +310,155 @@ pub(crate) fn set_batch_scheduling() -> std::io::Result<()> {
 
 #[cfg(not(any(target_os = "linux", target_os = "android")))]
 fn set_normal_scheduling() {}
+
+/// `SO_ATTACH_REUSEPORT_CBPF` where Linux gives it the generic number.
+#[cfg(all(
+    any(target_os = "linux", target_os = "android"),
+    not(any(target_arch = "sparc", target_arch = "sparc64"))
+))]
+const SO_ATTACH_REUSEPORT_CBPF: libc::c_int = 51;
+
+/// Attaches a classic BPF program, as `(code, jt, jf, k)` instructions, to
+/// the reuseport group of `socket` (`setsockopt(SO_ATTACH_REUSEPORT_CBPF)`,
+/// socket(7)).
+#[cfg(all(
+    any(target_os = "linux", target_os = "android"),
+    not(any(target_arch = "sparc", target_arch = "sparc64"))
+))]
+pub(crate) fn attach_reuseport_program(
+    socket: std::os::fd::BorrowedFd<'_>,
+    program: &[(u16, u8, u8, u32)],
+) -> std::io::Result<()> {
+    let mut filters: Vec<libc::sock_filter> = program
+        .iter()
+        .map(|&(code, jt, jf, k)| libc::sock_filter { code, jt, jf, k })
+        .collect();
+    let len = u16::try_from(filters.len())
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    let fprog = libc::sock_fprog {
+        len,
+        filter: filters.as_mut_ptr(),
+    };
+    // SAFETY: `fprog` points at `len` initialised `sock_filter`s in
+    // `filters`, which outlives the call; the kernel copies the program and
+    // keeps no pointer to it. The option's length is the size of the
+    // `sock_fprog` passed, and `socket` is a descriptor borrowed for the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_ATTACH_REUSEPORT_CBPF,
+            std::ptr::addr_of!(fprog).cast(),
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Elsewhere the kernel has no such program: the group keeps the kernel's
+/// own choice.
+#[cfg(not(all(
+    any(target_os = "linux", target_os = "android"),
+    not(any(target_arch = "sparc", target_arch = "sparc64"))
+)))]
+pub(crate) fn attach_reuseport_program(
+    _socket: std::os::fd::BorrowedFd<'_>,
+    _program: &[(u16, u8, u8, u32)],
+) -> std::io::Result<()> {
+    Err(std::io::ErrorKind::Unsupported.into())
+}
+
+/// A read-only view of the whole content of a sealed memory file (Linux
+/// `memfd`), mapped shared: the bytes are the file's pages, not a copy.
+/// Unmapped when dropped.
+pub(crate) struct SealedMapping {
+    ptr: *mut std::ffi::c_void,
+    len: usize,
+}
+
+// SAFETY: the mapping is read-only and its file can no longer be written,
+// grown or shrunk by anyone (`map_sealed` checks the seals), so the bytes
+// never change and every page stays backed: sharing the pointer between
+// threads is as safe as sharing a `&'static [u8]`.
+unsafe impl Send for SealedMapping {}
+// SAFETY: as for `Send`: nothing can change what the pointer shows.
+unsafe impl Sync for SealedMapping {}
+
+impl AsRef<[u8]> for SealedMapping {
+    fn as_ref(&self) -> &[u8] {
+        if self.len == 0 {
+            return &[];
+        }
+        // SAFETY: `ptr` is the start of a live mapping of `len` readable
+        // bytes (made by `map_sealed`, unmapped only on drop), whose content
+        // cannot change (the file's write, grow and shrink seals are set) and
+        // whose pages cannot vanish (no SIGBUS: the file cannot shrink). The
+        // slice borrows `self`, so it cannot outlive the mapping.
+        unsafe { std::slice::from_raw_parts(self.ptr.cast::<u8>(), self.len) }
+    }
+}
+
+impl Drop for SealedMapping {
+    fn drop(&mut self) {
+        if self.len > 0 {
+            // SAFETY: `ptr`/`len` describe a mapping made by `map_sealed` and
+            // never unmapped before; no slice of it outlives `self`.
+            let _ = unsafe { rustix::mm::munmap(self.ptr, self.len) };
+        }
+    }
+}
+
+/// Maps a memory file that is sealed against writing, growing and shrinking
+/// (`F_SEAL_WRITE | F_SEAL_GROW | F_SEAL_SHRINK`), so that another process
+/// that sent it can change neither its bytes nor its size while they are
+/// read here.
+///
+/// # Errors
+/// `InvalidData` when the file lacks those seals (or is no memory file at
+/// all), and the OS's errors.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+pub(crate) fn map_sealed(fd: &OwnedFd) -> std::io::Result<SealedMapping> {
+    use rustix::fs::SealFlags;
+    let needed = SealFlags::WRITE | SealFlags::GROW | SealFlags::SHRINK;
+    let seals = rustix::fs::fcntl_get_seals(fd)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+    if !seals.contains(needed) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "the memory file is not sealed against writes and resizing",
+        ));
+    }
+    let len = usize::try_from(rustix::fs::fstat(fd)?.st_size)
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidData))?;
+    if len == 0 {
+        return Ok(SealedMapping {
+            ptr: std::ptr::null_mut(),
+            len: 0,
+        });
+    }
+    // SAFETY: a new read-only shared mapping at an address the kernel picks,
+    // so no existing memory is touched; the file is sealed (checked above)
+    // so its size stays `len` and its content stays as it is for as long as
+    // the mapping lives. The mapping is owned by the returned value.
+    let ptr = unsafe {
+        rustix::mm::mmap(
+            std::ptr::null_mut(),
+            len,
+            rustix::mm::ProtFlags::READ,
+            rustix::mm::MapFlags::SHARED,
+            fd,
+            0,
+        )?
+    };
+    Ok(SealedMapping { ptr, len })
+}
+
+/// Elsewhere there are no sealed memory files.
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+pub(crate) fn map_sealed(_fd: &OwnedFd) -> std::io::Result<SealedMapping> {
+    Err(std::io::ErrorKind::Unsupported.into())
+}

@@ -21,6 +21,7 @@ const LAYERS: &[(&str, u32)] = &[
     ("primary", 7),
     ("worker", 7),
     ("supervisor", 8),
+    ("fanout", 8),
     ("pool", 9),
     ("bus", 9),
     ("store", 9),

@@ -11,9 +11,9 @@ use super::{Request, Response};
 use crate::args::{ClientArgs, ReloadArgs, ScaleArgs, StatusArgs};
 
 /// Exit status when no primary answers.
-const NOT_RUNNING: u8 = 3;
+pub const NOT_RUNNING: u8 = 3;
 
-fn socket_path(args: &ClientArgs) -> PathBuf {
+pub fn socket_path(args: &ClientArgs) -> PathBuf {
     args.control
         .clone()
         .unwrap_or_else(|| super::default_path(args.name.as_deref().unwrap_or("default")))
@@ -132,13 +132,22 @@ pub fn human_status(status: &serde_json::Value) -> String {
     }
     let _ = writeln!(
         out,
-        "{:>6} {:>5} {:>8} {:<9} {:>8}  started",
-        "id", "index", "pid", "state", "restarts"
+        "{:>6} {:>5} {:>8} {:<9} {:>8} {:>6} {:>9} {:>9}  started",
+        "id", "index", "pid", "state", "restarts", "cpu%", "memory", "uptime"
     );
     for worker in status["workers"].as_array().into_iter().flatten() {
+        let cpu = worker["cpu_percent"]
+            .as_f64()
+            .map_or("-".to_string(), |p| format!("{p:.1}"));
+        let memory = worker["rss_bytes"]
+            .as_u64()
+            .map_or("-".to_string(), |b| format!("{:.1}M", b as f64 / 1048576.0));
+        let uptime = worker["uptime_s"]
+            .as_f64()
+            .map_or("-".to_string(), |s| format!("{s:.0}s"));
         let _ = writeln!(
             out,
-            "{:>6} {:>5} {:>8} {:<9} {:>8}  {}",
+            "{:>6} {:>5} {:>8} {:<9} {:>8} {cpu:>6} {memory:>9} {uptime:>9}  {}",
             worker["id"].to_string(),
             worker["index"].to_string(),
             worker["pid"].to_string(),

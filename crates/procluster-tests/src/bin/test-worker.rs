@@ -50,6 +50,8 @@ async fn main() {
         }
         "crash-at-boot" => panic!("boot failure (on purpose)"),
         "net" => net::run(worker).await,
+        "bus" => procluster_tests::bus::worker_main(worker).await,
+        "store" => procluster_tests::store::worker_main(worker).await,
         "ready-serve" => {
             say_ready(&worker).await;
             serve(worker).await;
@@ -86,6 +88,8 @@ async fn main() {
                 serve(worker).await;
             }
         }
+        // Serves the test pool until disconnected; answers PoolSubmit.
+        "pool" => pool::run(worker).await,
         other => {
             eprintln!("unknown mode {other}");
             std::process::exit(2);
@@ -237,6 +241,10 @@ async fn handle(worker: &Worker, command: Command, message: &mut procluster::Mes
             return;
         }
         Command::EchoBlob(blob) => Reply::Blob(blob),
+        // Only the `pool` mode has a pool.
+        Command::PoolSubmit { .. } => {
+            Reply::PoolSubmitted(Err("this worker does not serve the test pool".into()))
+        }
         Command::SendFds { count, padding } => {
             let worker = worker.clone();
             tokio::spawn(async move {
@@ -575,6 +583,91 @@ async fn leak(worker: Worker) {
                 }
                 kept.push(std::hint::black_box(chunk));
             }
+        }
+    }
+}
+
+mod pool {
+    use procluster::pool::{CancelToken, HandlerError, Order, WorkerPool};
+    use procluster::worker::Worker;
+    use procluster_tests::{Command, PoolAnswer, PoolTask, Reply, TEST_POOL};
+    use std::time::Duration;
+
+    type TestPool = WorkerPool<PoolTask, PoolAnswer>;
+
+    pub async fn run(worker: Worker) {
+        let pool: TestPool = WorkerPool::open(&worker, TEST_POOL).expect("the test pool");
+        tokio::spawn(commands(worker.clone(), pool.clone()));
+        worker.ready().expect("ready");
+        let me = worker.clone();
+        pool.serve(move |task, cancel| handle(me.clone(), task, cancel))
+            .await
+            .expect("serve");
+    }
+
+    async fn handle(
+        worker: Worker,
+        task: PoolTask,
+        cancel: CancelToken,
+    ) -> Result<PoolAnswer, HandlerError> {
+        let answer = |n| PoolAnswer {
+            n,
+            worker: worker.id(),
+            blob: None,
+        };
+        match task {
+            PoolTask::Echo(n) => Ok(answer(n)),
+            PoolTask::Work { n, millis } => {
+                tokio::time::sleep(Duration::from_millis(millis)).await;
+                Ok(answer(n))
+            }
+            PoolTask::HangOn { n, on } => {
+                if on == worker.id() {
+                    std::future::pending::<()>().await;
+                }
+                Ok(answer(n))
+            }
+            PoolTask::Poison => {
+                procluster_tests::kill_pid(std::process::id(), procluster::Signal::KILL);
+                std::future::pending().await
+            }
+            PoolTask::Fail { retryable: true } => Err(HandlerError::retryable("asked to fail")),
+            PoolTask::Fail { retryable: false } => Err(HandlerError::new("asked to fail")),
+            PoolTask::WaitForCancel(n) => {
+                cancel.cancelled().await;
+                let _ = worker.send(&Reply::Echo(format!("cancelled {n}"))).await;
+                Ok(answer(n))
+            }
+            PoolTask::Blob(blob) => Ok(PoolAnswer {
+                n: blob.0.len() as u64,
+                worker: worker.id(),
+                blob: Some(blob),
+            }),
+        }
+    }
+
+    async fn commands(worker: Worker, pool: TestPool) {
+        while let Some(message) = worker.recv().await {
+            let Ok(Command::PoolSubmit { count }) = message.decode() else {
+                continue;
+            };
+            let mut batch = pool.submit_all((0..count).map(PoolTask::Echo), Order::Submitted);
+            let mut answers = Vec::new();
+            let mut failed = None;
+            while let Some(result) = batch.next().await {
+                match result {
+                    Ok(answer) => answers.push(answer),
+                    Err(error) => failed = Some(error.to_string()),
+                }
+            }
+            let reply = match failed {
+                Some(error) => Err(error),
+                None => Ok(answers),
+            };
+            worker
+                .send(&Reply::PoolSubmitted(reply))
+                .await
+                .expect("reply");
         }
     }
 }

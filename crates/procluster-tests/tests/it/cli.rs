@@ -511,6 +511,12 @@ async fn reload_wait_under_load_replaces_every_worker_and_drops_nothing() {
     );
 }
 
+/// The `--ready-timeout` of the tests that gate readiness: the time a
+/// worker has from its start to report ready once its gate opens, so long
+/// enough for Python or Node to start on a loaded machine; a reload whose
+/// new workers never report ready fails after it.
+const READY_TIMEOUT: &str = "10s";
+
 #[tokio::test]
 async fn notify_readiness_gates_workers_and_a_never_ready_worker_fails_the_reload() {
     let run = Run::start(
@@ -522,7 +528,7 @@ async fn notify_readiness_gates_workers_and_a_never_ready_worker_fails_the_reloa
             "--ready",
             "notify",
             "--ready-timeout",
-            "1s",
+            READY_TIMEOUT,
         ],
         &["python3", "worker.py"],
         &["gate"],
@@ -549,7 +555,7 @@ async fn node_workers_gate_readiness_on_process_send_and_serve_the_port() {
             "--ready",
             "node-ipc",
             "--ready-timeout",
-            "2s",
+            READY_TIMEOUT,
         ],
         &["node", "worker.js"],
         &["gate"],
@@ -1912,3 +1918,4 @@ async fn the_readmes_node_command_serves_and_reloads_with_plain_http_and_express
         run.behaves_as_the_readme_says(workers).await;
     }
 }
+mod telemetry;

@@ -989,6 +989,41 @@ async fn reuseport_pair_with_an_idle_slot(
     (cluster, idle, serving, addr)
 }
 
+/// With the kernel steering new connections, a slot whose worker is gone
+/// gets none: nothing waits in its queue for the primary to move.
+#[tokio::test]
+async fn reuseport_steers_new_connections_away_from_a_slot_without_a_worker() {
+    let (mut cluster, gone, serving, addr) = reuseport_pair_with_an_idle_slot(0, true).await;
+    gone.signal(Signal::KILL).unwrap();
+    until(&mut cluster, |e| {
+        matches!(e, Event::Exit { worker, .. } if worker.id() == gone.id()).then_some(())
+    })
+    .await;
+    let before = cluster.listener_stats();
+    let answered = short_connections(addr, 60).await;
+    assert_eq!(answered, [serving.id(); 60]);
+    let after = cluster.listener_stats();
+    assert_eq!(
+        after.from_vacant_slots, before.from_vacant_slots,
+        "connections reached the vacant slot's queue: {before:?} -> {after:?}"
+    );
+    // A worker for the slot again: it gets its share of new connections.
+    let back = cluster
+        .fork_with(ForkOptions {
+            index: Some(0),
+            ..ForkOptions::default()
+        })
+        .await
+        .unwrap();
+    online(&mut cluster, 1).await;
+    ask_each(&mut cluster, &[&back], &tcp(&addr.to_string(), 16)).await;
+    let answered = short_connections(addr, 60).await;
+    assert!(
+        answered.contains(&back.id()) && answered.contains(&serving.id()),
+        "{answered:?}"
+    );
+}
+
 #[tokio::test]
 async fn reuseport_drains_a_dead_workers_queue_to_the_other_workers() {
     let (_cluster, idle, busy, addr) = reuseport_pair_with_an_idle_slot(0, false).await;
@@ -1125,6 +1160,51 @@ async fn after_a_disconnect_event_no_connection_is_queued_where_nobody_will_acce
             }
         }
         drop(held);
+    }
+}
+
+/// A graceful stop serves what was already queued: the listeners stop
+/// taking new clients, the connections waiting in their queues go to the
+/// workers, and only then do the workers leave.
+#[tokio::test]
+async fn draining_the_listeners_serves_every_queued_connection_and_refuses_new_ones() {
+    for policy in POLICIES {
+        let (mut cluster, workers) = net_cluster(policy, 1).await;
+        let worker = &workers[0];
+        // One accept loop: the worker serves one client at a time, the
+        // others wait in the queue.
+        let answers = ask_each(&mut cluster, &[worker], &tcp("127.0.0.1:0", 1)).await;
+        let addr = answers.address(worker.id());
+        let connected = Arc::new(AtomicUsize::new(0));
+        let clients: Vec<_> = (0..20)
+            .map(|_| {
+                let connected = connected.clone();
+                tokio::spawn(async move {
+                    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+                    connected.fetch_add(1, Ordering::SeqCst);
+                    read_greeting(&mut stream).await
+                })
+            })
+            .collect();
+        eventually("every client is connected", || {
+            connected.load(Ordering::SeqCst) == 20
+        })
+        .await;
+        let left = cluster
+            .drain_listeners(std::time::Duration::from_secs(20))
+            .await;
+        assert_eq!(left, 0, "{policy:?}: connections left untaken");
+        let refused = tokio::net::TcpStream::connect(addr).await;
+        assert!(refused.is_err(), "{policy:?}: a new client after the drain");
+        cluster.disconnect().await;
+        for (i, client) in clients.into_iter().enumerate() {
+            let greeting = client.await.unwrap();
+            assert_eq!(
+                greeting.as_ref().ok(),
+                Some(&worker.id()),
+                "{policy:?}: client {i}: {greeting:?}"
+            );
+        }
     }
 }
 

@@ -25,8 +25,12 @@ mod output;
 pub fn test_primary() -> &'static str {
     env!("CARGO_BIN_EXE_test-primary")
 }
+mod bus;
 mod cli;
 mod demo;
 mod listeners;
+mod pool;
 mod services;
+mod store;
 mod supervisor;
+mod telemetry;

@@ -40,8 +40,10 @@ mod distributor;
 mod held;
 pub(crate) mod registry;
 pub mod slots;
+pub(crate) mod steering;
 pub(crate) mod tcp;
 
 pub use bind::{DEFAULT_BACKLOG, describe_socket};
 pub use held::{FdListener, UdpOptions, UdpSocket, UnixListener, UnixOptions};
+pub use registry::ListenerStats;
 pub use tcp::{DEFAULT_PREFETCH, TcpListener, TcpOptions};

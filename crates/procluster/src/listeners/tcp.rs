@@ -154,18 +154,41 @@ impl WorkerListeners {
         }
     }
 
+    /// The primary asks this worker to stop accepting on the socket of
+    /// listener `key` (the cluster is stopping): the listener lets go of
+    /// the socket but keeps taking the connections the primary hands over,
+    /// and the primary hears once the socket is closed here.
+    pub(crate) fn stop_accepting(self: &Arc<Self>, key: u32) {
+        let socket = self
+            .table()
+            .get(&key)
+            .and_then(Weak::upgrade)
+            .and_then(|handed| {
+                let socket = lock(&handed.socket).take();
+                handed.arrived.notify_waiters();
+                socket
+            });
+        let listeners = self.clone();
+        tokio::spawn(async move {
+            if let Some(socket) = socket {
+                let socket = Arc::downgrade(&socket);
+                release(socket).await;
+            }
+            let done = Control::StoppedAccepting { key };
+            let _ = listeners
+                .sender
+                .send_now(FrameKind::Control, &done.encode(), Vec::new());
+        });
+    }
+
     /// Resolves once every socket of the listeners closed by `close_all` is
     /// closed in this process: the `accept()` calls that held them have
     /// woken up and let go (they were told to; this takes a few turns of
     /// the event loop, and at most a second is waited).
     pub(crate) async fn sockets_released(&self) {
-        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(1);
-        loop {
-            lock(&self.closing).retain(|socket| socket.strong_count() > 0);
-            if lock(&self.closing).is_empty() || tokio::time::Instant::now() >= deadline {
-                return;
-            }
-            tokio::task::yield_now().await;
+        let closing = std::mem::take(&mut *lock(&self.closing));
+        for socket in closing {
+            release(socket).await;
         }
     }
 
@@ -287,6 +310,16 @@ impl WorkerListeners {
             local_addr,
             owner: None,
         })
+    }
+}
+
+/// Waits until the `accept()` calls that held a socket have woken up and let
+/// go of it (they were told to: a few turns of the event loop), at most a
+/// second.
+async fn release(socket: std::sync::Weak<tokio::net::TcpListener>) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(1);
+    while socket.strong_count() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::task::yield_now().await;
     }
 }
 

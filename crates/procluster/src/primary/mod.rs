@@ -562,9 +562,47 @@ impl Cluster {
         self.inner.listeners.retire_slot(index);
     }
 
-    /// Closes every shared listener now.
+    /// What the primary's listeners have done since the cluster started:
+    /// connections it accepted itself, those it took from reuseport slots
+    /// without a worker, accept errors.
+    pub fn listener_stats(&self) -> crate::listeners::ListenerStats {
+        self.inner.listeners.stats()
+    }
+
+    /// Closes every shared listener now: new clients are refused, and
+    /// connections still waiting in a socket's queue are closed unanswered.
+    /// [`Cluster::drain_listeners`] closes without losing them.
     pub fn close_listeners(&self) {
         self.inner.listeners.close_all();
+    }
+
+    /// Closes every shared listener without losing a connection that was
+    /// already waiting: the queues are accepted, the sockets close (new
+    /// clients are refused), and what was queued goes to the connected
+    /// workers, which take it with their next `accept()`. Resolves once all
+    /// of it is taken, or after `within`; returns how many connections were
+    /// left untaken then (and closed). Call it before disconnecting the
+    /// workers, as a graceful stop does.
+    ///
+    /// # Cancel safety
+    /// The listeners stop accepting as soon as this is first polled;
+    /// dropping the future early leaves them closed with what is still
+    /// waiting kept until the workers leave.
+    pub async fn drain_listeners(&self, within: std::time::Duration) -> usize {
+        let deadline = tokio::time::Instant::now() + within;
+        self.stop_accepting();
+        self.listeners_drained(deadline).await
+    }
+
+    /// The first half of [`Cluster::drain_listeners`]: the listeners stop
+    /// accepting and hand their queues to the workers.
+    pub(crate) fn stop_accepting(&self) {
+        self.inner.listeners.stop_accepting();
+    }
+
+    /// The second half of [`Cluster::drain_listeners`].
+    pub(crate) async fn listeners_drained(&self, deadline: tokio::time::Instant) -> usize {
+        self.inner.listeners.drained(deadline).await
     }
 
     /// Waits until no worker is alive.

@@ -40,6 +40,8 @@ pub(crate) struct Lifecycle {
     pub(crate) last_heartbeat: Option<std::time::Instant>,
     pub(crate) reported_ready: bool,
     pub(crate) requests: u64,
+    /// What a service holds responsible for the worker's end, if anything.
+    pub(crate) exit_blame: Option<String>,
 }
 
 pub(crate) struct WorkerShared {
@@ -172,6 +174,22 @@ impl WorkerHandle {
     /// `X_PROCLUSTER_REQUESTS=N` sd_notify message.
     pub fn report_requests(&self, total: u64) {
         self.shared.lifecycle().requests = total;
+    }
+
+    /// The task a service of the cluster holds responsible for the
+    /// worker's end, when one does (see
+    /// [`ServiceContext::blame_exit`](crate::primary::ServiceContext::blame_exit)):
+    /// a supervisor restarts such a worker without counting the failure for
+    /// its crash-loop breaker.
+    pub fn exit_blame(&self) -> Option<String> {
+        self.shared.lifecycle().exit_blame.clone()
+    }
+
+    /// What crossed the worker's channel so far: frames and bytes each way,
+    /// and frames refused (see [`ChannelStats`](crate::ChannelStats)). A
+    /// foreign program has no channel: all zeros.
+    pub fn channel_stats(&self) -> crate::ChannelStats {
+        self.shared.sender.stats()
     }
 
     /// How it exited, once it has.

@@ -114,6 +114,7 @@ pub(super) async fn fork(
                 last_heartbeat: None,
                 reported_ready: false,
                 requests: 0,
+                exit_blame: None,
             }),
             pidfd,
             unread: Mutex::new(0),
@@ -511,6 +512,7 @@ fn handle_control(inner: &Arc<Inner>, worker: &WorkerHandle, control: Control, f
             credit,
         } => inner.listeners.ack(worker.id(), key, seq, accepted, credit),
         Control::Credit { key, n } => inner.listeners.credit(worker.id(), key, n),
+        Control::StoppedAccepting { key } => inner.listeners.stopped_accepting(worker.id(), key),
         other => {
             drop(fds);
             tracing::debug!(worker = %worker.id(), ?other, "ignoring an unexpected control message");

@@ -308,6 +308,23 @@ impl Supervisor {
 
     /// The worker process ended.
     pub fn exited(&mut self, worker: WorkerId, info: ExitStatus, now: Instant) {
+        self.exit_of(worker, info, None, now);
+    }
+
+    /// The worker process ended while running `task`, which a service holds
+    /// responsible (see [`CrashCause::TaskFault`]): the slot restarts as
+    /// after [`exited`](Self::exited), but the breaker does not count it.
+    pub fn exited_by_task(
+        &mut self,
+        worker: WorkerId,
+        info: ExitStatus,
+        task: String,
+        now: Instant,
+    ) {
+        self.exit_of(worker, info, Some(task), now);
+    }
+
+    fn exit_of(&mut self, worker: WorkerId, info: ExitStatus, task: Option<String>, now: Instant) {
         match self.find_worker(worker) {
             Some(Place::Detached(i)) => {
                 self.retiring.swap_remove(i);
@@ -315,13 +332,14 @@ impl Supervisor {
             }
             Some(Place::Current(s)) => {
                 self.emit_exit(worker, Some(s), info);
-                let cause = match &self.slots[s].current {
-                    Current::Starting { .. } => CrashCause::Exited {
+                let cause = match (&self.slots[s].current, task) {
+                    (Current::Ready(_), Some(task)) => CrashCause::TaskFault { info, task },
+                    (Current::Starting { .. }, _) => CrashCause::Exited {
                         info,
                         before_ready: true,
                     },
-                    Current::Hung { .. } => CrashCause::Hang,
-                    Current::Killing { cause, .. } => cause.clone(),
+                    (Current::Hung { .. }, _) => CrashCause::Hang,
+                    (Current::Killing { cause, .. }, _) => cause.clone(),
                     _ => CrashCause::Exited {
                         info,
                         before_ready: false,
@@ -665,6 +683,7 @@ impl Supervisor {
     }
 
     fn current_failed(&mut self, s: usize, cause: CrashCause, now: Instant) {
+        let counts = !matches!(cause, CrashCause::TaskFault { .. });
         self.emit(Event::WorkerFailed { slot: s, cause });
         let slot = &mut self.slots[s];
         let promoted = match slot.successor.take() {
@@ -679,7 +698,9 @@ impl Supervisor {
                 false
             }
         };
-        self.record_crash(now);
+        if counts {
+            self.record_crash(now);
+        }
         // The breaker may have tripped or stopped the cluster meanwhile.
         if !promoted && self.can_spawn() {
             self.schedule_restart(s, now);

@@ -242,6 +242,7 @@ impl SupervisedCluster {
             backlog: backlog.clone(),
             requests,
             signals,
+            drain_until: None,
             last_memory_sample: None,
         };
         let task = tokio::spawn(driver.run());
@@ -365,9 +366,17 @@ struct Driver {
     backlog: Arc<Backlog>,
     requests: mpsc::UnboundedReceiver<Request>,
     signals: Option<Signals>,
+    /// A stop began: until this deadline, the connections that were queued
+    /// on the listeners are handed to the workers before they are told to
+    /// leave.
+    drain_until: Option<tokio::time::Instant>,
     /// When memory was last measured.
     last_memory_sample: Option<Instant>,
 }
+
+/// Longest a graceful stop waits for the workers to take the connections
+/// queued when it began, before it disconnects them.
+const STOP_DRAIN_LIMIT: Duration = Duration::from_secs(2);
 
 /// How often workers' memory is measured (a walk of `/proc`) when a
 /// memory limit is set.
@@ -508,11 +517,13 @@ impl Driver {
                 }
             }
             Command::Disconnect { worker } => {
+                self.finish_draining().await;
                 if let Some(t) = self.stopping(worker) {
                     t.handle.disconnect();
                 }
             }
             Command::Signal { worker, signal } => {
+                self.finish_draining().await;
                 let Some(t) = self.stopping(worker) else {
                     return;
                 };
@@ -526,6 +537,20 @@ impl Driver {
                         tracing::warn!(worker = %t.handle.id(), %error, "cannot kill worker");
                     }
                 }
+            }
+        }
+    }
+
+    /// During a stop, waits (once) until the connections queued when it
+    /// began are taken, or its deadline.
+    async fn finish_draining(&mut self) {
+        if let Some(deadline) = self.drain_until.take() {
+            let left = self.cluster.listeners_drained(deadline).await;
+            if left > 0 {
+                tracing::warn!(
+                    left,
+                    "connections queued at stop were not taken in time; closed"
+                );
             }
         }
     }
@@ -556,9 +581,13 @@ impl Driver {
             primary::Event::Exit { status, .. } => {
                 self.workers.remove(&id);
                 let status = *status;
+                let blame = event.worker().exit_blame();
                 // The cluster's Exit goes out before what the supervisor makes of it.
                 self.forward(Report::Cluster(event));
-                self.sup.exited(id, status, now);
+                match blame {
+                    Some(task) => self.sup.exited_by_task(id, status, task, now),
+                    None => self.sup.exited(id, status, now),
+                }
                 return;
             }
             _ => {}
@@ -661,8 +690,11 @@ impl Driver {
         match *event {
             Event::StopStarted { .. } => {
                 // Refuse new connections now rather than queue them for
-                // workers that are leaving.
-                self.cluster.close_listeners();
+                // workers that are leaving; those already queued are handed
+                // to the workers before they are told to leave.
+                self.cluster.stop_accepting();
+                let within = (self.options.supervisor.kill_timeout / 2).min(STOP_DRAIN_LIMIT);
+                self.drain_until = Some(tokio::time::Instant::now() + within);
             }
             Event::WorkerReady { worker, .. } => {
                 if let Some(t) = self.workers.get_mut(&worker) {

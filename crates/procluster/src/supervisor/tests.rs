@@ -405,6 +405,44 @@ fn breaker_trips_after_k_crashes_in_window() {
 }
 
 #[test]
+fn exits_blamed_on_a_task_restart_the_slot_but_do_not_trip_the_breaker() {
+    let mut cfg = config(1);
+    cfg.breaker = Some(BreakerConfig {
+        max_crashes: 1,
+        window: secs(60),
+        exit_on_trip: false,
+    });
+    let mut sh = Shell::new(cfg);
+    sh.start();
+    for _ in 0..5 {
+        let id = sh.worker_in(0);
+        sh.alive.remove(&id);
+        let info = ExitStatus::signaled(Signal::ABRT);
+        sh.sup
+            .exited_by_task(id, info, "task 7 of pool \"p\"".into(), sh.now);
+        sh.pump();
+        sh.advance(secs(10));
+    }
+    assert!(!sh.sup.is_breaker_tripped());
+    assert_eq!(
+        sh.count_events(|e| matches!(
+            e,
+            Event::WorkerFailed {
+                cause: CrashCause::TaskFault { .. },
+                ..
+            }
+        )),
+        5
+    );
+    assert_eq!(sh.alive.len(), 1, "the slot was restarted each time");
+    // A crash of the worker's own still counts: the second one trips.
+    sh.crash(0);
+    sh.advance(secs(10));
+    sh.crash(0);
+    assert!(sh.sup.is_breaker_tripped());
+}
+
+#[test]
 fn breaker_with_exit_on_trip_stops_cluster_as_failed() {
     let mut cfg = config(2);
     cfg.breaker = Some(BreakerConfig {

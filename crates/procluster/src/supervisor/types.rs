@@ -47,7 +47,7 @@ pub enum Command {
 }
 
 /// Why a worker failed unexpectedly. Every failure counts for the breaker,
-/// except [`CrashCause::NoResources`].
+/// except [`CrashCause::NoResources`] and [`CrashCause::TaskFault`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CrashCause {
     /// The process exited on its own (or was killed by someone else).
@@ -68,6 +68,17 @@ pub enum CrashCause {
     ReadyTimeout,
     /// The worker stopped sending heartbeats and was killed.
     Hang,
+    /// The process ended while it ran a task that a service of the cluster
+    /// (a work pool) holds responsible: the task had already ended another
+    /// worker, so the fault is the input's, not the worker's. The slot is
+    /// restarted as after any failure, but the crash-loop breaker does not
+    /// count it: one poison task must not stop the whole cluster.
+    TaskFault {
+        /// Exit status.
+        info: ExitStatus,
+        /// What the service says about the task.
+        task: String,
+    },
 }
 
 /// A short phrase for the failure, to follow "the worker", e.g. "exited
@@ -94,6 +105,9 @@ impl std::fmt::Display for CrashCause {
             }
             Self::ReadyTimeout => write!(f, "was not ready within the ready timeout"),
             Self::Hang => write!(f, "stopped sending heartbeats"),
+            Self::TaskFault { info, task } => {
+                write!(f, "ended ({info}) while running {task}")
+            }
         }
     }
 }

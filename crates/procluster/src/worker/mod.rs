@@ -443,6 +443,7 @@ async fn dispatch(
             Ok(Control::Connections { key, handed }) => {
                 incoming_connections(&inner.listeners, key, handed, frame.fds)
             }
+            Ok(Control::StopAccepting { key }) => inner.listeners.stop_accepting(key),
             Ok(other) => tracing::debug!(?other, "ignoring an unexpected control message"),
             Err(error) => return Err(format!("the primary sent a bad control message: {error}")),
         },
