@@ -37,6 +37,9 @@ use crate::args::LogFormat;
 /// lines are dropped (and counted).
 pub const QUEUE_BYTES: usize = 4 << 20;
 
+/// Bytes of lines written by one system call, at most (past one line).
+const BATCH_BYTES: usize = 64 << 10;
+
 /// The primary's stdout and stderr, each with its writer thread.
 struct Outputs {
     stdout: Arc<Sink>,
@@ -334,13 +337,25 @@ impl Sink {
                 (lines, std::mem::take(&mut queue.dropped))
             };
             lost += dropped;
-            for line in lines {
-                if lost > 0 && out.write(&self.notice(lost)).is_ok() {
+            // Whole lines, many to a write: only this thread writes to the
+            // stream, so lines never mix, and a reader that keeps up costs
+            // one system call per batch rather than per line.
+            let mut batch = Vec::with_capacity(BATCH_BYTES);
+            let mut in_batch = 0u64;
+            let mut lines = lines.into_iter().peekable();
+            while let Some(line) = lines.next() {
+                if lost > 0 && in_batch == 0 && out.write(&self.notice(lost)).is_ok() {
                     lost = 0;
                 }
-                if out.write(&line).is_err() {
-                    lost += 1;
-                    self.lost.fetch_add(1, Ordering::Relaxed);
+                batch.extend_from_slice(&line);
+                in_batch += 1;
+                if batch.len() >= BATCH_BYTES || lines.peek().is_none() {
+                    if out.write(&batch).is_err() {
+                        lost += in_batch;
+                        self.lost.fetch_add(in_batch, Ordering::Relaxed);
+                    }
+                    batch.clear();
+                    in_batch = 0;
                 }
             }
         }

@@ -11,7 +11,10 @@
 //! primary off `SCHED_BATCH`, see `ClusterBuilder::batch_scheduling`). Prints `listening on
 //! http://HOST:PORT` once every worker listens. The workers are supervised: a
 //! worker that dies is replaced, SIGHUP reloads them one by one without
-//! dropping a request, and Ctrl-C or SIGTERM stops them gracefully.
+//! dropping a request, and Ctrl-C or SIGTERM stops them gracefully. What the
+//! supervisor does is printed on stderr as sentences (`supervisor::Event`'s
+//! `Display`). A port that is in use is said once, and the example exits 1
+//! instead of restarting workers that cannot listen.
 
 use std::collections::HashSet;
 

@@ -75,6 +75,7 @@ pub mod message;
 pub mod pool;
 pub mod primary;
 mod process;
+mod procfs;
 #[cfg(feature = "fuzzing")]
 pub mod protocol;
 #[cfg(not(feature = "fuzzing"))]

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 /// lower layer (two modules of one layer may not use each other).
 const LAYERS: &[(&str, u32)] = &[
     ("process", 0),
+    ("procfs", 0),
     ("sync", 0),
     ("sys", 1),
     ("protocol", 2),

@@ -1537,8 +1537,26 @@ async fn replaced(run: &Run, first: u32) -> Value {
 
 #[tokio::test]
 async fn max_age_recycles_workers_new_first() {
-    let run = Run::python(&["--max-age", "1s", "--ready", "notify"], &[]).await;
-    let first = slot_pid(&run.try_status().await.unwrap(), 0).unwrap();
+    // One worker: a recycle replaces it while others may still start.
+    let run = Run::start(
+        &[
+            "-w",
+            "1",
+            "-l",
+            "127.0.0.1:0",
+            "--max-age",
+            "2s",
+            "--ready",
+            "notify",
+        ],
+        &["python3", "worker.py"],
+        &[],
+    )
+    .await;
+    let ready = run
+        .status_until("slot 0 has a ready worker", |s| slot_pid(s, 0).is_some())
+        .await;
+    let first = slot_pid(&ready, 0).unwrap();
     let after = replaced(&run, first).await;
     let recycled = after["workers"]
         .as_array()

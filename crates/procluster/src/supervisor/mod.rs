@@ -25,7 +25,6 @@ mod backoff;
 mod config;
 mod control;
 mod machine;
-mod memory;
 mod shell;
 mod signals;
 mod state;

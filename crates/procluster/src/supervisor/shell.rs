@@ -657,15 +657,14 @@ impl Driver {
             .is_none_or(|at| now.duration_since(at) >= MEMORY_SAMPLE_INTERVAL);
         if rss && due {
             self.last_memory_sample = Some(now);
-            let pids: Vec<u32> = self.workers.values().map(|t| t.handle.pid()).collect();
-            let sizes = super::memory::tree_resident_bytes(&pids);
+            let table = crate::procfs::ProcessTable::read();
             let workers: Vec<(WorkerId, u32)> = self
                 .workers
                 .iter()
                 .map(|(&id, t)| (id, t.handle.pid()))
                 .collect();
             for (id, pid) in workers {
-                if let Some(&bytes) = sizes.get(&pid) {
+                if let Some(bytes) = table.tree_rss_bytes(pid) {
                     self.sup.rss(id, bytes, now);
                 }
             }

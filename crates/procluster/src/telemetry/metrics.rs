@@ -14,9 +14,9 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 
-use super::procfs::TreeUsage;
 use crate::listeners::registry::GroupStats;
 use crate::primary::WorkerState;
+use crate::procfs::TreeUsage;
 use crate::supervisor::{CrashCause, RecycleReason};
 use crate::{ChannelStats, WorkerId};
 

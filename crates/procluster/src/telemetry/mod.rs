@@ -44,13 +44,12 @@ mod exposition;
 mod http;
 mod logs;
 mod metrics;
-mod procfs;
 mod wire;
 mod worker;
 
+pub use crate::procfs::{CpuMeter, ProcessTable, TreeUsage, tree_usage};
 pub use exposition::Aggregation;
 pub use logs::{LogOutput, LogRecord};
-pub use procfs::{CpuMeter, ProcessTable, TreeUsage, tree_usage};
 pub use wire::FieldValue;
 pub use worker::{DEFAULT_LOG_BUFFER, LogLayer, WorkerTelemetry, worker};
 
@@ -527,7 +526,7 @@ impl Telemetry {
     fn snapshot(&self) -> metrics::Snapshot {
         let context = self.shared.context.get();
         let workers = context.map(ServiceContext::workers).unwrap_or_default();
-        let table = procfs::ProcessTable::read();
+        let table = crate::procfs::ProcessTable::read();
         let mut listeners = context
             .map(ServiceContext::listener_stats)
             .unwrap_or_default();
@@ -542,7 +541,7 @@ impl Telemetry {
         let queues = if listeners.is_empty() {
             Default::default()
         } else {
-            procfs::listen_queues()
+            crate::procfs::listen_queues()
         };
         let state = self.state();
         let mut cpu = lock(&self.shared.cpu);

@@ -1,7 +1,8 @@
 //! What `/proc` says about a worker and everything it started: CPU time,
 //! resident memory, open descriptors, threads, uptime; and how many
 //! connections wait in a listening socket's queue (what `ss -lnt` shows as
-//! Recv-Q).
+//! Recv-Q). Read in one place for telemetry (which makes the types public)
+//! and for the supervisor's recycling by memory.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -115,6 +116,22 @@ impl ProcessTable {
             Some(scan) => scan.stats.get(&pid).copied(),
             None => read_stat(pid),
         }
+    }
+
+    /// The resident memory of `root`'s process tree in bytes (pages shared
+    /// between its processes count once per process, as `ps` adds them up):
+    /// the part of [`tree_usage`](Self::tree_usage) that costs no more
+    /// reading. `None` when `root` is gone.
+    pub fn tree_rss_bytes(&self, root: u32) -> Option<u64> {
+        self.stat(root)?;
+        let page = rustix::param::page_size() as u64;
+        let pages = self
+            .tree(root)
+            .iter()
+            .filter_map(|pid| self.stat(*pid))
+            .map(|stat| stat.rss_pages)
+            .sum::<u64>();
+        Some(pages * page)
     }
 
     /// What the process tree of `root` uses now; `None` when `root` is gone.
@@ -284,6 +301,28 @@ pub fn tree_usage(pid: u32) -> Option<TreeUsage> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_trees_memory_counts_its_children() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let me = std::process::id();
+        let table = ProcessTable::read();
+        let tree = table.tree_rss_bytes(me).unwrap();
+        let own = table.stat(me).unwrap().rss_pages * rustix::param::page_size() as u64;
+        let child_rss = table.stat(child.id()).map_or(0, |s| s.rss_pages);
+        assert!(child_rss > 0, "the child is in the table");
+        assert_eq!(
+            tree,
+            own + child_rss * rustix::param::page_size() as u64,
+            "no other child of this test process"
+        );
+        assert_eq!(table.tree_rss_bytes(u32::MAX - 1), None);
+        let _ = child.kill();
+        let _ = child.wait();
+    }
 
     #[test]
     fn stat_lines_parse_even_with_odd_command_names() {
