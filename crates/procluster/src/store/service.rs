@@ -239,6 +239,8 @@ impl Shared {
         );
         let mut changes = Vec::new();
         let mut state = lock(&self.state);
+        let watched = !state.watches.is_empty();
+        state.core.set_recording(watched);
         let outcome = state.core.apply(op, Instant::now(), &mut changes);
         self.operations.fetch_add(1, Ordering::Relaxed);
         if outcome.is_err() {
@@ -413,6 +415,8 @@ async fn expire_loop(shared: Weak<Shared>, wake: Arc<Notify>) {
         };
         let mut state = lock(&shared.state);
         let mut changes = Vec::new();
+        let watched = !state.watches.is_empty();
+        state.core.set_recording(watched);
         state.core.expire_due(Instant::now(), &mut changes);
         notify(&mut state, &changes);
     }
