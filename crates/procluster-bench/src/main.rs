@@ -5,8 +5,10 @@
 mod bus;
 mod http;
 mod ipc;
+mod pool;
 mod reliability;
 mod report;
+mod scale;
 mod supervision;
 
 use clap::{Parser, Subcommand};
@@ -45,9 +47,17 @@ enum Bench {
     /// 1000 crash/restart cycles with flat fds/RSS and no zombies. Prints a
     /// table and one JSON line; exits non-zero if a check fails.
     Reliability(reliability::ReliabilityArgs),
+    /// Work pools: tiny and CPU tasks, latency beside the channel's round
+    /// trip, large payloads beside memcpy; the articles' Node broker,
+    /// piscina and Python's multiprocessing.Pool in the same run.
+    Pool(pool::PoolArgs),
     /// Supervision figures: SIGKILL → replacement listening (no backoff),
     /// rolling reload of 4 workers, primary RSS with 16 workers beside Node's.
     Supervision(supervision::SupervisionArgs),
+    /// One primary with 1024 workers under a soft open-file limit of 1024,
+    /// for the library (the hello example) and the command: time to ready,
+    /// idle CPU, RSS, descriptors, `status` latency, stop time.
+    Scale(scale::ScaleArgs),
     /// A supervised HTTP cluster of bench workers, like the hello example but
     /// with --backoff-ms, --no-breaker and --delay-ms (used by `reliability`
     /// and `supervision`).
@@ -80,7 +90,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
 async fn run() -> Result<(), Box<dyn std::error::Error>> {
     if let Role::Worker(worker) = procluster::role()? {
-        if supervision::is_http_worker() {
+        if pool::is_pool_worker() {
+            pool::worker_main(worker).await?;
+        } else if supervision::is_http_worker() {
             supervision::http_worker_main(worker).await?;
         } else if bus::is_bus_worker() {
             bus::worker_main(worker).await;
@@ -94,6 +106,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         Bench::Bus(args) => bus::run(args).await,
         Bench::Http(args) => Ok(tokio::task::spawn_blocking(move || http::run(args)).await??),
         Bench::IdealServer { port } => http::ideal_server_main(port).await,
+        Bench::Pool(args) => pool::run(args).await,
         Bench::Reliability(args) => {
             Ok(tokio::task::spawn_blocking(move || reliability::run(args)).await??)
         }
@@ -101,5 +114,8 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
             .await
             .map_err(|e| e as Box<dyn std::error::Error>),
         Bench::SupervisedServer(args) => supervision::server_main(args).await,
+        Bench::Scale(args) => tokio::task::spawn_blocking(move || scale::run(args))
+            .await?
+            .map_err(|e| e as Box<dyn std::error::Error>),
     }
 }

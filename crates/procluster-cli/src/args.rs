@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use procluster::Signal;
+use procluster::{Policy, Signal};
 use serde::{Deserialize, Serialize};
 
 /// Run any program as a cluster of worker processes that share its ports.
@@ -37,8 +37,8 @@ pub enum Command {
     /// SIGTERM or SIGINT (or `procluster stop`) stops gracefully: each worker
     /// gets --stop-signal, then SIGKILL after --kill-timeout. SIGHUP reloads.
     /// Exit status: 0 after a clean stop; 1 when a worker had to be killed or
-    /// the workers crash in a loop; 2 for bad usage or configuration; 127
-    /// when PROGRAM does not exist.
+    /// the workers crash in a loop; 2 for bad usage or configuration; 126
+    /// when PROGRAM is not executable; 127 when it does not exist.
     Run(Box<RunArgs>),
     /// Show the primary's pid, listeners and workers.
     Status(StatusArgs),
@@ -50,6 +50,11 @@ pub enum Command {
     Scale(ScaleArgs),
     /// Stop the primary and its workers gracefully.
     Stop(ClientArgs),
+    /// Print the workers' recent output, and with -f follow it as it comes.
+    Logs(crate::control::logs::LogsArgs),
+    /// A live view of the cluster: workers with CPU and memory, totals, the
+    /// latest output; keys to reload, scale and quit.
+    Top(crate::top::TopArgs),
     /// Internal: the exec shim a worker starts as (sets LISTEN_PID to its own
     /// pid, drops privileges, then execs the program).
     #[command(name = "__exec", hide = true)]
@@ -73,9 +78,11 @@ pub struct RunArgs {
 
     /// `shared`: one socket, every worker accepts on it. `reuseport`: one
     /// SO_REUSEPORT socket per worker slot (TCP and UDP), balanced by the
-    /// kernel and kept across that slot's restarts. [default: shared]
-    #[arg(long, value_enum)]
-    pub policy: Option<PolicyArg>,
+    /// kernel and kept across that slot's restarts. (`round-robin` needs a
+    /// worker that takes connections from the primary: only library
+    /// workers can.) [default: shared]
+    #[arg(long, value_name = "shared|reuseport", value_parser = parse_policy)]
+    pub policy: Option<Policy>,
 
     /// When a worker counts as ready (for reloads, and systemd's READY=1):
     /// `none` (at once), `notify` (it sends READY=1 to $NOTIFY_SOCKET, as
@@ -90,8 +97,8 @@ pub struct RunArgs {
     pub ready_timeout: Option<Duration>,
 
     /// How long a worker has to exit after the stop signal before it is
-    /// killed with SIGKILL. [default: 10s]
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    /// killed with SIGKILL (gunicorn's --graceful-timeout). [default: 10s]
+    #[arg(long, visible_alias = "graceful-timeout", value_name = "DURATION", value_parser = parse_duration)]
     pub kill_timeout: Option<Duration>,
 
     /// The signal that asks a worker to stop gracefully (TERM, INT, QUIT,
@@ -115,6 +122,53 @@ pub struct RunArgs {
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub crash_window: Option<Duration>,
 
+    /// Recycle a worker after it has served N requests (new worker first).
+    /// A program reports its count: `X_PROCLUSTER_REQUESTS=TOTAL` on
+    /// NOTIFY_SOCKET (--ready notify), or process.send({procluster:
+    /// {requests: TOTAL}}) (--ready node-ipc).
+    #[arg(long, value_name = "N")]
+    pub max_requests: Option<u64>,
+
+    /// Adds 0..=N to each worker's --max-requests, drawn when it starts, so
+    /// that workers are not all recycled at once. [default: 0]
+    #[arg(long, value_name = "N")]
+    pub max_requests_jitter: Option<u64>,
+
+    /// Recycle a worker whose memory exceeds SIZE (512M, 1G, or bytes): the
+    /// resident memory of its process and every process it started, added
+    /// up, sampled once a second (PM2's max_memory_restart).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub max_memory: Option<u64>,
+
+    /// Recycle a worker this long after it started (new worker first).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub max_age: Option<Duration>,
+
+    /// An environment variable for every worker, repeatable. Wins over
+    /// --env-file.
+    #[arg(short = 'e', long = "env", value_name = "KEY=VALUE", value_parser = parse_env)]
+    pub env: Vec<(String, String)>,
+
+    /// A file of KEY=VALUE lines for every worker's environment (blank
+    /// lines and # comments ignored, `export ` and quotes allowed),
+    /// repeatable.
+    #[arg(long, value_name = "PATH")]
+    pub env_file: Vec<PathBuf>,
+
+    /// The workers' working directory (a relative program path is found
+    /// there too). [default: the primary's]
+    #[arg(long, value_name = "DIR")]
+    pub chdir: Option<PathBuf>,
+
+    /// The listen() backlog of the TCP and Unix sockets the primary binds.
+    /// [default: 1024]
+    #[arg(long, value_name = "N")]
+    pub backlog: Option<u32>,
+
+    /// Write the primary's pid to this file (removed when it exits).
+    #[arg(long, value_name = "PATH")]
+    pub pidfile: Option<PathBuf>,
+
     /// Control socket path. [default: $XDG_RUNTIME_DIR/procluster/NAME.sock,
     /// or /tmp/procluster-UID/NAME.sock]
     #[arg(long, value_name = "PATH", env = "PROCLUSTER_CONTROL")]
@@ -126,9 +180,11 @@ pub struct RunArgs {
     pub name: Option<String>,
 
     /// A TOML file with the same keys as these flags (workers, listen,
-    /// policy, ready, ready-timeout, kill-timeout, stop-signal, watchdog,
-    /// max-crashes, crash-window, control, name, user, group, log-format),
-    /// and `command = ["PROGRAM", "ARG"...]`. An unknown key is an error.
+    /// policy, ready, ready-timeout, kill-timeout or graceful-timeout,
+    /// stop-signal, watchdog, max-crashes, crash-window, max-requests,
+    /// max-requests-jitter, max-memory, max-age, env (a table), env-file,
+    /// chdir, backlog, pidfile, control, name, user, group, log-format), and
+    /// `command = ["PROGRAM", "ARG"...]`. An unknown key is an error.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
 
@@ -146,6 +202,11 @@ pub struct RunArgs {
     /// {ts, worker, index, pid, stream, line}). [default: text]
     #[arg(long, value_enum)]
     pub log_format: Option<LogFormat>,
+
+    /// Serve Prometheus metrics (`/metrics`) and health probes (`/healthz`,
+    /// `/readyz`) on this address, e.g. 127.0.0.1:9100.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
 
     /// The program to run in each worker, and its arguments.
     #[arg(last = true, value_name = "PROGRAM [ARGS]...")]
@@ -195,24 +256,6 @@ pub struct ScaleArgs {
 pub enum WorkersArg {
     Auto,
     Count(usize),
-}
-
-/// `--policy`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize, Serialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum PolicyArg {
-    #[default]
-    Shared,
-    Reuseport,
-}
-
-impl PolicyArg {
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Shared => "shared",
-            Self::Reuseport => "reuseport",
-        }
-    }
 }
 
 /// `--log-format`.
@@ -317,6 +360,88 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(total)
 }
 
+/// `shared` or `reuseport`. Round-robin is refused with the reason: the
+/// primary would accept each connection and hand it over the worker's
+/// channel, and a program run by the command has no channel; it accepts on
+/// its own socket.
+pub fn parse_policy(text: &str) -> Result<Policy, String> {
+    match text.trim().parse::<Policy>() {
+        Ok(Policy::RoundRobin) => Err(
+            "round-robin is not available to programs run by the command: the primary would \
+             accept each connection and hand it over a procluster worker's channel, which a \
+             program of its own does not have; use `shared` or `reuseport`"
+                .into(),
+        ),
+        Ok(policy) => Ok(policy),
+        Err(error) => Err(format!("{error} (the command takes shared or reuseport)")),
+    }
+}
+
+/// `512M`, `1G`, `1.5GiB`, `300kB`, or a number of bytes. K, M, G and T are
+/// powers of 1024 (with or without `B` or `iB`).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let bad = |why: &str| format!("invalid size {text:?}: {why} (examples: 512M, 1G, 300000000)");
+    let trimmed = text.trim();
+    let split = trimmed
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(trimmed.len());
+    let (number, unit) = trimmed.split_at(split);
+    let value: f64 = number.parse().map_err(|_| bad("expected a number"))?;
+    let unit = unit.trim().to_ascii_lowercase();
+    let unit = unit.trim_end_matches('b').trim_end_matches('i');
+    let scale: u64 = match unit {
+        "" => 1,
+        "k" => 1 << 10,
+        "m" => 1 << 20,
+        "g" => 1 << 30,
+        "t" => 1 << 40,
+        _ => return Err(bad("unknown unit")),
+    };
+    let bytes = value * scale as f64;
+    if !(1.0..=u64::MAX as f64).contains(&bytes) {
+        return Err(bad("out of range"));
+    }
+    Ok(bytes as u64)
+}
+
+/// `KEY=VALUE` (the value may be empty, or contain `=`).
+pub fn parse_env(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((key, value)) if valid_env_key(key) => Ok((key.to_string(), value.to_string())),
+        _ => Err(format!(
+            "expected KEY=VALUE with a KEY of letters, digits and '_', not {text:?}"
+        )),
+    }
+}
+
+fn valid_env_key(key: &str) -> bool {
+    !key.is_empty()
+        && !key.starts_with(|c: char| c.is_ascii_digit())
+        && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// The lines of an env file: `KEY=VALUE`, `export KEY=VALUE`, values
+/// optionally in single or double quotes; blank lines and `#` comments are
+/// skipped. A line that is none of these is an error naming its number.
+pub fn parse_env_file(text: &str) -> Result<Vec<(String, String)>, String> {
+    let mut vars = Vec::new();
+    for (number, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let line = line.strip_prefix("export ").unwrap_or(line).trim_start();
+        let (key, value) = parse_env(line).map_err(|e| format!("line {}: {e}", number + 1))?;
+        let value = value.trim();
+        let unquoted = ['"', '\'']
+            .iter()
+            .find_map(|&q| value.strip_prefix(q).and_then(|v| v.strip_suffix(q)))
+            .unwrap_or(value);
+        vars.push((key, unquoted.to_string()));
+    }
+    Ok(vars)
+}
+
 /// `TERM`, `SIGTERM`, `term` or `15`.
 pub fn parse_signal(text: &str) -> Result<SignalArg, String> {
     text.trim()
@@ -373,6 +498,69 @@ mod tests {
         assert_eq!(parse_workers("3"), Ok(WorkersArg::Count(3)));
         assert!(parse_workers("0").is_err());
         assert!(parse_workers("many").is_err());
+    }
+
+    #[test]
+    fn policies_are_the_librarys_and_round_robin_is_refused_with_the_reason() {
+        assert_eq!(parse_policy("shared"), Ok(Policy::Shared));
+        assert_eq!(parse_policy("reuseport"), Ok(Policy::ReusePort));
+        let error = parse_policy("round-robin").unwrap_err();
+        assert!(
+            error.contains("shared") && error.contains("channel"),
+            "{error}"
+        );
+        assert!(
+            parse_policy("fastest")
+                .unwrap_err()
+                .contains("shared or reuseport")
+        );
+    }
+
+    #[test]
+    fn sizes_take_binary_units() {
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("1.5GiB"), Ok(3 << 29));
+        assert_eq!(parse_size("300kb"), Ok(300 << 10));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("5X").unwrap_err().contains("unknown unit"));
+        assert!(parse_size("0").is_err());
+    }
+
+    #[test]
+    fn env_values_and_files() {
+        assert_eq!(parse_env("A=b=c"), Ok(("A".into(), "b=c".into())));
+        assert_eq!(parse_env("EMPTY="), Ok(("EMPTY".into(), String::new())));
+        assert!(parse_env("NOEQUALS").is_err());
+        assert!(parse_env("1X=y").is_err());
+        let vars =
+            parse_env_file("# comment\n\nexport A=1\nB=\"two words\"\nC='x'\n  D = spaced\n");
+        assert!(vars.is_err(), "a key with a space is refused: {vars:?}");
+        let vars = parse_env_file("# comment\n\nexport A=1\nB=\"two words\"\nC='x'\n").unwrap();
+        assert_eq!(
+            vars,
+            [
+                ("A".into(), "1".into()),
+                ("B".into(), "two words".into()),
+                ("C".into(), "x".into())
+            ]
+        );
+        assert!(
+            parse_env_file("ok=1\nbroken line\n")
+                .unwrap_err()
+                .contains("line 2")
+        );
+    }
+
+    #[test]
+    fn graceful_timeout_is_kill_timeout() {
+        let cli = Cli::try_parse_from(["procluster", "run", "--graceful-timeout", "7s", "--", "x"])
+            .unwrap();
+        let Command::Run(run) = cli.command else {
+            panic!("not run")
+        };
+        assert_eq!(run.kill_timeout, Some(Duration::from_secs(7)));
     }
 
     #[test]

@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::args::{LogFormat, PolicyArg, RunArgs, SignalArg, WorkersArg};
+use procluster::Policy;
+
+use crate::args::{LogFormat, RunArgs, SignalArg, WorkersArg};
 use crate::listen_spec::ListenSpec;
 use crate::readiness::ReadyMode;
 
@@ -15,7 +17,7 @@ use crate::readiness::ReadyMode;
 pub struct RunConfig {
     pub workers: WorkersArg,
     pub listen: Vec<ListenSpec>,
-    pub policy: PolicyArg,
+    pub policy: Policy,
     pub ready: ReadyMode,
     pub ready_timeout: Duration,
     pub kill_timeout: Duration,
@@ -28,7 +30,17 @@ pub struct RunConfig {
     pub user: Option<String>,
     pub group: Option<String>,
     pub log_format: LogFormat,
+    pub max_requests: Option<u64>,
+    pub max_requests_jitter: u64,
+    pub max_memory: Option<u64>,
+    pub max_age: Option<Duration>,
+    /// From the env files, then `--env`/`env` (later entries win).
+    pub env: Vec<(String, String)>,
+    pub chdir: Option<PathBuf>,
+    pub backlog: Option<u32>,
+    pub pidfile: Option<PathBuf>,
     pub command: Vec<String>,
+    pub metrics: Option<String>,
 }
 
 pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -41,11 +53,15 @@ pub const DEFAULT_KILL_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct ConfigFile {
     workers: Option<WorkersValue>,
     listen: Option<ListenValue>,
-    policy: Option<PolicyArg>,
+    policy: Option<StringValue<Policy>>,
     ready: Option<StringValue<ReadyMode>>,
     #[serde(alias = "ready_timeout")]
     ready_timeout: Option<DurationValue>,
-    #[serde(alias = "kill_timeout")]
+    #[serde(
+        alias = "kill_timeout",
+        alias = "graceful-timeout",
+        alias = "graceful_timeout"
+    )]
     kill_timeout: Option<DurationValue>,
     #[serde(alias = "stop_signal")]
     stop_signal: Option<StringValue<SignalArg>>,
@@ -60,6 +76,23 @@ pub struct ConfigFile {
     group: Option<String>,
     #[serde(alias = "log_format")]
     log_format: Option<LogFormat>,
+    #[serde(alias = "max_requests")]
+    max_requests: Option<u64>,
+    #[serde(alias = "max_requests_jitter")]
+    max_requests_jitter: Option<u64>,
+    #[serde(alias = "max_memory")]
+    max_memory: Option<SizeValue>,
+    #[serde(alias = "max_age")]
+    max_age: Option<DurationValue>,
+    /// `{ KEY = "value" }`, or `["KEY=value"]`.
+    env: Option<EnvValue>,
+    #[serde(alias = "env_file")]
+    env_file: Option<PathsValue>,
+    chdir: Option<PathBuf>,
+    backlog: Option<u32>,
+    pidfile: Option<PathBuf>,
+    /// Where the metrics endpoint listens.
+    metrics: Option<String>,
     /// The program and its arguments.
     command: Option<Vec<String>>,
 }
@@ -122,6 +155,77 @@ impl TryFrom<toml::Value> for DurationValue {
     }
 }
 
+/// Bytes, or a size such as "512M".
+#[derive(Debug, Deserialize)]
+#[serde(try_from = "toml::Value")]
+struct SizeValue(u64);
+
+impl TryFrom<toml::Value> for SizeValue {
+    type Error = String;
+    fn try_from(value: toml::Value) -> Result<Self, String> {
+        match value {
+            toml::Value::Integer(n) if n > 0 => Ok(Self(n as u64)),
+            toml::Value::String(s) => crate::args::parse_size(&s).map(Self),
+            other => Err(format!("expected a size such as \"512M\", not {other}")),
+        }
+    }
+}
+
+/// A table of variables, or an array of `KEY=VALUE` strings.
+#[derive(Debug, Deserialize)]
+#[serde(try_from = "toml::Value")]
+struct EnvValue(Vec<(String, String)>);
+
+impl TryFrom<toml::Value> for EnvValue {
+    type Error = String;
+    fn try_from(value: toml::Value) -> Result<Self, String> {
+        match value {
+            toml::Value::Table(table) => table
+                .into_iter()
+                .map(|(key, value)| match value {
+                    toml::Value::String(text) => crate::args::parse_env(&format!("{key}={text}")),
+                    other => Ok((key, other.to_string())),
+                })
+                .collect::<Result<_, _>>()
+                .map(Self),
+            toml::Value::Array(items) => items
+                .into_iter()
+                .map(|item| match item {
+                    toml::Value::String(text) => crate::args::parse_env(&text),
+                    other => Err(format!("env: expected \"KEY=VALUE\", not {other}")),
+                })
+                .collect::<Result<_, _>>()
+                .map(Self),
+            other => Err(format!(
+                "env: expected a table such as {{ KEY = \"value\" }}, not {other}"
+            )),
+        }
+    }
+}
+
+/// One path or an array of them.
+#[derive(Debug, Deserialize)]
+#[serde(try_from = "toml::Value")]
+struct PathsValue(Vec<PathBuf>);
+
+impl TryFrom<toml::Value> for PathsValue {
+    type Error = String;
+    fn try_from(value: toml::Value) -> Result<Self, String> {
+        let one = |value: toml::Value| match value {
+            toml::Value::String(text) => Ok(PathBuf::from(text)),
+            other => Err(format!("expected a path, not {other}")),
+        };
+        match value {
+            toml::Value::Array(items) => items
+                .into_iter()
+                .map(one)
+                .collect::<Result<_, _>>()
+                .map(Self),
+            other => one(other).map(|path| Self(vec![path])),
+        }
+    }
+}
+
 /// A value parsed from a string with the flag's own parser.
 #[derive(Debug)]
 struct StringValue<T>(T);
@@ -145,6 +249,12 @@ impl FromFlag for ReadyMode {
     }
 }
 
+impl FromFlag for Policy {
+    fn from_flag(text: &str) -> Result<Self, String> {
+        crate::args::parse_policy(text)
+    }
+}
+
 impl FromFlag for SignalArg {
     fn from_flag(text: &str) -> Result<Self, String> {
         crate::args::parse_signal(text)
@@ -165,6 +275,12 @@ pub enum ConfigError {
         "no program to run: give one after `--` (procluster run -- PROGRAM [ARGS...]) or as `command` in the config file"
     )]
     NoProgram,
+    #[error("env file {path}: {message}")]
+    EnvFile { path: PathBuf, message: String },
+    #[error(
+        "two listeners are named {0:?}: LISTEN_FDNAMES must tell them apart; give each its own NAME= (unnamed ones are listen0, listen1... by position)"
+    )]
+    DuplicateListener(String),
 }
 
 impl ConfigFile {
@@ -208,13 +324,35 @@ impl RunConfig {
         if command.is_empty() || command[0].is_empty() {
             return Err(ConfigError::NoProgram);
         }
+        check_listener_names(&listen)?;
+        let env_files = if !args.env_file.is_empty() {
+            args.env_file
+        } else {
+            file.env_file.map(|f| f.0).unwrap_or_default()
+        };
+        let mut env = Vec::new();
+        for path in env_files {
+            let text = std::fs::read_to_string(&path).map_err(|e| ConfigError::EnvFile {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
+            let vars = crate::args::parse_env_file(&text)
+                .map_err(|message| ConfigError::EnvFile { path, message })?;
+            env.extend(vars);
+        }
+        // The file's `env`, then the flags': the last of a key wins.
+        env.extend(file.env.map(|e| e.0).unwrap_or_default());
+        env.extend(args.env);
         Ok(Self {
             workers: args
                 .workers
                 .or(file.workers.map(|w| w.0))
                 .unwrap_or(WorkersArg::Auto),
             listen,
-            policy: args.policy.or(file.policy).unwrap_or_default(),
+            policy: args
+                .policy
+                .or(file.policy.map(|p| p.0))
+                .unwrap_or(Policy::Shared),
             ready: args
                 .ready
                 .or(file.ready.map(|r| r.0))
@@ -245,9 +383,34 @@ impl RunConfig {
             user: args.user.or(file.user),
             group: args.group.or(file.group),
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
+            max_requests: args.max_requests.or(file.max_requests),
+            max_requests_jitter: args
+                .max_requests_jitter
+                .or(file.max_requests_jitter)
+                .unwrap_or(0),
+            max_memory: args.max_memory.or(file.max_memory.map(|m| m.0)),
+            max_age: args.max_age.or(file.max_age.map(|d| d.0)),
+            env,
+            chdir: args.chdir.or(file.chdir),
+            backlog: args.backlog.or(file.backlog),
+            pidfile: args.pidfile.or(file.pidfile),
             command,
+            metrics: args.metrics.or(file.metrics),
         })
     }
+}
+
+/// Listener names (given, or `listen<N>` by position) must be unique: a
+/// program finds its sockets by them.
+fn check_listener_names(listen: &[ListenSpec]) -> Result<(), ConfigError> {
+    let mut seen = std::collections::HashSet::new();
+    for (i, spec) in listen.iter().enumerate() {
+        let name = spec.name.clone().unwrap_or_else(|| format!("listen{i}"));
+        if !seen.insert(name.clone()) {
+            return Err(ConfigError::DuplicateListener(name));
+        }
+    }
+    Ok(())
 }
 
 /// Workers for `auto`: the CPUs this process may run on, capped by a cgroup
@@ -319,13 +482,69 @@ mod tests {
         let config = RunConfig::merge(run_args(&[]), file).unwrap();
         assert_eq!(config.workers, WorkersArg::Count(3));
         assert_eq!(config.listen.len(), 2);
-        assert_eq!(config.policy, PolicyArg::Reuseport);
+        assert_eq!(config.policy, Policy::ReusePort);
         assert_eq!(config.ready, ReadyMode::Delay(Duration::from_secs(2)));
         assert_eq!(config.ready_timeout, Duration::from_secs(5));
         assert_eq!(config.kill_timeout, Duration::from_secs(2));
         assert_eq!(config.stop_signal.0, procluster::Signal::QUIT);
         assert_eq!(config.log_format, LogFormat::Json);
         assert_eq!(config.command, ["python3", "app.py"]);
+    }
+
+    #[test]
+    fn the_file_takes_the_recycling_and_process_keys() {
+        let dir = std::env::temp_dir().join(format!("procluster-envfile-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let env_file = dir.join("app.env");
+        std::fs::write(&env_file, "FROM_FILE=1\nSHARED=file\n").unwrap();
+        let file = ConfigFile::parse(&format!(
+            r#"
+            max-requests = 1000
+            max_requests_jitter = 50
+            max-memory = "512M"
+            max-age = "1h"
+            graceful-timeout = "7s"
+            env = {{ SHARED = "table", OTHER = "x" }}
+            env-file = "{}"
+            chdir = "/srv/app"
+            backlog = 2048
+            pidfile = "/run/app.pid"
+            command = ["app"]
+            "#,
+            env_file.display()
+        ))
+        .unwrap();
+        let config = RunConfig::merge(run_args(&["-e", "SHARED=flag"]), file).unwrap();
+        assert_eq!(config.max_requests, Some(1000));
+        assert_eq!(config.max_requests_jitter, 50);
+        assert_eq!(config.max_memory, Some(512 << 20));
+        assert_eq!(config.max_age, Some(Duration::from_secs(3600)));
+        assert_eq!(config.kill_timeout, Duration::from_secs(7));
+        assert_eq!(config.chdir.as_deref(), Some(Path::new("/srv/app")));
+        assert_eq!(config.backlog, Some(2048));
+        assert_eq!(config.pidfile.as_deref(), Some(Path::new("/run/app.pid")));
+        let last = |key: &str| {
+            config
+                .env
+                .iter()
+                .rev()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.clone())
+        };
+        assert_eq!(last("FROM_FILE").as_deref(), Some("1"));
+        assert_eq!(last("OTHER").as_deref(), Some("x"));
+        assert_eq!(last("SHARED").as_deref(), Some("flag"), "flags win");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_missing_env_file_is_named() {
+        let args = run_args(&["--env-file", "/nonexistent/app.env", "--", "x"]);
+        let error = RunConfig::merge(args, ConfigFile::default()).unwrap_err();
+        assert!(
+            error.to_string().contains("/nonexistent/app.env"),
+            "{error}"
+        );
     }
 
     #[test]
@@ -348,6 +567,27 @@ mod tests {
         assert!(error.contains("invalid duration"), "{error}");
         let error = ConfigFile::parse("listen = [\"nowhere\"]").unwrap_err();
         assert!(error.contains("listen"), "{error}");
+    }
+
+    #[test]
+    fn round_robin_in_the_file_is_refused_with_the_reason() {
+        let error = ConfigFile::parse("policy = \"round-robin\"").unwrap_err();
+        assert!(error.contains("round-robin is not available"), "{error}");
+    }
+
+    #[test]
+    fn duplicate_listener_names_are_refused() {
+        let args = run_args(&["-l", "web=127.0.0.1:1", "-l", "web=127.0.0.1:2", "--", "x"]);
+        let error = RunConfig::merge(args, ConfigFile::default()).unwrap_err();
+        assert!(
+            matches!(&error, ConfigError::DuplicateListener(n) if n == "web"),
+            "{error}"
+        );
+        // An explicit name may not take an unnamed listener's positional one.
+        let args = run_args(&["-l", "127.0.0.1:1", "-l", "listen0=127.0.0.1:2", "--", "x"]);
+        assert!(RunConfig::merge(args, ConfigFile::default()).is_err());
+        let args = run_args(&["-l", "127.0.0.1:1", "-l", "127.0.0.1:2", "--", "x"]);
+        assert!(RunConfig::merge(args, ConfigFile::default()).is_ok());
     }
 
     #[test]

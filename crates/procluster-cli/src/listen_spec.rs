@@ -3,12 +3,11 @@
 
 use std::fmt;
 use std::io;
-use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 
-use procluster::listeners::bind::{self, bind_error};
-use socket2::{Domain, SockAddr, Socket, Type};
+use procluster::listeners::bind;
+use procluster::listeners::slots::{ReusePortBinder, SlotSockets};
 
 /// What to listen on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,6 +95,14 @@ fn check_host_port(addr: &str, whole: &str) -> Result<String, String> {
             "invalid listen address {whole:?}: {why} (e.g. 127.0.0.1:8080, [::]:80, localhost:0)"
         )
     };
+    if addr.contains('/') {
+        let hint = ["tcp", "udp", "unix"]
+            .iter()
+            .find(|scheme| addr.starts_with(*scheme))
+            .map(|scheme| format!(" (did you mean {scheme}://…?)"))
+            .unwrap_or_default();
+        return Err(bad(&format!("a host has no '/'{hint}")));
+    }
     let colon = addr.rfind(':').ok_or_else(|| bad("missing :PORT"))?;
     let (host, port) = (&addr[..colon], &addr[colon + 1..]);
     if host.is_empty() {
@@ -111,102 +118,76 @@ fn check_host_port(addr: &str, whole: &str) -> Result<String, String> {
     Ok(addr.to_string())
 }
 
-/// A bound socket and how to describe it.
+/// A bound listener and how to describe it.
 #[derive(Debug)]
 pub struct Bound {
     pub name: String,
     /// As actually bound, e.g. `tcp://127.0.0.1:43121`.
     pub address: String,
-    pub socket: OwnedFd,
+    pub sockets: Sockets,
 }
 
-/// How to bind: once for every worker, or with SO_REUSEPORT (the same
-/// address bound again for each slot).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// One socket for every worker, or one per worker slot (reuseport).
+#[derive(Debug)]
+pub enum Sockets {
+    Shared(OwnedFd),
+    PerSlot(SlotSockets),
+}
+
+/// How to bind: once for every worker, or with SO_REUSEPORT (one socket
+/// per worker slot, all on the address the first one got), and the
+/// `listen()` backlog.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct BindOptions {
     pub reuse_port: bool,
+    pub backlog: Option<u32>,
 }
 
-/// Binds `spec`. A port 0 becomes the kernel's choice; later binds for other
-/// slots use [`bind_again`] with the address actually bound.
+/// Binds `spec`. A port 0 becomes the kernel's choice, shared by every
+/// slot's socket under reuseport (TCP and UDP; a Unix socket is always
+/// shared). Sockets are left blocking, as socket activation hands them
+/// over (the flag belongs to the socket that every worker shares).
 pub fn bind(spec: &ListenSpec, index: usize, options: BindOptions) -> io::Result<Bound> {
     let name = spec
         .name
         .clone()
         .unwrap_or_else(|| format!("listen{index}"));
-    let socket = match &spec.endpoint {
-        Endpoint::Tcp(addr) => tcp(bind::parse_addr(addr)?, options.reuse_port)?,
-        Endpoint::Udp(addr) => udp(bind::parse_addr(addr)?, options.reuse_port)?,
-        Endpoint::Unix(path) => unix(path)?,
+    let tcp_options = bind::TcpBind {
+        backlog: options.backlog,
+        reuse_port: options.reuse_port,
+        ..Default::default()
+    };
+    let sockets = match &spec.endpoint {
+        Endpoint::Tcp(addr) if options.reuse_port => {
+            let binder = ReusePortBinder::tcp(bind::parse_addr(addr)?, tcp_options)?;
+            Sockets::PerSlot(SlotSockets::new(binder.blocking(true)))
+        }
+        Endpoint::Udp(addr) if options.reuse_port => {
+            let binder = ReusePortBinder::udp(bind::parse_addr(addr)?)?;
+            Sockets::PerSlot(SlotSockets::new(binder.blocking(true)))
+        }
+        Endpoint::Tcp(addr) => {
+            Sockets::Shared(blocking(bind::tcp(bind::parse_addr(addr)?, tcp_options)?)?)
+        }
+        Endpoint::Udp(addr) => {
+            Sockets::Shared(blocking(bind::udp(bind::parse_addr(addr)?, false)?)?)
+        }
+        Endpoint::Unix(path) => Sockets::Shared(blocking(bind::unix(path, options.backlog)?)?),
+    };
+    let address = match &sockets {
+        Sockets::Shared(socket) => procluster::listeners::describe_socket(socket),
+        Sockets::PerSlot(slots) => slots.address().to_string(),
     };
     Ok(Bound {
-        address: procluster::listeners::describe_socket(&socket),
         name,
-        socket: socket.into(),
+        address,
+        sockets,
     })
 }
 
-/// Binds another SO_REUSEPORT socket on the address `first` got.
-pub fn bind_again(first: &Bound) -> io::Result<OwnedFd> {
-    let socket = socket2::SockRef::from(&first.socket);
-    let local = socket.local_addr()?;
-    let addr = local
-        .as_socket()
-        .ok_or_else(|| io::Error::other("reuseport is for TCP and UDP listeners"))?;
-    let stream = socket.r#type()? == Type::STREAM;
-    let again = if stream {
-        tcp(addr, true)?
-    } else {
-        udp(addr, true)?
-    };
-    Ok(again.into())
-}
-
-/// The library's TCP socket, left blocking as systemd hands sockets over
-/// (the flag belongs to the socket that every worker shares).
-fn tcp(addr: SocketAddr, reuse_port: bool) -> io::Result<Socket> {
-    let socket = bind::tcp(
-        addr,
-        bind::TcpBind {
-            reuse_port,
-            ..Default::default()
-        },
-    )?;
+fn blocking(socket: socket2::Socket) -> io::Result<OwnedFd> {
     socket.set_nonblocking(false)?;
-    Ok(socket)
-}
-
-/// The library's UDP socket, left blocking.
-fn udp(addr: SocketAddr, reuse_port: bool) -> io::Result<Socket> {
-    let socket = bind::udp(addr, reuse_port)?;
-    socket.set_nonblocking(false)?;
-    Ok(socket)
-}
-
-/// A stale socket file (nobody accepts on it) is replaced; a live one is an
-/// address in use.
-fn unix(path: &std::path::Path) -> io::Result<Socket> {
-    let name = format!("unix:{}", path.display());
-    if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(bind_error(io::Error::from(io::ErrorKind::AddrInUse), &name));
-        }
-        let is_socket = std::fs::symlink_metadata(path)
-            .map(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
-            .unwrap_or(false);
-        if !is_socket {
-            return Err(bind_error(
-                io::Error::from(io::ErrorKind::AlreadyExists),
-                &name,
-            ));
-        }
-        std::fs::remove_file(path).map_err(|e| bind_error(e, &name))?;
-    }
-    let socket = Socket::new(Domain::UNIX, Type::STREAM.cloexec(), None)?;
-    let address = SockAddr::unix(path).map_err(|e| bind_error(e, &name))?;
-    socket.bind(&address).map_err(|e| bind_error(e, &name))?;
-    socket.listen(1024).map_err(|e| bind_error(e, &name))?;
-    Ok(socket)
+    Ok(socket.into())
 }
 
 #[cfg(test)]
@@ -262,6 +243,9 @@ mod tests {
             ("http://x:1", "unknown scheme"),
             ("unix:", "needs a path"),
             ("bad name=1.2.3.4:5", "invalid listener name"),
+            ("tcp//127.0.0.1:80", "did you mean tcp://"),
+            ("127.0.0.1/8:80", "a host has no '/'"),
+            ("udp:/127.0.0.1:53", "did you mean udp://"),
         ] {
             let error = ListenSpec::parse(text).unwrap_err();
             assert!(error.contains(why), "{text}: {error}");
@@ -270,12 +254,7 @@ mod tests {
 
     #[test]
     fn port_zero_is_bound_once_and_described_as_bound() {
-        let bound = bind(
-            &parse("tcp://127.0.0.1:0"),
-            0,
-            BindOptions { reuse_port: false },
-        )
-        .unwrap();
+        let bound = bind(&parse("tcp://127.0.0.1:0"), 0, BindOptions::default()).unwrap();
         assert_eq!(bound.name, "listen0");
         assert!(bound.address.starts_with("tcp://127.0.0.1:"));
         assert!(!bound.address.ends_with(":0"));
@@ -283,9 +262,9 @@ mod tests {
 
     #[test]
     fn a_port_in_use_is_a_clear_error() {
-        let first = bind(&parse("127.0.0.1:0"), 0, BindOptions { reuse_port: false }).unwrap();
+        let first = bind(&parse("127.0.0.1:0"), 0, BindOptions::default()).unwrap();
         let addr = first.address.trim_start_matches("tcp://").to_string();
-        let error = bind(&parse(&addr), 0, BindOptions { reuse_port: false }).unwrap_err();
+        let error = bind(&parse(&addr), 0, BindOptions::default()).unwrap_err();
         assert_eq!(error.kind(), io::ErrorKind::AddrInUse);
         assert!(
             error.to_string().contains("another process listens there"),

@@ -8,23 +8,24 @@ use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use procluster::WorkerId;
+use procluster::listeners::slots::SlotSockets;
 use procluster::primary::{
     ChildFd, Cluster, Event, ForkHook, ForkOptions, Program, Settings, Stdio, WorkerHandle,
 };
 use procluster::supervisor::{
-    self, BreakerConfig, CrashCause, HeartbeatConfig, Readiness as SupervisorReadiness, Report,
+    self, BreakerConfig, HeartbeatConfig, Readiness as SupervisorReadiness, RecycleConfig, Report,
     SupervisedCluster, SupervisionError, SupervisionOptions, SupervisorConfig, SupervisorHandle,
     WorkerPhase,
 };
+use procluster::{Policy, WorkerId};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::args::{PolicyArg, RunArgs};
+use crate::args::RunArgs;
 use crate::config::RunConfig;
 use crate::control::server::{Call, ControlSocket};
 use crate::control::{Request, Response};
-use crate::listen_spec::{self, BindOptions, Endpoint, ListenSpec};
+use crate::listen_spec::{self, BindOptions, Endpoint, ListenSpec, Sockets};
 use crate::readiness::{self, Readiness, ReadyMode, Signals};
 use crate::shim::{self, ShimArgs};
 use crate::systemd::{self, Notifier};
@@ -39,6 +40,8 @@ pub enum RunError {
     #[error("{0}")]
     ProgramNotFound(String),
     #[error("{0}")]
+    ProgramNotExecutable(String),
+    #[error("{0}")]
     Io(#[from] std::io::Error),
     #[error("{0}")]
     Start(String),
@@ -49,6 +52,7 @@ impl RunError {
         match self {
             Self::Config(_) | Self::Usage(_) => ExitCode::from(2),
             Self::ProgramNotFound(_) => ExitCode::from(127),
+            Self::ProgramNotExecutable(_) => ExitCode::from(126),
             Self::Io(_) | Self::Start(_) => ExitCode::FAILURE,
         }
     }
@@ -60,36 +64,61 @@ pub async fn run(args: RunArgs) -> ExitCode {
         Err(error) => return fail(RunError::from(error)),
     };
     crate::logs::init(config.log_format);
-    match Primary::start(config).await {
+    let code = match Primary::start(config).await {
         Ok(primary) => primary.serve().await,
         Err(error) => fail(error),
-    }
+    };
+    // What is still queued, unless nobody reads it.
+    crate::logs::flush(Duration::from_secs(2));
+    code
 }
 
 fn fail(error: RunError) -> ExitCode {
-    eprintln!("procluster: {error}");
+    crate::logs::say(&error.to_string());
+    crate::logs::flush(Duration::from_secs(1));
     error.exit_code()
 }
 
-/// A shared socket as bound.
+/// A listener as bound: one socket for every worker, or (reuseport) one
+/// per worker slot, kept across the slot's restarts.
 #[derive(Debug, Clone)]
 struct Listener {
     name: String,
     address: String,
-    socket: Arc<OwnedFd>,
-    /// Whether reuseport gives each slot a socket of its own.
-    per_slot: bool,
+    sockets: ListenerSockets,
 }
 
-/// What `status` reports besides the supervisor's view.
+#[derive(Debug, Clone)]
+enum ListenerSockets {
+    Shared(Arc<OwnedFd>),
+    PerSlot(Arc<Mutex<SlotSockets>>),
+}
+
+impl Listener {
+    fn shared(name: String, socket: OwnedFd) -> Self {
+        Self {
+            name,
+            address: procluster::listeners::describe_socket(&socket),
+            sockets: ListenerSockets::Shared(Arc::new(socket)),
+        }
+    }
+}
+
+/// What `status` reports besides the supervisor's view, and what the log
+/// explains with.
 #[derive(Debug)]
 struct StaticInfo {
     name: String,
-    policy: PolicyArg,
+    policy: Policy,
     ready: ReadyMode,
+    ready_timeout: Duration,
+    kill_timeout: Duration,
+    stop_signal: procluster::Signal,
     command: Vec<String>,
     control: PathBuf,
     listeners: Vec<(String, String)>,
+    /// CPU use per worker, between `status` calls.
+    cpu: Mutex<procluster::telemetry::CpuMeter>,
 }
 
 /// Per-worker readiness waiting for the worker's `Fork` event.
@@ -101,10 +130,6 @@ struct Pending {
 
 type PendingMap = Arc<Mutex<HashMap<WorkerId, Pending>>>;
 
-/// With reuseport: each slot's own sockets, by (slot, listener), kept across
-/// the slot's restarts so its queue waits for the next worker.
-type SlotSockets = Arc<Mutex<HashMap<(usize, usize), Arc<OwnedFd>>>>;
-
 struct Primary {
     supervised: SupervisedCluster,
     handle: SupervisorHandle,
@@ -114,14 +139,36 @@ struct Primary {
     pending: PendingMap,
     notifier: Notifier,
     initial_workers: usize,
-    slot_sockets: SlotSockets,
+    listeners: Vec<Listener>,
     /// Kept for the primary's life: the notify sockets' directory.
     notify_dir: Option<PathBuf>,
+    /// Removed when the primary ends.
+    _pidfile: Option<Pidfile>,
+    /// The metrics endpoint's service, with --metrics.
+    telemetry: Option<procluster::telemetry::Telemetry>,
 }
 
 impl Primary {
     async fn start(config: RunConfig) -> Result<Self, RunError> {
-        resolve_program(&config.command[0])?;
+        if let Some(dir) = &config.chdir {
+            if !dir.is_dir() {
+                return Err(RunError::Usage(format!(
+                    "--chdir {}: not a directory",
+                    dir.display()
+                )));
+            }
+        }
+        resolve_program(&config.command[0], config.chdir.as_deref())?;
+        if config.max_requests.is_some()
+            && !matches!(config.ready, ReadyMode::Notify | ReadyMode::NodeIpc)
+        {
+            return Err(RunError::Usage(
+                "--max-requests needs the program to report its count: with --ready notify it \
+                 sends X_PROCLUSTER_REQUESTS=TOTAL to NOTIFY_SOCKET, with --ready node-ipc \
+                 process.send({procluster: {requests: TOTAL}})"
+                    .into(),
+            ));
+        }
         let identity = crate::users::resolve(config.user.as_deref(), config.group.as_deref())
             .map_err(RunError::Usage)?;
         if config.watchdog.is_some() && config.ready != ReadyMode::Notify {
@@ -129,12 +176,22 @@ impl Primary {
                 "--watchdog needs --ready notify (workers ping with WATCHDOG=1)".into(),
             ));
         }
-        let listeners = open_listeners(&config.listen, config.policy)?;
+        let listeners = open_listeners(&config.listen, config.policy, config.backlog)?;
+        if listeners.is_empty() {
+            tracing::warn!(
+                "no listener: give -l HOST:PORT (or run under systemd socket activation); \
+                 the workers get no socket"
+            );
+        }
         let control_path = config
             .control
             .clone()
             .unwrap_or_else(|| crate::control::default_path(&config.name));
         let mut control = ControlSocket::bind(&control_path)?;
+        let pidfile = match &config.pidfile {
+            Some(path) => Some(Pidfile::write(path)?),
+            None => None,
+        };
 
         let notify_dir = match config.ready {
             ReadyMode::Notify => {
@@ -159,7 +216,7 @@ impl Primary {
             owner: identity.uid.map(|uid| (uid, identity.gid)),
         };
         let pending: PendingMap = Arc::default();
-        let slot_sockets: SlotSockets = Arc::default();
+        let recent = Arc::new(crate::recent::Recent::default());
         let workers = config.workers.resolve();
 
         let shim = ShimArgs {
@@ -179,8 +236,17 @@ impl Primary {
         let settings = Settings {
             exec: Some(exe),
             args: Some(shim.to_args()),
-            stdio: Stdio::Callback(crate::logs::output_hook(config.log_format)),
+            stdio: Stdio::Callback(crate::recent::tap(
+                recent.clone(),
+                crate::logs::output_hook(config.log_format),
+            )),
             own_process_group: true,
+            env: config
+                .env
+                .iter()
+                .map(|(key, value)| (key.into(), value.into()))
+                .collect(),
+            cwd: config.chdir.clone(),
             workers: procluster::primary::Workers::Count(workers),
             program: Program::Foreign {
                 stop_signal: config.stop_signal.0,
@@ -188,20 +254,43 @@ impl Primary {
             fds: listeners
                 .iter()
                 .enumerate()
-                .map(|(i, l)| ChildFd::new(l.socket.clone(), 3 + i as i32))
+                .filter_map(|(i, l)| match &l.sockets {
+                    ListenerSockets::Shared(socket) => {
+                        Some(ChildFd::new(socket.clone(), 3 + i as i32))
+                    }
+                    ListenerSockets::PerSlot(_) => None,
+                })
                 .collect(),
             heartbeat_interval: config.watchdog.map(|w| w / 2),
             on_fork: Some(fork_hook(
                 listeners.clone(),
-                slot_sockets.clone(),
                 readiness,
                 pending.clone(),
                 config.watchdog,
             )),
             ..Settings::default()
         };
-        let cluster = Cluster::builder()
-            .settings(settings)
+        let telemetry = config.metrics.as_ref().map(|addr| {
+            listeners
+                .iter()
+                .fold(procluster::telemetry::Telemetry::builder(), |b, l| {
+                    // The queue of a shared socket; per-slot sockets come
+                    // and go with their slots.
+                    match &l.sockets {
+                        ListenerSockets::Shared(socket) => {
+                            b.watch_socket(l.name.clone(), &**socket)
+                        }
+                        ListenerSockets::PerSlot(_) => b,
+                    }
+                })
+                .metrics_addr(addr.clone())
+                .build()
+        });
+        let mut cluster = Cluster::builder().settings(settings);
+        if let Some(telemetry) = &telemetry {
+            cluster = cluster.service(telemetry.clone());
+        }
+        let cluster = cluster
             .build()
             .map_err(|e| RunError::Start(e.to_string()))?;
         let options = SupervisionOptions {
@@ -218,6 +307,12 @@ impl Primary {
                     timeout,
                     ..HeartbeatConfig::default()
                 }),
+                recycle: RecycleConfig {
+                    max_rss: config.max_memory,
+                    max_requests: config.max_requests,
+                    max_requests_jitter: config.max_requests_jitter,
+                    max_age: config.max_age,
+                },
                 ..SupervisorConfig::default()
             },
             readiness: match config.ready {
@@ -230,18 +325,30 @@ impl Primary {
         let supervised = SupervisedCluster::start(cluster, options)
             .map_err(|e| RunError::Start(e.to_string()))?;
         let handle = supervised.handle();
+        if let Some(telemetry) = &telemetry {
+            let endpoint = telemetry
+                .start()
+                .await
+                .map_err(|e| RunError::Start(e.to_string()))?;
+            tracing::info!(address = %format!("http://{endpoint}/metrics"), "metrics");
+        }
         let (calls_tx, calls) = mpsc::unbounded_channel();
+        control.keep_logs(recent);
         control.serve(calls_tx);
         let info = Arc::new(StaticInfo {
             name: config.name.clone(),
             policy: config.policy,
             ready: config.ready,
+            ready_timeout: config.ready_timeout,
+            kill_timeout: config.kill_timeout,
+            stop_signal: config.stop_signal.0,
             command: config.command.clone(),
             control: control.path().to_path_buf(),
             listeners: listeners
                 .iter()
                 .map(|l| (l.name.clone(), l.address.clone()))
                 .collect(),
+            cpu: Mutex::default(),
         });
         for listener in &listeners {
             tracing::info!(name = %listener.name, address = %listener.address, "listening");
@@ -262,8 +369,10 @@ impl Primary {
             pending,
             notifier: Notifier::from_env(),
             initial_workers: workers,
-            slot_sockets,
+            listeners,
             notify_dir,
+            _pidfile: pidfile,
+            telemetry,
         })
     }
 
@@ -277,6 +386,9 @@ impl Primary {
             tokio::select! {
                 event = self.supervised.next_event() => {
                     let Some(event) = event else { break };
+                    if let Some(telemetry) = &self.telemetry {
+                        telemetry.observe(&event);
+                    }
                     match event {
                         Report::Cluster(event) => {
                             self.on_cluster_event(event, &mut watchers, &mut last_failure);
@@ -291,7 +403,7 @@ impl Primary {
                                 }
                             }
                             if let supervisor::Event::WorkerFailed { cause, slot } = &event {
-                                last_failure = Some(format!("the worker of slot {slot} {}", describe_cause(cause)));
+                                last_failure = Some(format!("the worker of slot {slot} {cause}"));
                             }
                             self.on_supervisor_event(&event);
                         }
@@ -326,13 +438,13 @@ impl Primary {
             }
             Err(SupervisionError::BreakerTripped { crashes, window }) => {
                 let why = last_failure.unwrap_or_else(|| "workers keep failing".into());
-                eprintln!(
-                    "procluster: crash loop: {crashes} worker failures within {window:?}, so the cluster was stopped; last: {why}"
-                );
+                crate::logs::say(&format!(
+                    "crash loop: {crashes} worker failures within {window:?}, so the cluster was stopped; last: {why}"
+                ));
                 ExitCode::FAILURE
             }
             Err(error) => {
-                eprintln!("procluster: {error}");
+                crate::logs::say(&error.to_string());
                 ExitCode::FAILURE
             }
         }
@@ -352,11 +464,7 @@ impl Primary {
                     pid = worker.pid(),
                     "worker started"
                 );
-                let pending = self
-                    .pending
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&worker.id());
+                let pending = lock(&self.pending).remove(&worker.id());
                 if let Some(pending) = pending {
                     let task = tokio::spawn(watch(worker.clone(), pending.signals));
                     watchers.insert(worker.id(), (task, pending.cleanup));
@@ -383,80 +491,125 @@ impl Primary {
         }
     }
 
+    /// Logs what the supervisor did in its own words (its `Display`), with
+    /// what it means for a program run by the command where that helps,
+    /// and tells systemd.
     fn on_supervisor_event(&self, event: &supervisor::Event) {
+        use supervisor::Event as E;
         match event {
-            supervisor::Event::Scaled { from, to } if to < from => {
-                // A removed slot's sockets close with its last worker, so the
-                // kernel stops routing connections to a queue nobody reads.
-                let mut sockets = self.slot_sockets.lock().unwrap_or_else(|e| e.into_inner());
-                sockets.retain(|(slot, _), _| slot < to);
+            E::Scaled { from, to } => {
+                if to < from {
+                    // A removed slot's sockets close with its last worker, so
+                    // the kernel stops routing connections to a queue nobody
+                    // reads.
+                    for listener in &self.listeners {
+                        if let ListenerSockets::PerSlot(slots) = &listener.sockets {
+                            lock(slots).retain_below(*to);
+                        }
+                    }
+                }
+                tracing::info!(from, to, "{event}");
             }
-            supervisor::Event::RestartScheduled {
-                slot,
-                attempt,
-                delay,
-            } => {
-                tracing::info!(
-                    slot,
-                    attempt,
-                    delay_ms = delay.as_millis() as u64,
-                    "restart scheduled"
-                );
+            E::RestartScheduled { slot, attempt, .. } => tracing::info!(slot, attempt, "{event}"),
+            // Loud the first time and then less and less often: a slot that
+            // waits for descriptors retries for as long as it takes.
+            E::SpawnDeferred { slot, attempt, .. } if attempt.is_power_of_two() => {
+                tracing::warn!(slot, attempt, "{event}");
             }
-            supervisor::Event::ReadyTimeout { slot, worker } => {
+            E::ReadyTimeout { slot, worker } => {
                 tracing::warn!(
                     slot,
                     worker = %worker,
-                    "worker was not ready in time; killing it"
+                    "worker {worker} (slot {slot}): {}; stopping it with {}, SIGKILL after {:?} (--kill-timeout)",
+                    self.info.expected_readiness(),
+                    self.info.stop_signal,
+                    self.info.kill_timeout,
                 );
             }
-            supervisor::Event::HangDetected { slot, worker, .. } => {
+            E::HangDetected { slot, worker, .. } => {
                 tracing::warn!(
                     slot,
                     worker = %worker,
-                    "worker stopped sending WATCHDOG=1; killing it"
+                    "worker {worker} (slot {slot}) stopped sending WATCHDOG=1; killing it"
                 );
             }
-            supervisor::Event::BreakerTripped { crashes, window } => {
-                tracing::error!(
-                    crashes,
-                    window_s = window.as_secs_f64(),
-                    "crash loop: stopping the cluster"
-                );
-            }
-            supervisor::Event::ReloadStarted { generation } => {
-                tracing::info!(generation, "reload started");
+            E::BreakerTripped { .. } | E::StopForced => tracing::error!("{event}"),
+            E::ReloadStarted { generation } => {
+                tracing::info!(generation, "{event}");
                 self.notifier
                     .notify(&format!("RELOADING=1\nMONOTONIC_USEC={}", monotonic_usec()));
             }
-            supervisor::Event::SlotReloaded { slot, old, new, .. } => {
-                tracing::info!(slot, old = %old, new = %new, "slot reloaded");
-            }
-            supervisor::Event::ReloadFinished { generation } => {
-                tracing::info!(generation, "reload finished");
+            E::ReloadFinished { generation } => {
+                tracing::info!(generation, "{event}");
                 self.notifier.notify("READY=1");
             }
-            supervisor::Event::ReloadFailed {
-                generation,
-                failure,
-            } => {
-                tracing::error!(
-                    generation,
-                    ?failure,
-                    "reload failed; the old workers keep serving"
-                );
+            E::ReloadFailed { generation, .. } => {
+                tracing::error!(generation, "{event}");
                 self.notifier.notify("READY=1");
             }
-            supervisor::Event::Scaled { from, to } => tracing::info!(from, to, "scaled"),
-            supervisor::Event::KillTimeout { worker } => {
-                tracing::warn!(worker = %worker, "worker did not stop in time; killed");
-            }
-            supervisor::Event::StopStarted { reason } => {
-                tracing::info!(?reason, "stopping");
+            E::SlotReloaded { slot, .. }
+            | E::RecycleStarted { slot, .. }
+            | E::Recycled { slot, .. } => tracing::info!(slot, "{event}"),
+            E::RecycleFailed { slot, .. } => tracing::warn!(slot, "{event}"),
+            E::KillTimeout { worker } => tracing::warn!(worker = %worker, "{event}"),
+            E::StopStarted { .. } => {
+                tracing::info!("{event}");
                 self.notifier.notify("STOPPING=1");
             }
-            supervisor::Event::StopForced => tracing::warn!("stopping now: killing every worker"),
-            _ => tracing::debug!(?event, "supervisor"),
+            _ => tracing::debug!("{event}"),
+        }
+    }
+}
+
+impl StaticInfo {
+    /// What a worker that missed --ready-timeout failed to do, and what to
+    /// try.
+    fn expected_readiness(&self) -> String {
+        let within = format!("within {:?}", self.ready_timeout);
+        match self.ready {
+            ReadyMode::Notify => format!(
+                "no READY=1 on NOTIFY_SOCKET {within}: does the program speak sd_notify? \
+                 try --ready delay:2s or none"
+            ),
+            ReadyMode::NodeIpc => format!(
+                "no process.send('ready') on the Node IPC channel {within}: does the program \
+                 send it? try --ready delay:2s or none"
+            ),
+            ReadyMode::Delay(delay) => format!(
+                "not ready {within}: --ready delay:{delay:?} is longer than --ready-timeout"
+            ),
+            ReadyMode::None => format!("not ready {within}"),
+        }
+    }
+}
+
+/// `--pidfile`: the primary's pid, written whole (a temporary file renamed
+/// into place) and removed when the primary ends.
+#[derive(Debug)]
+struct Pidfile(PathBuf);
+
+impl Pidfile {
+    fn write(path: &Path) -> Result<Self, RunError> {
+        let fail = |e: std::io::Error| {
+            RunError::Start(format!("cannot write the pid file {}: {e}", path.display()))
+        };
+        let temporary = path.with_extension(format!("tmp.{}", std::process::id()));
+        std::fs::write(&temporary, format!("{}\n", std::process::id())).map_err(fail)?;
+        std::fs::rename(&temporary, path).map_err(|e| {
+            let _ = std::fs::remove_file(&temporary);
+            fail(e)
+        })?;
+        Ok(Self(path.to_path_buf()))
+    }
+}
+
+impl Drop for Pidfile {
+    fn drop(&mut self) {
+        // Only ours: another primary may have taken the name since.
+        let ours = std::fs::read_to_string(&self.0)
+            .is_ok_and(|text| text.trim() == std::process::id().to_string());
+        if ours {
+            let _ = std::fs::remove_file(&self.0);
         }
     }
 }
@@ -472,16 +625,6 @@ fn monotonic_usec() -> u128 {
     now.tv_sec as u128 * 1_000_000 + now.tv_nsec as u128 / 1_000
 }
 
-/// The library's phrase for a failure, with what it means for a program run
-/// by the command.
-fn describe_cause(cause: &CrashCause) -> String {
-    match cause {
-        CrashCause::ReadyTimeout => "was not ready within --ready-timeout".into(),
-        CrashCause::Hang => "stopped sending WATCHDOG=1".into(),
-        other => other.to_string(),
-    }
-}
-
 /// Passes what a worker says about itself to the cluster.
 async fn watch(worker: WorkerHandle, mut signals: Signals) {
     while let Some(signal) = signals.recv().await {
@@ -491,6 +634,7 @@ async fn watch(worker: WorkerHandle, mut signals: Signals) {
                 worker.report_ready();
             }
             readiness::Signal::Watchdog => worker.report_heartbeat(),
+            readiness::Signal::Requests(total) => worker.report_requests(total),
             readiness::Signal::Stopping => {
                 tracing::info!(worker = %worker.id(), "worker says it is stopping");
             }
@@ -508,7 +652,6 @@ async fn watch(worker: WorkerHandle, mut signals: Signals) {
 /// slot's own sockets (kept across that slot's restarts).
 fn fork_hook(
     listeners: Vec<Listener>,
-    slot_sockets: SlotSockets,
     readiness: Readiness,
     pending: PendingMap,
     watchdog: Option<Duration>,
@@ -516,24 +659,10 @@ fn fork_hook(
     ForkHook::new(move |id, options: &mut ForkOptions| {
         let slot = options.index.unwrap_or(0);
         for (i, listener) in listeners.iter().enumerate() {
-            if !listener.per_slot || slot == 0 {
-                continue;
+            if let ListenerSockets::PerSlot(slots) = &listener.sockets {
+                let socket = lock(slots).get_or_bind(slot)?;
+                options.fds.push(ChildFd::new(socket, 3 + i as i32));
             }
-            let mut sockets = slot_sockets.lock().unwrap_or_else(|e| e.into_inner());
-            let socket = match sockets.get(&(slot, i)) {
-                Some(socket) => socket.clone(),
-                None => {
-                    let first = listen_spec::Bound {
-                        name: listener.name.clone(),
-                        address: listener.address.clone(),
-                        socket: listener.socket.try_clone()?,
-                    };
-                    let socket = Arc::new(listen_spec::bind_again(&first)?);
-                    sockets.insert((slot, i), socket.clone());
-                    socket
-                }
-            };
-            options.fds.push(ChildFd::new(socket, 3 + i as i32));
         }
         let fd_number = 3 + listeners.len() as i32;
         let (extras, signals) = readiness.prepare(u64::from(id.get()), fd_number)?;
@@ -554,7 +683,7 @@ fn fork_hook(
         if let Some(fd) = extras.fd {
             options.fds.push(ChildFd::new(fd, fd_number));
         }
-        pending.lock().unwrap_or_else(|e| e.into_inner()).insert(
+        lock(&pending).insert(
             id,
             Pending {
                 signals,
@@ -567,18 +696,19 @@ fn fork_hook(
 
 /// The sockets to share: passed by systemd (matched by name or address), or
 /// bound here.
-fn open_listeners(specs: &[ListenSpec], policy: PolicyArg) -> Result<Vec<Listener>, RunError> {
+fn open_listeners(
+    specs: &[ListenSpec],
+    policy: Policy,
+    backlog: Option<u32>,
+) -> Result<Vec<Listener>, RunError> {
     let mut inherited = systemd::listen_fds();
-    let reuse_port = policy == PolicyArg::Reuseport;
+    let reuse_port = policy == Policy::ReusePort;
     if specs.is_empty() {
         return Ok(inherited
             .into_iter()
             .enumerate()
-            .map(|(i, s)| Listener {
-                name: s.name.unwrap_or_else(|| format!("listen{i}")),
-                address: procluster::listeners::describe_socket(&s.socket),
-                socket: Arc::new(s.socket),
-                per_slot: false,
+            .map(|(i, s)| {
+                Listener::shared(s.name.unwrap_or_else(|| format!("listen{i}")), s.socket)
             })
             .collect());
     }
@@ -590,28 +720,24 @@ fn open_listeners(specs: &[ListenSpec], policy: PolicyArg) -> Result<Vec<Listene
                 || same_address(&procluster::listeners::describe_socket(&s.socket), spec)
         });
         if let Some(at) = passed {
-            let socket = inherited.remove(at).socket;
-            listeners.push(Listener {
-                name,
-                address: procluster::listeners::describe_socket(&socket),
-                socket: Arc::new(socket),
-                per_slot: false,
-            });
+            listeners.push(Listener::shared(name, inherited.remove(at).socket));
             continue;
         }
-        let per_slot = reuse_port && spec.is_inet();
         let bound = listen_spec::bind(
             spec,
             i,
             BindOptions {
-                reuse_port: per_slot,
+                reuse_port: reuse_port && spec.is_inet(),
+                backlog,
             },
         )?;
         listeners.push(Listener {
             name: bound.name,
             address: bound.address,
-            socket: Arc::new(bound.socket),
-            per_slot,
+            sockets: match bound.sockets {
+                Sockets::Shared(socket) => ListenerSockets::Shared(Arc::new(socket)),
+                Sockets::PerSlot(slots) => ListenerSockets::PerSlot(Arc::new(Mutex::new(slots))),
+            },
         });
     }
     Ok(listeners)
@@ -629,36 +755,50 @@ fn same_address(bound: &str, spec: &ListenSpec) -> bool {
     }
 }
 
-/// Fails early, with exit status 127, for a program that cannot be found.
-fn resolve_program(program: &str) -> Result<PathBuf, RunError> {
+/// Fails early, as a shell does: exit status 127 for a program that cannot
+/// be found, 126 for one that exists but cannot be executed. A relative
+/// path is looked up in `dir`, the workers' working directory.
+fn resolve_program(program: &str, dir: Option<&Path>) -> Result<PathBuf, RunError> {
     use std::os::unix::fs::PermissionsExt;
+    let is_file = |path: &Path| std::fs::metadata(path).is_ok_and(|m| m.is_file());
     let executable = |path: &Path| {
         std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
     };
+    let not_executable = |path: &Path| {
+        RunError::ProgramNotExecutable(format!(
+            "program {} is not executable (chmod +x it, or run it with its interpreter)",
+            path.display()
+        ))
+    };
     if program.contains('/') {
-        let path = PathBuf::from(program);
+        let path = match dir {
+            Some(dir) => dir.join(program),
+            None => PathBuf::from(program),
+        };
         if !path.exists() {
             return Err(RunError::ProgramNotFound(format!(
                 "program {program} does not exist"
             )));
         }
         if !executable(&path) {
-            return Err(RunError::ProgramNotFound(format!(
-                "program {program} is not executable"
-            )));
+            return Err(not_executable(&path));
         }
         return Ok(path);
     }
     let path_var = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path_var)
+    let candidates: Vec<PathBuf> = std::env::split_paths(&path_var)
         .map(|dir| dir.join(program))
-        .find(|candidate| executable(candidate))
-        .ok_or_else(|| {
-            RunError::ProgramNotFound(format!(
-                "program {program} not found on PATH ({})",
-                path_var.to_string_lossy()
-            ))
-        })
+        .collect();
+    if let Some(found) = candidates.iter().find(|c| executable(c)) {
+        return Ok(found.clone());
+    }
+    if let Some(found) = candidates.iter().find(|c| is_file(c)) {
+        return Err(not_executable(found));
+    }
+    Err(RunError::ProgramNotFound(format!(
+        "program {program} not found on PATH ({})",
+        path_var.to_string_lossy()
+    )))
 }
 
 /// Answers one control request.
@@ -698,6 +838,8 @@ async fn answer(request: Request, handle: SupervisorHandle, info: Arc<StaticInfo
             Ok(()) => Response::ok("stopping"),
             Err(e) => Response::error(e.to_string()),
         },
+        // The control socket streams logs itself.
+        Request::Logs(_) => Response::error("logs are served by the control socket"),
     }
 }
 
@@ -705,11 +847,22 @@ fn status_json(
     status: &procluster::supervisor::ClusterStatus,
     info: &StaticInfo,
 ) -> serde_json::Value {
+    let table = procluster::telemetry::ProcessTable::read();
+    let mut cpu = info.cpu.lock().unwrap_or_else(|e| e.into_inner());
+    let pids: Vec<u32> = status.workers.iter().map(|w| w.pid).collect();
+    cpu.retain(&pids);
     let workers: Vec<_> = status
         .workers
         .iter()
         .map(|w| {
+            let usage = table.tree_usage(w.pid);
+            let cpu_percent = usage.map(|u| cpu.percent(w.pid, u.cpu_seconds, u.uptime));
             serde_json::json!({
+                "cpu_percent": cpu_percent.map(|p| (p * 10.0).round() / 10.0),
+                "rss_bytes": usage.map(|u| u.rss_bytes),
+                "fds": usage.map(|u| u.open_fds),
+                "threads": usage.map(|u| u.threads),
+                "processes": usage.map(|u| u.processes),
                 "id": w.id,
                 "index": w.index,
                 "pid": w.pid,
@@ -730,10 +883,11 @@ fn status_json(
         .iter()
         .map(|(name, address)| serde_json::json!({"name": name, "address": address}))
         .collect();
+    let lost = crate::logs::lost();
     serde_json::json!({
         "pid": std::process::id(),
         "name": info.name,
-        "policy": info.policy.name(),
+        "policy": info.policy.to_string(),
         "ready": info.ready.name(),
         "command": info.command,
         "control": info.control.display().to_string(),
@@ -743,5 +897,10 @@ fn status_json(
         "breaker_tripped": status.breaker_tripped,
         "listeners": listeners,
         "workers": workers,
+        "output_lost": {"stdout": lost.0, "stderr": lost.1},
     })
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }

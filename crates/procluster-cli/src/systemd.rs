@@ -1,41 +1,16 @@
 //! The primary under systemd: sockets passed to it (its own `LISTEN_FDS`)
 //! and status notifications to its own `NOTIFY_SOCKET`.
 
-use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixDatagram;
 
-/// A socket systemd passed to this process.
-#[derive(Debug)]
-pub struct Inherited {
-    pub name: Option<String>,
-    pub socket: OwnedFd,
-}
+use procluster::listeners::activation::{ActivatedSocket, ListenFds};
 
-/// The sockets passed to this process, if `LISTEN_PID` names it. Each is
+/// The sockets passed to this process by socket activation (the library's
+/// one reading of `LISTEN_FDS`, `LISTEN_PID` and `LISTEN_FDNAMES`). Each is
 /// duplicated close-on-exec (the originals too), so they reach workers only
 /// where placed.
-pub fn listen_fds() -> Vec<Inherited> {
-    let var = |key| std::env::var(key).ok();
-    let for_us = var("LISTEN_PID")
-        .and_then(|pid| pid.parse::<u32>().ok())
-        .is_some_and(|pid| pid == std::process::id());
-    let count: i32 = var("LISTEN_FDS").and_then(|n| n.parse().ok()).unwrap_or(0);
-    if !for_us || count <= 0 {
-        return Vec::new();
-    }
-    let names: Vec<String> = var("LISTEN_FDNAMES")
-        .map(|n| n.split(':').map(str::to_string).collect())
-        .unwrap_or_default();
-    (0..count)
-        .filter_map(|i| {
-            let socket = procluster::primary::inherited_fd(3 + i)?;
-            let name = names
-                .get(i as usize)
-                .filter(|n| !n.is_empty() && *n != "unknown")
-                .cloned();
-            Some(Inherited { name, socket })
-        })
-        .collect()
+pub fn listen_fds() -> Vec<ActivatedSocket> {
+    ListenFds::from_env().sockets()
 }
 
 /// Sends sd_notify states to this process's `NOTIFY_SOCKET`, if it has one.

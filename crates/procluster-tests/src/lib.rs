@@ -4,6 +4,7 @@
 pub mod bus;
 pub mod redis;
 pub mod store;
+pub mod telemetry;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -62,11 +63,42 @@ pub fn name(event: &Event) -> &'static str {
     }
 }
 
+/// Whether this is a CI run: the `CI` environment variable is set (and not
+/// empty, `0` or `false`), as CI services set it.
+pub fn in_ci() -> bool {
+    std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "0" && v != "false")
+}
+
+/// Whether a test whose prerequisite may be missing on a developer's machine
+/// (node, root, IPv6...) goes on: `true` when `available`. When it is
+/// missing, a CI run ([`in_ci`]) fails right here, naming it, so that no test
+/// passes in CI without having run; elsewhere the test is skipped with a
+/// note on stderr.
+///
+/// ```no_run
+/// # fn ipv6() -> bool { true }
+/// if !procluster_tests::prerequisite("an IPv6 loopback", ipv6()) {
+///     return;
+/// }
+/// ```
+#[track_caller]
+pub fn prerequisite(what: &str, available: bool) -> bool {
+    if available {
+        return true;
+    }
+    assert!(
+        !in_ci(),
+        "missing prerequisite: {what} (CI is set, so the test fails instead of skipping)"
+    );
+    eprintln!("skipped: missing prerequisite: {what} (with CI set, this fails)");
+    false
+}
+
 /// Number of open descriptors of this process.
 pub fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd")
-        .map(|d| d.count())
-        .unwrap_or(0)
+        .expect("/proc/self/fd lists the open descriptors (Linux procfs)")
+        .count()
 }
 
 /// Whether a process exists (and is not a zombie).
@@ -141,6 +173,9 @@ pub enum Command {
     /// `padding` bytes of text, from a task of its own while the worker goes
     /// on serving commands.
     SendFds { count: u64, padding: usize },
+    /// In `pool` mode: submit `Echo(0..count)` to the test pool from this
+    /// worker and reply `PoolSubmitted` with every answer.
+    PoolSubmit { count: u64 },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -177,6 +212,41 @@ pub enum Reply {
         seq: u64,
         padding: String,
     },
+    /// What a worker's own submissions to the test pool came back with.
+    PoolSubmitted(Result<Vec<PoolAnswer>, String>),
+}
+
+/// The name of the test worker's pool (`pool` mode).
+pub const TEST_POOL: &str = "test";
+
+/// A task of the test worker's pool.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum PoolTask {
+    /// Answer `n` at once.
+    Echo(u64),
+    /// Answer `n` after `millis` of (simulated) work.
+    Work { n: u64, millis: u64 },
+    /// Never finish on worker `on`, cancelled or not; answer `n` anywhere
+    /// else.
+    HangOn { n: u64, on: WorkerId },
+    /// SIGKILL the worker that runs it.
+    Poison,
+    /// Fail with a handler error.
+    Fail { retryable: bool },
+    /// Wait until cancelled, then send the primary `Reply::Echo("cancelled
+    /// n")`.
+    WaitForCancel(u64),
+    /// Answer with the same bytes.
+    Blob(Blob),
+}
+
+/// What the test pool answers: the task's number, the worker that ran it,
+/// and the bytes of a `Blob` task.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolAnswer {
+    pub n: u64,
+    pub worker: WorkerId,
+    pub blob: Option<Blob>,
 }
 
 /// Bytes serialised as one byte string (`serialize_bytes`): in the binary
@@ -239,6 +309,23 @@ pub async fn message(cluster: &mut Cluster) -> (WorkerHandle, Message) {
             return (worker, message);
         }
     }
+}
+
+/// The next user message and its sender, passing over other events, waiting
+/// up to `deadline` in all: for a message that takes long to make.
+pub async fn message_within(cluster: &mut Cluster, deadline: Duration) -> (WorkerHandle, Message) {
+    let wait = async {
+        loop {
+            match cluster.next_event().await {
+                Some(Event::Message { worker, message }) => return (worker, message),
+                Some(_) => {}
+                None => panic!("the cluster ended before the expected message"),
+            }
+        }
+    };
+    tokio::time::timeout(deadline, wait)
+        .await
+        .unwrap_or_else(|_| panic!("no message within {deadline:?}"))
 }
 
 /// The next user message decoded as a [`Reply`], and its sender.
@@ -380,8 +467,23 @@ pub enum NetCommand {
     /// `listen_udp(addr)`; every datagram is reported as
     /// `NetReply::Datagram`.
     ListenUdp { addr: String },
+    /// `listen_udp_with(addr, …)` with these options.
+    ListenUdpWith {
+        addr: String,
+        exclusive: bool,
+        reuse_address: bool,
+    },
     /// `listen_unix(path)`, served like `Serve::Hold` with `capacity` loops.
     ListenUnix { path: String, capacity: usize },
+    /// `listen_unix_with(path, …)` with these options, one accept loop.
+    ListenUnixWith {
+        path: String,
+        readable_all: bool,
+        writable_all: bool,
+    },
+    /// Drops the UDP socket or Unix listener reported as listening on
+    /// `address`; the reply is `NetReply::Closed`.
+    Close { address: String },
 }
 
 /// How a worker in `net` mode serves a TCP listener.
@@ -408,6 +510,8 @@ pub enum NetReply {
     Failed { kind: String, message: String },
     /// A datagram arrived on a UDP socket.
     Datagram(String),
+    /// The listener of a `Close` is dropped.
+    Closed,
 }
 
 /// Reads the `worker <id>\n` greeting of a `net` mode worker.

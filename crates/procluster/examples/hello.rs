@@ -91,9 +91,17 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     match procluster::role()? {
         Role::Primary => primary(options).await,
         Role::Worker(worker) => {
-            let listener = worker
-                .listen_tcp(&format!("{}:{}", options.host, options.port))
-                .await?;
+            let address = format!("{}:{}", options.host, options.port);
+            let listener = match worker.listen_tcp(&address).await {
+                Ok(listener) => listener,
+                Err(error) => {
+                    // Restarting would not free the port: tell the primary,
+                    // which stops the cluster, and wait for the stop.
+                    let _ = worker.send(&ListenFailed(error.to_string())).await;
+                    worker.shutdown_signal().await;
+                    return Ok(());
+                }
+            };
             let greeting = format!(
                 "hello from worker {} (pid {})",
                 worker.id(),
@@ -132,8 +140,10 @@ async fn primary(options: Options) -> Result<(), Box<dyn std::error::Error>> {
         ..SupervisionOptions::default()
     };
     let mut supervised = SupervisedCluster::start(cluster, supervision)?;
+    let handle = supervised.handle();
     let mut listening = HashSet::new();
     let mut announced = false;
+    let mut failed = false;
     while let Some(event) = supervised.next_event().await {
         match event {
             Report::Cluster(Event::Listening { worker, address }) if !announced => {
@@ -141,14 +151,40 @@ async fn primary(options: Options) -> Result<(), Box<dyn std::error::Error>> {
                 if listening.len() == workers {
                     announced = true;
                     let port = address.rsplit(':').next().unwrap_or("?");
-                    println!("listening on http://{}:{port}", options.host);
+                    say(
+                        &mut std::io::stdout(),
+                        &format!("listening on http://{}:{port}", options.host),
+                    );
                 }
             }
-            Report::Cluster(Event::Error { error, .. }) => eprintln!("{error}"),
-            Report::Supervisor(event) => eprintln!("{event:?}"),
+            Report::Cluster(Event::Message { message, .. }) => {
+                // The first worker that cannot listen stops the cluster;
+                // the others would only repeat it.
+                if let Ok(ListenFailed(why)) = message.decode() {
+                    if !failed {
+                        failed = true;
+                        say(&mut std::io::stderr(), &format!("hello: {why}"));
+                        let _ = handle.stop();
+                    }
+                }
+            }
+            Report::Cluster(Event::Error { error, .. }) => say(&mut std::io::stderr(), &error),
+            Report::Supervisor(event) if !failed => say(&mut std::io::stderr(), &event.to_string()),
             _ => {}
         }
     }
     supervised.wait().await?;
+    if failed {
+        std::process::exit(1);
+    }
     Ok(())
+}
+
+/// A worker's report that it could not listen (the port is taken, say).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct ListenFailed(String);
+
+/// One line; a closed or broken stream is no reason to stop serving.
+fn say(stream: &mut impl std::io::Write, line: &str) {
+    let _ = writeln!(stream, "{line}");
 }

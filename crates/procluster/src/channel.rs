@@ -15,6 +15,7 @@ use std::collections::VecDeque;
 use std::io::{self, IoSlice, IoSliceMut, Write};
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -54,6 +55,57 @@ const HIGH_WATER: usize = 4 * 1024 * 1024;
 const DIRECT_WRITE_SPACING: std::time::Duration = std::time::Duration::from_micros(5);
 /// Bytes read per `recvmsg`.
 const READ_CHUNK: usize = 256 * 1024;
+
+/// What crossed one channel so far, in frames and bytes (headers
+/// included), each way, and the frames this side refused to queue (over the
+/// size limit, too many descriptors, or the buffer full on a send that does
+/// not wait). Counted with relaxed atomic adds, so reading them costs the
+/// channel nothing.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ChannelStats {
+    /// Frames queued for the other side.
+    pub frames_sent: u64,
+    /// Bytes of those frames.
+    pub bytes_sent: u64,
+    /// Frames received from the other side.
+    pub frames_received: u64,
+    /// Bytes received.
+    pub bytes_received: u64,
+    /// Frames refused before they were queued.
+    pub frames_refused: u64,
+}
+
+/// The live counters behind [`ChannelStats`], shared by both halves.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    frames_sent: AtomicU64,
+    bytes_sent: AtomicU64,
+    frames_received: AtomicU64,
+    bytes_received: AtomicU64,
+    frames_refused: AtomicU64,
+}
+
+impl Counters {
+    fn snapshot(&self) -> ChannelStats {
+        ChannelStats {
+            frames_sent: self.frames_sent.load(Ordering::Relaxed),
+            bytes_sent: self.bytes_sent.load(Ordering::Relaxed),
+            frames_received: self.frames_received.load(Ordering::Relaxed),
+            bytes_received: self.bytes_received.load(Ordering::Relaxed),
+            frames_refused: self.frames_refused.load(Ordering::Relaxed),
+        }
+    }
+
+    fn refused<T>(&self, result: Result<T, ChannelError>) -> Result<T, ChannelError> {
+        if matches!(
+            result,
+            Err(ChannelError::Full | ChannelError::TooLarge { .. } | ChannelError::TooManyFds(_))
+        ) {
+            self.frames_refused.fetch_add(1, Ordering::Relaxed);
+        }
+        result
+    }
+}
 
 /// Why a channel operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -122,7 +174,9 @@ pub(crate) fn open(
         socket,
         Interest::READABLE | Interest::WRITABLE,
     )?);
+    let counters = Arc::new(Counters::default());
     let shared = Arc::new(SendShared {
+        counters: counters.clone(),
         socket: fd.clone(),
         state: Mutex::new(SendState::default()),
         flush_wanted: Notify::new(),
@@ -136,6 +190,7 @@ pub(crate) fn open(
         scratch: vec![0; READ_CHUNK].into_boxed_slice(),
         busy_poll: Duration::ZERO,
         last_read: None,
+        counters,
     };
     Ok((ChannelSender { shared }, reader))
 }
@@ -158,6 +213,7 @@ struct SendState {
 }
 
 struct SendShared {
+    counters: Arc<Counters>,
     socket: Arc<UnixStream>,
     state: Mutex<SendState>,
     flush_wanted: Notify,
@@ -207,7 +263,7 @@ impl ChannelSender {
             space.as_mut().enable();
             match self.queue_if_room(kind, format, &mut frame) {
                 Err(ChannelError::Full) => space.await,
-                done => return done,
+                done => return self.shared.counters.refused(done),
             }
         }
     }
@@ -221,7 +277,8 @@ impl ChannelSender {
         fds: Vec<OwnedFd>,
         write_payload: impl FnOnce(&mut PayloadWriter<'_>) -> io::Result<()>,
     ) -> Result<(), ChannelError> {
-        self.queue_if_room(kind, format, &mut Some((fds, write_payload)))
+        let queued = self.queue_if_room(kind, format, &mut Some((fds, write_payload)));
+        self.shared.counters.refused(queued)
     }
 
     /// Takes the frame out of `frame` and queues it, unless the buffer is
@@ -271,7 +328,10 @@ impl ChannelSender {
         payload: &[u8],
         fds: Vec<SharedFd>,
     ) -> Result<(), ChannelError> {
-        let state = self.queue_small(kind, payload, fds)?;
+        let state = self
+            .shared
+            .counters
+            .refused(self.queue_small(kind, payload, fds))?;
         self.flush(state);
         Ok(())
     }
@@ -280,7 +340,10 @@ impl ChannelSender {
     /// from the caller: frames sent this way in one turn of the event loop
     /// leave in one `sendmsg`, after the tasks woken before the writer.
     pub(crate) fn send_batched(&self, kind: FrameKind, payload: &[u8]) -> Result<(), ChannelError> {
-        let state = self.queue_small(kind, payload, Vec::new())?;
+        let state = self
+            .shared
+            .counters
+            .refused(self.queue_small(kind, payload, Vec::new()))?;
         self.call_writer(state);
         Ok(())
     }
@@ -379,6 +442,11 @@ impl ChannelSender {
         if !fds.is_empty() {
             state.fds.push_back((start, fds));
         }
+        let counters = &self.shared.counters;
+        counters.frames_sent.fetch_add(1, Ordering::Relaxed);
+        counters
+            .bytes_sent
+            .fetch_add((HEADER_LEN + len) as u64, Ordering::Relaxed);
         Ok(())
     }
 
@@ -387,6 +455,11 @@ impl ChannelSender {
     pub(crate) fn close(&self) {
         self.shared.lock().close_requested = true;
         self.shared.flush_wanted.notify_one();
+    }
+
+    /// What crossed the channel so far, both ways.
+    pub(crate) fn stats(&self) -> ChannelStats {
+        self.shared.counters.snapshot()
     }
 
     /// Whether the channel can still send.
@@ -572,6 +645,8 @@ pub(crate) struct ChannelReader {
     busy_poll: Duration,
     /// When bytes last arrived.
     last_read: Option<Instant>,
+    /// Shared with the sending half.
+    counters: Arc<Counters>,
 }
 
 impl ChannelReader {
@@ -643,9 +718,17 @@ impl ChannelReader {
                 }
                 Ok((n, fds)) => {
                     self.decoder.push(&self.scratch[..n], fds);
+                    let before = out.len();
                     while let Some(frame) = self.decoder.next_frame()? {
                         out.push(frame);
                     }
+                    let counters = &self.counters;
+                    counters
+                        .frames_received
+                        .fetch_add((out.len() - before) as u64, Ordering::Relaxed);
+                    counters
+                        .bytes_received
+                        .fetch_add(n as u64, Ordering::Relaxed);
                     return Ok(true);
                 }
                 Err(ChannelError::Io(e)) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -709,6 +792,35 @@ mod tests {
             );
         }
         frames.into_iter().map(|f| f.payload.to_vec()).collect()
+    }
+
+    #[tokio::test]
+    async fn both_halves_count_frames_and_bytes_and_refusals() {
+        let (a, b) = socket_pair().unwrap();
+        let (sender, _) = open(a, 1024).unwrap();
+        let (receiver, mut reader) = open(b, 1024).unwrap();
+        for _ in 0..3 {
+            sender
+                .try_send_with(FrameKind::User, Format::Json, Vec::new(), |buf| {
+                    buf.write_all(b"12345")
+                })
+                .unwrap();
+        }
+        let refused = sender.try_send_with(FrameKind::User, Format::Json, Vec::new(), |buf| {
+            buf.write_all(&[0; 2000])
+        });
+        assert!(matches!(refused, Err(ChannelError::TooLarge { .. })));
+        next_payloads(&mut reader, 3).await;
+        let sent = sender.stats();
+        assert_eq!(
+            (sent.frames_sent, sent.bytes_sent, sent.frames_refused),
+            (3, 3 * (HEADER_LEN as u64 + 5), 1)
+        );
+        let received = receiver.stats();
+        assert_eq!(
+            (received.frames_received, received.bytes_received),
+            (3, 3 * (HEADER_LEN as u64 + 5))
+        );
     }
 
     #[tokio::test]

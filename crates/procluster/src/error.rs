@@ -76,6 +76,25 @@ impl Error {
         }
     }
 
+    /// Whether the OS refused for lack of resources: too many open files
+    /// (`EMFILE`, `ENFILE`), processes (`EAGAIN`) or no memory (`ENOMEM`).
+    /// Such a failure to start a worker says nothing about the worker: a
+    /// supervisor retries it later instead of counting it as a crash.
+    pub fn is_resource_shortage(&self) -> bool {
+        let source = match self {
+            Self::Spawn { source, .. } | Self::Io { source, .. } => source,
+            _ => return false,
+        };
+        if source.kind() == io::ErrorKind::OutOfMemory {
+            return true;
+        }
+        use rustix::io::Errno;
+        let short = [Errno::MFILE, Errno::NFILE, Errno::AGAIN, Errno::NOMEM];
+        source
+            .raw_os_error()
+            .is_some_and(|raw| short.iter().any(|e| e.raw_os_error() == raw))
+    }
+
     /// Whether this error means the peer is gone (closed channel, or a worker
     /// that is no longer connected).
     pub fn is_disconnected(&self) -> bool {
@@ -88,3 +107,23 @@ impl Error {
 
 /// `Result` with [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resource_shortages_are_told_apart() {
+        let emfile = io::Error::from_raw_os_error(rustix::io::Errno::MFILE.raw_os_error());
+        assert!(Error::io("cannot open a channel", emfile).is_resource_shortage());
+        let eagain = io::Error::from_raw_os_error(rustix::io::Errno::AGAIN.raw_os_error());
+        let spawn = Error::Spawn {
+            program: "server".into(),
+            source: eagain,
+        };
+        assert!(spawn.is_resource_shortage());
+        let enoent = io::Error::from_raw_os_error(rustix::io::Errno::NOENT.raw_os_error());
+        assert!(!Error::io("x", enoent).is_resource_shortage());
+        assert!(!Error::Settings("bad".into()).is_resource_shortage());
+    }
+}

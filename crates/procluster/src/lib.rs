@@ -34,18 +34,18 @@
 //!
 //! # A tour of the modules
 //!
-//! Layers, each using only those below it:
+//! Layers, each using only those in the rows above it:
 //!
 //! | layer | modules | what it is |
 //! |---|---|---|
-//! | vocabulary | `process` ([`WorkerId`], [`Signal`], [`ExitStatus`]), `sys` | the words for processes; the one module with `unsafe` code |
+//! | vocabulary | `process` ([`WorkerId`], [`Signal`], [`ExitStatus`]), `sys`, `sync` | the words for processes; the one module with `unsafe` code; locking that survives a panic |
 //! | protocol | `protocol` ([`Format`], [`Policy`]) | frames and control messages, no IO (fuzzed alone) |
-//! | channel | `channel`, [`message`], `handshake` | the socket that carries frames and descriptors; a worker's first frame |
+//! | channel | `channel`, [`message`], `handshake`, `error` ([`Error`]) | the socket that carries frames and descriptors; a worker's first frame; the crate's error |
 //! | port sharing | [`listeners`] | the primary's listener registry and a worker's listeners, which never see each other's process |
 //! | processes | [`primary`], [`worker`] | the cluster and its workers, their lifecycle and events |
 //! | supervision | [`supervisor`] | restarts, reloads, recycling, stopping |
 //! | delivery | `fanout` | bounded queues with credit from the primary to many subscribers |
-//! | services | [`bus`], [`store`] | parts of the cluster that live in the primary, reached from every worker |
+//! | services | [`pool`], [`bus`], [`store`] | parts of the cluster that live in the primary, reached from every worker: work pools (tasks run by the workers, none lost), the bus, the shared store |
 //!
 //! # How a process knows it is a worker
 //!
@@ -72,6 +72,7 @@ mod fanout;
 mod handshake;
 pub mod listeners;
 pub mod message;
+pub mod pool;
 pub mod primary;
 mod process;
 #[cfg(feature = "fuzzing")]
@@ -83,11 +84,12 @@ pub mod supervisor;
 mod sync;
 #[allow(unsafe_code)]
 mod sys;
+pub mod telemetry;
 pub mod worker;
 
 use std::sync::{Mutex, OnceLock};
 
-pub use channel::ChannelError;
+pub use channel::{ChannelError, ChannelStats};
 pub use error::{Error, Result};
 pub use message::{DecodeError, Message};
 pub use process::{ExitStatus, Signal, UnknownSignal, WorkerId};
@@ -95,7 +97,9 @@ pub use protocol::{Format, Policy, UnknownName};
 
 use crate::sync::lock;
 
-/// The fd number at which a worker finds its channel.
+/// The fd number at which a worker finds its channel. In a worker the
+/// library owns this descriptor once [`role()`] has run: the application
+/// must not close it or take it for itself.
 pub const CHANNEL_FD: i32 = 3;
 
 /// The one environment variable a primary sets in its workers:

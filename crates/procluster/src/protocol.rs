@@ -441,6 +441,10 @@ pub enum ListenSpec {
     Udp {
         /// `ip:port` as text.
         addr: String,
+        /// `IPV6_V6ONLY`, for IPv6 addresses.
+        ipv6_only: Option<bool>,
+        /// `SO_REUSEADDR` (Node's `reuseAddr`).
+        reuse_address: bool,
     },
     /// A Unix stream socket at an absolute path (already resolved against the
     /// worker's working directory).
@@ -449,6 +453,9 @@ pub enum ListenSpec {
         path: String,
         /// `listen()` backlog.
         backlog: Option<u32>,
+        /// Permission bits the socket file gets after the bind (Node's
+        /// `readableAll`/`writableAll`); `None` leaves the umask's.
+        mode: Option<u32>,
     },
     /// A descriptor the primary inherited (for example from `LISTEN_FDS`).
     InheritedFd {
@@ -463,7 +470,7 @@ impl ListenSpec {
     /// second request gets another.
     pub fn wants_any_port(&self) -> bool {
         match self {
-            Self::Tcp { addr, .. } | Self::Udp { addr } => addr.ends_with(":0"),
+            Self::Tcp { addr, .. } | Self::Udp { addr, .. } => addr.ends_with(":0"),
             Self::Unix { .. } | Self::InheritedFd { .. } => false,
         }
     }
@@ -641,6 +648,18 @@ pub enum Control {
         /// How many more connections the worker will take now.
         n: u32,
     },
+    /// Primary → worker: stop accepting on the socket of listener `key`
+    /// and let go of it (the cluster is stopping); keep taking the
+    /// connections the primary hands over.
+    StopAccepting {
+        /// The listener.
+        key: u32,
+    },
+    /// Worker → primary: this worker no longer holds the socket of `key`.
+    StoppedAccepting {
+        /// The listener.
+        key: u32,
+    },
 }
 
 /// One connection of a [`Control::Connections`] message.
@@ -681,6 +700,72 @@ mod tests {
 
     fn dev_null() -> OwnedFd {
         std::fs::File::open("/dev/null").unwrap().into()
+    }
+
+    /// A descriptor to send (the write end of a new pipe) and the read end,
+    /// kept by the test to tell when every copy of the write end is closed:
+    /// a read then gives end of file instead of `EAGAIN`. Unlike a count of
+    /// the process's open descriptors, this holds while other tests of the
+    /// same process open and close theirs.
+    fn tracked_fd() -> (OwnedFd, OwnedFd) {
+        use rustix::pipe::{PipeFlags, pipe_with};
+        let (read, write) = pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK).unwrap();
+        (write, read)
+    }
+
+    /// Whether the write ends of all these pipes are closed everywhere.
+    fn all_closed(read_ends: &[OwnedFd]) -> bool {
+        read_ends
+            .iter()
+            .all(|r| matches!(rustix::io::read(r, &mut [0u8; 1]), Ok(0)))
+    }
+
+    /// `frames` (payload, fds declared) encoded back to back, and the
+    /// offset at which each frame starts.
+    fn wire_of(frames: &[(Vec<u8>, u8)]) -> (Vec<u8>, Vec<usize>) {
+        let mut wire = Vec::new();
+        let mut starts = Vec::new();
+        for (payload, fds) in frames {
+            starts.push(wire.len());
+            encode_frame(&mut wire, FrameKind::User, Format::Binary, *fds, payload);
+        }
+        (wire, starts)
+    }
+
+    /// Chunk boundaries inside `0..len` from arbitrary indexes, sorted,
+    /// without duplicates, ending with `len`.
+    fn boundaries(cuts: &[prop::sample::Index], len: usize) -> Vec<usize> {
+        let mut at: Vec<usize> = cuts.iter().map(|c| c.index(len.max(1))).collect();
+        at.push(len);
+        at.retain(|&c| c > 0);
+        at.sort_unstable();
+        at.dedup();
+        at
+    }
+
+    /// Feeds `wire` cut at `ends` (each chunk with the fds `fds_for` gives
+    /// it) and collects frames until the stream ends or fails.
+    fn decode_chunks(
+        wire: &[u8],
+        ends: &[usize],
+        mut fds_for: impl FnMut(usize, usize) -> Vec<OwnedFd>,
+    ) -> (Vec<Frame>, Result<(), ProtocolError>, FrameDecoder) {
+        let mut d = FrameDecoder::new(4096);
+        let mut frames = Vec::new();
+        let mut from = 0;
+        for &to in ends {
+            d.push(&wire[from..to], fds_for(from, to));
+            from = to;
+            loop {
+                match d.next_frame() {
+                    Ok(Some(frame)) => frames.push(frame),
+                    Ok(None) => break,
+                    Err(error) => return (frames, Err(error), d),
+                }
+            }
+        }
+        let end = d.finish();
+        (frames, end, d)
     }
 
     #[test]
@@ -831,22 +916,125 @@ mod tests {
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(2000))]
 
-        /// Random bytes in random chunks never panic, never allocate past the
-        /// limit, and either decode or fail with an error.
+        /// Random bytes in random chunks, some with descriptors, never
+        /// panic, never allocate past the limit, either decode or fail with
+        /// an error, and leave no descriptor open once the decoder and its
+        /// frames are dropped.
         #[test]
-        fn random_bytes_never_panic(chunks in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..64), 0..16)) {
+        fn random_bytes_never_panic(chunks in proptest::collection::vec((proptest::collection::vec(any::<u8>(), 0..64), 0..3usize), 0..16)) {
             let mut d = FrameDecoder::new(4096);
-            'outer: for chunk in chunks {
-                d.push_bytes(&chunk);
+            let mut read_ends = Vec::new();
+            let mut frames = Vec::new();
+            'outer: for (chunk, fd_count) in chunks {
+                let mut fds = Vec::new();
+                for _ in 0..fd_count {
+                    let (fd, read) = tracked_fd();
+                    fds.push(fd);
+                    read_ends.push(read);
+                }
+                d.push(&chunk, fds);
                 loop {
                     match d.next_frame() {
-                        Ok(Some(f)) => { let _ = Control::decode(&f.payload); }
+                        Ok(Some(f)) => {
+                            let _ = Control::decode(&f.payload);
+                            frames.push(f);
+                        }
                         Ok(None) => break,
                         Err(_) => break 'outer,
                     }
                 }
             }
             prop_assert!(d.buf.capacity() <= 64 * 1024 + 4096 + 1024);
+            drop((d, frames));
+            prop_assert!(all_closed(&read_ends), "a descriptor was leaked");
+        }
+
+        /// Frames that declare descriptors, cut at arbitrary points, with
+        /// each batch delivered as the kernel does (with the read that holds
+        /// the first byte of its frame, never two batches in one read): every
+        /// frame gets exactly its own descriptors, in order.
+        #[test]
+        fn fds_reach_the_frame_that_declares_them_under_any_chunking(
+            frames in proptest::collection::vec((proptest::collection::vec(any::<u8>(), 0..64), 0..4u8), 1..8),
+            cuts in proptest::collection::vec(any::<prop::sample::Index>(), 0..12),
+        ) {
+            let (wire, starts) = wire_of(&frames);
+            let mut ends = boundaries(&cuts, wire.len());
+            // No read holds the first bytes of two frames that carry fds.
+            let mut last_with_fds = None;
+            for (i, (_, fds)) in frames.iter().enumerate() {
+                if *fds == 0 {
+                    continue;
+                }
+                let start = starts[i];
+                let shares_a_read =
+                    |last: usize| !ends.iter().any(|&e| last < e && e <= start);
+                if last_with_fds.is_some_and(shares_a_read) {
+                    ends.push(start);
+                    ends.sort_unstable();
+                }
+                last_with_fds = Some(start);
+            }
+            let mut sent: Vec<Vec<i32>> = vec![Vec::new(); frames.len()];
+            let mut read_ends = Vec::new();
+            let (got, end, decoder) = decode_chunks(&wire, &ends, |from, to| {
+                let Some(i) = (0..frames.len())
+                    .find(|&i| frames[i].1 > 0 && from <= starts[i] && starts[i] < to)
+                else {
+                    return Vec::new();
+                };
+                (0..frames[i].1)
+                    .map(|_| {
+                        let (fd, read) = tracked_fd();
+                        sent[i].push(fd.as_raw_fd());
+                        read_ends.push(read);
+                        fd
+                    })
+                    .collect()
+            });
+            prop_assert_eq!(end, Ok(()));
+            prop_assert_eq!(got.len(), frames.len());
+            for (i, frame) in got.iter().enumerate() {
+                prop_assert_eq!(&frame.payload[..], &frames[i].0[..]);
+                let numbers: Vec<i32> = frame.fds.iter().map(|f| f.as_raw_fd()).collect();
+                prop_assert_eq!(&numbers, &sent[i], "frame {}", i);
+            }
+            drop((got, decoder));
+            prop_assert!(all_closed(&read_ends), "a descriptor was leaked");
+        }
+
+        /// The same frames with descriptors attached to arbitrary reads, in
+        /// arbitrary numbers: a frame the decoder returns carries exactly
+        /// the descriptors it declares, or decoding fails with an error; no
+        /// descriptor stays open once the decoder and its frames are
+        /// dropped.
+        #[test]
+        fn misplaced_fds_fail_cleanly_and_leak_nothing(
+            frames in proptest::collection::vec((proptest::collection::vec(any::<u8>(), 0..64), 0..4u8), 1..8),
+            cuts in proptest::collection::vec(any::<prop::sample::Index>(), 0..12),
+            batches in proptest::collection::vec(0..4usize, 13),
+        ) {
+            let (wire, _) = wire_of(&frames);
+            let ends = boundaries(&cuts, wire.len());
+            let mut read_ends = Vec::new();
+            let mut chunk = 0;
+            let (got, _, decoder) = decode_chunks(&wire, &ends, |_, _| {
+                let count = batches[chunk];
+                chunk += 1;
+                (0..count)
+                    .map(|_| {
+                        let (fd, read) = tracked_fd();
+                        read_ends.push(read);
+                        fd
+                    })
+                    .collect()
+            });
+            for (i, frame) in got.iter().enumerate() {
+                prop_assert_eq!(&frame.payload[..], &frames[i].0[..]);
+                prop_assert_eq!(frame.fds.len(), usize::from(frames[i].1), "frame {}", i);
+            }
+            drop((got, decoder));
+            prop_assert!(all_closed(&read_ends), "a descriptor was leaked");
         }
 
         /// Valid frames with random payloads survive any chunking.

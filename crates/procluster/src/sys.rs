@@ -1,6 +1,8 @@
 //! The only module with `unsafe` code: what must run between `fork` and
-//! `exec` in a new worker, changes to the process environment, and the
-//! calling thread's scheduling policy.
+//! `exec` in a new worker, descriptors inherited by number, registration
+//! with Tokio's reactor, the calling thread's scheduling policy, the
+//! reuseport steering program, and read-only mappings of sealed memory
+//! files.
 //!
 //! Everything else in the crate goes through the safe wrappers of `rustix`,
 //! `socket2` and `tokio`.
@@ -55,11 +57,14 @@ impl ChildFds {
 ///
 /// The descriptors are moved into the closure and closed in the parent when
 /// `command` is dropped.
+/// 4. get back the open-file limit (`RLIMIT_NOFILE`) it would have had, when
+///    the primary raised its own (`open_files`).
 pub(crate) fn prepare_child(
     command: &mut tokio::process::Command,
     fds: ChildFds,
     own_group: bool,
     normal_scheduling: bool,
+    open_files: Option<rustix::process::Rlimit>,
 ) {
     let parent = rustix::process::getpid();
     let base = fds.scratch_base();
@@ -79,14 +84,21 @@ pub(crate) fn prepare_child(
             set_normal_scheduling();
         }
         move_fds(&moves, base)?;
+        if let Some(limit) = open_files {
+            rustix::process::setrlimit(rustix::process::Resource::Nofile, limit)?;
+        }
         Ok(())
     };
-    // SAFETY: the hook runs in the forked child before `exec`; it only makes
-    // raw system calls through rustix (prctl, getppid, setpgid, fcntl, dup2),
-    // which are async-signal-safe, and `sched_setscheduler`, which POSIX does
-    // not list as such but glibc and musl implement as a bare system call
-    // stub; it allocates nothing and takes no lock.
-    // The captured vector was allocated before the fork and is only read.
+    // SAFETY: `pre_exec` asks that the hook, which runs in the forked child
+    // before `exec`, do only what is safe in a child of a multi-threaded
+    // process: no allocation, no lock, async-signal-safe calls only. It makes
+    // system calls through rustix (prctl, getppid, setpgid, fcntl, prlimit64)
+    // and libc (dup2, fcntl), all async-signal-safe, plus
+    // `sched_setscheduler`, which POSIX does not list as such but glibc and
+    // musl implement as a bare system call stub; `abort` is async-signal-safe
+    // too. Its errors are `io::Error`s made from an errno, which allocate
+    // nothing. The captured vector was allocated before the fork and is only
+    // read.
     unsafe {
         command.pre_exec(hook);
     }
@@ -112,14 +124,15 @@ fn move_fds(moves: &[(OwnedFd, RawFd)], base: RawFd) -> std::io::Result<()> {
         std::mem::forget(copy);
     }
     for (i, (_, target)) in moves.iter().enumerate() {
-        // SAFETY: plain system calls on descriptor numbers, no ownership
-        // involved: `scratch[i]` is a copy this child made above and keeps
+        // SAFETY: `dup2` and `fcntl(F_SETFD)` take descriptor numbers and no
+        // pointer. `scratch[i]` is a copy this child made above and keeps
         // open until exec; `target` is a number the child wants filled,
-        // open or not (dup2 closes whatever is there, atomically). dup2
-        // leaves the new descriptor without close-on-exec, except when
-        // source and target are the same number, which cannot happen here
-        // (scratch numbers are above every target); the flag is cleared
-        // explicitly all the same.
+        // open or not: dup2 closes whatever is there, atomically, and that
+        // belongs to the parent's image, which nothing in this child uses
+        // again before exec replaces it. dup2 leaves the new descriptor
+        // without close-on-exec, except when source and target are the same
+        // number, which cannot happen here (scratch numbers are above every
+        // target); the flag is cleared explicitly all the same.
         let placed = unsafe {
             libc::dup2(scratch[i], *target) == *target
                 && libc::fcntl(*target, libc::F_SETFD, 0) == 0
@@ -131,24 +144,32 @@ fn move_fds(moves: &[(OwnedFd, RawFd)], base: RawFd) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Whether descriptor number `fd` is open in this process, asked without
+/// borrowing it (a borrow must only ever name an open descriptor).
+fn is_open(fd: RawFd) -> bool {
+    // SAFETY: `fcntl(F_GETFD)` takes a bare number and no pointer: it reads
+    // the descriptor's flags, or fails with EBADF when nothing is open at
+    // that number. Nothing is borrowed, owned or closed.
+    fd >= 0 && unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0
+}
+
 /// Takes a descriptor number handed down by the parent, such as the worker's
 /// channel at fd 3, and marks it close-on-exec so the worker's own children do
 /// not inherit it.
 ///
 /// Returns `None` if `fd` is not open.
 pub(crate) fn adopt_inherited_fd(fd: RawFd) -> Option<OwnedFd> {
-    if fd < 0 {
+    if !is_open(fd) {
         return None;
     }
-    // SAFETY: we only borrow the number to ask the kernel whether it is open;
-    // the borrow does not outlive this statement.
-    let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-    rustix::io::fcntl_getfd(borrowed).ok()?;
-    // SAFETY: the fd is open (checked above). The only caller, the worker
-    // handshake, adopts it once it has checked that it is the socket the
-    // primary placed for this process (its peer is the primary), and at most
-    // once per process (under `role()`'s lock, failures latched): nothing
-    // else in the process owns it.
+    // SAFETY: `from_raw_fd` needs an open descriptor that nothing else in
+    // the process owns. It is open (checked just above, on the bare number).
+    // The only caller, the worker handshake, adopts it once it has checked
+    // that it is the socket the primary placed for this process (its peer is
+    // the primary), and at most once per process (under `role()`'s lock; a
+    // failure after adoption is latched, so there is no second attempt).
+    // Nothing else owns it as long as the application leaves a worker's
+    // fd 3 ([`crate::CHANNEL_FD`]) to the library, as documented.
     let owned = unsafe { OwnedFd::from_raw_fd(fd) };
     rustix::io::fcntl_setfd(&owned, FdFlags::CLOEXEC).ok()?;
     Some(owned)
@@ -161,15 +182,16 @@ pub(crate) fn with_inherited_fd<R>(
     fd: RawFd,
     f: impl FnOnce(std::os::fd::BorrowedFd<'_>) -> R,
 ) -> Option<R> {
-    if fd < 0 {
+    if !is_open(fd) {
         return None;
     }
-    // SAFETY: the borrow lives for this call only and is used for `fcntl`
-    // and `f`'s queries; ownership is never taken and nothing is closed. Were
-    // the number closed meanwhile by another thread, those calls would fail
-    // with EBADF (or query whatever took the number), never touch memory.
+    // SAFETY: `borrow_raw` needs a number that stays open while borrowed.
+    // It is open (checked just above) and nothing here closes it: the
+    // borrow lives for this call only, ownership is never taken. The number
+    // is inherited and owned by no handle of the library; should code
+    // elsewhere in the process close it meanwhile, `f`'s queries fail with
+    // EBADF, or ask about whatever took the number, and touch no memory.
     let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-    rustix::io::fcntl_getfd(borrowed).ok()?;
     Some(f(borrowed))
 }
 
@@ -180,14 +202,16 @@ pub(crate) fn with_inherited_fd<R>(
 /// it), so calling this twice, or on a number other code owns, is harmless.
 /// `None` if `fd` is not open.
 pub(crate) fn duplicate_inherited_fd(fd: RawFd) -> Option<OwnedFd> {
-    if fd < 0 {
+    if !is_open(fd) {
         return None;
     }
-    // SAFETY: the borrow lasts for this function only and is used for
-    // `fcntl` calls, which fail harmlessly with EBADF on a closed number;
-    // ownership of the number is never taken.
+    // SAFETY: `borrow_raw` needs a number that stays open while borrowed.
+    // It is open (checked just above) and nothing here closes it: the
+    // borrow lasts for this function only and is used for two `fcntl` calls.
+    // The number is inherited and owned by no handle of the library; should
+    // code elsewhere in the process close it meanwhile, those calls fail
+    // with EBADF, or act on whatever took the number, and touch no memory.
     let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-    rustix::io::fcntl_getfd(borrowed).ok()?;
     let copy = rustix::io::fcntl_dupfd_cloexec(borrowed, 0).ok()?;
     let _ = rustix::io::fcntl_setfd(borrowed, FdFlags::CLOEXEC);
     Some(copy)
@@ -231,9 +255,11 @@ pub(crate) fn async_fd(
     fd: OwnedFd,
     interest: tokio::io::Interest,
 ) -> std::io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
-    // SAFETY: `fd` is an `OwnedFd` moved into the `AsyncFd`, which owns it
-    // for its whole life: it stays open and names the same description until
-    // the `AsyncFd` is dropped, and `OwnedFd::as_raw_fd` always returns it.
+    // SAFETY: the descriptor must stay open, name the same description and
+    // be what `as_raw_fd` returns for the `AsyncFd`'s whole life. `fd` is an
+    // `OwnedFd` moved into the `AsyncFd`, which owns it until dropped, and
+    // `OwnedFd::as_raw_fd` always returns the same number; no caller swaps
+    // it out through `AsyncFd::get_mut` (the crate only uses `get_ref`).
     unsafe {
         tokio::io::unix::AsyncFd::register_with_interest(fd, interest).map_err(|e| e.into_parts().1)
     }
@@ -284,3 +310,155 @@ pub(crate) fn set_batch_scheduling() -> std::io::Result<()> {
 
 #[cfg(not(any(target_os = "linux", target_os = "android")))]
 fn set_normal_scheduling() {}
+
+/// `SO_ATTACH_REUSEPORT_CBPF` where Linux gives it the generic number.
+#[cfg(all(
+    any(target_os = "linux", target_os = "android"),
+    not(any(target_arch = "sparc", target_arch = "sparc64"))
+))]
+const SO_ATTACH_REUSEPORT_CBPF: libc::c_int = 51;
+
+/// Attaches a classic BPF program, as `(code, jt, jf, k)` instructions, to
+/// the reuseport group of `socket` (`setsockopt(SO_ATTACH_REUSEPORT_CBPF)`,
+/// socket(7)).
+#[cfg(all(
+    any(target_os = "linux", target_os = "android"),
+    not(any(target_arch = "sparc", target_arch = "sparc64"))
+))]
+pub(crate) fn attach_reuseport_program(
+    socket: std::os::fd::BorrowedFd<'_>,
+    program: &[(u16, u8, u8, u32)],
+) -> std::io::Result<()> {
+    let mut filters: Vec<libc::sock_filter> = program
+        .iter()
+        .map(|&(code, jt, jf, k)| libc::sock_filter { code, jt, jf, k })
+        .collect();
+    let len = u16::try_from(filters.len())
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    let fprog = libc::sock_fprog {
+        len,
+        filter: filters.as_mut_ptr(),
+    };
+    // SAFETY: `fprog` points at `len` initialised `sock_filter`s in
+    // `filters`, which outlives the call; the kernel copies the program and
+    // keeps no pointer to it. The option's length is the size of the
+    // `sock_fprog` passed, and `socket` is a descriptor borrowed for the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_ATTACH_REUSEPORT_CBPF,
+            std::ptr::addr_of!(fprog).cast(),
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Elsewhere the kernel has no such program: the group keeps the kernel's
+/// own choice.
+#[cfg(not(all(
+    any(target_os = "linux", target_os = "android"),
+    not(any(target_arch = "sparc", target_arch = "sparc64"))
+)))]
+pub(crate) fn attach_reuseport_program(
+    _socket: std::os::fd::BorrowedFd<'_>,
+    _program: &[(u16, u8, u8, u32)],
+) -> std::io::Result<()> {
+    Err(std::io::ErrorKind::Unsupported.into())
+}
+
+/// A read-only view of the whole content of a sealed memory file (Linux
+/// `memfd`), mapped shared: the bytes are the file's pages, not a copy.
+/// Unmapped when dropped.
+pub(crate) struct SealedMapping {
+    ptr: *mut std::ffi::c_void,
+    len: usize,
+}
+
+// SAFETY: the mapping is read-only and its file can no longer be written,
+// grown or shrunk by anyone (`map_sealed` checks the seals), so the bytes
+// never change and every page stays backed: sharing the pointer between
+// threads is as safe as sharing a `&'static [u8]`.
+unsafe impl Send for SealedMapping {}
+// SAFETY: as for `Send`: nothing can change what the pointer shows.
+unsafe impl Sync for SealedMapping {}
+
+impl AsRef<[u8]> for SealedMapping {
+    fn as_ref(&self) -> &[u8] {
+        if self.len == 0 {
+            return &[];
+        }
+        // SAFETY: `ptr` is the start of a live mapping of `len` readable
+        // bytes (made by `map_sealed`, unmapped only on drop), whose content
+        // cannot change (the file's write, grow and shrink seals are set) and
+        // whose pages cannot vanish (no SIGBUS: the file cannot shrink). The
+        // slice borrows `self`, so it cannot outlive the mapping.
+        unsafe { std::slice::from_raw_parts(self.ptr.cast::<u8>(), self.len) }
+    }
+}
+
+impl Drop for SealedMapping {
+    fn drop(&mut self) {
+        if self.len > 0 {
+            // SAFETY: `ptr`/`len` describe a mapping made by `map_sealed` and
+            // never unmapped before; no slice of it outlives `self`.
+            let _ = unsafe { rustix::mm::munmap(self.ptr, self.len) };
+        }
+    }
+}
+
+/// Maps a memory file that is sealed against writing, growing and shrinking
+/// (`F_SEAL_WRITE | F_SEAL_GROW | F_SEAL_SHRINK`), so that another process
+/// that sent it can change neither its bytes nor its size while they are
+/// read here.
+///
+/// # Errors
+/// `InvalidData` when the file lacks those seals (or is no memory file at
+/// all), and the OS's errors.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+pub(crate) fn map_sealed(fd: &OwnedFd) -> std::io::Result<SealedMapping> {
+    use rustix::fs::SealFlags;
+    let needed = SealFlags::WRITE | SealFlags::GROW | SealFlags::SHRINK;
+    let seals = rustix::fs::fcntl_get_seals(fd)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+    if !seals.contains(needed) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "the memory file is not sealed against writes and resizing",
+        ));
+    }
+    let len = usize::try_from(rustix::fs::fstat(fd)?.st_size)
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidData))?;
+    if len == 0 {
+        return Ok(SealedMapping {
+            ptr: std::ptr::null_mut(),
+            len: 0,
+        });
+    }
+    // SAFETY: a new read-only shared mapping at an address the kernel picks,
+    // so no existing memory is touched; the file is sealed (checked above)
+    // so its size stays `len` and its content stays as it is for as long as
+    // the mapping lives. The mapping is owned by the returned value.
+    let ptr = unsafe {
+        rustix::mm::mmap(
+            std::ptr::null_mut(),
+            len,
+            rustix::mm::ProtFlags::READ,
+            rustix::mm::MapFlags::SHARED,
+            fd,
+            0,
+        )?
+    };
+    Ok(SealedMapping { ptr, len })
+}
+
+/// Elsewhere there are no sealed memory files.
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+pub(crate) fn map_sealed(_fd: &OwnedFd) -> std::io::Result<SealedMapping> {
+    Err(std::io::ErrorKind::Unsupported.into())
+}

@@ -11,9 +11,9 @@ use super::{Request, Response};
 use crate::args::{ClientArgs, ReloadArgs, ScaleArgs, StatusArgs};
 
 /// Exit status when no primary answers.
-const NOT_RUNNING: u8 = 3;
+pub const NOT_RUNNING: u8 = 3;
 
-fn socket_path(args: &ClientArgs) -> PathBuf {
+pub fn socket_path(args: &ClientArgs) -> PathBuf {
     args.control
         .clone()
         .unwrap_or_else(|| super::default_path(args.name.as_deref().unwrap_or("default")))
@@ -46,14 +46,14 @@ async fn run(args: &ClientArgs, request: Request) -> Result<Response, ExitCode> 
     match call(&socket_path(args), &request).await {
         Ok(response) if response.ok => Ok(response),
         Ok(response) => {
-            eprintln!(
-                "procluster: {}",
+            print_err(&format!(
+                "procluster: {}\n",
                 response.error.as_deref().unwrap_or("the request failed")
-            );
+            ));
             Err(ExitCode::FAILURE)
         }
         Err(error) => {
-            eprintln!("procluster: {error}");
+            print_err(&format!("procluster: {error}\n"));
             Err(ExitCode::from(NOT_RUNNING))
         }
     }
@@ -61,7 +61,7 @@ async fn run(args: &ClientArgs, request: Request) -> Result<Response, ExitCode> 
 
 fn print_message(response: &Response) {
     if let Some(message) = &response.message {
-        println!("{message}");
+        print_out(&format!("{message}\n"));
     }
 }
 
@@ -72,9 +72,9 @@ pub async fn status(args: StatusArgs) -> ExitCode {
     };
     let status = response.status.unwrap_or_default();
     if args.json {
-        println!("{status}");
+        print_out(&format!("{status}\n"));
     } else {
-        print!("{}", human_status(&status));
+        print_out(&human_status(&status));
     }
     ExitCode::SUCCESS
 }
@@ -132,13 +132,22 @@ pub fn human_status(status: &serde_json::Value) -> String {
     }
     let _ = writeln!(
         out,
-        "{:>6} {:>5} {:>8} {:<9} {:>8}  started",
-        "id", "index", "pid", "state", "restarts"
+        "{:>6} {:>5} {:>8} {:<9} {:>8} {:>6} {:>9} {:>9}  started",
+        "id", "index", "pid", "state", "restarts", "cpu%", "memory", "uptime"
     );
     for worker in status["workers"].as_array().into_iter().flatten() {
+        let cpu = worker["cpu_percent"]
+            .as_f64()
+            .map_or("-".to_string(), |p| format!("{p:.1}"));
+        let memory = worker["rss_bytes"]
+            .as_u64()
+            .map_or("-".to_string(), |b| format!("{:.1}M", b as f64 / 1048576.0));
+        let uptime = worker["uptime_s"]
+            .as_f64()
+            .map_or("-".to_string(), |s| format!("{s:.0}s"));
         let _ = writeln!(
             out,
-            "{:>6} {:>5} {:>8} {:<9} {:>8}  {}",
+            "{:>6} {:>5} {:>8} {:<9} {:>8} {cpu:>6} {memory:>9} {uptime:>9}  {}",
             worker["id"].to_string(),
             worker["index"].to_string(),
             worker["pid"].to_string(),
@@ -151,4 +160,16 @@ pub fn human_status(status: &serde_json::Value) -> String {
         let _ = writeln!(out, "reload  {reload}");
     }
     out
+}
+
+/// Prints to stdout; a reader that went away (`| head`) is not an error
+/// worth a panic.
+fn print_out(text: &str) {
+    use std::io::Write;
+    let _ = std::io::stdout().lock().write_all(text.as_bytes());
+}
+
+fn print_err(text: &str) {
+    use std::io::Write;
+    let _ = std::io::stderr().lock().write_all(text.as_bytes());
 }

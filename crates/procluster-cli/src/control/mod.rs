@@ -6,6 +6,7 @@
 //! 0700 directory, and the server checks the peer's uid (SO_PEERCRED).
 
 pub mod client;
+pub mod logs;
 pub mod server;
 
 use std::path::PathBuf;
@@ -19,9 +20,16 @@ use crate::args::Scale;
 #[serde(tag = "cmd", rename_all = "lowercase")]
 pub enum Request {
     Status,
-    Reload { wait: bool },
-    Scale { scale: Scale },
+    Reload {
+        wait: bool,
+    },
+    Scale {
+        scale: Scale,
+    },
     Stop,
+    /// Recent output, and with `follow` what comes after: answered by the
+    /// control socket itself, as a stream of lines.
+    Logs(logs::LogsQuery),
 }
 
 /// The answer: `{"ok": true, ...}` or `{"ok": false, "error": "..."}`.

@@ -3,12 +3,14 @@
 use std::io;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{Request, Response};
+use crate::recent::Recent;
 
 /// A request and where its answer goes.
 pub type Call = (Request, oneshot::Sender<Response>);
@@ -21,6 +23,8 @@ const MAX_REQUEST: u64 = 64 * 1024;
 pub struct ControlSocket {
     path: PathBuf,
     listener: Option<UnixListener>,
+    /// Workers' recent output, for `logs` requests.
+    recent: Option<Arc<Recent>>,
 }
 
 impl Drop for ControlSocket {
@@ -61,6 +65,7 @@ impl ControlSocket {
         Ok(Self {
             path: path.to_path_buf(),
             listener: Some(listener),
+            recent: None,
         })
     }
 
@@ -68,19 +73,26 @@ impl ControlSocket {
         &self.path
     }
 
+    /// Where `logs` requests find the workers' recent output.
+    pub fn keep_logs(&mut self, recent: Arc<Recent>) {
+        self.recent = Some(recent);
+    }
+
     /// Accepts clients until the runtime ends, passing their requests on.
     pub fn serve(&mut self, calls: mpsc::UnboundedSender<Call>) {
         let Some(listener) = self.listener.take() else {
             return;
         };
+        let recent = self.recent.clone();
         tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
                 let calls = calls.clone();
+                let recent = recent.clone();
                 tokio::spawn(async move {
-                    if let Err(error) = answer(stream, calls).await {
+                    if let Err(error) = answer(stream, calls, recent).await {
                         tracing::debug!(%error, "control client");
                     }
                 });
@@ -121,7 +133,11 @@ pub fn private_dir(dir: &Path) -> io::Result<()> {
     Ok(())
 }
 
-async fn answer(stream: UnixStream, calls: mpsc::UnboundedSender<Call>) -> io::Result<()> {
+async fn answer(
+    stream: UnixStream,
+    calls: mpsc::UnboundedSender<Call>,
+    recent: Option<Arc<Recent>>,
+) -> io::Result<()> {
     let me = rustix::process::geteuid();
     let peer = rustix::net::sockopt::socket_peercred(&stream)?;
     let (read, mut write) = stream.into_split();
@@ -140,6 +156,7 @@ async fn answer(stream: UnixStream, calls: mpsc::UnboundedSender<Call>) -> io::R
             .await?;
         match serde_json::from_str::<Request>(line.trim()) {
             Err(e) => Response::error(format!("bad request: {e}")),
+            Ok(Request::Logs(query)) => return super::logs::serve(query, write, recent).await,
             Ok(request) => {
                 let (tx, rx) = oneshot::channel();
                 if calls.send((request, tx)).is_err() {

@@ -60,6 +60,10 @@ pub enum Signal {
     Status(String),
     /// WATCHDOG=1: the worker is alive (feeds hang detection).
     Watchdog,
+    /// How many requests the worker has served in all, for
+    /// `--max-requests`: `X_PROCLUSTER_REQUESTS=N` on NOTIFY_SOCKET, or
+    /// `process.send({procluster: {requests: N}})`.
+    Requests(u64),
     /// Any other IPC message from a Node worker (JSON text).
     Message(String),
 }

@@ -76,6 +76,12 @@ pub fn parse(line: &[u8]) -> Option<Signal> {
                 None
             } else if is("type", "ready") || is("status", "ready") {
                 Some(Signal::Ready)
+            } else if let Some(n) = map
+                .get("procluster")
+                .and_then(|p| p.get("requests"))
+                .and_then(|n| n.as_u64())
+            {
+                Some(Signal::Requests(n))
             } else {
                 Some(Signal::Message(text.to_string()))
             }
@@ -98,5 +104,9 @@ mod tests {
             Some(Signal::Message("{\"hello\":1}".into()))
         );
         assert_eq!(parse(b"\n"), None);
+        assert_eq!(
+            parse(b"{\"procluster\":{\"requests\":42}}\n"),
+            Some(Signal::Requests(42))
+        );
     }
 }

@@ -48,6 +48,7 @@ pub fn parse(datagram: &[u8]) -> Vec<Signal> {
             ("STOPPING", "1") => Some(Signal::Stopping),
             ("WATCHDOG", "1") => Some(Signal::Watchdog),
             ("STATUS", status) => Some(Signal::Status(status.to_string())),
+            ("X_PROCLUSTER_REQUESTS", n) => n.trim().parse().ok().map(Signal::Requests),
             _ => None,
         })
         .collect()
@@ -69,5 +70,9 @@ mod tests {
             ]
         );
         assert_eq!(parse(b"READY=0"), vec![]);
+        assert_eq!(
+            parse(b"X_PROCLUSTER_REQUESTS=1200\nX_PROCLUSTER_REQUESTS=many"),
+            vec![Signal::Requests(1200)]
+        );
     }
 }

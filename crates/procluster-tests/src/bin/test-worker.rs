@@ -88,6 +88,8 @@ async fn main() {
                 serve(worker).await;
             }
         }
+        // Serves the test pool until disconnected; answers PoolSubmit.
+        "pool" => pool::run(worker).await,
         other => {
             eprintln!("unknown mode {other}");
             std::process::exit(2);
@@ -239,6 +241,10 @@ async fn handle(worker: &Worker, command: Command, message: &mut procluster::Mes
             return;
         }
         Command::EchoBlob(blob) => Reply::Blob(blob),
+        // Only the `pool` mode has a pool.
+        Command::PoolSubmit { .. } => {
+            Reply::PoolSubmitted(Err("this worker does not serve the test pool".into()))
+        }
         Command::SendFds { count, padding } => {
             let worker = worker.clone();
             tokio::spawn(async move {
@@ -269,7 +275,7 @@ mod net {
     use std::sync::Arc;
     use std::task::Poll;
 
-    use procluster::listeners::{TcpListener, TcpOptions};
+    use procluster::listeners::{TcpListener, TcpOptions, UdpOptions, UnixOptions};
     use procluster::worker::Worker;
     use procluster_tests::{NetCommand, NetReply, Serve};
     use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -282,8 +288,42 @@ mod net {
         // Loops that never end by themselves; aborted at the end.
         let mut background = JoinSet::new();
         let mut kept = Vec::new();
+        let mut kept_unix = Vec::new();
+        // The tasks serving each UDP socket or Unix listener, by address.
+        let mut holders: std::collections::HashMap<String, Vec<tokio::task::JoinHandle<()>>> =
+            std::collections::HashMap::new();
         while let Some(message) = worker.recv().await {
-            let command: NetCommand = message.decode().expect("a net command");
+            let command = match message.decode().expect("a net command") {
+                NetCommand::ListenUdp { addr } => NetCommand::ListenUdpWith {
+                    addr,
+                    exclusive: false,
+                    reuse_address: false,
+                },
+                NetCommand::ListenUnixWith {
+                    path,
+                    readable_all,
+                    writable_all,
+                } => {
+                    let mut options = UnixOptions::default();
+                    options.readable_all = readable_all;
+                    options.writable_all = writable_all;
+                    let reply = match worker.listen_unix_with(&path, options).await {
+                        Err(e) => failed(&e),
+                        Ok(listener) => {
+                            kept_unix.push(listener);
+                            NetReply::Listening {
+                                address: path,
+                                round_robin: false,
+                            }
+                        }
+                    };
+                    if worker.send(&reply).await.is_err() {
+                        break;
+                    }
+                    continue;
+                }
+                other => other,
+            };
             let reply = match command {
                 NetCommand::ListenTcp {
                     addr,
@@ -338,7 +378,22 @@ mod net {
                         }
                     }
                 }
-                NetCommand::ListenUdp { addr } => match worker.listen_udp(&addr).await {
+                NetCommand::ListenUdp { .. } | NetCommand::ListenUnixWith { .. } => {
+                    unreachable!("rewritten above")
+                }
+                NetCommand::ListenUdpWith {
+                    addr,
+                    exclusive,
+                    reuse_address,
+                } => match worker
+                    .listen_udp_with(&addr, {
+                        let mut options = UdpOptions::default();
+                        options.exclusive = exclusive;
+                        options.reuse_address = reuse_address;
+                        options
+                    })
+                    .await
+                {
                     Err(e) => failed(&e),
                     Ok(socket) => {
                         let reply = NetReply::Listening {
@@ -346,7 +401,7 @@ mod net {
                             round_robin: false,
                         };
                         let worker = worker.clone();
-                        background.spawn(async move {
+                        let task = tokio::spawn(async move {
                             let mut buf = vec![0u8; 2048];
                             while let Ok(n) = socket.recv(&mut buf).await {
                                 let text = String::from_utf8_lossy(&buf[..n]).into_owned();
@@ -355,6 +410,9 @@ mod net {
                                 }
                             }
                         });
+                        if let NetReply::Listening { address, .. } = &reply {
+                            holders.entry(address.clone()).or_default().push(task);
+                        }
                         reply
                     }
                 },
@@ -366,11 +424,12 @@ mod net {
                             for _ in 0..capacity {
                                 let listener = listener.clone();
                                 let id = worker.id().get();
-                                background.spawn(async move {
+                                let task = tokio::spawn(async move {
                                     while let Ok((stream, _)) = listener.accept().await {
                                         greet_and_hold(stream, id).await;
                                     }
                                 });
+                                holders.entry(path.clone()).or_default().push(task);
                             }
                             NetReply::Listening {
                                 address: path,
@@ -379,13 +438,24 @@ mod net {
                         }
                     }
                 }
+                NetCommand::Close { address } => {
+                    for task in holders.remove(&address).unwrap_or_default() {
+                        task.abort();
+                        let _ = task.await;
+                    }
+                    NetReply::Closed
+                }
             };
             if worker.send(&reply).await.is_err() {
                 break;
             }
         }
         // Disconnected: serve what was accepted, then exit.
+        for task in holders.into_values().flatten() {
+            task.abort();
+        }
         drop(kept);
+        drop(kept_unix);
         background.abort_all();
         while serving.join_next().await.is_some() {}
     }
@@ -513,6 +583,91 @@ async fn leak(worker: Worker) {
                 }
                 kept.push(std::hint::black_box(chunk));
             }
+        }
+    }
+}
+
+mod pool {
+    use procluster::pool::{CancelToken, HandlerError, Order, WorkerPool};
+    use procluster::worker::Worker;
+    use procluster_tests::{Command, PoolAnswer, PoolTask, Reply, TEST_POOL};
+    use std::time::Duration;
+
+    type TestPool = WorkerPool<PoolTask, PoolAnswer>;
+
+    pub async fn run(worker: Worker) {
+        let pool: TestPool = WorkerPool::open(&worker, TEST_POOL).expect("the test pool");
+        tokio::spawn(commands(worker.clone(), pool.clone()));
+        worker.ready().expect("ready");
+        let me = worker.clone();
+        pool.serve(move |task, cancel| handle(me.clone(), task, cancel))
+            .await
+            .expect("serve");
+    }
+
+    async fn handle(
+        worker: Worker,
+        task: PoolTask,
+        cancel: CancelToken,
+    ) -> Result<PoolAnswer, HandlerError> {
+        let answer = |n| PoolAnswer {
+            n,
+            worker: worker.id(),
+            blob: None,
+        };
+        match task {
+            PoolTask::Echo(n) => Ok(answer(n)),
+            PoolTask::Work { n, millis } => {
+                tokio::time::sleep(Duration::from_millis(millis)).await;
+                Ok(answer(n))
+            }
+            PoolTask::HangOn { n, on } => {
+                if on == worker.id() {
+                    std::future::pending::<()>().await;
+                }
+                Ok(answer(n))
+            }
+            PoolTask::Poison => {
+                procluster_tests::kill_pid(std::process::id(), procluster::Signal::KILL);
+                std::future::pending().await
+            }
+            PoolTask::Fail { retryable: true } => Err(HandlerError::retryable("asked to fail")),
+            PoolTask::Fail { retryable: false } => Err(HandlerError::new("asked to fail")),
+            PoolTask::WaitForCancel(n) => {
+                cancel.cancelled().await;
+                let _ = worker.send(&Reply::Echo(format!("cancelled {n}"))).await;
+                Ok(answer(n))
+            }
+            PoolTask::Blob(blob) => Ok(PoolAnswer {
+                n: blob.0.len() as u64,
+                worker: worker.id(),
+                blob: Some(blob),
+            }),
+        }
+    }
+
+    async fn commands(worker: Worker, pool: TestPool) {
+        while let Some(message) = worker.recv().await {
+            let Ok(Command::PoolSubmit { count }) = message.decode() else {
+                continue;
+            };
+            let mut batch = pool.submit_all((0..count).map(PoolTask::Echo), Order::Submitted);
+            let mut answers = Vec::new();
+            let mut failed = None;
+            while let Some(result) = batch.next().await {
+                match result {
+                    Ok(answer) => answers.push(answer),
+                    Err(error) => failed = Some(error.to_string()),
+                }
+            }
+            let reply = match failed {
+                Some(error) => Err(error),
+                None => Ok(answers),
+            };
+            worker
+                .send(&Reply::PoolSubmitted(reply))
+                .await
+                .expect("reply");
         }
     }
 }

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, Once};
 use std::time::{Duration, Instant};
 
 use procluster::Signal;
-use procluster_tests::{DEADLINE, TempDir, alive, eventually, kill_pid};
+use procluster_tests::{DEADLINE, TempDir, alive, eventually, kill_pid, prerequisite};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
@@ -46,7 +46,11 @@ fn procluster() -> PathBuf {
 /// A Python worker: serves HTTP on the socket at fd 3 (`socket.fromfd`),
 /// answering `ID PID INDEX`. With `--ready notify` it sends READY=1 once the
 /// file `go` exists in its directory (at once if there is no `gate` file),
-/// and never when a file `never` exists. SIGTERM: stop accepting, finish the
+/// and never when a file `never` exists; with a file `count` it reports its
+/// request count (`X_PROCLUSTER_REQUESTS`) there after each request. With a
+/// file `flood` it prints
+/// lines of 1 kB on stdout (and every tenth a short one on stderr) as fast
+/// as it can, about 2000 a second. SIGTERM: stop accepting, finish the
 /// requests in flight, exit 0.
 const PY_WORKER: &str = r#"
 import os, socket, sys, threading, signal, time, http.server, socketserver
@@ -57,8 +61,13 @@ sock = socket.fromfd(3, socket.AF_INET, socket.SOCK_STREAM)
 # Every worker waits on the same socket: after a wake-up another may have
 # taken the connection, so accept must not block.
 sock.setblocking(False)
+served = [0]
 class Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
+        served[0] += 1
+        if os.environ.get("NOTIFY_SOCKET") and os.path.exists(os.path.join(here, "count")):
+            n = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            n.sendto(b"X_PROCLUSTER_REQUESTS=%d" % served[0], os.environ["NOTIFY_SOCKET"])
         body = ("%s %s %s\n" % (wid, os.getpid(), os.environ.get("PROCLUSTER_WORKER_INDEX"))).encode()
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
@@ -83,6 +92,16 @@ def notify():
     s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     s.sendto(b"STATUS=serving\nREADY=1", path)
 threading.Thread(target=notify, daemon=True).start()
+def flood():
+    n = 0
+    while True:
+        n += 1
+        print("flood %d %s" % (n, "x" * 1000), flush=True)
+        if n % 10 == 0:
+            print("flood-err %d" % n, file=sys.stderr, flush=True)
+        time.sleep(0.0005)
+if os.path.exists(os.path.join(here, "flood")):
+    threading.Thread(target=flood, daemon=True).start()
 srv.serve_forever(poll_interval=0.05)
 srv.server_close()
 print("worker %s done" % wid, flush=True)
@@ -124,6 +143,26 @@ impl Run {
     /// Starts `procluster run ARGS -- PROGRAM` in a fresh directory holding
     /// the worker scripts; `files` are created there first.
     async fn start(args: &[&str], program: &[&str], files: &[&str]) -> Self {
+        let (mut run, stdout, stderr) = Self::start_raw(args, program, files).await;
+        let (out, out_reader) = collect(stdout);
+        let (err, err_reader) = collect(stderr);
+        run.stdout = out;
+        run.stderr = err;
+        run.readers = vec![out_reader, err_reader];
+        run
+    }
+
+    /// As [`Run::start`], handing back the primary's stdout and stderr
+    /// unread.
+    async fn start_raw(
+        args: &[&str],
+        program: &[&str],
+        files: &[&str],
+    ) -> (
+        Self,
+        tokio::process::ChildStdout,
+        tokio::process::ChildStderr,
+    ) {
         let dir = TempDir::new("cli");
         std::fs::write(dir.0.join("worker.py"), PY_WORKER).unwrap();
         std::fs::write(dir.0.join("worker.js"), NODE_WORKER).unwrap();
@@ -147,16 +186,16 @@ impl Run {
             .kill_on_drop(true)
             .spawn()
             .expect("start procluster run");
-        let (stdout, out_reader) = collect(child.stdout.take().unwrap());
-        let (stderr, err_reader) = collect(child.stderr.take().unwrap());
-        Self {
+        let (stdout, stderr) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+        let run = Self {
             child,
             control,
             dir,
-            stdout,
-            stderr,
-            readers: vec![out_reader, err_reader],
-        }
+            stdout: Lines::default(),
+            stderr: Lines::default(),
+            readers: Vec::new(),
+        };
+        (run, stdout, stderr)
     }
 
     /// Starts with 2 Python workers on a kernel-chosen port and waits until
@@ -180,6 +219,14 @@ impl Run {
                 .filter(|l| l.contains(text))
                 .count()
                 >= count
+        })
+        .await;
+    }
+
+    /// Waits until a line of stderr contains `text`.
+    async fn printed_err(&self, text: &str) {
+        eventually(&format!("stderr says {text:?}"), || {
+            self.stderr.lock().unwrap().iter().any(|l| l.contains(text))
         })
         .await;
     }
@@ -464,6 +511,12 @@ async fn reload_wait_under_load_replaces_every_worker_and_drops_nothing() {
     );
 }
 
+/// The `--ready-timeout` of the tests that gate readiness: the time a
+/// worker has from its start to report ready once its gate opens, so long
+/// enough for Python or Node to start on a loaded machine; a reload whose
+/// new workers never report ready fails after it.
+const READY_TIMEOUT: &str = "10s";
+
 #[tokio::test]
 async fn notify_readiness_gates_workers_and_a_never_ready_worker_fails_the_reload() {
     let run = Run::start(
@@ -475,7 +528,7 @@ async fn notify_readiness_gates_workers_and_a_never_ready_worker_fails_the_reloa
             "--ready",
             "notify",
             "--ready-timeout",
-            "1s",
+            READY_TIMEOUT,
         ],
         &["python3", "worker.py"],
         &["gate"],
@@ -490,8 +543,7 @@ async fn notify_readiness_gates_workers_and_a_never_ready_worker_fails_the_reloa
 
 #[tokio::test]
 async fn node_workers_gate_readiness_on_process_send_and_serve_the_port() {
-    if !node_available() {
-        eprintln!("node is not installed; skipping");
+    if !prerequisite("node", node_available()) {
         return;
     }
     let run = Run::start(
@@ -503,7 +555,7 @@ async fn node_workers_gate_readiness_on_process_send_and_serve_the_port() {
             "--ready",
             "node-ipc",
             "--ready-timeout",
-            "2s",
+            READY_TIMEOUT,
         ],
         &["node", "worker.js"],
         &["gate"],
@@ -578,6 +630,7 @@ async fn sigkill_of_the_primary_leaves_no_worker_alive() {
 async fn json_logs_parse_and_carry_the_right_worker() {
     let mut run = Run::python(&["--log-format", "json"], &[]).await;
     let status = run.try_status().await.unwrap();
+    let primary = run.child.id().unwrap();
     run.printed("listen-env", 2).await;
     run.ctl(&["stop"]).await;
     assert_eq!(run.exit_code().await, 0);
@@ -600,6 +653,28 @@ async fn json_logs_parse_and_carry_the_right_worker() {
     }
     assert_eq!(checked, 2, "{lines:#?}");
     let _ = status;
+    // The primary's own records: the same schema, without a worker.
+    let records = run.stderr.lock().unwrap().clone();
+    let mut started = 0;
+    for line in &records {
+        let value: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        let ts = value["ts"].as_str().unwrap();
+        assert!(
+            ts.len() == 24 && ts.ends_with('Z') && ts.as_bytes()[10] == b'T',
+            "{line}"
+        );
+        assert!(value["pid"].is_u64() && value["line"].is_string(), "{line}");
+        assert_eq!(value["stream"], "stderr", "{line}");
+        if value.get("worker").is_none() {
+            assert!(value["level"].is_string(), "{line}");
+            assert_eq!(value["pid"].as_u64(), Some(u64::from(primary)), "{line}");
+        }
+        if value["line"] == "worker started" {
+            assert!(value["fields"]["worker"].is_u64(), "{line}");
+            started += 1;
+        }
+    }
+    assert_eq!(started, 2, "{records:#?}");
 }
 
 #[tokio::test]
@@ -711,7 +786,8 @@ os.execve(sys.argv[1], sys.argv[1:], env)
 
 /// A worker for `--watchdog` (run as `python3 -c`, in the primary's
 /// directory): sends READY=1, then WATCHDOG=1 every 30 ms. If the file
-/// `hang-INDEX` exists it stops pinging after 5 pings but stays alive. On
+/// `hang-INDEX` exists it stops pinging once the file `silence` exists too,
+/// but stays alive. On
 /// SIGABRT it removes `hang-INDEX` (so its replacement behaves), creates
 /// `aborted-PID` and exits 3.
 const WATCHDOG_WORKER: &str = r#"
@@ -726,15 +802,12 @@ def aborted(*_):
     open("aborted-%d" % os.getpid(), "w").close()
     os._exit(3)
 signal.signal(signal.SIGABRT, aborted)
-pings = 5 if os.path.exists(hang) else None
 print("watchdog worker pid %d index %s usec %s for %s" % (os.getpid(), index,
       os.environ.get("WATCHDOG_USEC"), os.environ.get("WATCHDOG_PID")), flush=True)
 s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
 s.sendto(b"READY=1", os.environ["NOTIFY_SOCKET"])
-sent = 0
-while pings is None or sent < pings:
+while not (os.path.exists(hang) and os.path.exists("silence")):
     s.sendto(b"WATCHDOG=1", os.environ["NOTIFY_SOCKET"])
-    sent += 1
     time.sleep(0.03)
 while True:
     signal.pause()
@@ -896,11 +969,10 @@ async fn workers_run_as_the_given_user_and_group_on_the_port_the_primary_bound()
         etc_id("/etc/passwd", "nobody"),
         etc_id("/etc/group", "nogroup"),
     ) else {
-        eprintln!("no user nobody or group nogroup; skipping");
+        prerequisite("a user nobody and a group nogroup", false);
         return;
     };
-    if !rustix::process::geteuid().is_root() {
-        eprintln!("not root; skipping");
+    if !prerequisite("root", rustix::process::geteuid().is_root()) {
         return;
     }
     // The worker comes on the command line: `run` makes the directory of
@@ -941,10 +1013,14 @@ async fn workers_run_as_the_given_user_and_group_on_the_port_the_primary_bound()
     );
 }
 
+/// The worker in slot 0 pings until the test creates the file `silence`,
+/// then hangs; the one in slot 1 pings every 30 ms throughout. The watchdog
+/// (2 s, some 60 pings) leaves the healthy worker a wide margin on a loaded
+/// machine, and the hang starts only once the test has seen both ready.
 #[tokio::test]
 async fn a_worker_that_stops_sending_watchdog_gets_sigabrt_and_is_replaced() {
     let run = Run::start(
-        &["-w", "2", "--ready", "notify", "--watchdog", "300ms"],
+        &["-w", "2", "--ready", "notify", "--watchdog", "2s"],
         &["python3", "-c", WATCHDOG_WORKER],
         &["hang-0"],
     )
@@ -965,6 +1041,7 @@ async fn a_worker_that_stops_sending_watchdog_gets_sigabrt_and_is_replaced() {
     };
     let (hung, _) = slot(&first, 0);
     let (healthy, _) = slot(&first, 1);
+    std::fs::write(run.dir.0.join("silence"), "").unwrap();
     let after = run
         .status_until("slot 0 has a new ready worker", |s| {
             s["workers"].as_array().unwrap().iter().any(|w| {
@@ -986,12 +1063,11 @@ async fn a_worker_that_stops_sending_watchdog_gets_sigabrt_and_is_replaced() {
         (healthy, 0),
         "the worker that kept pinging stays"
     );
-    assert!(
-        run.output().contains("stopped sending WATCHDOG=1"),
-        "{}",
-        run.output()
-    );
-    run.printed(&format!("usec 300000 for {hung}"), 1).await;
+    eventually("the primary says why it killed the worker", || {
+        run.output().contains("stopped sending WATCHDOG=1")
+    })
+    .await;
+    run.printed(&format!("usec 2000000 for {hung}"), 1).await;
 }
 
 /// Fails today: with --user the worker cannot send READY=1. Its
@@ -1000,8 +1076,9 @@ async fn a_worker_that_stops_sending_watchdog_gets_sigabrt_and_is_replaced() {
 /// root's, mode 0755 by the umask, so `sendto` from uid nobody is EACCES.
 #[tokio::test]
 async fn workers_running_as_another_user_can_report_readiness() {
-    if etc_id("/etc/passwd", "nobody").is_none() || !rustix::process::geteuid().is_root() {
-        eprintln!("no user nobody, or not root; skipping");
+    if !prerequisite("a user nobody", etc_id("/etc/passwd", "nobody").is_some())
+        || !prerequisite("root", rustix::process::geteuid().is_root())
+    {
         return;
     }
     let worker = PY_WORKER.replace("os.path.dirname(os.path.abspath(__file__))", "os.getcwd()");
@@ -1023,3 +1100,804 @@ async fn workers_running_as_another_user_can_report_readiness() {
     let ready = run.until_ready(2).await;
     served_by_all(Run::port(&ready), &pids(&ready)).await;
 }
+
+/// The socket (`socket:[INODE]`) a process has at fd 3.
+fn fd3(pid: u32) -> String {
+    std::fs::read_link(format!("/proc/{pid}/fd/3"))
+        .map(|p| p.display().to_string())
+        .unwrap_or_default()
+}
+
+fn slot_pid(status: &Value, index: u64) -> Option<u32> {
+    status["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["index"] == index && w["state"] == "ready")
+        .map(|w| w["pid"].as_u64().unwrap() as u32)
+}
+
+#[tokio::test]
+async fn reuseport_gives_each_slot_its_own_socket_kept_across_its_restarts() {
+    let run = Run::python(&["--policy", "reuseport"], &[]).await;
+    let before = run.try_status().await.unwrap();
+    assert_eq!(before["policy"], "reuseport");
+    let (first, second) = (slot_pid(&before, 0).unwrap(), slot_pid(&before, 1).unwrap());
+    let (socket0, socket1) = (fd3(first), fd3(second));
+    assert!(socket0.starts_with("socket:["), "{socket0}");
+    assert_ne!(socket0, socket1, "one socket per slot");
+    served_by_all(Run::port(&before), &pids(&before)).await;
+    kill_pid(first, Signal::KILL);
+    let after = run
+        .status_until("slot 0 has a new ready worker", |s| {
+            slot_pid(s, 0).is_some_and(|p| p != first)
+        })
+        .await;
+    let replacement = slot_pid(&after, 0).unwrap();
+    assert_eq!(fd3(replacement), socket0, "the slot keeps its socket");
+    served_by_all(Run::port(&after), &pids(&after)).await;
+}
+
+#[tokio::test]
+async fn round_robin_is_refused_with_the_reason() {
+    let mut run = Run::start(
+        &["-w", "1", "-l", "127.0.0.1:0", "--policy", "round-robin"],
+        &["python3", "worker.py"],
+        &[],
+    )
+    .await;
+    assert_eq!(run.exit_code().await, 2);
+    let output = run.output();
+    assert!(
+        output.contains("round-robin is not available") && output.contains("reuseport"),
+        "{output}"
+    );
+}
+
+/// Requests `count` times; every one must be answered.
+async fn serves(port: u16, count: usize) {
+    for _ in 0..count {
+        get_async(port).await.expect("a worker answers");
+    }
+}
+
+#[tokio::test]
+async fn closed_stdout_and_stderr_do_not_stop_the_primary() {
+    let (mut run, stdout, stderr) = Run::start_raw(
+        &["-w", "2", "-l", "127.0.0.1:0"],
+        &["python3", "worker.py"],
+        &["flood"],
+    )
+    .await;
+    // The reader goes away, as `| head -2` does.
+    drop((stdout, stderr));
+    let ready = run.until_ready(2).await;
+    let port = Run::port(&ready);
+    let lost = run
+        .status_until("lines to both closed streams are counted as lost", |s| {
+            s["output_lost"]["stdout"].as_u64() > Some(0)
+                && s["output_lost"]["stderr"].as_u64() > Some(0)
+        })
+        .await;
+    assert_eq!(pids(&lost), pids(&ready), "no worker was restarted");
+    // The primary's own records go to the closed stderr too.
+    let (code, _, err) = run.ctl(&["scale", "+1"]).await;
+    assert_eq!(code, 0, "{err}");
+    run.until_ready(3).await;
+    serves(port, 20).await;
+    let (code, _, _) = run.ctl(&["stop"]).await;
+    assert_eq!(code, 0);
+    assert_eq!(run.exit_code().await, 0, "a clean stop, no panic");
+}
+
+#[tokio::test]
+async fn a_full_stdout_stalls_nothing_and_the_loss_is_reported_once_it_drains() {
+    let (mut run, stdout, stderr) = Run::start_raw(
+        &["-w", "2", "-l", "127.0.0.1:0"],
+        &["python3", "worker.py"],
+        &["flood"],
+    )
+    .await;
+    // stderr is read; stdout is a pipe nobody reads (yet).
+    let (errors, err_reader) = collect(stderr);
+    run.stderr = errors;
+    run.readers.push(err_reader);
+    let ready = run.until_ready(2).await;
+    let status = run
+        .status_until("the full stdout drops lines", |s| {
+            s["output_lost"]["stdout"].as_u64() > Some(0)
+        })
+        .await;
+    assert_eq!(pids(&status), pids(&ready), "no worker was restarted");
+    serves(Run::port(&status), 20).await;
+    // The reader comes back: the primary says how much it lost.
+    let (lines, out_reader) = collect(stdout);
+    run.stdout = lines;
+    run.readers.push(out_reader);
+    run.printed("line(s) of output to stdout were lost", 1)
+        .await;
+    let (code, _, _) = run.ctl(&["stop"]).await;
+    assert_eq!(code, 0);
+    assert_eq!(run.exit_code().await, 0);
+}
+
+#[tokio::test]
+async fn a_worker_that_misses_the_ready_timeout_is_stopped_gracefully_and_told_why() {
+    // It serves, but never sends READY=1 (as uvicorn under --ready notify).
+    let mut run = Run::start(
+        &[
+            "-w",
+            "1",
+            "-l",
+            "127.0.0.1:0",
+            "--ready",
+            "notify",
+            "--ready-timeout",
+            "1s",
+            "--kill-timeout",
+            "20s",
+        ],
+        &["python3", "worker.py"],
+        &["never"],
+    )
+    .await;
+    // Its SIGTERM handler finishes and prints `done`: it was asked, not killed.
+    run.printed(" done", 1).await;
+    let _ = run.ctl(&["stop"]).await;
+    let _ = run.exit_code().await;
+    let output = run.output();
+    assert!(
+        output.contains("no READY=1 on NOTIFY_SOCKET within 1s")
+            && output.contains("does the program speak sd_notify? try --ready delay:2s or none"),
+        "{output}"
+    );
+}
+
+impl Run {
+    /// `procluster run` started by `sh -c 'ulimit LIMIT; exec procluster run …'`.
+    async fn with_limit(limit: &str, args: &[&str], program: &[&str]) -> Self {
+        let dir = TempDir::new("cli-limit");
+        let control = dir.0.join("control.sock");
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg(format!("ulimit {limit} && exec \"$0\" \"$@\""))
+            .arg(procluster())
+            .arg("run")
+            .arg("--control")
+            .arg(&control)
+            .args(args)
+            .arg("--")
+            .args(program)
+            .current_dir(&dir.0)
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("LISTEN_FDS")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start procluster run under a limit");
+        let (stdout, out_reader) = collect(child.stdout.take().unwrap());
+        let (stderr, err_reader) = collect(child.stderr.take().unwrap());
+        Self {
+            child,
+            control,
+            dir,
+            stdout,
+            stderr,
+            readers: vec![out_reader, err_reader],
+        }
+    }
+}
+
+/// `Max open files` of a process: (soft, hard).
+fn open_files_limit(pid: u32) -> (String, String) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("a Max open files line");
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    (fields[3].to_string(), fields[4].to_string())
+}
+
+#[tokio::test]
+async fn the_primary_raises_its_open_file_limit_and_workers_get_theirs_back() {
+    let hard = rustix::process::getrlimit(rustix::process::Resource::Nofile).maximum;
+    // 100 workers need about 500 descriptors in the primary.
+    let enough = hard.is_none_or(|h| h >= 1024);
+    if !prerequisite(
+        &format!("a hard open-file limit of 1024 or more (it is {hard:?})"),
+        enough,
+    ) {
+        return;
+    }
+    let run = Run::with_limit(
+        "-Sn 128",
+        &["-w", "100", "-l", "127.0.0.1:0"],
+        &["sleep", "1000"],
+    )
+    .await;
+    let status = run.until_ready(100).await;
+    let primary = run.child.id().unwrap();
+    let (soft, hard) = open_files_limit(primary);
+    assert_eq!(soft, hard, "the primary runs at its hard limit");
+    let worker = pids(&status)[0];
+    assert_eq!(open_files_limit(worker).0, "128", "the worker's own limit");
+    let (code, _, _) = run.ctl(&["stop"]).await;
+    assert_eq!(code, 0);
+}
+
+#[tokio::test]
+async fn spawns_out_of_descriptors_are_retried_while_the_others_serve() {
+    // The hard limit too: not every worker fits.
+    let run = Run::with_limit(
+        "-n 64",
+        &["-w", "30", "-l", "127.0.0.1:0"],
+        &["sleep", "1000"],
+    )
+    .await;
+    run.printed_err("for lack of resources").await;
+    let some = run
+        .status_until("some workers run", |s| {
+            s["workers"].as_array().unwrap().len() >= 3
+        })
+        .await;
+    assert_eq!(some["desired"], 30);
+    assert_eq!(some["breaker_tripped"], false, "not a crash loop");
+    // Fewer slots: those left all get a worker; the primary never gave up.
+    let (code, _, err) = run.ctl(&["scale", "3"]).await;
+    assert_eq!(code, 0, "{err}");
+    run.until_ready(3).await;
+    let output = run.output();
+    assert!(!output.contains("crash loop"), "{output}");
+    assert!(output.contains("Too many open files"), "{output}");
+}
+
+/// `procluster ARGS` run to its end: exit status and stderr.
+async fn procluster_once(args: &[&str], dir: &Path) -> (i32, String) {
+    let out = tokio::time::timeout(
+        DEADLINE,
+        Command::new(procluster())
+            .args(args)
+            .current_dir(dir)
+            .env_remove("LISTEN_FDS")
+            .stdin(Stdio::null())
+            .output(),
+    )
+    .await
+    .expect("procluster ends in time")
+    .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn small_mistakes_get_the_conventional_status_and_a_useful_message() {
+    let dir = TempDir::new("cli-mistakes");
+    std::fs::write(dir.0.join("server.sh"), "#!/bin/sh\nsleep 1\n").unwrap();
+    let control = dir.0.join("c.sock");
+    let control = control.to_str().unwrap();
+
+    let (code, err) =
+        procluster_once(&["run", "--control", control, "--", "./server.sh"], &dir.0).await;
+    assert_eq!(code, 126, "exists but is not executable: {err}");
+    assert!(err.contains("not executable"), "{err}");
+
+    let (code, err) =
+        procluster_once(&["run", "-l", "tcp//127.0.0.1:80", "--", "true"], &dir.0).await;
+    assert_eq!(
+        code, 2,
+        "a malformed listen address is a usage error: {err}"
+    );
+    assert!(err.contains("did you mean tcp://"), "{err}");
+
+    let (code, err) = procluster_once(
+        &[
+            "run",
+            "-l",
+            "web=127.0.0.1:0",
+            "-l",
+            "web=127.0.0.1:0",
+            "--",
+            "true",
+        ],
+        &dir.0,
+    )
+    .await;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("two listeners are named \"web\""), "{err}");
+
+    let (code, err) = procluster_once(&["run", "-w", "2", "python3", "app.py"], &dir.0).await;
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("unexpected argument 'python3'")
+            && err.contains("procluster run -w 2 -- python3 app.py"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn a_cluster_without_any_listener_is_warned_about() {
+    let mut run = Run::start(&["-w", "1"], &["sh", "-c", "echo up; sleep 100"], &[]).await;
+    run.printed("up", 1).await;
+    run.printed_err("no listener").await;
+    let (code, _, _) = run.ctl(&["stop"]).await;
+    assert_eq!(code, 0);
+    assert_eq!(run.exit_code().await, 0);
+}
+
+#[tokio::test]
+async fn env_env_file_chdir_backlog_and_pidfile_reach_the_workers() {
+    let dir = TempDir::new("cli-flags");
+    let home = dir.0.join("home");
+    std::fs::create_dir(&home).unwrap();
+    let env_file = dir.0.join("app.env");
+    std::fs::write(
+        &env_file,
+        "# settings\nexport FROM_FILE='file value'\nSHARED=file\n",
+    )
+    .unwrap();
+    let pidfile = dir.0.join("primary.pid");
+    let mut run = Run::start(
+        &[
+            "-w",
+            "1",
+            "-l",
+            "127.0.0.1:0",
+            "--backlog",
+            "77",
+            "--env-file",
+            env_file.to_str().unwrap(),
+            "-e",
+            "SHARED=flag",
+            "--env",
+            "EMPTY=",
+            "--chdir",
+            home.to_str().unwrap(),
+            "--pidfile",
+            pidfile.to_str().unwrap(),
+        ],
+        &[
+            "sh",
+            "-c",
+            "echo \"env [$FROM_FILE] [$SHARED] [${EMPTY-unset}] cwd $(pwd)\"; exec sleep 1000",
+        ],
+        &[],
+    )
+    .await;
+    let status = run.until_ready(1).await;
+    run.printed("env [", 1).await;
+    let line = run
+        .stdout
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|l| l.contains("env ["))
+        .cloned()
+        .unwrap();
+    assert!(
+        line.ends_with(&format!(
+            "env [file value] [flag] [] cwd {}",
+            home.display()
+        )),
+        "{line}"
+    );
+    let primary = run.child.id().unwrap();
+    assert_eq!(
+        std::fs::read_to_string(&pidfile).unwrap().trim(),
+        primary.to_string()
+    );
+    let port = Run::port(&status);
+    let listeners = procluster_tests::ss_listeners(port);
+    assert!(
+        !listeners.is_empty() && listeners.iter().all(|l| l.send_q == 77),
+        "{}",
+        listeners.len()
+    );
+    let (code, _, _) = run.ctl(&["stop"]).await;
+    assert_eq!(code, 0);
+    assert_eq!(run.exit_code().await, 0);
+    assert!(!pidfile.exists(), "the pid file goes with the primary");
+}
+
+#[tokio::test]
+async fn graceful_timeout_is_the_kill_timeout() {
+    let mut run = Run::start(
+        &["-w", "1", "--graceful-timeout", "300ms"],
+        &[
+            "sh",
+            "-c",
+            "trap '' TERM; echo ignoring-term; while :; do sleep 0.05; done",
+        ],
+        &[],
+    )
+    .await;
+    run.until_ready(1).await;
+    run.printed("ignoring-term", 1).await;
+    let (code, _, _) = run.ctl(&["stop"]).await;
+    assert_eq!(code, 0);
+    assert_eq!(
+        run.exit_code().await,
+        1,
+        "killed after the graceful timeout"
+    );
+}
+
+/// Waits until slot 0's worker is no longer `first` and the new one is
+/// ready; the status then.
+async fn replaced(run: &Run, first: u32) -> Value {
+    run.status_until("slot 0 has a new ready worker", |s| {
+        slot_pid(s, 0).is_some_and(|p| p != first)
+    })
+    .await
+}
+
+#[tokio::test]
+async fn max_age_recycles_workers_new_first() {
+    let run = Run::python(&["--max-age", "1s", "--ready", "notify"], &[]).await;
+    let first = slot_pid(&run.try_status().await.unwrap(), 0).unwrap();
+    let after = replaced(&run, first).await;
+    let recycled = after["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["index"] == 0)
+        .unwrap()
+        .clone();
+    assert_eq!(
+        recycled["restarts"], 0,
+        "a recycle is not a restart: {after}"
+    );
+    assert!(
+        run.output().contains("recycling worker"),
+        "{}",
+        run.output()
+    );
+}
+
+#[tokio::test]
+async fn max_requests_recycles_a_worker_by_the_count_it_reports() {
+    let run = Run::start(
+        &[
+            "-w",
+            "1",
+            "-l",
+            "127.0.0.1:0",
+            "--max-requests",
+            "5",
+            "--max-requests-jitter",
+            "0",
+            "--ready",
+            "notify",
+        ],
+        &["python3", "worker.py"],
+        &["count"],
+    )
+    .await;
+    let status = run.until_ready(1).await;
+    let first = slot_pid(&status, 0).unwrap();
+    let port = Run::port(&status);
+    serves(port, 5).await;
+    replaced(&run, first).await;
+    let output = run.output();
+    assert!(output.contains("requests (limit 5)"), "{output}");
+}
+
+#[tokio::test]
+async fn max_memory_counts_the_workers_whole_process_tree() {
+    // The worker itself is small; the child it starts holds 64 MiB.
+    let worker = r#"
+import signal, subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", "b = bytearray(64 << 20)\nimport time\ntime.sleep(1000)"])
+def stop(*_):
+    child.kill()
+    sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+print("tree up", flush=True)
+while True:
+    time.sleep(1)
+"#;
+    let run = Run::start(
+        &["-w", "1", "--max-memory", "40M"],
+        &["python3", "-c", worker],
+        &[],
+    )
+    .await;
+    let status = run.until_ready(1).await;
+    let first = slot_pid(&status, 0).unwrap();
+    let own = procluster_tests::rss_bytes(first).unwrap_or(0);
+    assert!(own < 40 << 20, "the worker alone is under the limit: {own}");
+    replaced(&run, first).await;
+    assert!(run.output().contains("memory"), "{}", run.output());
+}
+
+/// The real programs of the README's table, installed by
+/// `scripts/test-deps` in `.test-deps/` at the workspace root.
+fn test_deps() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.test-deps")
+}
+
+/// Whether a program of `scripts/test-deps` is installed (skipped with a
+/// message if not, failed under CI).
+fn installed(path: &Path, what: &str) -> bool {
+    prerequisite(
+        &format!("{what} at {} (run scripts/test-deps)", path.display()),
+        path.exists(),
+    )
+}
+
+/// The `procluster run …` command of the README's PM2/gunicorn table whose
+/// program is `program`, as words.
+fn readme_command(program: &str) -> Vec<String> {
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../README.md"))
+            .expect("README.md");
+    let table = readme
+        .split("### For users of PM2, gunicorn and systemd")
+        .nth(1)
+        .and_then(|rest| rest.split("\n\n").find(|block| block.starts_with('|')))
+        .expect("the README's table");
+    table
+        .split('`')
+        .filter(|code| code.starts_with("procluster run "))
+        .map(|code| {
+            code.split_whitespace()
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        })
+        .find(|words| {
+            words
+                .iter()
+                .position(|w| w == "--")
+                .is_some_and(|at| words.get(at + 1).is_some_and(|p| p == program))
+        })
+        .unwrap_or_else(|| panic!("no `procluster run … -- {program}` in the README's table"))
+}
+
+/// A Python WSGI app for gunicorn: `ID PID INDEX`.
+const WSGI_APP: &str = r#"
+import os
+def app(environ, start_response):
+    body = ("%s %s %s\n" % (os.environ["PROCLUSTER_WORKER_ID"], os.getpid(), os.environ["PROCLUSTER_WORKER_INDEX"])).encode()
+    start_response("200 OK", [("Content-Length", str(len(body)))])
+    return [body]
+"#;
+
+/// A Python ASGI app for uvicorn: `ID PID INDEX`.
+const ASGI_APP: &str = r#"
+import os
+async def app(scope, receive, send):
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+    body = ("%s %s %s\n" % (os.environ["PROCLUSTER_WORKER_ID"], os.getpid(), os.environ["PROCLUSTER_WORKER_INDEX"])).encode()
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+"#;
+
+/// Node's plain `http`, as the README's PM2 row says.
+const NODE_APP: &str = r#"
+const http = require('http');
+const server = http.createServer((req, res) =>
+  res.end(`${process.env.PROCLUSTER_WORKER_ID} ${process.pid} ${process.env.PROCLUSTER_WORKER_INDEX}\n`));
+server.listen({ fd: 3 }, () => process.send('ready'));
+process.on('SIGTERM', () => server.close(() => process.exit(0)));
+"#;
+
+/// The same with express.
+const EXPRESS_APP: &str = r#"
+const app = require('express')();
+app.get('/', (req, res) =>
+  res.send(`${process.env.PROCLUSTER_WORKER_ID} ${process.pid} ${process.env.PROCLUSTER_WORKER_INDEX}\n`));
+const server = app.listen({ fd: 3 }, () => process.send('ready'));
+process.on('SIGTERM', () => server.close(() => process.exit(0)));
+"#;
+
+impl Run {
+    /// Runs a README command: its port becomes 0 (any free one), the
+    /// control socket is the run's own; `app` is written to `file` in the
+    /// run's directory, and `env` is added to procluster's environment.
+    async fn readme(command: &[String], file: &str, app: &str, env: &[(&str, String)]) -> Self {
+        let dir = TempDir::new("cli-readme");
+        std::fs::write(dir.0.join(file), app).unwrap();
+        let control = dir.0.join("control.sock");
+        let args: Vec<String> = command[2..]
+            .iter()
+            .map(|word| match word.rsplit_once(':') {
+                Some((host, port)) if host == "127.0.0.1" && port.parse::<u16>().is_ok() => {
+                    "127.0.0.1:0".to_string()
+                }
+                _ => word.clone(),
+            })
+            .collect();
+        let mut child = Command::new(procluster());
+        child
+            .arg("run")
+            .arg("--control")
+            .arg(&control)
+            .args(&args)
+            .current_dir(&dir.0)
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("LISTEN_FDS")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        for (key, value) in env {
+            child.env(key, value);
+        }
+        let mut child = child.spawn().expect("start a README command");
+        let (stdout, out_reader) = collect(child.stdout.take().unwrap());
+        let (stderr, err_reader) = collect(child.stderr.take().unwrap());
+        Self {
+            child,
+            control,
+            dir,
+            stdout,
+            stderr,
+            readers: vec![out_reader, err_reader],
+        }
+    }
+
+    /// The number of workers the command asked for.
+    fn workers_of(command: &[String]) -> usize {
+        let at = command.iter().position(|w| w == "-w").expect("-w");
+        match command[at + 1].as_str() {
+            "auto" => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n.parse().unwrap(),
+        }
+    }
+
+    /// Ready, served by every worker, reloaded with `reload --wait` under
+    /// requests that all get answers, served by the new workers, stopped
+    /// with exit 0.
+    async fn behaves_as_the_readme_says(mut self, workers: usize) {
+        let ready = self.until_ready(workers).await;
+        let port = Run::port(&ready);
+        served_by_ids(port, &ids(&ready)).await;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let load = {
+            let stop = stop.clone();
+            tokio::task::spawn_blocking(move || {
+                let (mut ok, mut failed) = (0, Vec::new());
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) && ok < 20_000 {
+                    match get(port) {
+                        Ok(_) => ok += 1,
+                        Err(e) => failed.push(e.to_string()),
+                    }
+                }
+                (ok, failed)
+            })
+        };
+        let (code, out, err) = self.ctl(&["reload", "--wait"]).await;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(code, 0, "{out}{err}\n{}", self.output());
+        let (ok, failed) = load.await.unwrap();
+        assert!(
+            failed.is_empty() && ok > 0,
+            "{} failed of {}: {failed:?}",
+            failed.len(),
+            ok + failed.len()
+        );
+        let after = self.until_ready(workers).await;
+        assert!(
+            pids(&after).iter().all(|p| !pids(&ready).contains(p)),
+            "every worker is new"
+        );
+        served_by_ids(port, &ids(&after)).await;
+        let (code, _, _) = self.ctl(&["stop"]).await;
+        assert_eq!(code, 0);
+        assert_eq!(self.exit_code().await, 0, "{}", self.output());
+    }
+}
+
+/// The workers' ids (`PROCLUSTER_WORKER_ID`), sorted.
+fn ids(status: &Value) -> Vec<u64> {
+    let mut ids: Vec<u64> = status["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["id"].as_u64().unwrap())
+        .collect();
+    ids.sort_unstable();
+    ids
+}
+
+/// Requests until every worker id in `wanted` has answered (by the first
+/// field of the body: a forking server answers from a child process, with
+/// the worker's id but a pid of its own).
+async fn served_by_ids(port: u16, wanted: &[u64]) {
+    let mut seen = std::collections::BTreeSet::new();
+    let start = Instant::now();
+    while !wanted.iter().all(|id| seen.contains(id)) {
+        let body = get_async(port).await.expect("a worker answers");
+        seen.insert(body.split(' ').next().unwrap().parse::<u64>().unwrap());
+        assert!(
+            start.elapsed() < DEADLINE,
+            "not every worker served: wanted {wanted:?}, saw {seen:?}"
+        );
+    }
+}
+
+fn venv_path() -> String {
+    let bin = test_deps().join("venv/bin");
+    format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    )
+}
+
+#[tokio::test]
+async fn the_readmes_gunicorn_command_serves_reloads_and_scales_by_signal() {
+    if !installed(&test_deps().join("venv/bin/gunicorn"), "gunicorn") {
+        return;
+    }
+    let command = readme_command("gunicorn");
+    let workers = Run::workers_of(&command);
+    let run = Run::readme(&command, "app.py", WSGI_APP, &[("PATH", venv_path())]).await;
+    let ready = run.until_ready(workers).await;
+    // gunicorn's signals, sent to the primary.
+    let primary = run.child.id().unwrap();
+    kill_pid(primary, Signal::TTIN);
+    run.until_ready(workers + 1).await;
+    kill_pid(primary, Signal::TTOU);
+    run.until_ready(workers).await;
+    kill_pid(primary, Signal::HUP);
+    run.status_until("SIGHUP reloaded every worker", |s| {
+        s["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|w| w["generation"] == 1 && w["state"] == "ready")
+            .count()
+            == workers
+    })
+    .await;
+    let output = run.output();
+    assert!(!output.contains("Bad file descriptor"), "{output}");
+    assert!(
+        !output.contains("gunicorn.ctl"),
+        "no control socket of gunicorn's: {output}"
+    );
+    let _ = ready;
+    run.behaves_as_the_readme_says(workers).await;
+}
+
+#[tokio::test]
+async fn the_readmes_uvicorn_command_serves_and_reloads() {
+    if !installed(&test_deps().join("venv/bin/uvicorn"), "uvicorn") {
+        return;
+    }
+    let command = readme_command("uvicorn");
+    let workers = Run::workers_of(&command);
+    let run = Run::readme(&command, "app.py", ASGI_APP, &[("PATH", venv_path())]).await;
+    run.behaves_as_the_readme_says(workers).await;
+}
+
+#[tokio::test]
+async fn the_readmes_node_command_serves_and_reloads_with_plain_http_and_express() {
+    let modules = test_deps().join("node/node_modules");
+    if !prerequisite("node", node_available()) {
+        return;
+    }
+    if !installed(&modules.join("express"), "express") {
+        return;
+    }
+    let command = readme_command("node");
+    let workers = Run::workers_of(&command);
+    for app in [NODE_APP, EXPRESS_APP] {
+        let env = [("NODE_PATH", modules.display().to_string())];
+        let run = Run::readme(&command, "app.js", app, &env).await;
+        run.behaves_as_the_readme_says(workers).await;
+    }
+}
+mod telemetry;

@@ -128,12 +128,30 @@ async fn a_worker_sigkilled_from_outside_exits_by_signal_9_not_after_disconnect(
 }
 
 #[tokio::test]
-async fn a_worker_killed_by_the_primary_exits_by_that_signal() {
+async fn a_worker_signalled_by_the_primary_exits_by_that_signal() {
     let (mut cluster, worker) = one_online_worker("serve").await;
+    worker.signal(Signal::TERM).unwrap();
+    let exited = rest_of_life(&mut cluster, &worker).await;
+    assert_eq!(exited.status.signal(), Some(Signal::TERM));
+    assert!(!exited.after_disconnect, "signal() does not disconnect");
+    worker
+        .signal(Signal::TERM)
+        .expect("signalling a dead worker is not an error");
+}
+
+#[tokio::test]
+async fn kill_is_nodes_disconnect_then_signal_so_the_exit_counts_as_after_disconnect() {
+    // `busy` spins without looking at its channel: only the signal ends it,
+    // and the channel is closed before it is sent.
+    let (mut cluster, worker) = one_online_worker("busy").await;
     worker.kill(Signal::TERM).unwrap();
     let exited = rest_of_life(&mut cluster, &worker).await;
     assert_eq!(exited.status.signal(), Some(Signal::TERM));
-    assert!(!exited.after_disconnect, "kill() does not disconnect");
+    assert!(exited.after_disconnect, "as Node's exitedAfterDisconnect");
+    assert!(
+        worker.send(&"anyone there?").await.is_err(),
+        "a killed worker takes no messages"
+    );
     worker
         .kill(Signal::TERM)
         .expect("killing a dead worker is not an error");
@@ -229,7 +247,7 @@ async fn worker_ids_start_at_1_increase_and_are_never_reused() {
 #[tokio::test]
 async fn kill_stops_a_busy_looping_worker() {
     let (mut cluster, worker) = one_online_worker("busy").await;
-    worker.kill(Signal::TERM).unwrap();
+    worker.signal(Signal::TERM).unwrap();
     let exited = rest_of_life(&mut cluster, &worker).await;
     assert_eq!(exited.status.signal(), Some(Signal::TERM));
 }

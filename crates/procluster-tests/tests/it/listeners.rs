@@ -254,6 +254,38 @@ async fn a_port_in_use_fails_in_the_worker_and_a_retry_succeeds_once_free() {
     }
 }
 
+/// Two clusters asked for one port, or a port another process holds with
+/// `SO_REUSEPORT` itself: the newcomer gets EADDRINUSE under every policy,
+/// as Node's cluster does, instead of silently taking part of the traffic.
+#[tokio::test]
+async fn a_port_held_by_another_cluster_or_a_reuseport_socket_is_in_use_under_every_policy() {
+    for first in POLICIES {
+        let (mut old, old_workers) = net_cluster(first, 1).await;
+        let held = ask_each(&mut old, &[&old_workers[0]], &tcp("127.0.0.1:0", 1)).await;
+        let port = held.address(old_workers[0].id());
+        for second in POLICIES {
+            let (mut new, new_workers) = net_cluster(second, 1).await;
+            let answers = ask_each(&mut new, &[&new_workers[0]], &tcp(&port.to_string(), 1)).await;
+            let (kind, message) = answers.failure(new_workers[0].id());
+            assert_eq!(kind, "AddrInUse", "{first:?} then {second:?}: {message}");
+        }
+    }
+    let squatter =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    squatter.set_reuse_port(true).unwrap();
+    squatter
+        .bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+        .unwrap();
+    squatter.listen(16).unwrap();
+    let port = squatter.local_addr().unwrap().as_socket().unwrap();
+    for policy in POLICIES {
+        let (mut cluster, workers) = net_cluster(policy, 1).await;
+        let answers = ask_each(&mut cluster, &[&workers[0]], &tcp(&port.to_string(), 1)).await;
+        let (kind, message) = answers.failure(workers[0].id());
+        assert_eq!(kind, "AddrInUse", "{policy:?}: {message}");
+    }
+}
+
 /// After one worker's listen on a fixed port failed and its retry
 /// succeeded, another worker asking for the same port must share it (Node:
 /// every worker listening on a port shares one handle).
@@ -305,9 +337,13 @@ async fn an_address_that_cannot_be_bound_fails_in_the_worker_naming_it() {
         let (mut cluster, workers) = net_cluster(policy, 1).await;
         let a = &workers[0];
 
-        if root && unprivileged_start > 1 {
+        let privileged_ports = prerequisite(
+            "privileged ports (net.ipv4.ip_unprivileged_port_start above 1), for EACCES",
+            unprivileged_start > 1,
+        );
+        if privileged_ports && root {
             privileged_port_as_another_user(policy);
-        } else if unprivileged_start > 1 {
+        } else if privileged_ports {
             let answers = ask_each(&mut cluster, &[a], &tcp("127.0.0.1:1", 1)).await;
             let (kind, message) = answers.failure(a.id());
             assert_eq!(kind, "PermissionDenied", "{policy:?}: {message}");
@@ -437,6 +473,237 @@ async fn four_workers_share_a_udp_port_and_every_datagram_arrives() {
     let expected: BTreeSet<String> = (0..40).map(|i| format!("d{i}")).collect();
     assert_eq!(received, expected);
     assert!(by_worker.keys().all(|id| ids(&workers).contains(id)));
+}
+
+/// Sends `command` to one worker and waits for its (non-datagram) reply.
+async fn ask(cluster: &mut Cluster, worker: &WorkerHandle, command: &NetCommand) -> NetReply {
+    ask_each(cluster, &[worker], command).await.replies[&worker.id()].clone()
+}
+
+/// Whether this process can bind `addr` for UDP itself (nobody holds it).
+fn udp_port_free(addr: SocketAddr) -> bool {
+    std::net::UdpSocket::bind(addr).is_ok()
+}
+
+#[tokio::test]
+async fn a_dropped_udp_socket_releases_the_port_and_bind_close_cycles_leak_nothing() {
+    let (mut cluster, workers) = net_cluster(Policy::Shared, 2).await;
+    let (a, b) = (&workers[0], &workers[1]);
+    let first = ask_each(
+        &mut cluster,
+        &[a, b],
+        &NetCommand::ListenUdp {
+            addr: "127.0.0.1:0".into(),
+        },
+    )
+    .await;
+    let addr = first.address(a.id());
+    let close = NetCommand::Close {
+        address: addr.to_string(),
+    };
+    // One of two holders lets go: the port stays, shared by the other.
+    assert!(matches!(
+        ask(&mut cluster, a, &close).await,
+        NetReply::Closed
+    ));
+    assert!(!udp_port_free(addr), "worker b still holds {addr}");
+    // The same worker binds and closes the port again and again.
+    let request = NetCommand::ListenUdp {
+        addr: addr.to_string(),
+    };
+    let fds_before = open_fds();
+    for round in 0..20 {
+        let reply = ask(&mut cluster, a, &request).await;
+        assert!(
+            matches!(&reply, NetReply::Listening { .. }),
+            "round {round}: {reply:?}"
+        );
+        assert!(matches!(
+            ask(&mut cluster, a, &close).await,
+            NetReply::Closed
+        ));
+    }
+    // The primary holds one socket for the port, not one per cycle.
+    let grown = open_fds().saturating_sub(fds_before);
+    assert!(grown <= 1, "{grown} more descriptors after 20 cycles");
+    // The last holder lets go: the primary closes its socket.
+    assert!(matches!(
+        ask(&mut cluster, b, &close).await,
+        NetReply::Closed
+    ));
+    eventually("the primary releases the UDP port", || udp_port_free(addr)).await;
+}
+
+#[tokio::test]
+async fn a_dropped_unix_listener_goes_with_its_last_holder_and_can_be_listened_on_again() {
+    let dir = TempDir::new("unix-drop");
+    let mut cluster = builder("net").cwd(&dir.0).workers(1).build().unwrap();
+    let workers = cluster.start().await.unwrap();
+    online(&mut cluster, 1).await;
+    let worker = &workers[0];
+    let path = dir.0.join("sock");
+    let request = NetCommand::ListenUnix {
+        path: "sock".into(),
+        capacity: 1,
+    };
+    for round in 0..3 {
+        let reply = ask(&mut cluster, worker, &request).await;
+        assert!(
+            matches!(&reply, NetReply::Listening { .. }),
+            "round {round}: {reply:?}"
+        );
+        assert!(path.exists());
+        let close = NetCommand::Close {
+            address: "sock".into(),
+        };
+        assert!(matches!(
+            ask(&mut cluster, worker, &close).await,
+            NetReply::Closed
+        ));
+        eventually("the primary removes the socket file", || !path.exists()).await;
+    }
+}
+
+/// A directory under the test's working directory whose absolute path is
+/// too long for a Unix socket address (with `/sock` after it) while its path
+/// relative to the working directory (the primary's) is not.
+fn deep_dir_near_the_cwd() -> std::path::PathBuf {
+    let cwd = std::env::current_dir().unwrap();
+    let base = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let relative_base = relative_path(base, &cwd);
+    let suffix = "/sock";
+    let absolute_len = |n: usize| base.as_os_str().len() + 1 + n + suffix.len();
+    let relative_len = |n: usize| relative_base.len() + 1 + n + suffix.len();
+    let n = (1..200)
+        .find(|&n| absolute_len(n) > 107 && relative_len(n) <= 107)
+        .expect("the repository's path is longer than its relative form");
+    let dir = base.join(&format!("{}{}", std::process::id(), "d".repeat(n))[..n]);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn relative_path(path: &std::path::Path, base: &std::path::Path) -> String {
+    let path: Vec<_> = path.components().collect();
+    let base: Vec<_> = base.components().collect();
+    let common = path.iter().zip(&base).take_while(|(a, b)| a == b).count();
+    let mut parts: Vec<String> = vec!["..".into(); base.len() - common];
+    parts.extend(
+        path[common..]
+            .iter()
+            .map(|c| c.as_os_str().to_string_lossy().into_owned()),
+    );
+    parts.join("/")
+}
+
+#[tokio::test]
+async fn a_unix_path_too_long_for_a_socket_address_binds_by_its_shorter_relative_form() {
+    let dir = deep_dir_near_the_cwd();
+    let path = dir.join("sock");
+    assert!(path.as_os_str().len() > 107);
+    let mut cluster = builder("net").cwd(&dir).workers(1).build().unwrap();
+    let workers = cluster.start().await.unwrap();
+    online(&mut cluster, 1).await;
+    let answers = ask_each(
+        &mut cluster,
+        &[&workers[0]],
+        &NetCommand::ListenUnix {
+            path: "sock".into(),
+            capacity: 1,
+        },
+    )
+    .await;
+    assert!(
+        matches!(
+            &answers.replies[&workers[0].id()],
+            NetReply::Listening { .. }
+        ),
+        "{:?}",
+        answers.replies
+    );
+    assert_eq!(
+        answers.events[&workers[0].id()],
+        [format!("unix:{}", path.display())],
+        "known by the path the worker asked for"
+    );
+    // Reached by its relative form (the absolute one is too long to connect to).
+    let relative = relative_path(&path, &std::env::current_dir().unwrap());
+    let mut stream = tokio::net::UnixStream::connect(&relative).await.unwrap();
+    assert_eq!(read_greeting(&mut stream).await.unwrap(), workers[0].id());
+    drop(stream);
+    drop(cluster);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn unix_socket_files_get_the_mode_readable_all_and_writable_all_ask_for() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new("unix-mode");
+    let mut cluster = builder("net").cwd(&dir.0).workers(1).build().unwrap();
+    let workers = cluster.start().await.unwrap();
+    online(&mut cluster, 1).await;
+    for (name, readable_all, writable_all, expected) in [
+        ("r", true, false, 0o644),
+        ("w", false, true, 0o622),
+        ("rw", true, true, 0o666),
+    ] {
+        let request = NetCommand::ListenUnixWith {
+            path: name.into(),
+            readable_all,
+            writable_all,
+        };
+        let reply = ask(&mut cluster, &workers[0], &request).await;
+        assert!(matches!(&reply, NetReply::Listening { .. }), "{reply:?}");
+        let mode = std::fs::metadata(dir.0.join(name))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, expected, "{name}: {mode:o}");
+    }
+}
+
+#[tokio::test]
+async fn an_exclusive_udp_socket_is_the_workers_own_and_a_shared_one_is_not() {
+    let (mut cluster, workers) = net_cluster(Policy::Shared, 2).await;
+    let (a, b) = (&workers[0], &workers[1]);
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let exclusive = |reuse_address| NetCommand::ListenUdpWith {
+        addr: port.to_string(),
+        exclusive: true,
+        reuse_address,
+    };
+    let first = ask(&mut cluster, a, &exclusive(false)).await;
+    assert!(matches!(&first, NetReply::Listening { .. }), "{first:?}");
+    // Bound by worker a alone: worker b's exclusive bind finds it taken,
+    // and so does a shared listen, which the primary binds.
+    let NetReply::Failed { kind, .. } = ask(&mut cluster, b, &exclusive(false)).await else {
+        panic!("a second exclusive bind of one port succeeded")
+    };
+    assert_eq!(kind, "AddrInUse");
+    let shared = NetCommand::ListenUdp {
+        addr: port.to_string(),
+    };
+    let NetReply::Failed { kind, .. } = ask(&mut cluster, b, &shared).await else {
+        panic!("the primary bound a port a worker holds exclusively")
+    };
+    assert_eq!(kind, "AddrInUse");
+    // With reuse_address on both sides, two sockets share the address.
+    let other = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let reusing = NetCommand::ListenUdpWith {
+        addr: other.to_string(),
+        exclusive: true,
+        reuse_address: true,
+    };
+    for worker in [a, b] {
+        let reply = ask(&mut cluster, worker, &reusing).await;
+        assert!(matches!(&reply, NetReply::Listening { .. }), "{reply:?}");
+    }
 }
 
 /// The next `NetReply` and its sender.
@@ -624,7 +891,7 @@ async fn round_robin_connections_handed_to_a_worker_killed_before_taking_them_go
     let joined = ask_each(&mut cluster, &[&helper], &tcp("127.0.0.1:0", 4)).await;
     assert_eq!(joined.address(helper.id()), addr);
 
-    staller.kill(Signal::KILL).unwrap();
+    staller.signal(Signal::KILL).unwrap();
     let answered = greetings(clients).await;
     assert_eq!(answered, [helper.id(); 3]);
     let (exited, _) = exit_of(&mut cluster, staller.id()).await;
@@ -680,7 +947,7 @@ async fn a_slot_restarted_with_kept_listeners_answers_the_connections_that_waite
         online(&mut cluster, 1).await;
         let (clients, addr) = connections_waiting_for(&mut cluster, policy, &first, 5).await;
 
-        first.kill(Signal::KILL).unwrap();
+        first.signal(Signal::KILL).unwrap();
         exit_of(&mut cluster, first.id()).await;
         let second = cluster.fork_with(slot).await.unwrap();
         assert_eq!(second.index(), Some(0));
@@ -722,6 +989,41 @@ async fn reuseport_pair_with_an_idle_slot(
     (cluster, idle, serving, addr)
 }
 
+/// With the kernel steering new connections, a slot whose worker is gone
+/// gets none: nothing waits in its queue for the primary to move.
+#[tokio::test]
+async fn reuseport_steers_new_connections_away_from_a_slot_without_a_worker() {
+    let (mut cluster, gone, serving, addr) = reuseport_pair_with_an_idle_slot(0, true).await;
+    gone.signal(Signal::KILL).unwrap();
+    until(&mut cluster, |e| {
+        matches!(e, Event::Exit { worker, .. } if worker.id() == gone.id()).then_some(())
+    })
+    .await;
+    let before = cluster.listener_stats();
+    let answered = short_connections(addr, 60).await;
+    assert_eq!(answered, [serving.id(); 60]);
+    let after = cluster.listener_stats();
+    assert_eq!(
+        after.from_vacant_slots, before.from_vacant_slots,
+        "connections reached the vacant slot's queue: {before:?} -> {after:?}"
+    );
+    // A worker for the slot again: it gets its share of new connections.
+    let back = cluster
+        .fork_with(ForkOptions {
+            index: Some(0),
+            ..ForkOptions::default()
+        })
+        .await
+        .unwrap();
+    online(&mut cluster, 1).await;
+    ask_each(&mut cluster, &[&back], &tcp(&addr.to_string(), 16)).await;
+    let answered = short_connections(addr, 60).await;
+    assert!(
+        answered.contains(&back.id()) && answered.contains(&serving.id()),
+        "{answered:?}"
+    );
+}
+
 #[tokio::test]
 async fn reuseport_drains_a_dead_workers_queue_to_the_other_workers() {
     let (_cluster, idle, busy, addr) = reuseport_pair_with_an_idle_slot(0, false).await;
@@ -729,7 +1031,7 @@ async fn reuseport_drains_a_dead_workers_queue_to_the_other_workers() {
     // The kernel spreads these across both slots' sockets; those of the idle
     // worker's slot wait until it dies and its queue is drained.
     let clients = connect_all(addr, 16).await;
-    idle.kill(Signal::KILL).unwrap();
+    idle.signal(Signal::KILL).unwrap();
     let answered = greetings(clients).await;
     assert_eq!(answered, [busy.id(); 16]);
 }
@@ -741,7 +1043,7 @@ async fn a_retired_reuseport_slot_drains_its_queue_then_closes_its_socket() {
     // Scaling down: slot 1 is retired while connections wait in its queue.
     let clients = connect_all(addr, 16).await;
     cluster.retire_slot(1);
-    leaving.kill(Signal::KILL).unwrap();
+    leaving.signal(Signal::KILL).unwrap();
     let answered = greetings(clients).await;
     assert_eq!(
         answered,
@@ -823,6 +1125,89 @@ async fn a_disconnecting_worker_leaves_its_connections_to_the_others() {
     }
 }
 
+/// Node closes a worker's servers before its IPC disconnect: a client that
+/// comes after the `Disconnect` event is refused (or served), never queued
+/// on a socket that only the leaving worker still held open and then reset.
+#[tokio::test]
+async fn after_a_disconnect_event_no_connection_is_queued_where_nobody_will_accept() {
+    for policy in POLICIES {
+        let (mut cluster, workers) = net_cluster(policy, 1).await;
+        let leaving = &workers[0];
+        let answers = ask_each(&mut cluster, &[leaving], &tcp("127.0.0.1:0", 2)).await;
+        let addr = answers.address(leaving.id());
+        // A connection the worker keeps open, so it stays alive after its
+        // disconnect, finishing its work.
+        let (_, held) = ask_tcp(addr).await.unwrap();
+        leaving.disconnect();
+        until(&mut cluster, |e| {
+            matches!(e, Event::Disconnect(_)).then_some(())
+        })
+        .await;
+        for attempt in 0..20 {
+            match tokio::net::TcpStream::connect(addr).await {
+                Err(e) => assert_eq!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionRefused,
+                    "{policy:?}, attempt {attempt}"
+                ),
+                Ok(mut stream) => {
+                    let greeting = read_greeting(&mut stream).await;
+                    assert!(
+                        greeting.is_ok(),
+                        "{policy:?}, attempt {attempt}: accepted after the disconnect, then {greeting:?}"
+                    );
+                }
+            }
+        }
+        drop(held);
+    }
+}
+
+/// A graceful stop serves what was already queued: the listeners stop
+/// taking new clients, the connections waiting in their queues go to the
+/// workers, and only then do the workers leave.
+#[tokio::test]
+async fn draining_the_listeners_serves_every_queued_connection_and_refuses_new_ones() {
+    for policy in POLICIES {
+        let (mut cluster, workers) = net_cluster(policy, 1).await;
+        let worker = &workers[0];
+        // One accept loop: the worker serves one client at a time, the
+        // others wait in the queue.
+        let answers = ask_each(&mut cluster, &[worker], &tcp("127.0.0.1:0", 1)).await;
+        let addr = answers.address(worker.id());
+        let connected = Arc::new(AtomicUsize::new(0));
+        let clients: Vec<_> = (0..20)
+            .map(|_| {
+                let connected = connected.clone();
+                tokio::spawn(async move {
+                    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+                    connected.fetch_add(1, Ordering::SeqCst);
+                    read_greeting(&mut stream).await
+                })
+            })
+            .collect();
+        eventually("every client is connected", || {
+            connected.load(Ordering::SeqCst) == 20
+        })
+        .await;
+        let left = cluster
+            .drain_listeners(std::time::Duration::from_secs(20))
+            .await;
+        assert_eq!(left, 0, "{policy:?}: connections left untaken");
+        let refused = tokio::net::TcpStream::connect(addr).await;
+        assert!(refused.is_err(), "{policy:?}: a new client after the drain");
+        cluster.disconnect().await;
+        for (i, client) in clients.into_iter().enumerate() {
+            let greeting = client.await.unwrap();
+            assert_eq!(
+                greeting.as_ref().ok(),
+                Some(&worker.id()),
+                "{policy:?}: client {i}: {greeting:?}"
+            );
+        }
+    }
+}
+
 #[tokio::test]
 async fn exclusive_binds_in_the_worker_and_still_reports_listening() {
     let (mut cluster, workers) = net_cluster(Policy::RoundRobin, 2).await;
@@ -865,8 +1250,8 @@ async fn exclusive_binds_in_the_worker_and_still_reports_listening() {
 
 #[tokio::test]
 async fn ipv6_loopback_is_shared_under_every_policy() {
-    if let Err(e) = std::net::TcpListener::bind("[::1]:0") {
-        eprintln!("skipping: no IPv6 loopback here ({e})");
+    let ipv6 = std::net::TcpListener::bind("[::1]:0");
+    if !prerequisite(&format!("an IPv6 loopback ({ipv6:?})"), ipv6.is_ok()) {
         return;
     }
     for policy in POLICIES {

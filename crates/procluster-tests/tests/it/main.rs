@@ -28,7 +28,10 @@ pub fn test_primary() -> &'static str {
 mod bus;
 mod chat;
 mod cli;
+mod demo;
 mod listeners;
+mod pool;
 mod services;
 mod store;
 mod supervisor;
+mod telemetry;

@@ -155,12 +155,18 @@ fn big_text() -> String {
     text
 }
 
+/// How long the echo of 64 MiB of JSON may take: four passes of an
+/// unoptimised JSON encoder or decoder over it (the test build), some seconds
+/// on a quiet machine and a minute on a loaded one. Under the 3 minutes after
+/// which nextest ends a test.
+const BIG_JSON_ECHO_DEADLINE: std::time::Duration = std::time::Duration::from_secs(150);
+
 #[tokio::test]
 async fn a_64_mib_json_message_goes_both_ways() {
     let (mut cluster, workers) = serving(1).await;
     let text = big_text();
     workers[0].send(&Command::Echo(text.clone())).await.unwrap();
-    let (from, message) = message(&mut cluster).await;
+    let (from, message) = message_within(&mut cluster, BIG_JSON_ECHO_DEADLINE).await;
     assert_eq!(from, workers[0]);
     assert_eq!(message.format(), Format::Json);
     assert!(message.payload().len() > BIG);

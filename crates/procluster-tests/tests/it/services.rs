@@ -112,7 +112,7 @@ async fn a_service_learns_when_a_worker_disconnects_and_how_it_exited() {
     let mut cluster = builder("serve").service(echo.clone()).build().unwrap();
     let worker = cluster.fork().await.unwrap();
     online(&mut cluster, 1).await;
-    worker.kill(Signal::KILL).unwrap();
+    worker.signal(Signal::KILL).unwrap();
     until(&mut cluster, |e| {
         matches!(e, Event::Exit { .. }).then_some(())
     })

@@ -84,7 +84,6 @@ impl<C> Distributor<C> {
     }
 
     /// Connections handed out and not yet acknowledged.
-    #[cfg(test)]
     pub(crate) fn in_flight(&self) -> usize {
         self.in_flight.len()
     }

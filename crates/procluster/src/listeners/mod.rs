@@ -30,12 +30,20 @@
 //! The module has two sides that never import the primary or the worker:
 //! `registry` (in the primary: groups of sockets, the acceptors, the
 //! distribution of connections) and `tcp` (in a worker: the listener that
-//! accepts). [`bind`] makes the sockets for both, and for the command.
+//! accepts). [`bind`] makes the sockets for both, and for the command;
+//! [`slots`] keeps one reuseport socket per worker slot; [`activation`]
+//! reads the sockets passed by systemd (`LISTEN_FDS`).
 
+pub mod activation;
 pub mod bind;
 mod distributor;
+mod held;
 pub(crate) mod registry;
+pub mod slots;
+pub(crate) mod steering;
 pub(crate) mod tcp;
 
 pub use bind::{DEFAULT_BACKLOG, describe_socket};
+pub use held::{FdListener, UdpOptions, UdpSocket, UnixListener, UnixOptions};
+pub use registry::ListenerStats;
 pub use tcp::{DEFAULT_PREFETCH, TcpListener, TcpOptions};

@@ -11,7 +11,7 @@ use std::io;
 use std::ops::Range;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
@@ -20,6 +20,8 @@ use tokio::sync::Notify;
 
 use super::bind::{self, TcpBind};
 use super::distributor::{Distributor, Mode, batch_for_frame_limit};
+use super::slots::ReusePortBinder;
+use super::steering::{self, SocketOrder};
 use crate::WorkerId;
 use crate::channel::{ChannelSender, SharedFd};
 use crate::protocol::{Control, FrameKind, HandedConnection, ListenReply, ListenSpec, Policy};
@@ -79,10 +81,20 @@ struct GroupState {
     holders: BTreeMap<WorkerId, Holder>,
     sockets: BTreeMap<Slot, GroupSocket>,
     distributor: Distributor<Accepted>,
-    /// A reuseport group's first socket, bound to learn the port, until a
-    /// slot claims it.
-    spare: Option<Socket>,
+    /// A reuseport group's sockets: the first one, bound to learn the
+    /// port, until a slot claims it, then one more per slot.
+    reuseport: Option<ReusePortBinder>,
     closed: bool,
+    /// The cluster is stopping: these workers were asked to let go of the
+    /// group's socket and have not said they did; the primary takes the
+    /// queues once they all have.
+    stopping: Option<BTreeSet<WorkerId>>,
+    /// A reuseport group's sockets in the kernel's order, for steering.
+    order: SocketOrder<Slot>,
+    /// Steering works here (until the kernel refuses a program).
+    steering: bool,
+    /// Connections each holder took, while it holds the group.
+    handed: BTreeMap<WorkerId, u64>,
 }
 
 /// One listening address shared by workers.
@@ -91,12 +103,12 @@ pub(crate) struct Group {
     policy: Policy,
     /// Address actually bound, e.g. `tcp://127.0.0.1:43121`.
     address: String,
-    /// For reuseport: how to bind one more socket on the same port.
-    tcp_bind: Option<(std::net::SocketAddr, TcpBind)>,
     unix_path: Option<PathBuf>,
     state: Mutex<GroupState>,
     /// Wakes acceptors when the queue has room again.
     room: Notify,
+    /// Accepts in the primary that failed (other than a client giving up).
+    accept_errors: AtomicU64,
 }
 
 impl Group {
@@ -138,12 +150,37 @@ pub(crate) struct Joined {
     pub(crate) address: String,
 }
 
+/// What the primary's listeners have done since the cluster started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ListenerStats {
+    /// Connections the primary accepted itself, to hand them to workers:
+    /// under round-robin, and from reuseport slots that had no worker.
+    pub accepted_by_primary: u64,
+    /// Of those, connections taken from a reuseport slot that had no
+    /// worker (they had been queued there, or the kernel put them there
+    /// where steering is off).
+    pub from_vacant_slots: u64,
+    /// Failed `accept()` calls in the primary (out of descriptors...).
+    pub accept_errors: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    accepted_by_primary: std::sync::atomic::AtomicU64,
+    from_vacant_slots: std::sync::atomic::AtomicU64,
+    accept_errors: std::sync::atomic::AtomicU64,
+}
+
 /// Every listener group of a cluster, by request and by key.
 pub(crate) struct Registry {
     config: RegistryConfig,
     /// Keep groups open while no worker holds them.
     keep: AtomicBool,
     tables: Mutex<Tables>,
+    /// Wakes whoever waits for handed connections to be taken.
+    progress: Notify,
+    counters: Counters,
 }
 
 #[derive(Default)]
@@ -162,6 +199,8 @@ impl Registry {
             config,
             keep: AtomicBool::new(false),
             tables: Mutex::default(),
+            progress: Notify::new(),
+            counters: Counters::default(),
         })
     }
 
@@ -175,6 +214,16 @@ impl Registry {
 
     fn group(&self, key: u32) -> Option<Arc<Group>> {
         self.tables().by_key.get(&key).cloned()
+    }
+
+    /// What the listeners have done so far.
+    pub(crate) fn stats(&self) -> ListenerStats {
+        let read = |n: &std::sync::atomic::AtomicU64| n.load(Ordering::Relaxed);
+        ListenerStats {
+            accepted_by_primary: read(&self.counters.accepted_by_primary),
+            from_vacant_slots: read(&self.counters.from_vacant_slots),
+            accept_errors: read(&self.counters.accept_errors),
+        }
     }
 
     /// Keeps groups open while no worker holds them, so connections wait
@@ -229,13 +278,16 @@ impl Registry {
         };
         let mut state = group.state();
         // A taken connection: our copy closes here.
-        drop(state.distributor.ack(worker, seq, accepted));
+        if state.distributor.ack(worker, seq, accepted).is_some() {
+            *state.handed.entry(worker).or_default() += 1;
+        }
         state.distributor.credit(worker, credit as usize);
         if !accepted || credit > 0 {
             dispatch(key, &mut state);
         }
         drop(state);
         group.room.notify_waiters();
+        self.progress.notify_waiters();
     }
 
     /// A worker waits for more connections on a round-robin listener.
@@ -267,6 +319,121 @@ impl Registry {
         }
     }
 
+    /// Stops taking new connections without losing those already waiting.
+    /// Workers that accept on a TCP group's socket themselves (shared,
+    /// reuseport) are asked to let go of it first, so nothing queues where
+    /// only they would look; once they have (`stopped_accepting`), the
+    /// primary accepts what waits in the queues, closes the sockets (new
+    /// clients are refused) and hands the connections to those workers,
+    /// which take them with their next `accept()`. Other groups (UDP, Unix)
+    /// simply close.
+    pub(crate) fn stop_accepting(self: &Arc<Self>) {
+        for group in self.groups() {
+            if !group.address.starts_with("tcp://") {
+                self.close_group(&group);
+                continue;
+            }
+            let mut state = group.state();
+            if state.closed {
+                continue;
+            }
+            state.closed = true;
+            let holding: BTreeSet<WorkerId> = if group.policy == Policy::RoundRobin {
+                BTreeSet::new()
+            } else {
+                state.holders.keys().copied().collect()
+            };
+            let ask = Control::StopAccepting { key: group.key }.encode();
+            let mut waiting = BTreeSet::new();
+            for worker in holding {
+                let sent =
+                    state.holders[&worker]
+                        .sender
+                        .send_now(FrameKind::Control, &ask, Vec::new());
+                if sent.is_ok() {
+                    waiting.insert(worker);
+                }
+            }
+            state.stopping = Some(waiting);
+            take_queues_once_released(&group, &mut state);
+        }
+    }
+
+    /// A worker let go of a group's socket, as `stop_accepting` asked.
+    pub(crate) fn stopped_accepting(&self, worker: WorkerId, key: u32) {
+        let Some(group) = self.group(key) else {
+            return;
+        };
+        let mut state = group.state();
+        if let Some(waiting) = &mut state.stopping {
+            waiting.remove(&worker);
+        }
+        take_queues_once_released(&group, &mut state);
+        drop(state);
+        self.progress.notify_waiters();
+    }
+
+    /// Resolves once every connection `stop_accepting` took has been taken
+    /// by a worker, or at `deadline`; then closes every group. Returns how
+    /// many were still waiting (they are closed with their groups).
+    pub(crate) async fn drained(&self, deadline: tokio::time::Instant) -> usize {
+        loop {
+            let progress = self.progress.notified();
+            tokio::pin!(progress);
+            progress.as_mut().enable();
+            let late = tokio::time::Instant::now() >= deadline;
+            let mut waiting = 0;
+            for group in self.groups() {
+                let mut state = group.state();
+                if late {
+                    // Whoever has not let go of the socket by now: take the
+                    // queues all the same.
+                    if let Some(stopping) = &mut state.stopping {
+                        stopping.clear();
+                    }
+                    take_queues_once_released(&group, &mut state);
+                }
+                let unreleased = state.stopping.as_ref().map_or(0, BTreeSet::len);
+                waiting += unreleased + state.distributor.queued() + state.distributor.in_flight();
+            }
+            if waiting == 0 || late {
+                self.close_all();
+                return waiting;
+            }
+            let _ = tokio::time::timeout_at(deadline, progress).await;
+        }
+    }
+
+    /// A snapshot of every open group, for metrics.
+    pub(crate) fn group_stats(&self) -> Vec<GroupStats> {
+        let mut groups = self.groups();
+        groups.sort_by_key(|g| g.key);
+        groups
+            .iter()
+            .map(|group| {
+                let state = group.state();
+                let inode = |socket: &Socket| rustix::fs::fstat(socket).ok().map(|st| st.st_ino);
+                let sockets: Vec<(Option<usize>, u64)> = state
+                    .sockets
+                    .iter()
+                    .filter_map(|(slot, s)| {
+                        let slot = match slot {
+                            Slot::Index(index) => Some(*index),
+                            Slot::All | Slot::Worker(_) => None,
+                        };
+                        Some((slot, inode(&s.socket)?))
+                    })
+                    .collect();
+                GroupStats {
+                    address: group.address.clone(),
+                    accept_errors: group.accept_errors.load(Ordering::Relaxed),
+                    handed: state.handed.iter().map(|(w, n)| (*w, *n)).collect(),
+                    sockets,
+                }
+            })
+            .collect()
+    }
+
     /// Closes every group (the cluster is going away).
     pub(crate) fn close_all(&self) {
         for group in self.groups() {
@@ -296,10 +463,66 @@ fn errno_of(error: &io::Error) -> Option<i32> {
     })
 }
 
+/// Longest path a Unix socket address holds (`sun_path`, less its NUL).
+const MAX_UNIX_PATH: usize = 107;
+
+/// The form of an absolute socket path to bind: the path itself, or, when
+/// it is too long for a socket address, the path relative to the primary's
+/// working directory if that one fits (as Node's primary does).
+fn bindable_path(path: &std::path::Path) -> PathBuf {
+    let fits = |p: &std::path::Path| p.as_os_str().len() <= MAX_UNIX_PATH;
+    if fits(path) {
+        return path.to_path_buf();
+    }
+    match std::env::current_dir() {
+        Ok(cwd) => {
+            let relative = relative_to(path, &cwd);
+            if fits(&relative) {
+                relative
+            } else {
+                path.to_path_buf()
+            }
+        }
+        Err(_) => path.to_path_buf(),
+    }
+}
+
+/// `path` relative to `base`, both absolute, by their components alone.
+fn relative_to(path: &std::path::Path, base: &std::path::Path) -> PathBuf {
+    let path: Vec<_> = path.components().collect();
+    let base: Vec<_> = base.components().collect();
+    let common = path.iter().zip(&base).take_while(|(a, b)| a == b).count();
+    let mut relative = PathBuf::new();
+    for _ in common..base.len() {
+        relative.push("..");
+    }
+    for component in &path[common..] {
+        relative.push(component);
+    }
+    relative
+}
+
+/// How a group bound to what `spec` asks for describes its address, when
+/// the request names one exactly (not port 0, not a host name).
+fn bound_form(spec: &ListenSpec) -> Option<String> {
+    match spec {
+        ListenSpec::Tcp { addr, .. } => {
+            let addr: std::net::SocketAddr = addr.parse().ok()?;
+            (addr.port() != 0).then(|| format!("tcp://{addr}"))
+        }
+        ListenSpec::Udp { addr, .. } => {
+            let addr: std::net::SocketAddr = addr.parse().ok()?;
+            (addr.port() != 0).then(|| format!("udp://{addr}"))
+        }
+        ListenSpec::Unix { path, .. } => Some(format!("unix:{path}")),
+        ListenSpec::InheritedFd { .. } => None,
+    }
+}
+
 fn request_key(spec: &ListenSpec) -> String {
     match spec {
         ListenSpec::Tcp { addr, .. } => format!("tcp:{addr}"),
-        ListenSpec::Udp { addr } => format!("udp:{addr}"),
+        ListenSpec::Udp { addr, .. } => format!("udp:{addr}"),
         ListenSpec::Unix { path, .. } => format!("unix:{path}"),
         ListenSpec::InheritedFd { fd } => format!("fd:{fd}"),
     }
@@ -312,6 +535,13 @@ impl Registry {
         if let Some(group) = tables.by_request.get(&request) {
             return Ok(group.clone());
         }
+        // A fixed address another request already bound (say, the port a
+        // `listen(0)` got): the same socket, not a second bind.
+        if let Some(bound) = bound_form(spec) {
+            if let Some(group) = tables.by_key.values().find(|g| g.address == bound) {
+                return Ok(group.clone());
+            }
+        }
         let key = tables.next_key;
         let group = Arc::new(self.create_group(key, spec)?);
         tables.next_key += 1;
@@ -322,7 +552,6 @@ impl Registry {
 
     fn create_group(&self, key: u32, spec: &ListenSpec) -> io::Result<Group> {
         let mut policy = Policy::Shared;
-        let mut tcp_bind = None;
         let mut unix_path = None;
         let socket = match spec {
             ListenSpec::Tcp {
@@ -336,51 +565,98 @@ impl Registry {
                     backlog: *backlog,
                     ipv6_only: *ipv6_only,
                     reuse_port: policy == Policy::ReusePort,
+                    first: true,
                 };
-                let socket = bind::tcp(addr, options)?;
-                // Later reuseport sockets join the port the first one got.
-                let bound = socket.local_addr()?.as_socket().unwrap_or(addr);
-                tcp_bind = Some((bound, options));
-                socket
+                if policy == Policy::ReusePort {
+                    // Later sockets join the port the first one got.
+                    let binder = ReusePortBinder::tcp(addr, options)?;
+                    let address = binder.address().to_string();
+                    return Ok(self.new_group(key, policy, address, None, None, Some(binder)));
+                }
+                bind::tcp(addr, options)?
             }
-            ListenSpec::Udp { addr } => bind::udp(bind::parse_addr(addr)?, false)?,
-            ListenSpec::Unix { path, backlog } => {
+            ListenSpec::Udp {
+                addr,
+                ipv6_only,
+                reuse_address,
+            } => bind::udp_with(
+                bind::parse_addr(addr)?,
+                bind::UdpBind {
+                    ipv6_only: *ipv6_only,
+                    reuse_address: *reuse_address,
+                    reuse_port: false,
+                },
+            )?,
+            ListenSpec::Unix {
+                path,
+                backlog,
+                mode,
+            } => {
                 let path = PathBuf::from(path);
-                let socket = bind::unix(&path, *backlog)?;
+                let socket = bind::unix(&bindable_path(&path), *backlog)?;
+                if let Some(mode) = mode {
+                    use std::os::unix::fs::PermissionsExt;
+                    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(*mode))
+                        .map_err(|e| {
+                            io::Error::new(
+                                e.kind(),
+                                format!("cannot set the mode of {}: {e}", path.display()),
+                            )
+                        })?;
+                }
                 unix_path = Some(path);
                 socket
             }
             ListenSpec::InheritedFd { fd } => self.inherited(*fd)?,
         };
-        let address = bind::describe_socket(&socket);
+        // A Unix socket bound by a relative path is known by the path asked for.
+        let address = match &unix_path {
+            Some(path) => format!("unix:{}", path.display()),
+            None => bind::describe_socket(&socket),
+        };
+        Ok(self.new_group(key, policy, address, Some(socket), unix_path, None))
+    }
+
+    /// A group with its one socket (shared, round-robin) or its reuseport
+    /// binder.
+    fn new_group(
+        &self,
+        key: u32,
+        policy: Policy,
+        address: String,
+        socket: Option<Socket>,
+        unix_path: Option<PathBuf>,
+        reuseport: Option<ReusePortBinder>,
+    ) -> Group {
         let mode = if policy == Policy::RoundRobin {
             Mode::Credit
         } else {
             Mode::Push
         };
         let mut sockets = BTreeMap::new();
-        let mut spare = None;
-        if policy == Policy::ReusePort {
-            spare = Some(socket);
-        } else {
+        if let Some(socket) = socket {
             sockets.insert(Slot::All, GroupSocket::new(socket));
         }
-        Ok(Group {
+        Group {
             key,
             policy,
             address,
-            tcp_bind,
             unix_path,
             state: Mutex::new(GroupState {
                 holders: BTreeMap::new(),
                 sockets,
                 distributor: Distributor::new(mode)
                     .with_max_batch(batch_for_frame_limit(self.config.max_frame)),
-                spare,
+                reuseport,
                 closed: false,
+                stopping: None,
+                order: SocketOrder::default(),
+                steering: true,
+                handed: BTreeMap::new(),
             }),
             room: Notify::new(),
-        })
+            accept_errors: AtomicU64::new(0),
+        }
     }
 
     /// A socket the primary inherited from systemd (`LISTEN_FDS`), shared as
@@ -441,11 +717,13 @@ impl Registry {
             Policy::ReusePort => {
                 let slot = member.index.map_or(Slot::Worker(member.id), Slot::Index);
                 if !state.sockets.contains_key(&slot) {
-                    let socket = match state.spare.take() {
-                        Some(socket) => socket,
-                        None => new_reuseport_socket(group)?,
-                    };
+                    let socket = state
+                        .reuseport
+                        .as_mut()
+                        .ok_or_else(|| io::Error::other("reuseport group without an address"))?
+                        .next_socket()?;
                     state.sockets.insert(slot, GroupSocket::new(socket));
+                    state.order.listening(slot);
                 }
                 let entry = state.sockets.get_mut(&slot).expect("inserted above");
                 let fd = entry.socket.as_fd().try_clone_to_owned()?;
@@ -455,6 +733,7 @@ impl Registry {
                 }
                 state.holders.insert(member.id, holder(slot));
                 state.distributor.add_target(member.id);
+                steer(group, &mut state);
                 self.drain_vacant(group, &mut state);
                 // Connections drained while nobody held the group go out now.
                 dispatch(key, &mut state);
@@ -504,10 +783,16 @@ impl Registry {
     }
 
     fn leave(self: &Arc<Self>, group: &Arc<Group>, worker: WorkerId) {
+        self.progress.notify_waiters();
         let mut state = group.state();
         let Some(Holder { slot, .. }) = state.holders.remove(&worker) else {
             return;
         };
+        if let Some(stopping) = &mut state.stopping {
+            stopping.remove(&worker);
+        }
+        take_queues_once_released(group, &mut state);
+        state.handed.remove(&worker);
         state.distributor.remove_target(worker);
         if let Some(entry) = state.sockets.get_mut(&slot) {
             if entry.holder == Some(worker) {
@@ -529,6 +814,9 @@ impl Registry {
         }
         dispatch(group.key, &mut state);
         if group.policy == Policy::ReusePort {
+            // New connections avoid the slot first; then what it queued is
+            // handed to the others.
+            steer(group, &mut state);
             self.drain_vacant(group, &mut state);
         }
     }
@@ -546,7 +834,7 @@ impl Registry {
         state.closed = true;
         let leftovers = state.distributor.drain_all();
         state.sockets.clear();
-        state.spare = None;
+        state.reuseport = None;
         drop(state);
         drop(leftovers);
         if let Some(path) = &group.unix_path {
@@ -559,6 +847,22 @@ impl Registry {
 
 type Answer = (ListenReply, Vec<OwnedFd>);
 
+/// One shared listener as metrics see it.
+#[derive(Debug, Clone)]
+pub(crate) struct GroupStats {
+    /// The address bound, e.g. `tcp://127.0.0.1:43121`.
+    pub(crate) address: String,
+    /// Accepts in the primary that failed.
+    pub(crate) accept_errors: u64,
+    /// Connections handed to each worker that holds it now (round-robin,
+    /// and the draining of vacant reuseport slots).
+    pub(crate) handed: Vec<(WorkerId, u64)>,
+    /// Its sockets: the slot of a reuseport socket (`None` for the one
+    /// socket of a shared group) and the socket's inode, by which the
+    /// kernel's tables name it.
+    pub(crate) sockets: Vec<(Option<usize>, u64)>,
+}
+
 impl GroupSocket {
     fn new(socket: Socket) -> Self {
         Self {
@@ -567,13 +871,6 @@ impl GroupSocket {
             acceptor: None,
         }
     }
-}
-
-fn new_reuseport_socket(group: &Group) -> io::Result<Socket> {
-    let (addr, options) = group
-        .tcp_bind
-        .ok_or_else(|| io::Error::other("reuseport group without a TCP address"))?;
-    bind::tcp(addr, options)
 }
 
 async fn accept_loop(registry: Weak<Registry>, group: Arc<Group>, socket: OwnedFd) {
@@ -595,8 +892,19 @@ async fn accept_loop(registry: Weak<Registry>, group: Arc<Group>, socket: OwnedF
         }
         match accept_burst(&listener, room_left.min(ACCEPT_BURST)).await {
             Ok(burst) => {
-                if registry.strong_count() == 0 {
+                let Some(registry) = registry.upgrade() else {
                     return;
+                };
+                let count = burst.len() as u64;
+                registry
+                    .counters
+                    .accepted_by_primary
+                    .fetch_add(count, Ordering::Relaxed);
+                if group.policy == Policy::ReusePort {
+                    registry
+                        .counters
+                        .from_vacant_slots
+                        .fetch_add(count, Ordering::Relaxed);
                 }
                 let mut state = group.state();
                 if state.closed {
@@ -609,6 +917,13 @@ async fn accept_loop(registry: Weak<Registry>, group: Arc<Group>, socket: OwnedF
             }
             Err(error) if is_transient(&error) => {}
             Err(error) => {
+                if let Some(registry) = registry.upgrade() {
+                    registry
+                        .counters
+                        .accept_errors
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                group.accept_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(address = %group.address, %error, "accept failed; pausing");
                 tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
             }
@@ -693,6 +1008,60 @@ fn dispatch(key: u32, state: &mut GroupState) {
     });
 }
 
+/// Points the kernel's choice of a reuseport group's socket at the slots
+/// that have a worker: a slot whose worker is restarting, or that is being
+/// retired, gets no new connection. Where the kernel refuses the program,
+/// the group keeps the kernel's own choice and the primary drains vacant
+/// slots (as it does anyway for what was queued before).
+fn steer(group: &Group, state: &mut GroupState) {
+    steer_without(group, state, None);
+}
+
+/// [`steer`], also keeping new connections from slot `closing`.
+fn steer_without(group: &Group, state: &mut GroupState, closing: Option<Slot>) {
+    if group.policy != Policy::ReusePort || !state.steering {
+        return;
+    }
+    let eligible = state.order.indexes(|slot| {
+        Some(*slot) != closing && state.sockets.get(slot).is_some_and(|s| s.holder.is_some())
+    });
+    let program = steering::spread(&eligible, state.order.len());
+    let Some(target) = state.sockets.values().next() else {
+        return;
+    };
+    if let Err(error) = steering::attach(&*target.socket, &program) {
+        state.steering = false;
+        tracing::warn!(
+            address = %group.address,
+            %error,
+            "the kernel refused the reuseport steering program; new connections may queue for a slot whose worker is restarting, and are drained from there"
+        );
+    }
+}
+
+/// Once every worker asked by `stop_accepting` has let go of the group's
+/// socket: accepts what waits in the queues, closes the sockets, and hands
+/// the connections to the workers that hold the group.
+fn take_queues_once_released(group: &Group, state: &mut GroupState) {
+    if !state.stopping.as_ref().is_some_and(BTreeSet::is_empty) || state.sockets.is_empty() {
+        return;
+    }
+    state.reuseport = None;
+    let holders: Vec<WorkerId> = state.holders.keys().copied().collect();
+    for worker in holders {
+        state.distributor.add_target(worker);
+    }
+    let slots: Vec<Slot> = state.sockets.keys().copied().collect();
+    let before = state.distributor.queued() + state.distributor.in_flight();
+    for slot in slots {
+        retire_socket(group, state, slot);
+    }
+    let taken = (state.distributor.queued() + state.distributor.in_flight()).saturating_sub(before);
+    if taken > 0 {
+        tracing::debug!(address = %group.address, taken, "handing the connections queued at stop to the workers");
+    }
+}
+
 /// Takes a reuseport slot's socket out of its group: what waits in its
 /// queue is accepted and handed to the remaining workers, then the socket is
 /// closed so the kernel stops routing new connections to it.
@@ -702,6 +1071,9 @@ fn dispatch(key: u32, state: &mut GroupState) {
 /// 5.14 and later) lets it migrate to another socket of the port; the window
 /// is one system call wide.
 fn retire_socket(group: &Group, state: &mut GroupState, slot: Slot) {
+    // Steered away before it goes, so nothing new reaches it between the
+    // last accept and the close.
+    steer_without(group, state, Some(slot));
     let Some(entry) = state.sockets.remove(&slot) else {
         return;
     };
@@ -721,5 +1093,32 @@ fn retire_socket(group: &Group, state: &mut GroupState, slot: Slot) {
         }
     }
     drop(entry);
+    if group.policy == Policy::ReusePort {
+        // The kernel moved its last socket into the closed one's place.
+        state.order.closed(slot);
+        steer(group, state);
+    }
     dispatch(group.key, state);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn a_path_relative_to_a_base_climbs_only_what_it_must() {
+        assert_eq!(
+            relative_to(Path::new("/a/b/c/sock"), Path::new("/a/b")),
+            Path::new("c/sock")
+        );
+        assert_eq!(
+            relative_to(Path::new("/a/x/sock"), Path::new("/a/b/c")),
+            Path::new("../../x/sock")
+        );
+        assert_eq!(
+            relative_to(Path::new("/a/sock"), Path::new("/a")),
+            Path::new("sock")
+        );
+    }
 }

@@ -92,11 +92,21 @@ impl HandedState {
 pub(crate) struct Handed {
     state: Mutex<HandedState>,
     arrived: Notify,
+    /// The socket this worker accepts on (shared and reuseport), until the
+    /// listener closes: a worker that leaves the cluster lets go of it at
+    /// once, so a socket the primary has closed is not kept listening (and
+    /// queueing connections nobody will take) by a worker still finishing
+    /// its work.
+    socket: Mutex<Option<Arc<tokio::net::TcpListener>>>,
 }
 
 impl Handed {
     fn state(&self) -> MutexGuard<'_, HandedState> {
         lock(&self.state)
+    }
+
+    fn socket(&self) -> Option<Arc<tokio::net::TcpListener>> {
+        lock(&self.socket).clone()
     }
 }
 
@@ -108,6 +118,9 @@ pub(crate) struct WorkerListeners {
     sender: ChannelSender,
     listeners: Mutex<HashMap<u32, Weak<Handed>>>,
     ordinals: Mutex<HashMap<String, u32>>,
+    /// Sockets of closed listeners that an `accept()` may still hold for a
+    /// moment.
+    closing: Mutex<Vec<std::sync::Weak<tokio::net::TcpListener>>>,
 }
 
 impl WorkerListeners {
@@ -117,6 +130,7 @@ impl WorkerListeners {
             sender,
             listeners: Mutex::default(),
             ordinals: Mutex::default(),
+            closing: Mutex::default(),
         })
     }
 
@@ -132,8 +146,49 @@ impl WorkerListeners {
             .drain()
             .filter_map(|(k, h)| Some((k, h.upgrade()?)))
             .collect();
+        let mut closing = lock(&self.closing);
         for (key, handed) in all {
-            refuse_queued(key, &handed, &self.sender);
+            if let Some(socket) = refuse_queued(key, &handed, &self.sender) {
+                closing.push(Arc::downgrade(&socket));
+            }
+        }
+    }
+
+    /// The primary asks this worker to stop accepting on the socket of
+    /// listener `key` (the cluster is stopping): the listener lets go of
+    /// the socket but keeps taking the connections the primary hands over,
+    /// and the primary hears once the socket is closed here.
+    pub(crate) fn stop_accepting(self: &Arc<Self>, key: u32) {
+        let socket = self
+            .table()
+            .get(&key)
+            .and_then(Weak::upgrade)
+            .and_then(|handed| {
+                let socket = lock(&handed.socket).take();
+                handed.arrived.notify_waiters();
+                socket
+            });
+        let listeners = self.clone();
+        tokio::spawn(async move {
+            if let Some(socket) = socket {
+                let socket = Arc::downgrade(&socket);
+                release(socket).await;
+            }
+            let done = Control::StoppedAccepting { key };
+            let _ = listeners
+                .sender
+                .send_now(FrameKind::Control, &done.encode(), Vec::new());
+        });
+    }
+
+    /// Resolves once every socket of the listeners closed by `close_all` is
+    /// closed in this process: the `accept()` calls that held them have
+    /// woken up and let go (they were told to; this takes a few turns of
+    /// the event loop, and at most a second is waited).
+    pub(crate) async fn sockets_released(&self) {
+        let closing = std::mem::take(&mut *lock(&self.closing));
+        for socket in closing {
+            release(socket).await;
         }
     }
 
@@ -204,10 +259,10 @@ impl WorkerListeners {
             ListenReply::Failed { message, .. } => return Err(io::Error::other(message)),
         };
         let round_robin = socket.is_none();
+        *lock(&handed.socket) = socket.map(Arc::new);
         self.table().insert(key, Arc::downgrade(&handed));
         Ok(TcpListener {
             key,
-            socket,
             handed,
             round_robin,
             batch_acks: on_single_threaded_runtime(),
@@ -233,6 +288,7 @@ impl WorkerListeners {
                 backlog: options.backlog,
                 ipv6_only: options.ipv6_only,
                 reuse_port: false,
+                first: true,
             },
         )?;
         let address = bind::describe_socket(&socket);
@@ -244,10 +300,11 @@ impl WorkerListeners {
             &Control::Listening { address }.encode(),
             Vec::new(),
         );
+        let handed = Arc::new(Handed::default());
+        *lock(&handed.socket) = Some(Arc::new(listener));
         Ok(TcpListener {
             key: u32::MAX,
-            socket: Some(listener),
-            handed: Arc::new(Handed::default()),
+            handed,
             round_robin: false,
             batch_acks: false,
             local_addr,
@@ -256,16 +313,35 @@ impl WorkerListeners {
     }
 }
 
-fn refuse_queued(key: u32, handed: &Handed, sender: &ChannelSender) {
+/// Waits until the `accept()` calls that held a socket have woken up and let
+/// go of it (they were told to: a few turns of the event loop), at most a
+/// second.
+async fn release(socket: std::sync::Weak<tokio::net::TcpListener>) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(1);
+    while socket.strong_count() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::task::yield_now().await;
+    }
+}
+
+/// Closes a listener: queued connections go back to the primary, waiting
+/// `accept()` calls wake up and fail. Returns the socket it accepted on, which
+/// those calls may hold a little longer.
+fn refuse_queued(
+    key: u32,
+    handed: &Handed,
+    sender: &ChannelSender,
+) -> Option<Arc<tokio::net::TcpListener>> {
     let refused: Vec<u64> = {
         let mut state = handed.state();
         state.closed = true;
         state.queue.drain(..).map(|queued| queued.seq).collect()
     };
+    let socket = lock(&handed.socket).take();
     for seq in refused {
         refuse(sender, key, seq);
     }
     handed.arrived.notify_waiters();
+    socket
 }
 
 /// Connections handed to this worker by the primary, one descriptor each.
@@ -380,7 +456,6 @@ fn on_single_threaded_runtime() -> bool {
 /// With the `axum` feature it implements `axum::serve::Listener`.
 pub struct TcpListener {
     key: u32,
-    socket: Option<tokio::net::TcpListener>,
     handed: Arc<Handed>,
     round_robin: bool,
     /// Acknowledgements may wait for the writer task (see `take_handed`):
@@ -427,7 +502,7 @@ impl TcpListener {
             if let Some(accepted) = self.take_handed()? {
                 return Ok(accepted);
             }
-            match &self.socket {
+            match self.handed.socket() {
                 Some(socket) => tokio::select! {
                     () = &mut arrived => {}
                     accepted = socket.accept() => return accepted,
@@ -552,7 +627,7 @@ impl Drop for TcpListener {
     fn drop(&mut self) {
         let Some(owner) = &self.owner else { return };
         owner.table().remove(&self.key);
-        refuse_queued(self.key, &self.handed, &owner.sender);
+        drop(refuse_queued(self.key, &self.handed, &owner.sender));
         owner.close(self.key);
     }
 }

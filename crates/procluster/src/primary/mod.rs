@@ -260,6 +260,12 @@ impl ClusterBuilder {
 
     /// Checks the settings and builds the cluster; no worker starts yet.
     ///
+    /// The first cluster of a process raises the process's soft open-file
+    /// limit (`RLIMIT_NOFILE`) to its hard limit: a primary holds a few
+    /// descriptors per worker, and the soft limit of a login shell (often
+    /// 1024) would stop a few hundred workers. Workers get back the limit
+    /// the process started with.
+    ///
     /// # Errors
     /// [`Error::Settings`] for a bad setting (a working directory that does
     /// not exist, a message limit under 4096 bytes, an unknown policy in the
@@ -293,13 +299,14 @@ impl ClusterBuilder {
                 settings.batch_scheduling = false;
             }
         }
+        spawn::raise_open_files_limit();
         let (tx, rx) = mpsc::unbounded_channel();
         let budget = settings.message_budget.clamp(1, Semaphore::MAX_PERMITS);
         let (live_tx, _) = watch::channel(0);
         let listeners = Registry::new(RegistryConfig {
             policy: settings.policy,
             max_frame: settings.max_frame,
-            inherited_fds: systemd_listen_fds(),
+            inherited_fds: crate::listeners::activation::ListenFds::from_env().range(),
         });
         let inner = Arc::new(Inner {
             settings: self.settings,
@@ -555,31 +562,53 @@ impl Cluster {
         self.inner.listeners.retire_slot(index);
     }
 
-    /// Closes every shared listener now.
+    /// What the primary's listeners have done since the cluster started:
+    /// connections it accepted itself, those it took from reuseport slots
+    /// without a worker, accept errors.
+    pub fn listener_stats(&self) -> crate::listeners::ListenerStats {
+        self.inner.listeners.stats()
+    }
+
+    /// Closes every shared listener now: new clients are refused, and
+    /// connections still waiting in a socket's queue are closed unanswered.
+    /// [`Cluster::drain_listeners`] closes without losing them.
     pub fn close_listeners(&self) {
         self.inner.listeners.close_all();
+    }
+
+    /// Closes every shared listener without losing a connection that was
+    /// already waiting: the queues are accepted, the sockets close (new
+    /// clients are refused), and what was queued goes to the connected
+    /// workers, which take it with their next `accept()`. Resolves once all
+    /// of it is taken, or after `within`; returns how many connections were
+    /// left untaken then (and closed). Call it before disconnecting the
+    /// workers, as a graceful stop does.
+    ///
+    /// # Cancel safety
+    /// The listeners stop accepting as soon as this is first polled;
+    /// dropping the future early leaves them closed with what is still
+    /// waiting kept until the workers leave.
+    pub async fn drain_listeners(&self, within: std::time::Duration) -> usize {
+        let deadline = tokio::time::Instant::now() + within;
+        self.stop_accepting();
+        self.listeners_drained(deadline).await
+    }
+
+    /// The first half of [`Cluster::drain_listeners`]: the listeners stop
+    /// accepting and hand their queues to the workers.
+    pub(crate) fn stop_accepting(&self) {
+        self.inner.listeners.stop_accepting();
+    }
+
+    /// The second half of [`Cluster::drain_listeners`].
+    pub(crate) async fn listeners_drained(&self, deadline: tokio::time::Instant) -> usize {
+        self.inner.listeners.drained(deadline).await
     }
 
     /// Waits until no worker is alive.
     pub async fn wait_all_exited(&self) {
         let mut live = self.inner.live.subscribe();
         let _ = live.wait_for(|n| *n == 0).await;
-    }
-}
-
-/// The range of descriptors systemd passed to this process: `LISTEN_FDS`
-/// from fd 3, when `LISTEN_PID` (if set) names this process.
-fn systemd_listen_fds() -> std::ops::Range<i32> {
-    let for_us =
-        std::env::var("LISTEN_PID").map_or(true, |pid| pid.parse() == Ok(std::process::id()));
-    let count: i32 = std::env::var("LISTEN_FDS")
-        .ok()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0);
-    if for_us && count > 0 {
-        3..3 + count
-    } else {
-        3..3
     }
 }
 

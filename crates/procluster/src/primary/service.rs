@@ -111,9 +111,29 @@ impl ServiceContext {
         self.cluster.upgrade()?.worker(id)
     }
 
+    /// The cluster's shared listeners, for metrics.
+    pub(crate) fn listener_stats(&self) -> Vec<crate::listeners::registry::GroupStats> {
+        self.cluster
+            .upgrade()
+            .map(|inner| inner.listeners.group_stats())
+            .unwrap_or_default()
+    }
+
     /// The cluster's format for user values.
     pub fn format(&self) -> Option<Format> {
         Some(self.cluster.upgrade()?.settings.format)
+    }
+
+    /// Holds `task` (a description, such as "task 12 of pool \"hash\"")
+    /// responsible for the end of `worker`, which it was running when the
+    /// worker died: call it from [`Service::on_worker_gone`] when the exit
+    /// is reported, before the cluster's `Exit` event goes out. A
+    /// supervisor then restarts the worker's slot without counting the
+    /// failure for its crash-loop breaker
+    /// ([`CrashCause::TaskFault`](crate::supervisor::CrashCause)), so a task
+    /// that kills every worker it touches does not stop the cluster.
+    pub fn blame_exit(&self, worker: &WorkerHandle, task: impl Into<String>) {
+        worker.shared.lifecycle().exit_blame = Some(task.into());
     }
 
     /// Sends `body` to the worker side of this service in `worker`, waiting

@@ -8,6 +8,7 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::OnceLock;
 use std::sync::mpsc;
 
+use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
 use tokio::process::{Child, Command};
 use tokio::runtime::Handle;
 use tokio::sync::oneshot;
@@ -28,6 +29,44 @@ fn spawner() -> &'static mpsc::Sender<Job> {
             .expect("cannot start the procluster spawner thread");
         tx
     })
+}
+
+/// Raises this process's soft open-file limit (`RLIMIT_NOFILE`) to its hard
+/// limit, once: a primary holds a few descriptors per worker (channel,
+/// output pipes, pidfd, sockets), and the usual soft limit of 1024 would
+/// stop a cluster of a few hundred workers. Returns the limit the process
+/// had, which workers get back ([`open_files_for_workers`]); `None` when
+/// nothing was changed.
+pub(crate) fn raise_open_files_limit() -> Option<Rlimit> {
+    static ORIGINAL: OnceLock<Option<Rlimit>> = OnceLock::new();
+    *ORIGINAL.get_or_init(|| {
+        let original = getrlimit(Resource::Nofile);
+        let soft = original.current?;
+        // No hard limit is taken as a million (as Linux's default ceiling).
+        let hard = original.maximum.unwrap_or(1 << 20);
+        if soft >= hard {
+            return None;
+        }
+        let raised = Rlimit {
+            current: Some(hard),
+            maximum: original.maximum,
+        };
+        match setrlimit(Resource::Nofile, raised) {
+            Ok(()) => {
+                tracing::debug!(from = soft, to = hard, "raised the open-file limit");
+                Some(original)
+            }
+            Err(error) => {
+                tracing::debug!(%error, "cannot raise the open-file limit");
+                None
+            }
+        }
+    })
+}
+
+/// The open-file limit workers get: the one the primary started with.
+pub(crate) fn open_files_for_workers() -> Option<Rlimit> {
+    raise_open_files_limit()
 }
 
 /// Spawns `command` on the spawner thread, registering the child with the

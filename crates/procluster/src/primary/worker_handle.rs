@@ -40,6 +40,8 @@ pub(crate) struct Lifecycle {
     pub(crate) last_heartbeat: Option<std::time::Instant>,
     pub(crate) reported_ready: bool,
     pub(crate) requests: u64,
+    /// What a service holds responsible for the worker's end, if anything.
+    pub(crate) exit_blame: Option<String>,
 }
 
 pub(crate) struct WorkerShared {
@@ -165,6 +167,31 @@ impl WorkerHandle {
         self.shared.lifecycle().last_heartbeat = Some(std::time::Instant::now());
     }
 
+    /// Records how many requests the worker has served in all, as a
+    /// procluster worker's own count does ([`requests`](Self::requests),
+    /// which recycling by `max_requests` reads); for a foreign program that
+    /// reports its count another way, such as the `procluster` command's
+    /// `X_PROCLUSTER_REQUESTS=N` sd_notify message.
+    pub fn report_requests(&self, total: u64) {
+        self.shared.lifecycle().requests = total;
+    }
+
+    /// The task a service of the cluster holds responsible for the
+    /// worker's end, when one does (see
+    /// [`ServiceContext::blame_exit`](crate::primary::ServiceContext::blame_exit)):
+    /// a supervisor restarts such a worker without counting the failure for
+    /// its crash-loop breaker.
+    pub fn exit_blame(&self) -> Option<String> {
+        self.shared.lifecycle().exit_blame.clone()
+    }
+
+    /// What crossed the worker's channel so far: frames and bytes each way,
+    /// and frames refused (see [`ChannelStats`](crate::ChannelStats)). A
+    /// foreign program has no channel: all zeros.
+    pub fn channel_stats(&self) -> crate::ChannelStats {
+        self.shared.sender.stats()
+    }
+
     /// How it exited, once it has.
     pub fn exit_status(&self) -> Option<ExitStatus> {
         self.shared.lifecycle().exit
@@ -266,14 +293,36 @@ impl WorkerHandle {
         *lock(&self.shared.unread) < UNREAD_WINDOW
     }
 
-    /// Sends `signal` to the worker process (SIGTERM if you have no reason to
-    /// pick another) and nothing else: no disconnect, no bookkeeping. The
-    /// worker's `Exit` event reports what the signal did.
+    /// Node's `worker.kill(signal)`: the worker leaves the cluster at once
+    /// (the primary closes its channel, so it gets no more messages, and its
+    /// runtime fires its shutdown signal) and is sent `signal` (SIGTERM if
+    /// you have no reason to pick another). Its `Exit` event then reports
+    /// `exited_after_disconnect == true`, as Node's does. To send a signal
+    /// and nothing else, use [`WorkerHandle::signal`]; to let the worker
+    /// finish its work first, [`WorkerHandle::disconnect`].
+    ///
+    /// # Errors
+    /// As [`WorkerHandle::signal`].
+    pub fn kill(&self, signal: Signal) -> Result<(), Error> {
+        {
+            let mut life = self.shared.lifecycle();
+            if life.exit.is_some() {
+                return Ok(());
+            }
+            life.exited_after_disconnect = true;
+        }
+        self.shared.sender.close();
+        self.signal(signal)
+    }
+
+    /// Sends `signal` to the worker process and nothing else: no
+    /// disconnect, no bookkeeping (Node's `worker.process.kill(signal)`).
+    /// The worker's `Exit` event reports what the signal did.
     ///
     /// # Errors
     /// An I/O error from the OS; a worker that is already dead is not an
     /// error.
-    pub fn kill(&self, signal: Signal) -> Result<(), Error> {
+    pub fn signal(&self, signal: Signal) -> Result<(), Error> {
         let Some(pid) = self.live_pid() else {
             return Ok(());
         };
@@ -320,7 +369,7 @@ impl WorkerHandle {
             life.exited_after_disconnect = true;
         }
         if let Some(signal) = self.shared.stop_signal {
-            if let Err(error) = self.kill(signal) {
+            if let Err(error) = self.signal(signal) {
                 tracing::warn!(worker = %self.id(), %error, "cannot ask a worker to stop");
             }
             return;

@@ -86,6 +86,7 @@ pub(super) async fn fork(
         fds,
         settings.own_process_group,
         settings.batch_scheduling,
+        spawn::open_files_for_workers(),
     );
 
     let mut child = spawn::spawn(command, highest_target)
@@ -113,6 +114,7 @@ pub(super) async fn fork(
                 last_heartbeat: None,
                 reported_ready: false,
                 requests: 0,
+                exit_blame: None,
             }),
             pidfd,
             unread: Mutex::new(0),
@@ -510,6 +512,7 @@ fn handle_control(inner: &Arc<Inner>, worker: &WorkerHandle, control: Control, f
             credit,
         } => inner.listeners.ack(worker.id(), key, seq, accepted, credit),
         Control::Credit { key, n } => inner.listeners.credit(worker.id(), key, n),
+        Control::StoppedAccepting { key } => inner.listeners.stopped_accepting(worker.id(), key),
         other => {
             drop(fds);
             tracing::debug!(worker = %worker.id(), ?other, "ignoring an unexpected control message");
@@ -624,7 +627,7 @@ fn misbehaved(inner: &Arc<Inner>, worker: &WorkerHandle, error: &ChannelError) {
         worker: worker.clone(),
         error: message,
     });
-    let _ = worker.kill(Signal::KILL);
+    let _ = worker.signal(Signal::KILL);
 }
 
 /// Hands a service frame to its service in the primary.

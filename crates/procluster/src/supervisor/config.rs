@@ -84,7 +84,9 @@ impl Default for HeartbeatConfig {
 /// Recycling limits; each one replaces the worker gracefully, new one first.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RecycleConfig {
-    /// Recycle when a reported RSS sample exceeds this many bytes.
+    /// Recycle when the worker's memory exceeds this many bytes: the
+    /// resident set of its process and of every process it started, added
+    /// up (sampled once a second by a [`SupervisedCluster`](super::SupervisedCluster)).
     pub max_rss: Option<u64>,
     /// Recycle after this many requests (plus the per-worker jitter).
     pub max_requests: Option<u64>,

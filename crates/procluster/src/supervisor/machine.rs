@@ -230,6 +230,7 @@ impl Supervisor {
                 self.retire(worker, now);
             }
             Some(Place::Current(s)) => {
+                self.slots[s].short = 0;
                 let w = self.new_worker(worker, self.slots[s].generation, now);
                 self.emit_spawned(s, &w);
                 let deadline = now + self.config.ready_timeout;
@@ -264,6 +265,37 @@ impl Supervisor {
         self.settle(now);
     }
 
+    /// The shell could not start the process requested by `spawn` for lack
+    /// of resources (`EMFILE`, `ENFILE`, `EAGAIN`, `ENOMEM`: too many open
+    /// files or processes, no memory). That says nothing about the workers,
+    /// so it is not counted for the crash-loop breaker: a slot's spawn is
+    /// retried after a backoff of its own
+    /// ([`Event::SpawnDeferred`]); a reload's or recycle's replacement gives
+    /// up as if it had failed, leaving the old worker serving, again without
+    /// counting for the breaker.
+    pub fn spawn_deferred(&mut self, spawn: SpawnId, reason: impl Into<String>, now: Instant) {
+        let reason = reason.into();
+        match self.find_spawn(spawn) {
+            Some(Place::Detached(i)) => {
+                self.orphans.swap_remove(i);
+            }
+            Some(Place::Current(s)) => self.defer_current(s, reason, now),
+            Some(Place::Successor(s)) => {
+                if let Some(succ) = self.slots[s].successor.take() {
+                    let cause = CrashCause::NoResources(reason);
+                    match succ.purpose {
+                        Purpose::Reload => {
+                            self.fail_rollout(ReloadFailure::Worker { slot: s, cause }, now);
+                        }
+                        Purpose::Recycle(why) => self.recycle_failed(s, why, cause, now),
+                    }
+                }
+            }
+            None => {}
+        }
+        self.settle(now);
+    }
+
     /// The worker is ready to serve (what "ready" means is the shell's call).
     pub fn ready(&mut self, worker: WorkerId, now: Instant) {
         match self.find_worker(worker) {
@@ -276,6 +308,23 @@ impl Supervisor {
 
     /// The worker process ended.
     pub fn exited(&mut self, worker: WorkerId, info: ExitStatus, now: Instant) {
+        self.exit_of(worker, info, None, now);
+    }
+
+    /// The worker process ended while running `task`, which a service holds
+    /// responsible (see [`CrashCause::TaskFault`]): the slot restarts as
+    /// after [`exited`](Self::exited), but the breaker does not count it.
+    pub fn exited_by_task(
+        &mut self,
+        worker: WorkerId,
+        info: ExitStatus,
+        task: String,
+        now: Instant,
+    ) {
+        self.exit_of(worker, info, Some(task), now);
+    }
+
+    fn exit_of(&mut self, worker: WorkerId, info: ExitStatus, task: Option<String>, now: Instant) {
         match self.find_worker(worker) {
             Some(Place::Detached(i)) => {
                 self.retiring.swap_remove(i);
@@ -283,13 +332,14 @@ impl Supervisor {
             }
             Some(Place::Current(s)) => {
                 self.emit_exit(worker, Some(s), info);
-                let cause = match &self.slots[s].current {
-                    Current::Starting { .. } => CrashCause::Exited {
+                let cause = match (&self.slots[s].current, task) {
+                    (Current::Ready(_), Some(task)) => CrashCause::TaskFault { info, task },
+                    (Current::Starting { .. }, _) => CrashCause::Exited {
                         info,
                         before_ready: true,
                     },
-                    Current::Hung { .. } => CrashCause::Hang,
-                    Current::Killing { cause, .. } => cause.clone(),
+                    (Current::Hung { .. }, _) => CrashCause::Hang,
+                    (Current::Killing { cause, .. }, _) => cause.clone(),
                     _ => CrashCause::Exited {
                         info,
                         before_ready: false,
@@ -578,7 +628,9 @@ impl Supervisor {
             }
             // Already doomed: keep their pending kill.
             Current::Hung { worker, kill_at } => (worker.id, Some(kill_at)),
-            Current::Killing { worker, .. } => (worker.id, None),
+            Current::Killing {
+                worker, kill_at, ..
+            } => (worker.id, kill_at),
             Current::Backoff { .. } | Current::Halted => return None,
         };
         self.retiring.push(Retiring { worker, kill_at });
@@ -631,6 +683,7 @@ impl Supervisor {
     }
 
     fn current_failed(&mut self, s: usize, cause: CrashCause, now: Instant) {
+        let counts = !matches!(cause, CrashCause::TaskFault { .. });
         self.emit(Event::WorkerFailed { slot: s, cause });
         let slot = &mut self.slots[s];
         let promoted = match slot.successor.take() {
@@ -645,7 +698,9 @@ impl Supervisor {
                 false
             }
         };
-        self.record_crash(now);
+        if counts {
+            self.record_crash(now);
+        }
         // The breaker may have tripped or stopped the cluster meanwhile.
         if !promoted && self.can_spawn() {
             self.schedule_restart(s, now);
@@ -694,22 +749,31 @@ impl Supervisor {
     fn tick_current(&mut self, s: usize, now: Instant) {
         match &self.slots[s].current {
             Current::Backoff { until } if *until <= now => self.spawn_current(s),
-            Current::Starting { deadline, .. } if *deadline <= now => self.ready_timed_out(s),
+            Current::Starting { deadline, .. } if *deadline <= now => self.ready_timed_out(s, now),
             Current::Hung { kill_at, .. } if *kill_at <= now => self.kill_hung(s),
+            Current::Killing {
+                kill_at: Some(at), ..
+            } if *at <= now => self.kill_stopping(s),
             Current::Ready(_) => self.tick_ready(s, now),
             _ => {}
         }
     }
 
-    fn ready_timed_out(&mut self, s: usize) {
+    /// A worker that missed its ready timeout is stopped like any other
+    /// (it may be serving already: its requests in flight deserve their
+    /// chance), then killed after `kill_timeout`.
+    fn ready_timed_out(&mut self, s: usize, now: Instant) {
         if let Current::Starting { worker, .. } = self.take_current(s) {
-            self.command(Command::Kill { worker: worker.id });
+            self.command(Command::Disconnect { worker: worker.id });
             self.emit(Event::ReadyTimeout {
                 slot: s,
                 worker: worker.id,
             });
-            let cause = CrashCause::ReadyTimeout;
-            self.slots[s].current = Current::Killing { worker, cause };
+            self.slots[s].current = Current::Killing {
+                worker,
+                cause: CrashCause::ReadyTimeout,
+                kill_at: Some(now + self.config.kill_timeout),
+            };
         }
     }
 
@@ -717,8 +781,47 @@ impl Supervisor {
         if let Current::Hung { worker, .. } = self.take_current(s) {
             self.command(Command::Kill { worker: worker.id });
             let cause = CrashCause::Hang;
-            self.slots[s].current = Current::Killing { worker, cause };
+            self.slots[s].current = Current::Killing {
+                worker,
+                cause,
+                kill_at: None,
+            };
         }
+    }
+
+    /// A worker asked to stop after a ready timeout did not: SIGKILL.
+    fn kill_stopping(&mut self, s: usize) {
+        if let Current::Killing {
+            worker, kill_at, ..
+        } = &mut self.slots[s].current
+        {
+            *kill_at = None;
+            let worker = worker.id;
+            self.command(Command::Kill { worker });
+            self.emit(Event::KillTimeout { worker });
+        }
+    }
+
+    /// A spawn refused for lack of resources: try the slot again later.
+    fn defer_current(&mut self, s: usize, reason: String, now: Instant) {
+        if !self.can_spawn() {
+            self.slots[s].current = Current::Halted;
+            return;
+        }
+        let unit = self.jitter.unit();
+        let slot = &mut self.slots[s];
+        slot.short = slot.short.saturating_add(1);
+        let attempt = slot.short;
+        let retry_in = restart_delay(&self.config.backoff, attempt, unit);
+        slot.current = Current::Backoff {
+            until: now + retry_in,
+        };
+        self.emit(Event::SpawnDeferred {
+            slot: s,
+            reason,
+            attempt,
+            retry_in,
+        });
     }
 
     fn tick_ready(&mut self, s: usize, now: Instant) {
@@ -931,10 +1034,10 @@ impl Supervisor {
         };
         if let SuccessorState::Starting { worker, .. } = succ.state {
             let worker = worker.id;
-            self.command(Command::Kill { worker });
+            self.command(Command::Disconnect { worker });
             self.retiring.push(Retiring {
                 worker,
-                kill_at: None,
+                kill_at: Some(now + self.config.kill_timeout),
             });
             self.emit(Event::ReadyTimeout { slot: s, worker });
         }

@@ -1,6 +1,6 @@
 //! Supervision: keeping a cluster's workers healthy.
 //!
-//! Two layers, as in DESIGN.md §5:
+//! Two layers: decisions apart from the IO that carries them out.
 //!
 //! * [`Supervisor`], a sans-IO state machine. It makes every decision (when
 //!   to spawn, restart, reload, recycle, signal or kill a worker) but

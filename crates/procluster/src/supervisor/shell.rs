@@ -242,6 +242,8 @@ impl SupervisedCluster {
             backlog: backlog.clone(),
             requests,
             signals,
+            drain_until: None,
+            last_memory_sample: None,
         };
         let task = tokio::spawn(driver.run());
         Ok(Self {
@@ -364,7 +366,21 @@ struct Driver {
     backlog: Arc<Backlog>,
     requests: mpsc::UnboundedReceiver<Request>,
     signals: Option<Signals>,
+    /// A stop began: until this deadline, the connections that were queued
+    /// on the listeners are handed to the workers before they are told to
+    /// leave.
+    drain_until: Option<tokio::time::Instant>,
+    /// When memory was last measured.
+    last_memory_sample: Option<Instant>,
 }
+
+/// Longest a graceful stop waits for the workers to take the connections
+/// queued when it began, before it disconnects them.
+const STOP_DRAIN_LIMIT: Duration = Duration::from_secs(2);
+
+/// How often workers' memory is measured (a walk of `/proc`) when a
+/// memory limit is set.
+const MEMORY_SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
 
 impl Driver {
     async fn run(mut self) -> Result<Outcome, SupervisionError> {
@@ -489,6 +505,11 @@ impl Driver {
                         );
                         self.sup.spawned(spawn, id, Instant::now());
                     }
+                    Err(error) if error.is_resource_shortage() => {
+                        // Reported by the machine's `SpawnDeferred` event.
+                        tracing::debug!(slot, %error, "cannot start a worker for now");
+                        self.sup.spawn_deferred(spawn, error.to_string(), now);
+                    }
                     Err(error) => {
                         tracing::warn!(slot, %error, "cannot start a worker");
                         self.sup.spawn_failed(spawn, error.to_string(), now);
@@ -496,24 +517,40 @@ impl Driver {
                 }
             }
             Command::Disconnect { worker } => {
+                self.finish_draining().await;
                 if let Some(t) = self.stopping(worker) {
                     t.handle.disconnect();
                 }
             }
             Command::Signal { worker, signal } => {
+                self.finish_draining().await;
                 let Some(t) = self.stopping(worker) else {
                     return;
                 };
-                if let Err(error) = t.handle.kill(signal) {
+                if let Err(error) = t.handle.signal(signal) {
                     tracing::warn!(worker = %t.handle.id(), %error, "cannot signal worker");
                 }
             }
             Command::Kill { worker } => {
                 if let Some(t) = self.stopping(worker) {
-                    if let Err(error) = t.handle.kill(crate::Signal::KILL) {
+                    if let Err(error) = t.handle.signal(crate::Signal::KILL) {
                         tracing::warn!(worker = %t.handle.id(), %error, "cannot kill worker");
                     }
                 }
+            }
+        }
+    }
+
+    /// During a stop, waits (once) until the connections queued when it
+    /// began are taken, or its deadline.
+    async fn finish_draining(&mut self) {
+        if let Some(deadline) = self.drain_until.take() {
+            let left = self.cluster.listeners_drained(deadline).await;
+            if left > 0 {
+                tracing::warn!(
+                    left,
+                    "connections queued at stop were not taken in time; closed"
+                );
             }
         }
     }
@@ -544,9 +581,13 @@ impl Driver {
             primary::Event::Exit { status, .. } => {
                 self.workers.remove(&id);
                 let status = *status;
+                let blame = event.worker().exit_blame();
                 // The cluster's Exit goes out before what the supervisor makes of it.
                 self.forward(Report::Cluster(event));
-                self.sup.exited(id, status, now);
+                match blame {
+                    Some(task) => self.sup.exited_by_task(id, status, task, now),
+                    None => self.sup.exited(id, status, now),
+                }
                 return;
             }
             _ => {}
@@ -609,8 +650,22 @@ impl Driver {
                     self.sup.requests(id, total, now);
                 }
             }
-            if rss {
-                if let Some(bytes) = super::memory::resident_bytes(t.handle.pid()) {
+        }
+        // Memory changes slowly and costs a walk of /proc: once a second.
+        let due = self
+            .last_memory_sample
+            .is_none_or(|at| now.duration_since(at) >= MEMORY_SAMPLE_INTERVAL);
+        if rss && due {
+            self.last_memory_sample = Some(now);
+            let pids: Vec<u32> = self.workers.values().map(|t| t.handle.pid()).collect();
+            let sizes = super::memory::tree_resident_bytes(&pids);
+            let workers: Vec<(WorkerId, u32)> = self
+                .workers
+                .iter()
+                .map(|(&id, t)| (id, t.handle.pid()))
+                .collect();
+            for (id, pid) in workers {
+                if let Some(&bytes) = sizes.get(&pid) {
                     self.sup.rss(id, bytes, now);
                 }
             }
@@ -635,8 +690,11 @@ impl Driver {
         match *event {
             Event::StopStarted { .. } => {
                 // Refuse new connections now rather than queue them for
-                // workers that are leaving.
-                self.cluster.close_listeners();
+                // workers that are leaving; those already queued are handed
+                // to the workers before they are told to leave.
+                self.cluster.stop_accepting();
+                let within = (self.options.supervisor.kill_timeout / 2).min(STOP_DRAIN_LIMIT);
+                self.drain_until = Some(tokio::time::Instant::now() + within);
             }
             Event::WorkerReady { worker, .. } => {
                 if let Some(t) = self.workers.get_mut(&worker) {

@@ -29,8 +29,14 @@ pub(super) enum Current {
     Ready(ReadyWorker),
     /// Missed heartbeats, diagnostic signal sent, SIGKILL due at `kill_at`.
     Hung { worker: Worker, kill_at: Instant },
-    /// SIGKILL sent; its exit will count as `cause`.
-    Killing { worker: Worker, cause: CrashCause },
+    /// Asked to stop (a ready timeout), or SIGKILL sent (`kill_at` is
+    /// `None`); its exit will count as `cause`.
+    Killing {
+        worker: Worker,
+        cause: CrashCause,
+        /// SIGKILL due at, while the worker has its chance to stop.
+        kill_at: Option<Instant>,
+    },
     /// Breaker tripped: nothing runs and nothing is restarted.
     Halted,
 }
@@ -56,8 +62,9 @@ impl Current {
             Current::Backoff { until } => Some(*until),
             Current::Starting { deadline, .. } => Some(*deadline),
             Current::Hung { kill_at, .. } => Some(*kill_at),
+            Current::Killing { kill_at, .. } => *kill_at,
             Current::Ready(r) => r.deadline(cfg, attempt),
-            Current::Spawning { .. } | Current::Killing { .. } | Current::Halted => None,
+            Current::Spawning { .. } | Current::Halted => None,
         }
     }
 }
@@ -146,6 +153,9 @@ pub(super) struct Slot {
     pub(super) generation: Generation,
     /// Consecutive failures (drives the backoff).
     pub(super) attempt: u32,
+    /// Consecutive spawns refused for lack of resources (drives their own
+    /// backoff; not failures of the workers).
+    pub(super) short: u32,
     pub(super) current: Current,
     pub(super) successor: Option<Successor>,
 }
@@ -155,6 +165,7 @@ impl Slot {
         Self {
             generation,
             attempt: 0,
+            short: 0,
             current,
             successor: None,
         }

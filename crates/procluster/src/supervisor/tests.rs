@@ -56,6 +56,8 @@ struct Shell {
     /// Assert that a Disconnect only hits a worker whose slot has another
     /// ready worker (new-first handover).
     check_handover: bool,
+    /// Spawns for these slots fail for lack of resources (`EMFILE`).
+    short_of_files: Vec<usize>,
 }
 
 impl Shell {
@@ -79,6 +81,7 @@ impl Shell {
             boot: Box::new(|_, _| Boot::Ready(Duration::ZERO)),
             disconnect_exit: Some(Duration::ZERO),
             check_handover: false,
+            short_of_files: Vec::new(),
         }
     }
 
@@ -113,6 +116,11 @@ impl Shell {
                 slot,
                 generation,
             } => {
+                if self.short_of_files.contains(&slot) {
+                    let reason = "Too many open files (os error 24)";
+                    self.sup.spawn_deferred(spawn, reason, now);
+                    return;
+                }
                 self.next_id += 1;
                 let id = WorkerId::new(self.next_id);
                 let proc = Proc {
@@ -397,6 +405,44 @@ fn breaker_trips_after_k_crashes_in_window() {
 }
 
 #[test]
+fn exits_blamed_on_a_task_restart_the_slot_but_do_not_trip_the_breaker() {
+    let mut cfg = config(1);
+    cfg.breaker = Some(BreakerConfig {
+        max_crashes: 1,
+        window: secs(60),
+        exit_on_trip: false,
+    });
+    let mut sh = Shell::new(cfg);
+    sh.start();
+    for _ in 0..5 {
+        let id = sh.worker_in(0);
+        sh.alive.remove(&id);
+        let info = ExitStatus::signaled(Signal::ABRT);
+        sh.sup
+            .exited_by_task(id, info, "task 7 of pool \"p\"".into(), sh.now);
+        sh.pump();
+        sh.advance(secs(10));
+    }
+    assert!(!sh.sup.is_breaker_tripped());
+    assert_eq!(
+        sh.count_events(|e| matches!(
+            e,
+            Event::WorkerFailed {
+                cause: CrashCause::TaskFault { .. },
+                ..
+            }
+        )),
+        5
+    );
+    assert_eq!(sh.alive.len(), 1, "the slot was restarted each time");
+    // A crash of the worker's own still counts: the second one trips.
+    sh.crash(0);
+    sh.advance(secs(10));
+    sh.crash(0);
+    assert!(sh.sup.is_breaker_tripped());
+}
+
+#[test]
 fn breaker_with_exit_on_trip_stops_cluster_as_failed() {
     let mut cfg = config(2);
     cfg.breaker = Some(BreakerConfig {
@@ -665,9 +711,14 @@ fn reload_fails_on_ready_timeout_and_kills_new_worker() {
     sh.advance(ms(9999));
     assert!(sh.sup.is_reloading());
     sh.advance(ms(1));
+    // Stopped like any worker (it may serve already), not killed at once.
+    assert_eq!(
+        sh.count_commands(|c| *c == Command::Disconnect { worker: new }),
+        1
+    );
     assert_eq!(
         sh.count_commands(|c| *c == Command::Kill { worker: new }),
-        1
+        0
     );
     let failure = ReloadFailure::Worker {
         slot: 0,
@@ -684,7 +735,8 @@ fn reload_fails_on_ready_timeout_and_kills_new_worker() {
     assert_eq!(sh.alive.keys().copied().collect::<Vec<_>>(), old);
     assert_eq!(
         sh.count_commands(|c| matches!(c, Command::Disconnect { .. })),
-        0
+        1,
+        "only the new worker is asked to stop"
     );
     sh.advance(secs(60));
     assert_eq!(sh.spawns().len(), 3);
@@ -982,19 +1034,141 @@ fn reload_failure_with_surge_two_cancels_other_new_workers() {
 }
 
 #[test]
-fn ready_timeout_outside_reload_kills_and_restarts() {
+fn ready_timeout_outside_reload_stops_gracefully_and_restarts() {
     let mut sh = Shell::new(config(1));
     sh.boot = Box::new(|_, _| Boot::Never);
     sh.start();
     let w = sh.worker_in(0);
     sh.advance(secs(10));
-    assert_eq!(sh.count_commands(|c| *c == Command::Kill { worker: w }), 1);
+    assert_eq!(
+        sh.count_commands(|c| *c == Command::Disconnect { worker: w }),
+        1
+    );
+    assert_eq!(sh.count_commands(|c| *c == Command::Kill { worker: w }), 0);
     let failed = Event::WorkerFailed {
         slot: 0,
         cause: CrashCause::ReadyTimeout,
     };
     assert_eq!(sh.count_events(|e| *e == failed), 1);
     assert_eq!(sh.last_restart(), Some((1, ms(750))));
+}
+
+#[test]
+fn a_worker_that_ignores_the_stop_after_a_ready_timeout_is_killed_after_kill_timeout() {
+    let mut sh = Shell::new(config(1));
+    sh.boot = Box::new(|_, _| Boot::Never);
+    sh.disconnect_exit = None;
+    sh.start();
+    let w = sh.worker_in(0);
+    sh.advance(secs(10));
+    assert_eq!(
+        sh.count_commands(|c| *c == Command::Disconnect { worker: w }),
+        1
+    );
+    sh.advance(ms(4999));
+    assert_eq!(sh.count_commands(|c| *c == Command::Kill { worker: w }), 0);
+    assert_eq!(sh.last_restart(), None, "no restart while it stops");
+    sh.advance(ms(1));
+    assert_eq!(sh.count_commands(|c| *c == Command::Kill { worker: w }), 1);
+    assert_eq!(
+        sh.count_events(|e| *e == Event::KillTimeout { worker: w }),
+        1
+    );
+    let failed = Event::WorkerFailed {
+        slot: 0,
+        cause: CrashCause::ReadyTimeout,
+    };
+    assert_eq!(sh.count_events(|e| *e == failed), 1);
+    assert_eq!(sh.last_restart(), Some((1, ms(750))));
+}
+
+#[test]
+fn spawns_refused_for_lack_of_resources_are_retried_without_tripping_the_breaker() {
+    let mut cfg = config(3);
+    cfg.breaker = Some(BreakerConfig {
+        max_crashes: 1,
+        window: secs(60),
+        exit_on_trip: true,
+    });
+    let mut sh = Shell::new(cfg);
+    sh.short_of_files = vec![2];
+    sh.start();
+    let serving = [sh.worker_in(0), sh.worker_in(1)];
+    sh.advance(secs(120));
+    let deferred: Vec<(u32, Duration)> = sh
+        .events
+        .iter()
+        .filter_map(|(_, e)| match e {
+            Event::SpawnDeferred {
+                slot: 2,
+                attempt,
+                retry_in,
+                reason,
+            } => {
+                assert!(reason.contains("Too many open files"), "{reason}");
+                Some((*attempt, *retry_in))
+            }
+            _ => None,
+        })
+        .collect();
+    // The slot's own backoff: 1 s, 2 s, 4 s, then 8 s (the maximum),
+    // jitter taking a quarter off.
+    assert!(deferred.len() > 10, "{deferred:?}");
+    assert_eq!(
+        &deferred[..4],
+        [(1, ms(750)), (2, ms(1500)), (3, ms(3000)), (4, ms(6000))]
+    );
+    assert_eq!(
+        sh.count_events(|e| matches!(e, Event::BreakerTripped { .. } | Event::WorkerFailed { .. })),
+        0,
+        "not the workers' crash loop"
+    );
+    assert_eq!(
+        [sh.worker_in(0), sh.worker_in(1)],
+        serving,
+        "the others keep serving"
+    );
+    // Resources come back: the slot starts on its next try, and its
+    // deferral count starts over.
+    sh.short_of_files.clear();
+    sh.advance(secs(8));
+    let third = sh.worker_in(2);
+    assert!(sh.alive[&third].ready);
+    sh.short_of_files = vec![2];
+    sh.crash(2);
+    let retry = sh.events.iter().rev().find_map(|(_, e)| match e {
+        Event::RestartScheduled {
+            slot: 2, attempt, ..
+        } => Some(*attempt),
+        _ => None,
+    });
+    assert_eq!(retry, Some(1));
+}
+
+#[test]
+fn a_reload_whose_new_worker_cannot_start_for_lack_of_resources_fails_without_a_crash() {
+    let mut sh = Shell::new(config(2));
+    sh.start();
+    let old = [sh.worker_in(0), sh.worker_in(1)];
+    sh.short_of_files = vec![0, 1];
+    sh.sup.reload(sh.now);
+    sh.pump();
+    let failed = sh.events.iter().find_map(|(_, e)| match e {
+        Event::ReloadFailed {
+            failure: ReloadFailure::Worker { cause, .. },
+            ..
+        } => Some(cause.clone()),
+        _ => None,
+    });
+    assert!(
+        matches!(failed, Some(CrashCause::NoResources(ref why)) if why.contains("open files")),
+        "{failed:?}"
+    );
+    assert_eq!(
+        sh.count_events(|e| matches!(e, Event::WorkerFailed { .. })),
+        0
+    );
+    assert_eq!([sh.worker_in(0), sh.worker_in(1)], old);
 }
 
 #[test]

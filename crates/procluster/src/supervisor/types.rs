@@ -46,7 +46,8 @@ pub enum Command {
     },
 }
 
-/// Why a worker failed unexpectedly. Every failure counts for the breaker.
+/// Why a worker failed unexpectedly. Every failure counts for the breaker,
+/// except [`CrashCause::NoResources`] and [`CrashCause::TaskFault`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CrashCause {
     /// The process exited on its own (or was killed by someone else).
@@ -58,10 +59,26 @@ pub enum CrashCause {
     },
     /// The shell could not start the process.
     SpawnFailed(String),
-    /// The worker did not become ready within `ready_timeout` and was killed.
+    /// The shell could not start the process for lack of resources (too
+    /// many open files or processes, no memory). Not the workers' fault:
+    /// never counted for the breaker.
+    NoResources(String),
+    /// The worker did not become ready within `ready_timeout` and was
+    /// stopped.
     ReadyTimeout,
     /// The worker stopped sending heartbeats and was killed.
     Hang,
+    /// The process ended while it ran a task that a service of the cluster
+    /// (a work pool) holds responsible: the task had already ended another
+    /// worker, so the fault is the input's, not the worker's. The slot is
+    /// restarted as after any failure, but the crash-loop breaker does not
+    /// count it: one poison task must not stop the whole cluster.
+    TaskFault {
+        /// Exit status.
+        info: ExitStatus,
+        /// What the service says about the task.
+        task: String,
+    },
 }
 
 /// A short phrase for the failure, to follow "the worker", e.g. "exited
@@ -83,8 +100,14 @@ impl std::fmt::Display for CrashCause {
                 Ok(())
             }
             Self::SpawnFailed(why) => write!(f, "could not be started: {why}"),
+            Self::NoResources(why) => {
+                write!(f, "could not be started for lack of resources: {why}")
+            }
             Self::ReadyTimeout => write!(f, "was not ready within the ready timeout"),
             Self::Hang => write!(f, "stopped sending heartbeats"),
+            Self::TaskFault { info, task } => {
+                write!(f, "ended ({info}) while running {task}")
+            }
         }
     }
 }
@@ -208,7 +231,8 @@ pub enum Event {
         /// What happened.
         cause: CrashCause,
     },
-    /// A worker missed `ready_timeout` and is being killed.
+    /// A worker missed `ready_timeout`: it is asked to stop, and killed if
+    /// it has not exited after `kill_timeout`.
     ReadyTimeout {
         /// The slot.
         slot: usize,
@@ -233,6 +257,19 @@ pub enum Event {
         attempt: u32,
         /// Delay before the spawn.
         delay: Duration,
+    },
+    /// A slot's worker could not be started for lack of resources (too many
+    /// open files or processes, no memory): the spawn is retried after
+    /// `retry_in`, and it does not count for the breaker.
+    SpawnDeferred {
+        /// The slot.
+        slot: usize,
+        /// What the OS said.
+        reason: String,
+        /// Consecutive deferrals of the slot (1-based).
+        attempt: u32,
+        /// Delay before the next try.
+        retry_in: Duration,
     },
     /// The slot's worker stayed up for `stable_uptime`; backoff starts over.
     BackoffReset {
@@ -325,7 +362,8 @@ pub enum Event {
         /// New slot count.
         to: usize,
     },
-    /// A retiring worker did not exit within `kill_timeout` and was killed.
+    /// A worker asked to stop did not exit within `kill_timeout` and was
+    /// killed.
     KillTimeout {
         /// The worker.
         worker: WorkerId,
@@ -342,4 +380,153 @@ pub enum Event {
         /// Result.
         outcome: Outcome,
     },
+}
+
+/// What a person reads in a log: `worker 3 (slot 0) started`, `slot 1:
+/// restart in 200ms (attempt 2)`.
+///
+/// ```
+/// use std::time::Duration;
+/// use procluster::supervisor::Event;
+///
+/// let event = Event::RestartScheduled { slot: 1, attempt: 2, delay: Duration::from_millis(200) };
+/// assert_eq!(event.to_string(), "slot 1: restart in 200ms (attempt 2)");
+/// ```
+impl std::fmt::Display for Event {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Started { workers } => write!(f, "supervising {workers} worker slot(s)"),
+            Self::WorkerSpawned {
+                slot,
+                worker,
+                generation,
+            } => write!(
+                f,
+                "worker {worker} started in slot {slot} (generation {generation})"
+            ),
+            Self::WorkerReady { slot, worker, .. } => {
+                write!(f, "worker {worker} is ready in slot {slot}")
+            }
+            Self::WorkerExited {
+                worker,
+                info,
+                expected: true,
+                ..
+            } => write!(f, "worker {worker} stopped: {info}"),
+            Self::WorkerExited { worker, info, .. } => {
+                write!(f, "worker {worker} exited unexpectedly: {info}")
+            }
+            Self::WorkerFailed { slot, cause } => write!(f, "the worker of slot {slot} {cause}"),
+            Self::ReadyTimeout { slot, worker } => write!(
+                f,
+                "worker {worker} (slot {slot}) was not ready in time; stopping it"
+            ),
+            Self::HangDetected {
+                slot,
+                worker,
+                signal,
+            } => write!(
+                f,
+                "worker {worker} (slot {slot}) stopped sending heartbeats; sent {signal}, SIGKILL follows"
+            ),
+            Self::RestartScheduled {
+                slot,
+                attempt,
+                delay,
+            } => write!(f, "slot {slot}: restart in {delay:?} (attempt {attempt})"),
+            Self::SpawnDeferred {
+                slot,
+                reason,
+                attempt,
+                retry_in,
+            } => write!(
+                f,
+                "slot {slot}: cannot start a worker for lack of resources ({reason}); \
+                 trying again in {retry_in:?} (attempt {attempt}), the other workers keep serving"
+            ),
+            Self::BackoffReset { slot } => write!(f, "slot {slot}: stable again, backoff reset"),
+            Self::BreakerTripped { crashes, window } => write!(
+                f,
+                "crash loop: {crashes} failures within {window:?}; no more restarts"
+            ),
+            Self::BreakerReset => write!(f, "crash-loop breaker reset; restarting"),
+            Self::ReloadStarted { generation } => {
+                write!(f, "reload to generation {generation} started")
+            }
+            Self::ReloadQueued { behind } => {
+                write!(f, "reload queued behind generation {behind}")
+            }
+            Self::ReloadRejected { reason } => write!(f, "reload refused: {reason:?}"),
+            Self::SlotReloaded { slot, old, new, .. } => write!(
+                f,
+                "slot {slot} reloaded: worker {new} replaces worker {old}"
+            ),
+            Self::ReloadFinished { generation } => {
+                write!(
+                    f,
+                    "reload finished: every slot runs generation {generation}"
+                )
+            }
+            Self::ReloadFailed {
+                generation,
+                failure,
+            } => {
+                write!(f, "reload to generation {generation} failed: ")?;
+                match failure {
+                    ReloadFailure::Worker { slot, cause } => {
+                        write!(f, "the new worker of slot {slot} {cause}")?;
+                    }
+                    ReloadFailure::BreakerTripped => write!(f, "the crash-loop breaker tripped")?,
+                    ReloadFailure::Stopped => write!(f, "the cluster is stopping")?,
+                }
+                write!(f, "; the old workers keep serving")
+            }
+            Self::RecycleStarted {
+                slot,
+                worker,
+                reason,
+            } => write!(f, "recycling worker {worker} (slot {slot}): {reason}"),
+            Self::Recycled { slot, old, new, .. } => write!(
+                f,
+                "slot {slot} recycled: worker {new} replaces worker {old}"
+            ),
+            Self::RecycleFailed {
+                slot,
+                cause,
+                retry_in,
+                ..
+            } => write!(
+                f,
+                "slot {slot}: the replacement {cause}; recycling again in {retry_in:?}"
+            ),
+            Self::Scaled { from, to } => write!(f, "scaled from {from} to {to} worker(s)"),
+            Self::KillTimeout { worker } => {
+                write!(f, "worker {worker} did not stop in time; killed")
+            }
+            Self::StopStarted { reason } => match reason {
+                StopReason::Requested => write!(f, "stopping"),
+                StopReason::BreakerTripped => write!(f, "stopping: crash loop"),
+            },
+            Self::StopForced => write!(f, "stopping now: killing every worker"),
+            Self::StopFinished { outcome } if outcome.in_time => {
+                write!(f, "stopped: every worker exited in time")
+            }
+            Self::StopFinished { .. } => {
+                write!(f, "stopped: some workers had to be killed")
+            }
+        }
+    }
+}
+
+/// `memory 612 MiB over 512 MiB`, `1003 requests (limit 1000)`, `age 1h0m0s`.
+impl std::fmt::Display for RecycleReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Memory { rss, limit } => {
+                write!(f, "memory {} MiB over {} MiB", rss >> 20, limit >> 20)
+            }
+            Self::Requests { count, limit } => write!(f, "{count} requests (limit {limit})"),
+            Self::MaxAge { age } => write!(f, "age {age:?}"),
+        }
+    }
 }

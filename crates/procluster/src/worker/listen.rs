@@ -11,7 +11,9 @@ use tokio::sync::oneshot;
 
 use super::{Worker, WorkerInner};
 use crate::listeners::bind;
-use crate::listeners::{TcpListener, TcpOptions};
+use crate::listeners::{
+    FdListener, TcpListener, TcpOptions, UdpOptions, UdpSocket, UnixListener, UnixOptions,
+};
 use crate::protocol::{Control, FrameKind, ListenReply, ListenSpec};
 use crate::sync::lock;
 
@@ -70,14 +72,46 @@ impl Worker {
     ///
     /// # Cancel safety
     /// As [`Worker::listen_tcp`].
-    pub async fn listen_udp(&self, addr: &str) -> io::Result<tokio::net::UdpSocket> {
+    pub async fn listen_udp(&self, addr: &str) -> io::Result<UdpSocket> {
+        self.listen_udp_with(addr, UdpOptions::default()).await
+    }
+
+    /// [`Worker::listen_udp`] with options.
+    ///
+    /// # Errors
+    /// As [`Worker::listen_udp`].
+    ///
+    /// # Cancel safety
+    /// As [`Worker::listen_tcp`].
+    pub async fn listen_udp_with(&self, addr: &str, options: UdpOptions) -> io::Result<UdpSocket> {
         let parsed = bind::parse_addr(addr)?;
+        if options.exclusive {
+            let socket = bind::udp_with(
+                parsed,
+                bind::UdpBind {
+                    ipv6_only: options.ipv6_only,
+                    reuse_address: options.reuse_address,
+                    reuse_port: false,
+                },
+            )?;
+            let socket = tokio::net::UdpSocket::from_std(socket.into())?;
+            return Ok(UdpSocket::exclusive(socket));
+        }
         let spec = ListenSpec::Udp {
             addr: parsed.to_string(),
+            ipv6_only: options.ipv6_only,
+            reuse_address: options.reuse_address,
         };
-        let socket = std::net::UdpSocket::from(self.request_socket(spec).await?);
-        socket.set_nonblocking(true)?;
-        tokio::net::UdpSocket::from_std(socket)
+        let (key, fd) = self.request_socket(spec).await?;
+        let owner = &self.inner.listeners;
+        let release = |e| {
+            owner.close(key);
+            e
+        };
+        let socket = std::net::UdpSocket::from(fd);
+        socket.set_nonblocking(true).map_err(release)?;
+        let socket = tokio::net::UdpSocket::from_std(socket).map_err(release)?;
+        Ok(UdpSocket::new(socket, owner, key))
     }
 
     /// Listens on a Unix socket path, resolved against this worker's working
@@ -89,18 +123,38 @@ impl Worker {
     ///
     /// # Cancel safety
     /// As [`Worker::listen_tcp`].
-    pub async fn listen_unix(
+    pub async fn listen_unix(&self, path: impl AsRef<Path>) -> io::Result<UnixListener> {
+        self.listen_unix_with(path, UnixOptions::default()).await
+    }
+
+    /// [`Worker::listen_unix`] with options.
+    ///
+    /// # Errors
+    /// As [`Worker::listen_unix`].
+    ///
+    /// # Cancel safety
+    /// As [`Worker::listen_tcp`].
+    pub async fn listen_unix_with(
         &self,
         path: impl AsRef<Path>,
-    ) -> io::Result<tokio::net::UnixListener> {
+        options: UnixOptions,
+    ) -> io::Result<UnixListener> {
         let absolute = std::env::current_dir()?.join(path.as_ref());
         let spec = ListenSpec::Unix {
             path: absolute.display().to_string(),
-            backlog: None,
+            backlog: options.backlog,
+            mode: options.mode(),
         };
-        let listener = std::os::unix::net::UnixListener::from(self.request_socket(spec).await?);
-        listener.set_nonblocking(true)?;
-        tokio::net::UnixListener::from_std(listener)
+        let (key, fd) = self.request_socket(spec).await?;
+        let owner = &self.inner.listeners;
+        let release = |e| {
+            owner.close(key);
+            e
+        };
+        let listener = std::os::unix::net::UnixListener::from(fd);
+        listener.set_nonblocking(true).map_err(release)?;
+        let listener = tokio::net::UnixListener::from_std(listener).map_err(release)?;
+        Ok(UnixListener::new(listener, owner, key))
     }
 
     /// Listens on a descriptor the *primary* holds, such as one systemd passed
@@ -111,15 +165,25 @@ impl Worker {
     ///
     /// # Cancel safety
     /// As [`Worker::listen_tcp`].
-    pub async fn listen_fd(&self, fd: i32) -> io::Result<OwnedFd> {
-        self.request_socket(ListenSpec::InheritedFd { fd }).await
+    pub async fn listen_fd(&self, fd: i32) -> io::Result<FdListener> {
+        let (key, fd) = self.request_socket(ListenSpec::InheritedFd { fd }).await?;
+        Ok(FdListener::new(fd, &self.inner.listeners, key))
     }
 
-    /// A listen request whose answer is one socket.
-    async fn request_socket(&self, spec: ListenSpec) -> io::Result<OwnedFd> {
-        let (_, mut fds) = self.request_listen(spec).await?;
-        fds.pop()
-            .ok_or_else(|| io::Error::other("the primary sent no socket"))
+    /// A listen request whose answer is one socket, with the listener's key.
+    async fn request_socket(&self, spec: ListenSpec) -> io::Result<(u32, OwnedFd)> {
+        let (reply, mut fds) = self.request_listen(spec).await?;
+        let key = match reply {
+            ListenReply::Socket { key, .. } | ListenReply::RoundRobin { key, .. } => key,
+            ListenReply::Failed { message, .. } => return Err(io::Error::other(message)),
+        };
+        match fds.pop() {
+            Some(fd) => Ok((key, fd)),
+            None => {
+                self.inner.listeners.close(key);
+                Err(io::Error::other("the primary sent no socket"))
+            }
+        }
     }
 
     async fn request_listen(&self, spec: ListenSpec) -> io::Result<(ListenReply, Vec<OwnedFd>)> {

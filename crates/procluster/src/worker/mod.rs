@@ -353,18 +353,20 @@ impl WorkerInner {
             return;
         }
         self.listeners.close_all();
-        let _ = self.sender.send_now(
-            FrameKind::Control,
-            &Control::Disconnected.encode(),
-            Vec::new(),
-        );
-        if self.shutdown_grace.is_zero() {
-            self.shutdown.send_replace(true);
-            return;
-        }
         let inner = self.clone();
         tokio::spawn(async move {
-            tokio::time::sleep(inner.shutdown_grace).await;
+            // As Node: the worker's servers are closed before the primary
+            // hears of the disconnect, so no connection reaches a socket
+            // that only this worker still held open.
+            inner.listeners.sockets_released().await;
+            let _ = inner.sender.send_now(
+                FrameKind::Control,
+                &Control::Disconnected.encode(),
+                Vec::new(),
+            );
+            if !inner.shutdown_grace.is_zero() {
+                tokio::time::sleep(inner.shutdown_grace).await;
+            }
             inner.shutdown.send_replace(true);
         });
     }
@@ -441,6 +443,7 @@ async fn dispatch(
             Ok(Control::Connections { key, handed }) => {
                 incoming_connections(&inner.listeners, key, handed, frame.fds)
             }
+            Ok(Control::StopAccepting { key }) => inner.listeners.stop_accepting(key),
             Ok(other) => tracing::debug!(?other, "ignoring an unexpected control message"),
             Err(error) => return Err(format!("the primary sent a bad control message: {error}")),
         },
