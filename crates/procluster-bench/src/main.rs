@@ -2,6 +2,7 @@
 //! measures procluster's channel and Node's cluster IPC in the same run and
 //! prints a table, then one JSON object.
 
+mod bus;
 mod http;
 mod ipc;
 mod pool;
@@ -25,6 +26,9 @@ struct Args {
 enum Bench {
     /// Channel throughput, round trip and fork→online latency.
     Ipc(ipc::IpcArgs),
+    /// The cluster bus and store: broadcast throughput and latency, store
+    /// increments, beside Node's relay through the primary and raw Redis.
+    Bus(bus::BusArgs),
     /// The hello example under wrk for each policy, beside the ideal and Node.
     Http(http::HttpArgs),
     /// The ideal server of the HTTP bench (used by `http`).
@@ -97,6 +101,8 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
             supervision::http_worker_main(worker).await?;
         } else if telemetry::is_bench_worker() {
             telemetry::worker_main(worker).await;
+        } else if bus::is_bus_worker() {
+            bus::worker_main(worker).await;
         } else {
             ipc::worker_main(worker).await;
         }
@@ -104,6 +110,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     }
     match Args::parse().bench {
         Bench::Ipc(args) => ipc::run(args).await,
+        Bench::Bus(args) => bus::run(args).await,
         Bench::Http(args) => Ok(tokio::task::spawn_blocking(move || http::run(args)).await??),
         Bench::IdealServer { port } => http::ideal_server_main(port).await,
         Bench::Pool(args) => pool::run(args).await,

@@ -150,6 +150,11 @@ impl Outlet {
         })
     }
 
+    /// The outlet's limits.
+    pub(crate) fn limits(&self) -> Limits {
+        self.limits
+    }
+
     /// Messages dropped so far by [`Overflow::DropOldest`].
     pub(crate) fn dropped(&self) -> u64 {
         lock(&self.state).dropped

@@ -458,3 +458,23 @@ async fn bad_topics_are_clear_errors() {
     let error = bus.subscribe("a.>.b").await.unwrap_err().to_string();
     assert!(error.contains("last token"), "{error}");
 }
+
+#[tokio::test]
+async fn subscriptions_past_the_byte_budget_are_refused_with_a_clear_error() {
+    let bus = Bus::local_with(procluster::bus::BusConfig {
+        bytes_per_worker: 10 << 20,
+        ..procluster::bus::BusConfig::default()
+    });
+    let four_mib = Limits::default().max_bytes(4 << 20);
+    let _a = bus.subscribe_with("a", four_mib).await.unwrap();
+    let _b = bus.subscribe_with("b", four_mib).await.unwrap();
+    let error = bus
+        .subscribe_with("c", four_mib)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("bytes_per_worker"), "{error}");
+    drop(_a);
+    bus.subscribe_with("c", four_mib).await.unwrap();
+    assert_eq!(bus.stats().unwrap().refused, 1);
+}

@@ -26,6 +26,7 @@ pub fn test_primary() -> &'static str {
     env!("CARGO_BIN_EXE_test-primary")
 }
 mod bus;
+mod chat;
 mod cli;
 mod demo;
 mod listeners;

@@ -446,6 +446,11 @@ pub struct BusConfig {
     pub most: Limits,
     /// Subscriptions one worker (or the primary) may hold at once.
     pub subscriptions_per_worker: usize,
+    /// Bytes the queues of one worker's (or the primary's) subscriptions
+    /// may hold together: each subscription reserves its
+    /// [`Limits::max_bytes`], and one past the budget is refused. With the
+    /// other limits, it bounds what a worker can make the primary hold.
+    pub bytes_per_worker: u64,
     /// Requests waiting for a reply, over all workers.
     pub requests_in_flight: usize,
 }
@@ -459,6 +464,7 @@ impl Default for BusConfig {
                 overflow: Overflow::DropOldest,
             },
             subscriptions_per_worker: 1024,
+            bytes_per_worker: 1 << 30,
             requests_in_flight: 65536,
         }
     }

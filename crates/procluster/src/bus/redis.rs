@@ -38,6 +38,15 @@ pub(crate) fn default_host() -> String {
     format!("{name}/{}", std::process::id())
 }
 
+/// No response timeout: a long pipeline or a blocking read on a loaded
+/// machine is slow, not failed (the crate's default, 500 ms, would end the
+/// bus or the watches); a connection must be made within 30 s.
+fn connection_config() -> redis::AsyncConnectionConfig {
+    redis::AsyncConnectionConfig::new()
+        .set_response_timeout(None)
+        .set_connection_timeout(Some(Duration::from_secs(30)))
+}
+
 /// A number no other process is likely to pick.
 fn random_id() -> u64 {
     use std::hash::{BuildHasher, Hasher};
@@ -136,7 +145,7 @@ impl RedisBus {
     ) -> Result<Arc<Self>, BusError> {
         let client = redis::Client::open(url).map_err(redis_error)?;
         let publisher = client
-            .get_multiplexed_async_connection()
+            .get_multiplexed_async_connection_with_config(&connection_config())
             .await
             .map_err(redis_error)?;
         let (mut subscriber, messages) = client

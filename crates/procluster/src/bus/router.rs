@@ -263,8 +263,24 @@ impl Router {
                 "{owner} reused subscription id {sub}"
             )));
         }
+        let limits = limits.clamped(self.config.most);
+        let reserved: u64 = state
+            .subs
+            .iter()
+            .filter(|e| e.owner == owner)
+            .map(|e| e.outlet.limits().max_bytes)
+            .sum();
+        if reserved + limits.max_bytes > self.config.bytes_per_worker {
+            drop(state);
+            return refuse(BusError::Refused(format!(
+                "{owner}'s subscriptions already reserve {reserved} bytes of queue; another \
+                 {} would pass BusConfig::bytes_per_worker ({}): ask for smaller queues \
+                 (Limits::max_bytes) or raise the budget",
+                limits.max_bytes, self.config.bytes_per_worker
+            )));
+        }
         let closed = wire::frame(&Down::Closed { sub }, &[]);
-        let outlet = Outlet::new(sink, limits.clamped(self.config.most), closed);
+        let outlet = Outlet::new(sink, limits, closed);
         state.subs.push(Entry {
             owner,
             sub,

@@ -29,6 +29,8 @@ pub(crate) struct Change {
 }
 
 pub(crate) struct Core {
+    /// Whether changes are recorded (someone watches).
+    recording: bool,
     entries: HashMap<String, Entry>,
     /// Keys with a deadline, in deadline order.
     deadlines: BTreeSet<(Instant, String)>,
@@ -47,6 +49,7 @@ fn weight(key: &str, value: &[u8]) -> usize {
 impl Core {
     pub(crate) fn new(config: StoreConfig) -> Self {
         Self {
+            recording: true,
             entries: HashMap::new(),
             deadlines: BTreeSet::new(),
             bytes: 0,
@@ -54,6 +57,12 @@ impl Core {
             format: Format::default(),
             config,
         }
+    }
+
+    /// Whether changes are recorded for watches; with none, they need not
+    /// be (the revision counts on).
+    pub(crate) fn set_recording(&mut self, on: bool) {
+        self.recording = on;
     }
 
     pub(crate) fn set_format(&mut self, format: Format) {
@@ -193,12 +202,14 @@ impl Core {
         }
         self.bytes = bytes;
         self.revision += 1;
-        changes.push(Change {
-            key: key.clone(),
-            kind: ChangeKind::Set,
-            value: Some(value.clone()),
-            revision: self.revision,
-        });
+        if self.recording {
+            changes.push(Change {
+                key: key.clone(),
+                kind: ChangeKind::Set,
+                value: Some(value.clone()),
+                revision: self.revision,
+            });
+        }
         self.entries.insert(key, Entry { value, expires });
         Ok(())
     }
@@ -212,6 +223,9 @@ impl Core {
         }
         self.bytes -= weight(key, &entry.value);
         self.revision += 1;
+        if !self.recording {
+            return true;
+        }
         changes.push(Change {
             key: key.to_string(),
             kind,

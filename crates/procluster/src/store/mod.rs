@@ -139,6 +139,10 @@ pub struct StoreConfig {
     pub max_value: usize,
     /// Watches one worker (or the primary) may hold at once.
     pub watches_per_worker: usize,
+    /// Bytes the queues of one worker's (or the primary's) watches may hold
+    /// together: each watch reserves its [`Limits::max_bytes`], and one
+    /// past the budget is refused.
+    pub watch_bytes_per_worker: u64,
     /// The largest queue a watch may ask for in the primary.
     pub most: Limits,
     /// A file the store is loaded from when it is made (if the file exists)
@@ -155,6 +159,7 @@ impl Default for StoreConfig {
             max_key: 1024,
             max_value: 16 * 1024 * 1024,
             watches_per_worker: 1024,
+            watch_bytes_per_worker: 1 << 30,
             most: Limits {
                 capacity: 1 << 20,
                 max_bytes: 256 * 1024 * 1024,

@@ -175,6 +175,15 @@ impl Scripts {
     }
 }
 
+/// No response timeout: a long pipeline or a blocking read on a loaded
+/// machine is slow, not failed (the crate's default, 500 ms, would end the
+/// bus or the watches); a connection must be made within 30 s.
+fn connection_config() -> redis::AsyncConnectionConfig {
+    redis::AsyncConnectionConfig::new()
+        .set_response_timeout(None)
+        .set_connection_timeout(Some(Duration::from_secs(30)))
+}
+
 fn backend_error(error: redis::RedisError) -> StoreError {
     StoreError::Backend(error.to_string())
 }
@@ -238,7 +247,7 @@ impl RedisStore {
     ) -> Result<Arc<Self>, StoreError> {
         let client = redis::Client::open(url).map_err(backend_error)?;
         let connection = client
-            .get_multiplexed_async_connection()
+            .get_multiplexed_async_connection_with_config(&connection_config())
             .await
             .map_err(backend_error)?;
         Ok(Arc::new(Self {
@@ -396,7 +405,7 @@ impl RedisStore {
         if start_reader {
             let connection = self
                 .client
-                .get_multiplexed_async_connection()
+                .get_multiplexed_async_connection_with_config(&connection_config())
                 .await
                 .map_err(backend_error)?;
             tokio::spawn(read_changes(Arc::downgrade(self), connection, last));

@@ -239,6 +239,8 @@ impl Shared {
         );
         let mut changes = Vec::new();
         let mut state = lock(&self.state);
+        let watched = !state.watches.is_empty();
+        state.core.set_recording(watched);
         let outcome = state.core.apply(op, Instant::now(), &mut changes);
         self.operations.fetch_add(1, Ordering::Relaxed);
         if outcome.is_err() {
@@ -303,8 +305,23 @@ impl Shared {
                  (StoreConfig::watches_per_worker)"
             ));
         }
+        let limits = limits.clamped(self.config.most);
+        let reserved: u64 = state
+            .watches
+            .iter()
+            .filter(|w| w.owner == owner)
+            .map(|w| w.outlet.limits().max_bytes)
+            .sum();
+        if reserved + limits.max_bytes > self.config.watch_bytes_per_worker {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            return Err(format!(
+                "the watches of one worker already reserve {reserved} bytes of queue; another \
+                 {} would pass StoreConfig::watch_bytes_per_worker ({})",
+                limits.max_bytes, self.config.watch_bytes_per_worker
+            ));
+        }
         let closed = wire::encode(&Down::Closed { sub });
-        let outlet = Outlet::new(sink, limits.clamped(self.config.most), closed);
+        let outlet = Outlet::new(sink, limits, closed);
         state.watches.push(WatchEntry {
             owner,
             sub,
@@ -413,6 +430,8 @@ async fn expire_loop(shared: Weak<Shared>, wake: Arc<Notify>) {
         };
         let mut state = lock(&shared.state);
         let mut changes = Vec::new();
+        let watched = !state.watches.is_empty();
+        state.core.set_recording(watched);
         state.core.expire_due(Instant::now(), &mut changes);
         notify(&mut state, &changes);
     }
