@@ -143,10 +143,8 @@ pub async fn server_main(args: ServerArgs) -> Result<(), Box<dyn std::error::Err
         args.delay_ms,
         args.shutdown_grace_ms,
     )?;
-    let mut supervisor = SupervisorConfig {
-        workers: args.workers,
-        ..SupervisorConfig::default()
-    };
+    let mut supervisor = SupervisorConfig::default();
+    supervisor.workers = args.workers;
     if let Some(ms) = args.backoff_ms {
         supervisor.backoff.initial = Duration::from_millis(ms);
         if ms == 0 {
@@ -156,11 +154,9 @@ pub async fn server_main(args: ServerArgs) -> Result<(), Box<dyn std::error::Err
     if args.no_breaker {
         supervisor.breaker = None;
     }
-    let options = SupervisionOptions {
-        supervisor,
-        handle_signals: true,
-        ..SupervisionOptions::default()
-    };
+    let mut options = SupervisionOptions::default();
+    options.supervisor = supervisor;
+    options.handle_signals = true;
     let mut supervised = SupervisedCluster::start(cluster, options)?;
     let mut listening = HashSet::new();
     let mut announced = false;
@@ -188,12 +184,12 @@ pub async fn server_main(args: ServerArgs) -> Result<(), Box<dyn std::error::Err
 
 /// Restarts at once: no delay, no jitter.
 fn no_backoff() -> BackoffConfig {
-    BackoffConfig {
-        initial: Duration::ZERO,
-        multiplier: 1.0,
-        max: Duration::ZERO,
-        jitter: 0.0,
-    }
+    let mut backoff = BackoffConfig::default();
+    backoff.initial = Duration::ZERO;
+    backoff.multiplier = 1.0;
+    backoff.max = Duration::ZERO;
+    backoff.jitter = 0.0;
+    backoff
 }
 
 #[derive(clap::Args)]
@@ -247,15 +243,10 @@ async fn supervised_http(
     workers: usize,
 ) -> Result<(SupervisedCluster, BTreeMap<procluster::WorkerId, u32>), BenchError> {
     let cluster = http_cluster(Policy::Shared, "127.0.0.1:0", 0, 0)?;
-    let options = SupervisionOptions {
-        supervisor: SupervisorConfig {
-            workers,
-            backoff: no_backoff(),
-            breaker: None,
-            ..SupervisorConfig::default()
-        },
-        ..SupervisionOptions::default()
-    };
+    let mut options = SupervisionOptions::default();
+    options.supervisor.workers = workers;
+    options.supervisor.backoff = no_backoff();
+    options.supervisor.breaker = None;
     let mut supervised = SupervisedCluster::start(cluster, options)?;
     let mut live = BTreeMap::new();
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -13,7 +13,7 @@ use procluster::primary::{
     ChildFd, Cluster, Event, ForkHook, ForkOptions, Program, Settings, Stdio, WorkerHandle,
 };
 use procluster::supervisor::{
-    self, BreakerConfig, HeartbeatConfig, Readiness as SupervisorReadiness, RecycleConfig, Report,
+    self, BreakerConfig, HeartbeatConfig, Readiness as SupervisorReadiness, Report,
     SupervisedCluster, SupervisionError, SupervisionOptions, SupervisorConfig, SupervisorHandle,
     WorkerPhase,
 };
@@ -233,43 +233,39 @@ impl Primary {
         let exe = std::env::current_exe().map_err(|e| {
             RunError::Start(format!("cannot find procluster's own executable: {e}"))
         })?;
-        let settings = Settings {
-            exec: Some(exe),
-            args: Some(shim.to_args()),
-            stdio: Stdio::Callback(crate::recent::tap(
-                recent.clone(),
-                crate::logs::output_hook(config.log_format),
-            )),
-            own_process_group: true,
-            env: config
-                .env
-                .iter()
-                .map(|(key, value)| (key.into(), value.into()))
-                .collect(),
-            cwd: config.chdir.clone(),
-            workers: procluster::primary::Workers::Count(workers),
-            program: Program::Foreign {
-                stop_signal: config.stop_signal.0,
-            },
-            fds: listeners
-                .iter()
-                .enumerate()
-                .filter_map(|(i, l)| match &l.sockets {
-                    ListenerSockets::Shared(socket) => {
-                        Some(ChildFd::new(socket.clone(), 3 + i as i32))
-                    }
-                    ListenerSockets::PerSlot(_) => None,
-                })
-                .collect(),
-            heartbeat_interval: config.watchdog.map(|w| w / 2),
-            on_fork: Some(fork_hook(
-                listeners.clone(),
-                readiness,
-                pending.clone(),
-                config.watchdog,
-            )),
-            ..Settings::default()
+        let mut settings = Settings::default();
+        settings.exec = Some(exe);
+        settings.args = Some(shim.to_args());
+        settings.stdio = Stdio::Callback(crate::recent::tap(
+            recent.clone(),
+            crate::logs::output_hook(config.log_format),
+        ));
+        settings.own_process_group = true;
+        settings.env = config
+            .env
+            .iter()
+            .map(|(key, value)| (key.into(), value.into()))
+            .collect();
+        settings.cwd = config.chdir.clone();
+        settings.workers = procluster::primary::Workers::Count(workers);
+        settings.program = Program::Foreign {
+            stop_signal: config.stop_signal.0,
         };
+        settings.fds = listeners
+            .iter()
+            .enumerate()
+            .filter_map(|(i, l)| match &l.sockets {
+                ListenerSockets::Shared(socket) => Some(ChildFd::new(socket.clone(), 3 + i as i32)),
+                ListenerSockets::PerSlot(_) => None,
+            })
+            .collect();
+        settings.heartbeat_interval = config.watchdog.map(|w| w / 2);
+        settings.on_fork = Some(fork_hook(
+            listeners.clone(),
+            readiness,
+            pending.clone(),
+            config.watchdog,
+        ));
         let telemetry = config.metrics.as_ref().map(|addr| {
             listeners
                 .iter()
@@ -293,35 +289,31 @@ impl Primary {
         let cluster = cluster
             .build()
             .map_err(|e| RunError::Start(e.to_string()))?;
-        let options = SupervisionOptions {
-            supervisor: SupervisorConfig {
-                workers,
-                kill_timeout: config.kill_timeout,
-                ready_timeout: config.ready_timeout,
-                breaker: Some(BreakerConfig {
-                    max_crashes: config.max_crashes,
-                    window: config.crash_window,
-                    exit_on_trip: true,
-                }),
-                heartbeat: config.watchdog.map(|timeout| HeartbeatConfig {
-                    timeout,
-                    ..HeartbeatConfig::default()
-                }),
-                recycle: RecycleConfig {
-                    max_rss: config.max_memory,
-                    max_requests: config.max_requests,
-                    max_requests_jitter: config.max_requests_jitter,
-                    max_age: config.max_age,
-                },
-                ..SupervisorConfig::default()
-            },
-            readiness: match config.ready {
-                ReadyMode::None => SupervisorReadiness::Online,
-                _ => SupervisorReadiness::Explicit,
-            },
-            handle_signals: true,
-            ..SupervisionOptions::default()
+        let mut supervisor = SupervisorConfig::default();
+        supervisor.workers = workers;
+        supervisor.kill_timeout = config.kill_timeout;
+        supervisor.ready_timeout = config.ready_timeout;
+        let mut breaker = BreakerConfig::default();
+        breaker.max_crashes = config.max_crashes;
+        breaker.window = config.crash_window;
+        breaker.exit_on_trip = true;
+        supervisor.breaker = Some(breaker);
+        supervisor.heartbeat = config.watchdog.map(|timeout| {
+            let mut heartbeat = HeartbeatConfig::default();
+            heartbeat.timeout = timeout;
+            heartbeat
+        });
+        supervisor.recycle.max_rss = config.max_memory;
+        supervisor.recycle.max_requests = config.max_requests;
+        supervisor.recycle.max_requests_jitter = config.max_requests_jitter;
+        supervisor.recycle.max_age = config.max_age;
+        let mut options = SupervisionOptions::default();
+        options.supervisor = supervisor;
+        options.readiness = match config.ready {
+            ReadyMode::None => SupervisorReadiness::Online,
+            _ => SupervisorReadiness::Explicit,
         };
+        options.handle_signals = true;
         let supervised = SupervisedCluster::start(cluster, options)
             .map_err(|e| RunError::Start(e.to_string()))?;
         let handle = supervised.handle();

@@ -32,7 +32,7 @@ use axum::routing::get;
 use procluster::bus::Bus;
 use procluster::primary::{Cluster, Event, Workers};
 use procluster::store::Store;
-use procluster::supervisor::{Report, SupervisedCluster, SupervisionOptions, SupervisorConfig};
+use procluster::supervisor::{Report, SupervisedCluster, SupervisionOptions};
 use procluster::{Policy, Role};
 use tokio::sync::broadcast;
 
@@ -241,14 +241,9 @@ async fn primary(options: Options) -> Result<(), Box<dyn std::error::Error>> {
     }
     let cluster = builder.build()?;
     let workers = options.workers.resolve();
-    let supervision = SupervisionOptions {
-        supervisor: SupervisorConfig {
-            workers,
-            ..SupervisorConfig::default()
-        },
-        handle_signals: true,
-        ..SupervisionOptions::default()
-    };
+    let mut supervision = SupervisionOptions::default();
+    supervision.supervisor.workers = workers;
+    supervision.handle_signals = true;
     let mut supervised = SupervisedCluster::start(cluster, supervision)?;
     let mut listening = HashSet::new();
     let mut announced = false;

@@ -21,7 +21,7 @@ use std::collections::HashSet;
 use axum::Router;
 use axum::routing::get;
 use procluster::primary::{Cluster, Event, Workers};
-use procluster::supervisor::{Report, SupervisedCluster, SupervisionOptions, SupervisorConfig};
+use procluster::supervisor::{Report, SupervisedCluster, SupervisionOptions};
 use procluster::{Policy, Role};
 
 struct Options {
@@ -133,15 +133,10 @@ async fn primary(options: Options) -> Result<(), Box<dyn std::error::Error>> {
     }
     let cluster = builder.build()?;
     let workers = options.workers.resolve();
-    let supervision = SupervisionOptions {
-        supervisor: SupervisorConfig {
-            workers,
-            ..SupervisorConfig::default()
-        },
-        // Ctrl-C/SIGTERM stop gracefully, SIGHUP reloads, SIGTTIN/SIGTTOU scale.
-        handle_signals: true,
-        ..SupervisionOptions::default()
-    };
+    let mut supervision = SupervisionOptions::default();
+    supervision.supervisor.workers = workers;
+    // Ctrl-C/SIGTERM stop gracefully, SIGHUP reloads, SIGTTIN/SIGTTOU scale.
+    supervision.handle_signals = true;
     let mut supervised = SupervisedCluster::start(cluster, supervision)?;
     let handle = supervised.handle();
     let mut listening = HashSet::new();

@@ -18,7 +18,7 @@ use axum::Router;
 use axum::routing::get;
 use procluster::Role;
 use procluster::primary::{Cluster, Event};
-use procluster::supervisor::{Report, SupervisedCluster, SupervisionOptions, SupervisorConfig};
+use procluster::supervisor::{Report, SupervisedCluster, SupervisionOptions};
 use procluster::telemetry::{LogOutput, Telemetry};
 use prometheus_client::metrics::counter::Counter;
 use tracing_subscriber::layer::SubscriberExt;
@@ -75,14 +75,9 @@ async fn primary() -> Result<(), Box<dyn std::error::Error>> {
         .logs(LogOutput::Text)
         .build();
     let cluster = Cluster::builder().service(telemetry.clone()).build()?;
-    let options = SupervisionOptions {
-        supervisor: SupervisorConfig {
-            workers,
-            ..SupervisorConfig::default()
-        },
-        handle_signals: true,
-        ..SupervisionOptions::default()
-    };
+    let mut options = SupervisionOptions::default();
+    options.supervisor.workers = workers;
+    options.handle_signals = true;
     let mut supervised = SupervisedCluster::start(cluster, options)?;
     let endpoint = telemetry.start().await?;
     println!("metrics on http://{endpoint}/metrics");

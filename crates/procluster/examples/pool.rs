@@ -24,9 +24,7 @@ use axum::http::{StatusCode, Uri};
 use axum::routing::get;
 use procluster::pool::{HandlerError, Pool, PoolConfig, WorkerPool};
 use procluster::primary::{Cluster, Event, Workers};
-use procluster::supervisor::{
-    Readiness, Report, SupervisedCluster, SupervisionOptions, SupervisorConfig,
-};
+use procluster::supervisor::{Readiness, Report, SupervisedCluster, SupervisionOptions};
 use procluster::{Role, WorkerId};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -234,16 +232,11 @@ async fn primary(options: Options) -> Result<(), Box<dyn std::error::Error>> {
         .service(pool)
         .build()?;
     let workers = options.workers.resolve();
-    let supervision = SupervisionOptions {
-        supervisor: SupervisorConfig {
-            workers,
-            ..SupervisorConfig::default()
-        },
-        readiness: Readiness::Listening,
-        // Ctrl-C/SIGTERM stop gracefully, SIGHUP reloads, SIGTTIN/SIGTTOU scale.
-        handle_signals: true,
-        ..SupervisionOptions::default()
-    };
+    let mut supervision = SupervisionOptions::default();
+    supervision.supervisor.workers = workers;
+    supervision.readiness = Readiness::Listening;
+    // Ctrl-C/SIGTERM stop gracefully, SIGHUP reloads, SIGTTIN/SIGTTOU scale.
+    supervision.handle_signals = true;
     let mut supervised = SupervisedCluster::start(cluster, supervision)?;
     let mut listening = HashSet::new();
     let mut announced = false;

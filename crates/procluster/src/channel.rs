@@ -109,6 +109,7 @@ impl Counters {
 
 /// Why a channel operation failed.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ChannelError {
     /// The peer closed the channel, or it was closed locally.
     #[error("the channel is closed")]

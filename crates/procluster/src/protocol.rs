@@ -478,6 +478,7 @@ impl ListenSpec {
 
 /// How connections on a shared TCP port reach workers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
 pub enum Policy {
     /// Every worker accepts on one shared listening socket.
     Shared,

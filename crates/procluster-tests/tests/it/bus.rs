@@ -377,10 +377,8 @@ on_each_backend!(
 
 /// A bus on `server`, whose primary calls itself `host`.
 async fn redis_bus(server: &RedisServer, host: &str) -> Bus {
-    let options = RedisOptions {
-        host: Some(host.into()),
-        ..RedisOptions::default()
-    };
+    let mut options = RedisOptions::default();
+    options.host = Some(host.into());
     Bus::redis_with(&server.url(), options).await.unwrap()
 }
 
@@ -461,10 +459,9 @@ async fn bad_topics_are_clear_errors() {
 
 #[tokio::test]
 async fn subscriptions_past_the_byte_budget_are_refused_with_a_clear_error() {
-    let bus = Bus::local_with(procluster::bus::BusConfig {
-        bytes_per_worker: 10 << 20,
-        ..procluster::bus::BusConfig::default()
-    });
+    let mut config = procluster::bus::BusConfig::default();
+    config.bytes_per_worker = 10 << 20;
+    let bus = Bus::local_with(config);
     let four_mib = Limits::default().max_bytes(4 << 20);
     let _a = bus.subscribe_with("a", four_mib).await.unwrap();
     let _b = bus.subscribe_with("b", four_mib).await.unwrap();

@@ -10,8 +10,7 @@ use std::time::Duration;
 use procluster::pool::{Attempt, AttemptFailure, Order, Pool, PoolConfig, PoolError};
 use procluster::primary::Cluster;
 use procluster::supervisor::{
-    BackoffConfig, BreakerConfig, CrashCause, Readiness, Report, SupervisedCluster,
-    SupervisionOptions, SupervisorConfig,
+    BreakerConfig, CrashCause, Readiness, Report, SupervisedCluster, SupervisionOptions,
 };
 use procluster::{ExitStatus, Signal};
 use procluster_tests::*;
@@ -43,21 +42,15 @@ async fn within<F: std::future::Future>(what: &str, future: F) -> F::Output {
 
 /// Supervision that restarts at once and never gives up, unless told.
 fn supervision(workers: usize, breaker: Option<BreakerConfig>) -> SupervisionOptions {
-    SupervisionOptions {
-        supervisor: SupervisorConfig {
-            workers,
-            backoff: BackoffConfig {
-                initial: Duration::from_millis(5),
-                multiplier: 1.0,
-                max: Duration::from_millis(5),
-                jitter: 0.0,
-            },
-            breaker,
-            ..SupervisorConfig::default()
-        },
-        readiness: Readiness::Explicit,
-        ..SupervisionOptions::default()
-    }
+    let mut options = SupervisionOptions::default();
+    options.supervisor.workers = workers;
+    options.supervisor.backoff.initial = Duration::from_millis(5);
+    options.supervisor.backoff.multiplier = 1.0;
+    options.supervisor.backoff.max = Duration::from_millis(5);
+    options.supervisor.backoff.jitter = 0.0;
+    options.supervisor.breaker = breaker;
+    options.readiness = Readiness::Explicit;
+    options
 }
 
 /// Reads a supervised cluster's reports in a task of its own until it
@@ -303,11 +296,10 @@ async fn a_poison_task_fails_after_its_attempts_and_does_not_trip_the_breaker() 
     let cluster = builder("pool").service(pool.clone()).build().unwrap();
     // Two crashes of workers' own would be tolerated, a third not: the
     // poison tasks below end six workers.
-    let breaker = BreakerConfig {
-        max_crashes: 2,
-        window: Duration::from_secs(600),
-        exit_on_trip: false,
-    };
+    let mut breaker = BreakerConfig::default();
+    breaker.max_crashes = 2;
+    breaker.window = Duration::from_secs(600);
+    breaker.exit_on_trip = false;
     let supervised = SupervisedCluster::start(cluster, supervision(3, Some(breaker))).unwrap();
     let handle = supervised.handle();
     let reports = collect_reports(supervised);

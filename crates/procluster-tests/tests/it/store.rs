@@ -409,11 +409,9 @@ async fn redis_increments_in_the_binary_format() {
 
 #[tokio::test]
 async fn a_full_store_refuses_with_a_clear_error_and_keeps_what_it_has() {
-    let store = Store::local_with(StoreConfig {
-        max_keys: 1,
-        ..StoreConfig::default()
-    })
-    .unwrap();
+    let mut config = StoreConfig::default();
+    config.max_keys = 1;
+    let store = Store::local_with(config).unwrap();
     let mut c = StoreCluster::start(store, 1).await;
     let set = |key: &str| StoreCommand::Set {
         key: key.into(),
@@ -435,10 +433,8 @@ async fn a_full_store_refuses_with_a_clear_error_and_keeps_what_it_has() {
 #[tokio::test]
 async fn a_snapshot_saved_on_drop_is_loaded_on_start() {
     let dir = TempDir::new("store-snapshot");
-    let config = StoreConfig {
-        snapshot: Some(dir.0.join("store.snapshot")),
-        ..StoreConfig::default()
-    };
+    let mut config = StoreConfig::default();
+    config.snapshot = Some(dir.0.join("store.snapshot"));
     let store = Store::local_with(config.clone()).unwrap();
     store.set("name", &"alice").await.unwrap();
     store.incr("count", 3).await.unwrap();

@@ -17,18 +17,15 @@ use crate::builder;
 
 /// Settings that keep tests fast: short timeouts, restarts without delay.
 fn config(workers: usize) -> SupervisorConfig {
-    SupervisorConfig {
-        workers,
-        backoff: BackoffConfig {
-            initial: Duration::from_millis(10),
-            multiplier: 2.0,
-            max: Duration::from_millis(100),
-            jitter: 0.0,
-        },
-        kill_timeout: Duration::from_secs(5),
-        ready_timeout: Duration::from_secs(10),
-        ..SupervisorConfig::default()
-    }
+    let mut config = SupervisorConfig::default();
+    config.workers = workers;
+    config.backoff.initial = Duration::from_millis(10);
+    config.backoff.multiplier = 2.0;
+    config.backoff.max = Duration::from_millis(100);
+    config.backoff.jitter = 0.0;
+    config.kill_timeout = Duration::from_secs(5);
+    config.ready_timeout = Duration::from_secs(10);
+    config
 }
 
 /// Supervises test workers in `mode` that say when they are ready.
@@ -41,18 +38,14 @@ fn supervise_with(
     supervisor: SupervisorConfig,
     settings: Settings,
 ) -> SupervisedCluster {
-    let settings = Settings {
-        exec: Some(crate::test_worker().into()),
-        args: Some(vec![mode.into()]),
-        stdio: Stdio::Null,
-        ..settings
-    };
+    let mut settings = settings;
+    settings.exec = Some(crate::test_worker().into());
+    settings.args = Some(vec![mode.into()]);
+    settings.stdio = Stdio::Null;
     let cluster = builder(mode).settings(settings).build().unwrap();
-    let options = SupervisionOptions {
-        supervisor,
-        readiness: Readiness::Explicit,
-        ..SupervisionOptions::default()
-    };
+    let mut options = SupervisionOptions::default();
+    options.supervisor = supervisor;
+    options.readiness = Readiness::Explicit;
     SupervisedCluster::start(cluster, options).unwrap()
 }
 
@@ -147,17 +140,17 @@ async fn a_killed_worker_is_replaced_in_the_same_slot() {
 #[tokio::test]
 async fn a_worker_crashing_at_boot_is_restarted_with_growing_delays_until_the_breaker_trips() {
     let mut supervisor = config(1);
-    supervisor.backoff = BackoffConfig {
-        initial: Duration::from_millis(40),
-        multiplier: 2.0,
-        max: Duration::from_millis(200),
-        jitter: 0.0,
-    };
-    supervisor.breaker = Some(BreakerConfig {
-        max_crashes: 3,
-        window: Duration::from_secs(30),
-        exit_on_trip: true,
-    });
+    let mut backoff = BackoffConfig::default();
+    backoff.initial = Duration::from_millis(40);
+    backoff.multiplier = 2.0;
+    backoff.max = Duration::from_millis(200);
+    backoff.jitter = 0.0;
+    supervisor.backoff = backoff;
+    let mut breaker = BreakerConfig::default();
+    breaker.max_crashes = 3;
+    breaker.window = Duration::from_secs(30);
+    breaker.exit_on_trip = true;
+    supervisor.breaker = Some(breaker);
     let supervised = supervise("crash-at-boot", supervisor);
     let (events, outcome) = finish_supervised(supervised).await;
 
@@ -196,17 +189,17 @@ async fn a_worker_crashing_at_boot_is_restarted_with_growing_delays_until_the_br
 #[tokio::test]
 async fn restarts_are_spaced_by_the_backoff_delay() {
     let mut supervisor = config(1);
-    supervisor.backoff = BackoffConfig {
-        initial: Duration::from_millis(100),
-        multiplier: 2.0,
-        max: Duration::from_millis(200),
-        jitter: 0.0,
-    };
-    supervisor.breaker = Some(BreakerConfig {
-        max_crashes: 2,
-        window: Duration::from_secs(30),
-        exit_on_trip: true,
-    });
+    let mut backoff = BackoffConfig::default();
+    backoff.initial = Duration::from_millis(100);
+    backoff.multiplier = 2.0;
+    backoff.max = Duration::from_millis(200);
+    backoff.jitter = 0.0;
+    supervisor.backoff = backoff;
+    let mut breaker = BreakerConfig::default();
+    breaker.max_crashes = 2;
+    breaker.window = Duration::from_secs(30);
+    breaker.exit_on_trip = true;
+    supervisor.breaker = Some(breaker);
     let mut supervised = supervise("crash-at-boot", supervisor);
     let mut exits = Vec::new();
     let mut spawns = Vec::new();
@@ -443,16 +436,14 @@ async fn scaling_up_starts_new_slots_and_scaling_down_retires_the_highest() {
 async fn a_worker_that_stops_sending_heartbeats_gets_a_diagnostic_signal_then_is_killed_and_replaced()
  {
     let mut supervisor = config(1);
-    supervisor.heartbeat = Some(HeartbeatConfig {
-        timeout: Duration::from_millis(400),
-        signal: Signal::USR2,
-        grace: Duration::from_millis(200),
-    });
+    let mut heartbeat = HeartbeatConfig::default();
+    heartbeat.timeout = Duration::from_millis(400);
+    heartbeat.signal = Signal::USR2;
+    heartbeat.grace = Duration::from_millis(200);
+    supervisor.heartbeat = Some(heartbeat);
     supervisor.kill_timeout = Duration::from_millis(200);
-    let settings = Settings {
-        heartbeat_interval: Some(Duration::from_millis(50)),
-        ..Settings::default()
-    };
+    let mut settings = Settings::default();
+    settings.heartbeat_interval = Some(Duration::from_millis(50));
     let mut supervised = supervise_with("ready-then-hang", supervisor, settings);
     let hung = hellos(&mut supervised, 1).await[0];
     let (_, events) = until_supervised(&mut supervised, |e| {
@@ -497,10 +488,9 @@ async fn a_worker_that_stops_sending_heartbeats_gets_a_diagnostic_signal_then_is
 #[tokio::test]
 async fn a_worker_is_recycled_after_its_request_limit_new_worker_first() {
     let mut supervisor = config(1);
-    supervisor.recycle = RecycleConfig {
-        max_requests: Some(50),
-        ..RecycleConfig::default()
-    };
+    let mut recycle = RecycleConfig::default();
+    recycle.max_requests = Some(50);
+    supervisor.recycle = recycle;
     let mut supervised = supervise("first-worker-serves-100", supervisor);
     let first = hellos(&mut supervised, 1).await[0];
     assert_eq!(first.id, 1);
@@ -535,10 +525,9 @@ async fn a_worker_is_recycled_after_its_request_limit_new_worker_first() {
 #[tokio::test]
 async fn a_worker_is_recycled_when_it_reaches_its_maximum_age() {
     let mut supervisor = config(1);
-    supervisor.recycle = RecycleConfig {
-        max_age: Some(Duration::from_millis(300)),
-        ..RecycleConfig::default()
-    };
+    let mut recycle = RecycleConfig::default();
+    recycle.max_age = Some(Duration::from_millis(300));
+    supervisor.recycle = recycle;
     let mut supervised = supervise("ready-serve", supervisor);
     let first = hellos(&mut supervised, 1).await[0];
     let ((old, reason), _) = until_supervised(&mut supervised, |e| match sup(e) {
@@ -562,19 +551,15 @@ fn signal_self(signal: procluster::Signal) {
 
 #[tokio::test]
 async fn owned_signals_scale_reload_and_stop() {
-    let settings = Settings {
-        exec: Some(crate::test_worker().into()),
-        args: Some(vec!["ready-serve".into()]),
-        stdio: Stdio::Null,
-        ..Settings::default()
-    };
+    let mut settings = Settings::default();
+    settings.exec = Some(crate::test_worker().into());
+    settings.args = Some(vec!["ready-serve".into()]);
+    settings.stdio = Stdio::Null;
     let cluster = builder("ready-serve").settings(settings).build().unwrap();
-    let options = SupervisionOptions {
-        supervisor: config(1),
-        readiness: Readiness::Explicit,
-        handle_signals: true,
-        ..SupervisionOptions::default()
-    };
+    let mut options = SupervisionOptions::default();
+    options.supervisor = config(1);
+    options.readiness = Readiness::Explicit;
+    options.handle_signals = true;
     let mut supervised = SupervisedCluster::start(cluster, options).unwrap();
     hellos(&mut supervised, 1).await;
 
@@ -618,21 +603,17 @@ async fn owned_signals_scale_reload_and_stop() {
 
 #[tokio::test]
 async fn with_listening_readiness_a_worker_is_ready_once_it_listens() {
-    let settings = Settings {
-        exec: Some(crate::test_worker().into()),
-        args: Some(vec!["listen-then-serve".into()]),
-        stdio: Stdio::Null,
-        ..Settings::default()
-    };
+    let mut settings = Settings::default();
+    settings.exec = Some(crate::test_worker().into());
+    settings.args = Some(vec!["listen-then-serve".into()]);
+    settings.stdio = Stdio::Null;
     let cluster = builder("listen-then-serve")
         .settings(settings)
         .build()
         .unwrap();
-    let options = SupervisionOptions {
-        supervisor: config(2),
-        readiness: Readiness::Listening,
-        ..SupervisionOptions::default()
-    };
+    let mut options = SupervisionOptions::default();
+    options.supervisor = config(2);
+    options.readiness = Readiness::Listening;
     let mut supervised = SupervisedCluster::start(cluster, options).unwrap();
     let mut listening = Vec::new();
     let mut ready = Vec::new();
@@ -662,24 +643,19 @@ async fn a_worker_whose_memory_grows_past_max_rss_is_recycled_new_worker_first()
     let limit = baseline + 64 * MIB;
 
     let mut supervisor = config(1);
-    supervisor.recycle = RecycleConfig {
-        max_rss: Some(limit),
-        ..RecycleConfig::default()
-    };
+    let mut recycle = RecycleConfig::default();
+    recycle.max_rss = Some(limit);
+    supervisor.recycle = recycle;
     let mode = "first-worker-leaks";
-    let settings = Settings {
-        exec: Some(crate::test_worker().into()),
-        args: Some(vec![mode.into()]),
-        stdio: Stdio::Null,
-        ..Settings::default()
-    };
+    let mut settings = Settings::default();
+    settings.exec = Some(crate::test_worker().into());
+    settings.args = Some(vec![mode.into()]);
+    settings.stdio = Stdio::Null;
     let cluster = builder(mode).settings(settings).build().unwrap();
-    let options = SupervisionOptions {
-        supervisor,
-        readiness: Readiness::Explicit,
-        sample_interval: Duration::from_millis(20),
-        ..SupervisionOptions::default()
-    };
+    let mut options = SupervisionOptions::default();
+    options.supervisor = supervisor;
+    options.readiness = Readiness::Explicit;
+    options.sample_interval = Duration::from_millis(20);
     let mut supervised = SupervisedCluster::start(cluster, options).unwrap();
 
     // Until the leaking worker has exited, noting its RSS when recycled.

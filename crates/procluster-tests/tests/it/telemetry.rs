@@ -8,9 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use procluster::primary::{Cluster, Event, Stdio};
-use procluster::supervisor::{
-    self, BackoffConfig, Readiness, Report, SupervisedCluster, SupervisionOptions, SupervisorConfig,
-};
+use procluster::supervisor::{self, Readiness, Report, SupervisedCluster, SupervisionOptions};
 use procluster::telemetry::{Aggregation, LogOutput, LogRecord, Telemetry};
 use procluster::{Signal, WorkerId};
 use procluster_tests::telemetry::{LogsDone, http_get};
@@ -36,22 +34,15 @@ fn supervised_with(
     workers: usize,
     ready_timeout: Duration,
 ) -> SupervisedCluster {
-    let options = SupervisionOptions {
-        supervisor: SupervisorConfig {
-            workers,
-            backoff: BackoffConfig {
-                initial: Duration::from_millis(10),
-                multiplier: 2.0,
-                max: Duration::from_millis(100),
-                jitter: 0.0,
-            },
-            ready_timeout,
-            kill_timeout: Duration::from_secs(5),
-            ..SupervisorConfig::default()
-        },
-        readiness: Readiness::Explicit,
-        ..SupervisionOptions::default()
-    };
+    let mut options = SupervisionOptions::default();
+    options.supervisor.workers = workers;
+    options.supervisor.backoff.initial = Duration::from_millis(10);
+    options.supervisor.backoff.multiplier = 2.0;
+    options.supervisor.backoff.max = Duration::from_millis(100);
+    options.supervisor.backoff.jitter = 0.0;
+    options.supervisor.ready_timeout = ready_timeout;
+    options.supervisor.kill_timeout = Duration::from_secs(5);
+    options.readiness = Readiness::Explicit;
     SupervisedCluster::start(cluster_with(telemetry, args), options).unwrap()
 }
 

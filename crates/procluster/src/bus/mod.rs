@@ -419,6 +419,7 @@ impl Bus {
 
 /// Options of the Redis backend.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct RedisOptions {
     /// Prefix of the bus's channel names in Redis (default `procluster`):
     /// clusters with different prefixes share a server without meeting.
@@ -440,6 +441,7 @@ impl Default for RedisOptions {
 
 /// Limits of the primary's side of the bus.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct BusConfig {
     /// The largest queue a subscription may ask for (and its policy when
     /// it asks for none).

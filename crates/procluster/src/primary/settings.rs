@@ -18,6 +18,7 @@ pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_millis(100);
 
 /// Where a worker's standard output and error go.
 #[derive(Clone, Default)]
+#[non_exhaustive]
 pub enum Stdio {
     /// Share the primary's (Node's default).
     #[default]
@@ -147,6 +148,7 @@ impl Workers {
 
 /// Settings for every worker of a cluster.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct Settings {
     /// Program to execute; `None` runs the current executable again.
     pub exec: Option<PathBuf>,
@@ -206,13 +208,11 @@ pub struct Settings {
 /// # Examples
 /// ```
 /// use procluster::primary::{ForkHook, Settings};
-/// let settings = Settings {
-///     on_fork: Some(ForkHook::new(|id, options| {
-///         options.env.push(("MY_WORKER_TAG".into(), format!("w{id}").into()));
-///         Ok(())
-///     })),
-///     ..Settings::default()
-/// };
+/// let mut settings = Settings::default();
+/// settings.on_fork = Some(ForkHook::new(|id, options| {
+///     options.env.push(("MY_WORKER_TAG".into(), format!("w{id}").into()));
+///     Ok(())
+/// }));
 /// # let _ = settings;
 /// ```
 #[derive(Clone)]

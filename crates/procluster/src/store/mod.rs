@@ -128,6 +128,7 @@ pub enum StoreError {
 
 /// Limits and persistence of the primary's store.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct StoreConfig {
     /// Keys held at most (default one million).
     pub max_keys: usize,

@@ -11,6 +11,7 @@ use crate::Signal;
 /// `[0, 1)` comes from the [`JitterSource`](super::JitterSource). `max` is
 /// therefore a hard upper bound and jitter only ever shortens a delay.
 #[derive(Clone, Copy, Debug, PartialEq)]
+#[non_exhaustive]
 pub struct BackoffConfig {
     /// Delay before the first restart of a slot.
     pub initial: Duration,
@@ -36,6 +37,7 @@ impl Default for BackoffConfig {
 /// Crash-loop breaker: trips when more than `max_crashes` unexpected failures
 /// (cluster-wide, including failures before ready) happen within `window`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct BreakerConfig {
     /// Number of failures tolerated within `window`; one more trips.
     pub max_crashes: usize,
@@ -62,6 +64,7 @@ impl Default for BreakerConfig {
 /// (meant to produce a diagnostic such as a core dump or stack trace) and is
 /// killed `grace` later, then replaced like a crashed worker.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct HeartbeatConfig {
     /// Maximum silence after which a ready worker is considered hung.
     pub timeout: Duration,
@@ -83,6 +86,7 @@ impl Default for HeartbeatConfig {
 
 /// Recycling limits; each one replaces the worker gracefully, new one first.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct RecycleConfig {
     /// Recycle when the worker's memory exceeds this many bytes: the
     /// resident set of its process and of every process it started, added
@@ -99,6 +103,7 @@ pub struct RecycleConfig {
 
 /// Full configuration of a [`Supervisor`](super::Supervisor).
 #[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub struct SupervisorConfig {
     /// Number of worker slots (`0..workers`).
     pub workers: usize,

@@ -115,6 +115,7 @@ pub struct SupervisorGone;
 
 /// Why a [`SupervisorHandle::reload`] did not complete.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum ReloadError {
     /// The rollout stopped; slots not yet moved still run their old worker.
     #[error("reload to generation {generation} failed: {}", describe_failure(.failure))]

@@ -52,7 +52,8 @@ enum Place {
 /// use procluster::{ExitStatus, WorkerId};
 /// use procluster::supervisor::{Command, Event, Supervisor, SupervisorConfig};
 ///
-/// let config = SupervisorConfig { workers: 2, ..SupervisorConfig::default() };
+/// let mut config = SupervisorConfig::default();
+/// config.workers = 2;
 /// let mut sup = Supervisor::with_jitter(config, || 0.0);
 /// let t0 = Instant::now();
 /// sup.start(t0);

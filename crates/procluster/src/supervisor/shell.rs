@@ -48,6 +48,7 @@ pub enum Readiness {
 
 /// How a [`SupervisedCluster`] supervises.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct SupervisionOptions {
     /// The state machine's settings, the number of workers included.
     pub supervisor: SupervisorConfig,
@@ -86,6 +87,7 @@ pub enum Report {
 
 /// Why a [`SupervisedCluster`] could not start.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum StartError {
     /// The cluster already has workers, which the supervisor would not know.
     #[error(
@@ -123,6 +125,7 @@ pub enum StartError {
 
 /// Why a supervised cluster's run ended badly.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum SupervisionError {
     /// Workers failed too often; the breaker stopped the whole cluster.
     #[error(
@@ -153,16 +156,14 @@ pub enum SupervisionError {
 /// # Examples
 /// ```no_run
 /// use procluster::primary::Cluster;
-/// use procluster::supervisor::{Readiness, SupervisedCluster, SupervisionOptions, SupervisorConfig};
+/// use procluster::supervisor::{Readiness, SupervisedCluster, SupervisionOptions};
 ///
 /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 /// let cluster = Cluster::builder().build()?;
-/// let options = SupervisionOptions {
-///     supervisor: SupervisorConfig { workers: 4, ..SupervisorConfig::default() },
-///     readiness: Readiness::Listening,
-///     handle_signals: true,
-///     ..SupervisionOptions::default()
-/// };
+/// let mut options = SupervisionOptions::default();
+/// options.supervisor.workers = 4;
+/// options.readiness = Readiness::Listening;
+/// options.handle_signals = true;
 /// let mut supervised = SupervisedCluster::start(cluster, options)?;
 /// while let Some(event) = supervised.next_event().await {
 ///     println!("{event:?}");

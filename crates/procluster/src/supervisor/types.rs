@@ -49,6 +49,7 @@ pub enum Command {
 /// Why a worker failed unexpectedly. Every failure counts for the breaker,
 /// except [`CrashCause::NoResources`] and [`CrashCause::TaskFault`].
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum CrashCause {
     /// The process exited on its own (or was killed by someone else).
     Exited {
@@ -114,6 +115,7 @@ impl std::fmt::Display for CrashCause {
 
 /// Why a worker is being recycled.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum RecycleReason {
     /// An RSS sample exceeded `max_rss`.
     Memory {
@@ -138,6 +140,7 @@ pub enum RecycleReason {
 
 /// Why a rolling reload failed.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ReloadFailure {
     /// A new-generation worker failed before becoming ready.
     Worker {
@@ -163,6 +166,7 @@ pub enum RejectReason {
 
 /// Why the supervisor stopped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum StopReason {
     /// [`Supervisor::stop`](super::Supervisor::stop) was called.
     Requested,
@@ -189,6 +193,7 @@ impl Outcome {
 
 /// Something that happened; for logging, metrics and tests.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Event {
     /// `start()` created the initial slots.
     Started {
