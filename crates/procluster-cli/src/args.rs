@@ -76,11 +76,12 @@ pub struct RunArgs {
     #[arg(short, long = "listen", value_name = "SPEC", value_parser = crate::listen_spec::ListenSpec::parse)]
     pub listen: Vec<crate::listen_spec::ListenSpec>,
 
-    /// `shared`: one socket, every worker accepts on it. `reuseport`: one
-    /// SO_REUSEPORT socket per worker slot (TCP and UDP), balanced by the
-    /// kernel and kept across that slot's restarts. (`round-robin` needs a
-    /// worker that takes connections from the primary: only library
-    /// workers can.) [default: shared]
+    /// `reuseport`: one SO_REUSEPORT socket per worker slot (TCP and UDP),
+    /// kept across that slot's restarts; the kernel spreads new connections
+    /// over the slots whose worker is ready and accepting. `shared`: one
+    /// socket, every worker accepts on it. (`round-robin` needs a worker
+    /// that takes connections from the primary: only library workers can.)
+    /// [default: reuseport on Linux, shared elsewhere]
     #[arg(long, value_name = "shared|reuseport", value_parser = parse_policy)]
     pub policy: Option<Policy>,
 

@@ -131,7 +131,7 @@ pub struct Bound {
 #[derive(Debug)]
 pub enum Sockets {
     Shared(OwnedFd),
-    PerSlot(SlotSockets),
+    PerSlot(Box<SlotSockets>),
 }
 
 /// How to bind: once for every worker, or with SO_REUSEPORT (one socket
@@ -160,11 +160,11 @@ pub fn bind(spec: &ListenSpec, index: usize, options: BindOptions) -> io::Result
     let sockets = match &spec.endpoint {
         Endpoint::Tcp(addr) if options.reuse_port => {
             let binder = ReusePortBinder::tcp(bind::parse_addr(addr)?, tcp_options)?;
-            Sockets::PerSlot(SlotSockets::new(binder.blocking(true)))
+            Sockets::PerSlot(Box::new(SlotSockets::new(binder.blocking(true))))
         }
         Endpoint::Udp(addr) if options.reuse_port => {
             let binder = ReusePortBinder::udp(bind::parse_addr(addr)?)?;
-            Sockets::PerSlot(SlotSockets::new(binder.blocking(true)))
+            Sockets::PerSlot(Box::new(SlotSockets::new(binder.blocking(true))))
         }
         Endpoint::Tcp(addr) => {
             Sockets::Shared(blocking(bind::tcp(bind::parse_addr(addr)?, tcp_options)?)?)

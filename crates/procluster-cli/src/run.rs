@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use procluster::listeners::saturation::QUEUE_POLL;
 use procluster::listeners::slots::SlotSockets;
 use procluster::primary::{
     ChildFd, Cluster, Event, ForkHook, ForkOptions, Program, Settings, Stdio, WorkerHandle,
@@ -374,8 +375,22 @@ impl Primary {
         let mut ready_slots = BTreeSet::new();
         let mut told_ready = false;
         let mut last_failure: Option<String> = None;
+        let watch_queues = self
+            .listeners
+            .iter()
+            .any(|l| matches!(l.sockets, ListenerSockets::PerSlot(_)));
+        let mut next_look = tokio::time::Instant::now();
         loop {
             tokio::select! {
+                () = tokio::time::sleep_until(next_look), if watch_queues => {
+                    let now = std::time::Instant::now();
+                    let mut slots = 0;
+                    self.per_slot(|sockets| {
+                        sockets.watch_queues(now);
+                        slots += sockets.len();
+                    });
+                    next_look = tokio::time::Instant::now() + queue_poll(slots);
+                }
                 event = self.supervised.next_event() => {
                     let Some(event) = event else { break };
                     if let Some(telemetry) = &self.telemetry {
@@ -477,6 +492,14 @@ impl Primary {
                     // New connections avoid the slot until its next worker
                     // is ready.
                     self.per_slot(|slots| slots.worker_exited(slot, worker.id()));
+                    // A removed slot's socket closes now that its worker has
+                    // gone, once what waited in its queue is taken.
+                    self.per_slot(|slots| {
+                        let to = slots.local_addr();
+                        for socket in slots.take_retired() {
+                            hand_over_queue(socket, to, slots.is_stream());
+                        }
+                    });
                 }
                 if exited_after_disconnect {
                     tracing::info!(worker = %worker.id(), pid = worker.pid(), %status, "worker stopped");
@@ -507,14 +530,9 @@ impl Primary {
         match event {
             E::Scaled { from, to } => {
                 if to < from {
-                    // A removed slot's sockets close with its last worker, so
-                    // the kernel stops routing connections to a queue nobody
-                    // reads.
-                    for listener in &self.listeners {
-                        if let ListenerSockets::PerSlot(slots) = &listener.sockets {
-                            lock(slots).retain_below(*to);
-                        }
-                    }
+                    // A removed slot's socket gets no new connection; it
+                    // closes once its worker has exited (see `Event::Exit`).
+                    self.per_slot(|slots| slots.retire_from(*to));
                 }
                 tracing::info!(from, to, "{event}");
             }
@@ -620,6 +638,60 @@ impl Drop for Pidfile {
             let _ = std::fs::remove_file(&self.0);
         }
     }
+}
+
+/// Closes the socket of a removed slot whose worker has exited, without
+/// resetting what waits in its queue: the primary, now its only holder,
+/// accepts every queued connection and relays each to the listener's
+/// address, where the kernel picks a slot that has a worker (the program
+/// sees those few connections come from the primary's address). A UDP
+/// socket just closes.
+fn hand_over_queue(socket: Arc<OwnedFd>, to: std::net::SocketAddr, stream: bool) {
+    if !stream {
+        return;
+    }
+    let queue = match socket.try_clone() {
+        Ok(fd) => std::net::TcpListener::from(fd),
+        Err(error) => {
+            tracing::warn!(%error, "cannot take a removed slot's queue");
+            return;
+        }
+    };
+    drop(socket);
+    let mut waiting = Vec::new();
+    if queue.set_nonblocking(true).is_ok() {
+        while let Ok((connection, _)) = queue.accept() {
+            waiting.push(connection);
+        }
+    }
+    drop(queue);
+    if !waiting.is_empty() {
+        tracing::info!(
+            connections = waiting.len(),
+            "a removed slot's queued connections go to the other workers"
+        );
+    }
+    for connection in waiting {
+        tokio::spawn(async move {
+            let relay = async {
+                connection.set_nonblocking(true)?;
+                let mut client = tokio::net::TcpStream::from_std(connection)?;
+                let mut server = tokio::net::TcpStream::connect(to).await?;
+                tokio::io::copy_bidirectional(&mut client, &mut server).await
+            };
+            if let Err(error) = relay.await {
+                tracing::debug!(%error, "relay of a removed slot's connection ended");
+            }
+        });
+    }
+}
+
+/// How long between two looks at the per-slot queues: every
+/// [`QUEUE_POLL`] for up to 64 sockets, proportionally less often beyond
+/// (a look is one `getsockopt` per socket; 1024 slots are looked at every
+/// 160 ms, which keeps an idle primary under 1% of a core).
+fn queue_poll(sockets: usize) -> Duration {
+    QUEUE_POLL * u32::try_from(sockets.div_ceil(64).max(1)).unwrap_or(u32::MAX)
 }
 
 fn remove(path: Option<PathBuf>) {
@@ -744,7 +816,7 @@ fn open_listeners(
             address: bound.address,
             sockets: match bound.sockets {
                 Sockets::Shared(socket) => ListenerSockets::Shared(Arc::new(socket)),
-                Sockets::PerSlot(slots) => ListenerSockets::PerSlot(Arc::new(Mutex::new(slots))),
+                Sockets::PerSlot(slots) => ListenerSockets::PerSlot(Arc::new(Mutex::new(*slots))),
             },
         });
     }

@@ -77,6 +77,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
         pass
 class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
     block_on_close = True
+    def get_request(self):
+        # A file hold-INDEX makes this worker stop accepting (busy, as an
+        # application at capacity) until it is removed.
+        hold = os.path.join(here, "hold-" + os.environ.get("PROCLUSTER_WORKER_INDEX", ""))
+        while os.path.exists(hold):
+            time.sleep(0.01)
+        return self.socket.accept()
 srv = Server(("127.0.0.1", 0), Handler, bind_and_activate=False)
 srv.socket = sock
 def stop(*_):
@@ -419,7 +426,7 @@ async fn python_workers_share_one_kernel_chosen_port_with_socket_activation() {
         status["pid"].as_u64(),
         Some(u64::from(run.child.id().unwrap()))
     );
-    assert_eq!(status["policy"], "shared");
+    assert_eq!(status["policy"], "reuseport", "the default on Linux");
     assert_eq!(status["listeners"][0]["name"], "web");
     let address = status["listeners"][0]["address"].as_str().unwrap();
     assert!(
@@ -440,6 +447,97 @@ async fn python_workers_share_one_kernel_chosen_port_with_socket_activation() {
     let (code, _, _) = run.ctl(&["stop"]).await;
     assert_eq!(code, 0);
     assert_eq!(run.exit_code().await, 0, "{}", run.output());
+}
+
+/// Under the default policy (reuseport), a worker that stops accepting has
+/// new connections steered to the other: of 30 requests one after another,
+/// only those that reached its queue before the primary noticed (20 ms
+/// without progress) wait for it; once it accepts again, it serves again.
+#[tokio::test]
+async fn a_worker_that_stops_accepting_gets_no_new_connections_until_it_takes_its_queue() {
+    let run = Run::python(&[], &[]).await;
+    let status = run.try_status().await.unwrap();
+    let port = Run::port(&status);
+    let hold = run.dir.0.join("hold-0");
+    std::fs::write(&hold, "").unwrap();
+    let mut waited = Vec::new();
+    for _ in 0..30 {
+        let started = Instant::now();
+        // A request queued behind the held worker is given up after 4 s.
+        let answer = tokio::task::spawn_blocking(move || {
+            let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
+            stream.set_read_timeout(Some(Duration::from_secs(4)))?;
+            stream.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+            let mut response = String::new();
+            stream.read_to_string(&mut response).map(|_| response)
+        })
+        .await
+        .unwrap();
+        if answer.is_err() {
+            waited.push(started.elapsed());
+        }
+    }
+    assert!(
+        waited.len() <= 3,
+        "{} of 30 requests waited for the held worker: {waited:?}",
+        waited.len()
+    );
+    std::fs::remove_file(&hold).unwrap();
+    served_by_all(port, &pids(&status)).await;
+}
+
+/// Scaling 4 → 2 under `Connection: close` load loses no request: the
+/// removed slots get no new connection, and what waited in their queues
+/// when their workers exited is taken by the primary and served by the
+/// others instead of being reset with the socket.
+#[tokio::test]
+async fn scaling_down_under_load_loses_no_queued_connection() {
+    let run = Run::start(
+        &["-w", "4", "-l", "web=127.0.0.1:0"],
+        &["python3", "worker.py"],
+        &[],
+    )
+    .await;
+    let status = run.until_ready(4).await;
+    // Every worker is serving (past its start), so the two that go stop
+    // gracefully and say so.
+    run.printed("listen-env ok", 4).await;
+    let port = Run::port(&status);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients: Vec<_> = (0..8)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let (mut ok, mut failed) = (0u32, Vec::new());
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    match get(port) {
+                        Ok(_) => ok += 1,
+                        Err(error) => failed.push(error.to_string()),
+                    }
+                }
+                (ok, failed)
+            })
+        })
+        .collect();
+    let (code, _, err) = run.ctl(&["scale", "2"]).await;
+    assert_eq!(code, 0, "{err}");
+    run.printed(" done", 2).await;
+    run.until_ready(2).await;
+    get_async(port).await.expect("the cluster serves");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut ok, mut failed) = (0, Vec::new());
+    for client in clients {
+        let (o, f) = client.join().unwrap();
+        ok += o;
+        failed.extend(f);
+    }
+    assert!(ok > 0);
+    assert!(
+        failed.is_empty(),
+        "{} of {} failed: {failed:?}",
+        failed.len(),
+        ok as usize + failed.len()
+    );
 }
 
 #[tokio::test]

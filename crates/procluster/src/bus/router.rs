@@ -107,7 +107,9 @@ impl BusService {
         self.router.backend == wire::Backend::Local
     }
 
-    /// The cluster's format, once the cluster is built.
+    /// The cluster's format, once the cluster is built (the Redis backend
+    /// encodes with it).
+    #[cfg(feature = "redis")]
     pub(crate) fn format(&self) -> Format {
         self.router
             .context

@@ -39,6 +39,7 @@ pub mod bind;
 mod distributor;
 mod held;
 pub(crate) mod registry;
+pub mod saturation;
 pub mod slots;
 pub(crate) mod steering;
 pub(crate) mod tcp;

@@ -20,6 +20,7 @@ use tokio::sync::Notify;
 
 use super::bind::{self, TcpBind};
 use super::distributor::{Distributor, Mode, batch_for_frame_limit};
+use super::saturation::{Change, QUEUE_POLL, QueueWatch, Rejoin};
 use super::slots::ReusePortBinder;
 use super::steering::{self, SocketOrder};
 use crate::WorkerId;
@@ -95,39 +96,12 @@ struct GroupState {
     steering: bool,
     /// Connections each holder took, while it holds the group.
     handed: BTreeMap<WorkerId, u64>,
-    /// Reuseport slots whose worker stopped taking connections: steered
-    /// around, their queues moved to the others, until `Stuck::since`
-    /// plus [`STUCK_RETRY`].
-    stuck: BTreeMap<Slot, Stuck>,
-    /// Each reuseport slot's queue as last seen, while not empty.
-    queues: BTreeMap<Slot, Backlog>,
+    /// The reuseport slots' queues: a slot whose worker stopped taking
+    /// connections is steered around, its queue moved to the others.
+    queues: QueueWatch<Slot>,
     /// The task that watches a reuseport group's queues.
     watcher: Option<tokio::task::JoinHandle<()>>,
 }
-
-/// A reuseport slot taken out of the rotation.
-#[derive(Debug, Clone, Copy)]
-struct Stuck {
-    since: std::time::Instant,
-}
-
-/// A slot's queue while it has connections waiting.
-#[derive(Debug, Clone, Copy)]
-struct Backlog {
-    len: u32,
-    /// Since when it has not shrunk.
-    since: std::time::Instant,
-}
-
-/// How often a reuseport group's queues are looked at.
-const QUEUE_POLL: Duration = Duration::from_millis(10);
-/// A queue that has not shrunk for this long belongs to a worker that is
-/// not accepting (busy with long requests, or hung): new connections go to
-/// the other slots, and what waits there is handed to them.
-const STUCK_AFTER: Duration = Duration::from_millis(20);
-/// A stuck slot gets another chance after this long (its worker may be
-/// accepting again; if not, it is found stuck again within `STUCK_AFTER`).
-const STUCK_RETRY: Duration = Duration::from_millis(100);
 
 /// One listening address shared by workers.
 pub(crate) struct Group {
@@ -687,8 +661,7 @@ impl Registry {
                 order: SocketOrder::default(),
                 steering: true,
                 handed: BTreeMap::new(),
-                stuck: BTreeMap::new(),
-                queues: BTreeMap::new(),
+                queues: QueueWatch::new(Rejoin::AfterRetry),
                 watcher: None,
             }),
             room: Notify::new(),
@@ -769,8 +742,7 @@ impl Registry {
                     task.abort();
                 }
                 state.holders.insert(member.id, holder(slot));
-                state.stuck.remove(&slot);
-                state.queues.remove(&slot);
+                state.queues.forget(slot);
                 state.distributor.add_target(member.id);
                 steer(group, &mut state);
                 self.drain_vacant(group, &mut state);
@@ -844,8 +816,7 @@ impl Registry {
                 entry.holder = None;
             }
         }
-        state.stuck.remove(&slot);
-        state.queues.remove(&slot);
+        state.queues.forget(slot);
         let retired = match slot {
             Slot::Worker(_) => true,
             Slot::Index(index) => self.tables().retired.contains(&index),
@@ -1063,7 +1034,7 @@ fn dispatch(key: u32, state: &mut GroupState) {
 /// with long requests, or hung). New connections are steered to the other
 /// slots and the primary hands what waits there to the other workers, so no
 /// connection waits behind a busy worker while another is idle. After
-/// [`STUCK_RETRY`] the slot is tried again.
+/// [`STUCK_RETRY`](super::saturation::STUCK_RETRY) the slot is tried again.
 async fn watch_queues(registry: Weak<Registry>, group: Arc<Group>) {
     let mut ticks = tokio::time::interval(QUEUE_POLL);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -1084,11 +1055,19 @@ async fn watch_queues(registry: Weak<Registry>, group: Arc<Group>) {
             .iter()
             .filter_map(|(slot, s)| Some((*slot, s.holder?)))
             .collect();
+        let others_accepting = state.holders.len() > 1;
         for (slot, worker) in held {
-            if let Some(stuck) = state.stuck.get(&slot).copied() {
-                if now.duration_since(stuck.since) >= STUCK_RETRY {
-                    state.stuck.remove(&slot);
-                    state.queues.remove(&slot);
+            let waiting = if state.queues.is_stuck(slot) {
+                0
+            } else {
+                state
+                    .sockets
+                    .get(&slot)
+                    .and_then(|s| crate::sys::listen_queue_len(s.socket.as_fd()).ok())
+                    .unwrap_or(0)
+            };
+            match state.queues.observe(slot, waiting, now, others_accepting) {
+                Some(Change::Retry(slot)) => {
                     if let Some(entry) = state.sockets.get_mut(&slot) {
                         if let Some(task) = entry.acceptor.take() {
                             task.abort();
@@ -1097,38 +1076,18 @@ async fn watch_queues(registry: Weak<Registry>, group: Arc<Group>) {
                     state.distributor.add_target(worker);
                     changed = true;
                 }
-                continue;
-            }
-            let len = state
-                .sockets
-                .get(&slot)
-                .and_then(|s| crate::sys::listen_queue_len(s.socket.as_fd()).ok())
-                .unwrap_or(0);
-            if len == 0 {
-                state.queues.remove(&slot);
-                continue;
-            }
-            let backlog = state
-                .queues
-                .entry(slot)
-                .or_insert(Backlog { len, since: now });
-            if len < backlog.len {
-                *backlog = Backlog { len, since: now };
-                continue;
-            }
-            backlog.len = len;
-            if now.duration_since(backlog.since) >= STUCK_AFTER && state.holders.len() > 1 {
-                tracing::debug!(address = %group.address, ?slot, waiting = len, "a slot's worker is not accepting; its connections go to the others");
-                state.stuck.insert(slot, Stuck { since: now });
-                state.queues.remove(&slot);
-                // Its own worker gets none of what the primary moves.
-                state.distributor.remove_target(worker);
-                changed = true;
+                Some(Change::Stuck(slot)) => {
+                    tracing::debug!(address = %group.address, ?slot, waiting, "a slot's worker is not accepting; its connections go to the others");
+                    // Its own worker gets none of what the primary moves.
+                    state.distributor.remove_target(worker);
+                    changed = true;
+                }
+                None => {}
             }
         }
         if changed {
             steer(&group, &mut state);
-            let stuck: Vec<Slot> = state.stuck.keys().copied().collect();
+            let stuck: Vec<Slot> = state.queues.stuck().collect();
             for slot in stuck {
                 registry.ensure_acceptor(&group, &mut state, slot);
             }
@@ -1153,7 +1112,7 @@ fn steer_without(group: &Group, state: &mut GroupState, closing: Option<Slot>) {
     }
     let eligible = state.order.indexes(|slot| {
         Some(*slot) != closing
-            && !state.stuck.contains_key(slot)
+            && !state.queues.is_stuck(*slot)
             && state.sockets.get(slot).is_some_and(|s| s.holder.is_some())
     });
     let program = steering::spread(&eligible, state.order.len());

@@ -31,12 +31,14 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
+use std::time::Instant;
 
 use socket2::{Socket, Type};
 
 use super::bind::{self, TcpBind};
+use super::saturation::{Change, QueueWatch, Rejoin};
 use super::steering::{self, SocketOrder};
 use crate::WorkerId;
 
@@ -171,7 +173,11 @@ impl TryFrom<Socket> for ReusePortBinder {
 /// [`worker_exited`](Self::worker_exited)): a slot whose worker is
 /// restarting gets none until the new one is ready, so nothing waits in its
 /// queue meanwhile (Linux 4.6 and later; elsewhere, or before any worker is
-/// ready, the kernel spreads connections over every slot's socket).
+/// ready, the kernel spreads connections over every slot's socket). Called
+/// every [`QUEUE_POLL`](super::saturation::QUEUE_POLL),
+/// [`watch_queues`](Self::watch_queues) also steers new connections around
+/// a slot whose worker stopped accepting, until it has taken what waits in
+/// its queue.
 #[derive(Debug)]
 pub struct SlotSockets {
     binder: ReusePortBinder,
@@ -182,6 +188,11 @@ pub struct SlotSockets {
     workers: BTreeMap<usize, BTreeSet<WorkerId>>,
     /// Steering works here (until the kernel refuses a program).
     steering: bool,
+    /// The slots' queues: which workers stopped accepting.
+    queues: QueueWatch<usize>,
+    /// Slots being removed: no new connections, closed once their worker
+    /// has exited.
+    retiring: BTreeSet<usize>,
 }
 
 impl SlotSockets {
@@ -195,12 +206,15 @@ impl SlotSockets {
             order: SocketOrder::default(),
             workers: BTreeMap::new(),
             steering,
+            queues: QueueWatch::new(Rejoin::WhenDrained),
+            retiring: BTreeSet::new(),
         }
     }
 
     /// `worker` of `slot` is ready: the slot's socket gets new connections.
     pub fn worker_ready(&mut self, slot: usize, worker: WorkerId) {
         self.workers.entry(slot).or_default().insert(worker);
+        self.queues.forget(slot);
         self.steer();
     }
 
@@ -213,14 +227,61 @@ impl SlotSockets {
                 self.workers.remove(&slot);
             }
         }
+        self.queues.forget(slot);
         self.steer();
+    }
+
+    /// Looks at the queue of every slot with a ready worker (`TCP_INFO`;
+    /// call it every [`QUEUE_POLL`](super::saturation::QUEUE_POLL)). A
+    /// slot whose queue has stopped shrinking has a worker that is not
+    /// accepting (busy, or hung): new connections go to the other slots
+    /// until that worker has taken what waits in its queue. Those
+    /// connections stay where they are (the worker holds its socket; only
+    /// the primary's own listener groups can move them). Returns the slots
+    /// whose state changed.
+    pub fn watch_queues(&mut self, now: Instant) -> Vec<Change<usize>> {
+        if !self.steering {
+            return Vec::new();
+        }
+        let ready: Vec<usize> = self.workers.keys().copied().collect();
+        let mut changes = Vec::new();
+        for slot in ready {
+            let Some(socket) = self.sockets.get(&slot) else {
+                continue;
+            };
+            let waiting = crate::sys::listen_queue_len(socket.as_fd()).unwrap_or(0);
+            let others_accepting = self
+                .workers
+                .keys()
+                .any(|other| *other != slot && !self.queues.is_stuck(*other));
+            if let Some(change) = self.queues.observe(slot, waiting, now, others_accepting) {
+                if let Change::Stuck(slot) = change {
+                    tracing::debug!(address = %self.binder.address(), slot, waiting, "a slot's worker is not accepting; new connections go to the others until it takes what waits for it");
+                }
+                changes.push(change);
+            }
+        }
+        if !changes.is_empty() {
+            self.steer();
+        }
+        changes
+    }
+
+    /// Whether `slot`'s worker was found not accepting (and is steered
+    /// around).
+    pub fn is_stuck(&self, slot: usize) -> bool {
+        self.queues.is_stuck(slot)
     }
 
     fn steer(&mut self) {
         if !self.steering {
             return;
         }
-        let eligible = self.order.indexes(|slot| self.workers.contains_key(slot));
+        let eligible = self.order.indexes(|slot| {
+            self.workers.contains_key(slot)
+                && !self.queues.is_stuck(*slot)
+                && !self.retiring.contains(slot)
+        });
         let program = steering::spread(&eligible, self.order.len());
         let Some(socket) = self.sockets.values().next() else {
             return;
@@ -245,8 +306,11 @@ impl SlotSockets {
     /// # Errors
     /// The bind error.
     pub fn get_or_bind(&mut self, slot: usize) -> io::Result<Arc<OwnedFd>> {
-        if let Some(socket) = self.sockets.get(&slot) {
-            return Ok(socket.clone());
+        if let Some(socket) = self.sockets.get(&slot).cloned() {
+            if self.retiring.remove(&slot) {
+                self.steer();
+            }
+            return Ok(socket);
         }
         let socket = Arc::new(OwnedFd::from(self.binder.next_socket()?));
         self.sockets.insert(slot, socket.clone());
@@ -264,6 +328,8 @@ impl SlotSockets {
     /// it, and the kernel stops routing connections to it).
     pub fn remove(&mut self, slot: usize) -> Option<Arc<OwnedFd>> {
         let removed = self.sockets.remove(&slot);
+        self.queues.forget(slot);
+        self.retiring.remove(&slot);
         if removed.is_some() {
             self.order.closed(slot);
             self.steer();
@@ -271,7 +337,47 @@ impl SlotSockets {
         removed
     }
 
-    /// Keeps the sockets of slots `0..count` only: the cluster scaled down.
+    /// The cluster scales down to `count` slots: the sockets of the slots
+    /// above get no new connection from now on (where steering works), and
+    /// each closes once its worker has exited ([`take_retired`](Self::take_retired)).
+    pub fn retire_from(&mut self, count: usize) {
+        self.retiring
+            .extend(self.sockets.range(count..).map(|(slot, _)| *slot));
+        self.steer();
+    }
+
+    /// Takes out the sockets of retiring slots whose worker has exited
+    /// (they close when dropped). What still waits in their queues is the
+    /// caller's to accept first: nobody else will, and closing a listening
+    /// socket resets the connections in its queue.
+    pub fn take_retired(&mut self) -> Vec<Arc<OwnedFd>> {
+        let done: Vec<usize> = self
+            .retiring
+            .iter()
+            .copied()
+            .filter(|slot| !self.workers.contains_key(slot))
+            .collect();
+        done.into_iter()
+            .filter_map(|slot| {
+                self.retiring.remove(&slot);
+                self.remove(slot)
+            })
+            .collect()
+    }
+
+    /// The address bound.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.binder.local_addr()
+    }
+
+    /// Whether the sockets are stream (TCP) sockets.
+    pub fn is_stream(&self) -> bool {
+        self.binder.is_stream()
+    }
+
+    /// Keeps the sockets of slots `0..count` only, closing the others at
+    /// once (see [`retire_from`](Self::retire_from) to let their workers
+    /// finish first).
     pub fn retain_below(&mut self, count: usize) {
         let gone: Vec<usize> = self.sockets.range(count..).map(|(slot, _)| *slot).collect();
         for slot in gone {

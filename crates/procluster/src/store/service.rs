@@ -128,7 +128,9 @@ impl StoreService {
         self.shared.backend == wire::Backend::Local
     }
 
-    /// The cluster's format, once the cluster is built.
+    /// The cluster's format, once the cluster is built (the Redis backend
+    /// encodes with it).
+    #[cfg(feature = "redis")]
     pub(crate) fn format(&self) -> Format {
         lock(&self.shared.state).core.format()
     }
