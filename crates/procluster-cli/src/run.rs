@@ -539,8 +539,13 @@ impl Primary {
             E::RestartScheduled { slot, attempt, .. } => tracing::info!(slot, attempt, "{event}"),
             // Loud the first time and then less and less often: a slot that
             // waits for descriptors retries for as long as it takes.
-            E::SpawnDeferred { slot, attempt, .. } if attempt.is_power_of_two() => {
-                tracing::warn!(slot, attempt, "{event}");
+            E::SpawnDeferred { slot, attempt, .. } => {
+                // Out of descriptors: a slot that never had a worker gives
+                // its socket back until it gets one (binding again then).
+                self.per_slot(|slots| slots.release_unused(*slot));
+                if attempt.is_power_of_two() {
+                    tracing::warn!(slot, attempt, "{event}");
+                }
             }
             E::ReadyTimeout { slot, worker } => {
                 tracing::warn!(

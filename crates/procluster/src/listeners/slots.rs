@@ -375,6 +375,22 @@ impl SlotSockets {
         self.binder.is_stream()
     }
 
+    /// Closes `slot`'s socket if no worker of the slot is ready and nothing
+    /// waits in its queue (for instance when its worker could not be
+    /// started for lack of descriptors: the socket is one of them). The slot
+    /// binds a new one when it next asks.
+    pub fn release_unused(&mut self, slot: usize) {
+        if self.workers.contains_key(&slot) {
+            return;
+        }
+        let Some(socket) = self.sockets.get(&slot) else {
+            return;
+        };
+        if crate::sys::listen_queue_len(socket.as_fd()).unwrap_or(0) == 0 {
+            self.remove(slot);
+        }
+    }
+
     /// Keeps the sockets of slots `0..count` only, closing the others at
     /// once (see [`retire_from`](Self::retire_from) to let their workers
     /// finish first).
