@@ -76,12 +76,12 @@ pub struct RunArgs {
     #[arg(short, long = "listen", value_name = "SPEC", value_parser = crate::listen_spec::ListenSpec::parse)]
     pub listen: Vec<crate::listen_spec::ListenSpec>,
 
-    /// `reuseport`: one SO_REUSEPORT socket per worker slot (TCP and UDP),
-    /// kept across that slot's restarts; the kernel spreads new connections
-    /// over the slots whose worker is ready and accepting. `shared`: one
-    /// socket, every worker accepts on it. (`round-robin` needs a worker
+    /// `shared`: one socket, every worker accepts on it. `reuseport`: one
+    /// SO_REUSEPORT socket per worker slot (TCP and UDP), kept across that
+    /// slot's restarts; the kernel spreads new connections over the slots
+    /// whose worker is ready and accepting. (`round-robin` needs a worker
     /// that takes connections from the primary: only library workers can.)
-    /// [default: reuseport on Linux, shared elsewhere]
+    /// [default: shared]
     #[arg(long, value_name = "shared|reuseport", value_parser = parse_policy)]
     pub policy: Option<Policy>,
 

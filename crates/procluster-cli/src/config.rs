@@ -352,7 +352,7 @@ impl RunConfig {
             policy: args
                 .policy
                 .or(file.policy.map(|p| p.0))
-                .unwrap_or_else(Policy::platform_default),
+                .unwrap_or(Policy::Shared),
             ready: args
                 .ready
                 .or(file.ready.map(|r| r.0))

@@ -426,7 +426,7 @@ async fn python_workers_share_one_kernel_chosen_port_with_socket_activation() {
         status["pid"].as_u64(),
         Some(u64::from(run.child.id().unwrap()))
     );
-    assert_eq!(status["policy"], "reuseport", "the default on Linux");
+    assert_eq!(status["policy"], "shared");
     assert_eq!(status["listeners"][0]["name"], "web");
     let address = status["listeners"][0]["address"].as_str().unwrap();
     assert!(
@@ -449,13 +449,13 @@ async fn python_workers_share_one_kernel_chosen_port_with_socket_activation() {
     assert_eq!(run.exit_code().await, 0, "{}", run.output());
 }
 
-/// Under the default policy (reuseport), a worker that stops accepting has
-/// new connections steered to the other: of 30 requests one after another,
+/// Under reuseport, a worker that stops accepting has new connections
+/// steered to the other: of 30 requests one after another,
 /// only those that reached its queue before the primary noticed (20 ms
 /// without progress) wait for it; once it accepts again, it serves again.
 #[tokio::test]
 async fn a_worker_that_stops_accepting_gets_no_new_connections_until_it_takes_its_queue() {
-    let run = Run::python(&[], &[]).await;
+    let run = Run::python(&["--policy", "reuseport"], &[]).await;
     let status = run.try_status().await.unwrap();
     let port = Run::port(&status);
     let hold = run.dir.0.join("hold-0");
@@ -486,14 +486,14 @@ async fn a_worker_that_stops_accepting_gets_no_new_connections_until_it_takes_it
     served_by_all(port, &pids(&status)).await;
 }
 
-/// Scaling 4 → 2 under `Connection: close` load loses no request: the
-/// removed slots get no new connection, and what waited in their queues
+/// Under reuseport, scaling 4 → 2 under `Connection: close` load loses no
+/// request: the removed slots get no new connection, and what waited in their queues
 /// when their workers exited is taken by the primary and served by the
 /// others instead of being reset with the socket.
 #[tokio::test]
 async fn scaling_down_under_load_loses_no_queued_connection() {
     let run = Run::start(
-        &["-w", "4", "-l", "web=127.0.0.1:0"],
+        &["-w", "4", "-l", "web=127.0.0.1:0", "--policy", "reuseport"],
         &["python3", "worker.py"],
         &[],
     )

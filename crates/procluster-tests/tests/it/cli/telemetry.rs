@@ -88,9 +88,7 @@ async fn logs_prints_recent_lines_by_worker_or_slot_and_follows_a_running_cluste
 
 #[tokio::test]
 async fn metrics_and_status_show_each_workers_cpu_and_memory() {
-    // One shared socket, whose queue the endpoint shows (per-slot sockets
-    // come and go with their slots).
-    let mut run = tickers(&["--metrics", "127.0.0.1:0", "--policy", "shared"]).await;
+    let mut run = tickers(&["--metrics", "127.0.0.1:0"]).await;
     let address = run
         .stderr
         .lock()
