@@ -691,10 +691,12 @@ async fn sigterm_stops_gracefully_and_the_primary_exits_0() {
     assert!(!run.control.exists(), "the control socket is removed");
 }
 
-#[tokio::test]
-async fn a_worker_that_ignores_the_stop_signal_is_killed_after_the_kill_timeout() {
-    let mut run = Run::start(
-        &["-w", "1", "--kill-timeout", "300ms"],
+/// One worker, a shell that ignores SIGTERM, stopped with `flag 300ms`;
+/// returned once it ignores the signal (a stop that came earlier would end
+/// it at once).
+async fn ignoring_term(flag: &str) -> Run {
+    let run = Run::start(
+        &["-w", "1", flag, "300ms"],
         &[
             "sh",
             "-c",
@@ -704,9 +706,13 @@ async fn a_worker_that_ignores_the_stop_signal_is_killed_after_the_kill_timeout(
     )
     .await;
     run.until_ready(1).await;
-    // Only once the shell ignores SIGTERM: a stop that came earlier would
-    // end it at once.
     run.printed("ignoring-term", 1).await;
+    run
+}
+
+#[tokio::test]
+async fn a_worker_that_ignores_the_stop_signal_is_killed_after_the_kill_timeout() {
+    let mut run = ignoring_term("--kill-timeout").await;
     let (code, _, _) = run.ctl(&["stop"]).await;
     assert_eq!(code, 0);
     assert_eq!(run.exit_code().await, 1, "not every worker stopped in time");
@@ -1603,18 +1609,7 @@ async fn env_env_file_chdir_backlog_and_pidfile_reach_the_workers() {
 
 #[tokio::test]
 async fn graceful_timeout_is_the_kill_timeout() {
-    let mut run = Run::start(
-        &["-w", "1", "--graceful-timeout", "300ms"],
-        &[
-            "sh",
-            "-c",
-            "trap '' TERM; echo ignoring-term; while :; do sleep 0.05; done",
-        ],
-        &[],
-    )
-    .await;
-    run.until_ready(1).await;
-    run.printed("ignoring-term", 1).await;
+    let mut run = ignoring_term("--graceful-timeout").await;
     let (code, _, _) = run.ctl(&["stop"]).await;
     assert_eq!(code, 0);
     assert_eq!(

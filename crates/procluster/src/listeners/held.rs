@@ -66,7 +66,7 @@ impl UdpSocket {
     }
 }
 
-/// Options for [`Worker::listen_udp_with`](crate::worker::Worker::listen_udp_with)
+/// Options for a worker's `listen_udp_with`
 /// (Node's `dgram.createSocket` and `bind` options).
 #[derive(Debug, Clone, Default)]
 #[non_exhaustive]
@@ -80,7 +80,7 @@ pub struct UdpOptions {
     pub exclusive: bool,
 }
 
-/// Options for [`Worker::listen_unix_with`](crate::worker::Worker::listen_unix_with).
+/// Options for a worker's `listen_unix_with`.
 #[derive(Debug, Clone, Default)]
 #[non_exhaustive]
 pub struct UnixOptions {

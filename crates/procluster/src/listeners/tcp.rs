@@ -18,7 +18,7 @@ use crate::channel::ChannelSender;
 use crate::protocol::{Control, FrameKind, HandedConnection, ListenReply, ListenSpec};
 use crate::sync::lock;
 
-/// Options for [`Worker::listen_tcp_with`](crate::worker::Worker::listen_tcp_with).
+/// Options for a worker's `listen_tcp_with`.
 #[derive(Debug, Clone, Default)]
 pub struct TcpOptions {
     /// `listen()` backlog (default [`DEFAULT_BACKLOG`](super::DEFAULT_BACKLOG)).
