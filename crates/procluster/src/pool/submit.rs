@@ -41,20 +41,28 @@ impl Via {
         sink: Sink,
     ) -> Result<u64, (PoolError, Sink)> {
         match self {
-            Via::Primary(core) => core.submit(payload, wait, sink).await,
+            Via::Primary(core) => match core.upstream() {
+                Some(upstream) => upstream.submit(payload, wait, sink).await,
+                None => core.submit(payload, wait, sink).await,
+            },
             Via::Worker(side) => side.submit(payload, wait, sink).await,
         }
     }
 
     fn cancel(&self, id: u64) {
         match self {
-            Via::Primary(core) => core.cancel(id),
+            Via::Primary(core) => match core.upstream() {
+                Some(upstream) => upstream.cancel(id),
+                None => core.cancel(id),
+            },
             Via::Worker(side) => side.cancel(id),
         }
     }
 
     fn memfd_threshold(&self) -> Option<usize> {
         match self {
+            // Bytes for Redis are better in memory than in a memory file.
+            Via::Primary(core) if core.upstream().is_some() => None,
             Via::Primary(core) => core.memfd_threshold(),
             Via::Worker(side) => side.memfd_threshold(),
         }
