@@ -4,7 +4,7 @@
 //! both formats a scraper may ask for (Prometheus text 0.0.4 and
 //! OpenMetrics 1.0).
 
-use std::collections::BTreeMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt::Write;
 
 /// The `Content-Type` of the Prometheus text format.
@@ -127,6 +127,9 @@ pub(crate) struct ParseError {
 /// their own name.
 pub(crate) fn parse(text: &str) -> Result<Vec<Family>, ParseError> {
     let mut families: Vec<Family> = Vec::new();
+    // Where the family of each name declared last sits: a registry of
+    // thousands of families is read in one pass.
+    let mut named: HashMap<String, usize> = HashMap::new();
     for (number, line) in text.lines().enumerate() {
         let error = |why: &str| ParseError {
             line: number + 1,
@@ -145,9 +148,13 @@ pub(crate) fn parse(text: &str) -> Result<Vec<Family>, ParseError> {
                 "TYPE" | "HELP" | "UNIT" if name.is_empty() => {
                     return Err(error("a metadata line without a metric name"));
                 }
-                "TYPE" => family_named(&mut families, name).kind = Kind::parse(rest.trim()),
-                "HELP" => family_named(&mut families, name).help = unescape(rest),
-                "UNIT" => family_named(&mut families, name).unit = rest.trim().to_string(),
+                "TYPE" => {
+                    family_named(&mut families, &mut named, name).kind = Kind::parse(rest.trim())
+                }
+                "HELP" => family_named(&mut families, &mut named, name).help = unescape(rest),
+                "UNIT" => {
+                    family_named(&mut families, &mut named, name).unit = rest.trim().to_string()
+                }
                 // `# EOF` and plain comments.
                 _ => {}
             }
@@ -158,6 +165,7 @@ pub(crate) fn parse(text: &str) -> Result<Vec<Family>, ParseError> {
             .iter()
             .rposition(|f| belongs_to(&sample.name, f))
             .unwrap_or_else(|| {
+                named.insert(sample.name.clone(), families.len());
                 families.push(Family {
                     name: sample.name.clone(),
                     kind: Kind::Unknown,
@@ -174,10 +182,15 @@ pub(crate) fn parse(text: &str) -> Result<Vec<Family>, ParseError> {
 
 /// The family `name` declared last, or a new one (metadata may come in any
 /// order before the samples).
-fn family_named<'a>(families: &'a mut Vec<Family>, name: &str) -> &'a mut Family {
-    let at = match families.iter().rposition(|f| f.name == name) {
-        Some(at) => at,
+fn family_named<'a>(
+    families: &'a mut Vec<Family>,
+    named: &mut HashMap<String, usize>,
+    name: &str,
+) -> &'a mut Family {
+    let at = match named.get(name) {
+        Some(&at) => at,
         None => {
+            named.insert(name.to_string(), families.len());
             families.push(Family {
                 name: name.to_string(),
                 kind: Kind::Unknown,
@@ -337,10 +350,11 @@ pub(crate) fn merge(
     how: Aggregation,
     reserved: &[&str],
 ) -> (Vec<Family>, MergeReport) {
+    let reserved: HashSet<&str> = reserved.iter().copied().collect();
     let mut merged: Vec<Family> = Vec::new();
-    let mut index: BTreeMap<String, usize> = BTreeMap::new();
+    let mut index: HashMap<String, usize> = HashMap::new();
     // Per family: where each (sample name, labels) sits, to add up.
-    let mut positions: Vec<BTreeMap<(String, Labels), usize>> = Vec::new();
+    let mut positions: Vec<HashMap<(String, Labels), usize>> = Vec::new();
     let mut report = MergeReport::default();
     for contribution in contributions {
         for family in contribution.families {
@@ -360,7 +374,7 @@ pub(crate) fn merge(
                         samples: Vec::new(),
                         ..family.clone()
                     });
-                    positions.push(BTreeMap::new());
+                    positions.push(HashMap::new());
                     merged.len() - 1
                 }
             };

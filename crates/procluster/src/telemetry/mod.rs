@@ -238,7 +238,11 @@ struct LogCounts {
 struct PendingScrape {
     id: u64,
     waiting: BTreeSet<WorkerId>,
-    answers: Vec<(WorkerHandle, String)>,
+    /// Each answer, read as it arrives (while other workers still answer).
+    answers: Vec<(
+        WorkerHandle,
+        Result<Vec<exposition::Family>, exposition::ParseError>,
+    )>,
     done: Option<oneshot::Sender<()>>,
 }
 
@@ -464,7 +468,7 @@ impl Telemetry {
     /// while the workers answer.
     async fn collect_workers(&self) -> (Vec<Contribution>, metrics::Snapshot) {
         let Some(context) = self.shared.context.get() else {
-            return (Vec::new(), self.snapshot());
+            return (Vec::new(), self.snapshot().await);
         };
         let _one_at_a_time = self.shared.scrape_lock.lock().await;
         let id = self.shared.next_scrape.fetch_add(1, Ordering::Relaxed);
@@ -486,7 +490,7 @@ impl Telemetry {
             }
         }
         if waiting.is_empty() {
-            return (Vec::new(), self.snapshot());
+            return (Vec::new(), self.snapshot().await);
         }
         self.state().pending = Some(PendingScrape {
             id,
@@ -494,8 +498,11 @@ impl Telemetry {
             answers: Vec::new(),
             done: Some(done_tx),
         });
-        let snapshot = self.snapshot();
-        let _ = tokio::time::timeout(self.shared.config.scrape_timeout, done_rx).await;
+        // The cluster's own figures are read while the workers answer.
+        let (snapshot, _) = tokio::join!(
+            self.snapshot(),
+            tokio::time::timeout(self.shared.config.scrape_timeout, done_rx)
+        );
         let Some(pending) = self.state().pending.take() else {
             return (Vec::new(), snapshot);
         };
@@ -506,7 +513,7 @@ impl Telemetry {
         answers.sort_by_key(|(worker, _)| worker.id());
         let contributions = answers
             .into_iter()
-            .filter_map(|(worker, text)| match exposition::parse(&text) {
+            .filter_map(|(worker, families)| match families {
                 Ok(families) => Some(Contribution {
                     worker: worker.id().to_string(),
                     slot: worker.index().map(|s| s.to_string()),
@@ -522,11 +529,12 @@ impl Telemetry {
         (contributions, snapshot)
     }
 
-    /// Everything the cluster's own metrics need, read now.
-    fn snapshot(&self) -> metrics::Snapshot {
+    /// Everything the cluster's own metrics need, read now. `/proc` is read
+    /// on a blocking thread: a large cluster's tables take milliseconds,
+    /// which the primary's loop spends on its workers meanwhile.
+    async fn snapshot(&self) -> metrics::Snapshot {
         let context = self.shared.context.get();
         let workers = context.map(ServiceContext::workers).unwrap_or_default();
-        let table = crate::procfs::ProcessTable::read();
         let mut listeners = context
             .map(ServiceContext::listener_stats)
             .unwrap_or_default();
@@ -538,32 +546,38 @@ impl Telemetry {
                 sockets: vec![(None, *inode)],
             }
         }));
-        let queues = if listeners.is_empty() {
-            Default::default()
-        } else {
-            crate::procfs::listen_queues()
-        };
-        let state = self.state();
-        let mut cpu = lock(&self.shared.cpu);
         let pids: Vec<u32> = workers.iter().map(WorkerHandle::pid).collect();
-        cpu.retain(&pids);
+        lock(&self.shared.cpu).retain(&pids);
+        let with_queues = !listeners.is_empty();
+        let count = pids.len();
+        let (usages, queues) = tokio::task::spawn_blocking(move || {
+            let table = crate::procfs::ProcessTable::read();
+            let usages: Vec<_> = pids.iter().map(|&pid| table.tree_usage(pid)).collect();
+            let queues = if with_queues {
+                crate::procfs::listen_queues()
+            } else {
+                Default::default()
+            };
+            (usages, queues)
+        })
+        .await
+        .unwrap_or_else(|_| (vec![None; count], Default::default()));
+        let state = self.state();
         metrics::Snapshot {
             workers: workers
                 .iter()
-                .map(|w| {
-                    let usage = table.tree_usage(w.pid());
-                    metrics::WorkerSnapshot {
-                        id: w.id(),
-                        slot: w.index(),
-                        state: w.state(),
-                        ready: state.ready.contains(&w.id()),
-                        usage,
-                        channel: w.channel_stats(),
-                        logs: state
-                            .logs
-                            .get(&w.id())
-                            .map_or((0, 0), |c| (c.received, c.dropped)),
-                    }
+                .zip(usages)
+                .map(|(w, usage)| metrics::WorkerSnapshot {
+                    id: w.id(),
+                    slot: w.index(),
+                    state: w.state(),
+                    ready: state.ready.contains(&w.id()),
+                    usage,
+                    channel: w.channel_stats(),
+                    logs: state
+                        .logs
+                        .get(&w.id())
+                        .map_or((0, 0), |c| (c.received, c.dropped)),
                 })
                 .collect(),
             listeners,
@@ -628,10 +642,22 @@ impl Service for Telemetry {
                 self.state().open.insert(from.id());
             }
             Ok(FromWorker::Metrics { id, text }) => {
+                let awaited = |state: &State| {
+                    state
+                        .pending
+                        .as_ref()
+                        .is_some_and(|p| p.id == id && p.waiting.contains(&from.id()))
+                };
+                if !awaited(&self.state()) {
+                    return;
+                }
+                // Read outside the lock, so that answers arriving together
+                // are read side by side.
+                let families = exposition::parse(text);
                 let mut state = self.state();
-                if let Some(pending) = state.pending.as_mut().filter(|p| p.id == id) {
-                    if pending.waiting.contains(&from.id()) {
-                        pending.answers.push((from.clone(), text.to_string()));
+                if awaited(&state) {
+                    if let Some(pending) = state.pending.as_mut() {
+                        pending.answers.push((from.clone(), families));
                         pending.answered(from.id());
                     }
                 }
