@@ -615,6 +615,7 @@ mod pool {
             worker: worker.id(),
             blob: None,
             shared: None,
+            primary: std::os::unix::process::parent_id(),
         };
         match task {
             PoolTask::Echo(n) => Ok(answer(n)),
@@ -644,12 +645,14 @@ mod pool {
                 worker: worker.id(),
                 blob: Some(blob),
                 shared: None,
+                primary: std::os::unix::process::parent_id(),
             }),
             PoolTask::Shared(bytes) => Ok(PoolAnswer {
                 n: bytes.len() as u64,
                 worker: worker.id(),
                 blob: None,
                 shared: Some(bytes),
+                primary: std::os::unix::process::parent_id(),
             }),
         }
     }
