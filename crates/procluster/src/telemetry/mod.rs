@@ -238,11 +238,8 @@ struct LogCounts {
 struct PendingScrape {
     id: u64,
     waiting: BTreeSet<WorkerId>,
-    /// Each answer, read as it arrives (while other workers still answer).
-    answers: Vec<(
-        WorkerHandle,
-        Result<Vec<exposition::Family>, exposition::ParseError>,
-    )>,
+    /// Each worker's answer, as it came.
+    answers: Vec<(WorkerHandle, String)>,
     done: Option<oneshot::Sender<()>>,
 }
 
@@ -449,9 +446,26 @@ impl Telemetry {
     }
 
     pub(crate) async fn scrape(&self, dialect: Dialect) -> String {
-        let (contributions, snapshot) = self.collect_workers().await;
-        let mut own = exposition::parse(&self.shared.metrics.encode(&snapshot)).unwrap_or_default();
-        let reserved: Vec<&str> = own.iter().map(|f| f.name.as_str()).collect();
+        let (answers, snapshot) = self.collect_workers().await;
+        // The families borrow their names and labels from the answers.
+        let contributions = answers
+            .iter()
+            .filter_map(|(worker, text)| match exposition::parse(text) {
+                Ok(families) => Some(Contribution {
+                    worker: worker.id().to_string(),
+                    slot: worker.index().map(|s| s.to_string()),
+                    families,
+                }),
+                Err(error) => {
+                    tracing::warn!(worker = %worker.id(), %error, "a worker's metrics do not parse; left out");
+                    self.shared.scrape_failures.fetch_add(1, Ordering::Relaxed);
+                    None
+                }
+            })
+            .collect();
+        let own_text = self.shared.metrics.encode(&snapshot);
+        let mut own = exposition::parse(&own_text).unwrap_or_default();
+        let reserved: Vec<&str> = own.iter().map(|f| f.name.as_ref()).collect();
         let (app, report) =
             exposition::merge(contributions, self.shared.config.aggregation, &reserved);
         self.shared
@@ -466,7 +480,7 @@ impl Telemetry {
     /// Asks every worker whose telemetry side is open for its registry,
     /// waiting up to the scrape timeout, and reads the cluster's own figures
     /// while the workers answer.
-    async fn collect_workers(&self) -> (Vec<Contribution>, metrics::Snapshot) {
+    async fn collect_workers(&self) -> (Vec<(WorkerHandle, String)>, metrics::Snapshot) {
         let Some(context) = self.shared.context.get() else {
             return (Vec::new(), self.snapshot().await);
         };
@@ -511,22 +525,7 @@ impl Telemetry {
             .fetch_add(pending.waiting.len() as u64, Ordering::Relaxed);
         let mut answers = pending.answers;
         answers.sort_by_key(|(worker, _)| worker.id());
-        let contributions = answers
-            .into_iter()
-            .filter_map(|(worker, families)| match families {
-                Ok(families) => Some(Contribution {
-                    worker: worker.id().to_string(),
-                    slot: worker.index().map(|s| s.to_string()),
-                    families,
-                }),
-                Err(error) => {
-                    tracing::warn!(worker = %worker.id(), %error, "a worker's metrics do not parse; left out");
-                    self.shared.scrape_failures.fetch_add(1, Ordering::Relaxed);
-                    None
-                }
-            })
-            .collect();
-        (contributions, snapshot)
+        (answers, snapshot)
     }
 
     /// Everything the cluster's own metrics need, read now. `/proc` is read
@@ -642,22 +641,10 @@ impl Service for Telemetry {
                 self.state().open.insert(from.id());
             }
             Ok(FromWorker::Metrics { id, text }) => {
-                let awaited = |state: &State| {
-                    state
-                        .pending
-                        .as_ref()
-                        .is_some_and(|p| p.id == id && p.waiting.contains(&from.id()))
-                };
-                if !awaited(&self.state()) {
-                    return;
-                }
-                // Read outside the lock, so that answers arriving together
-                // are read side by side.
-                let families = exposition::parse(text);
                 let mut state = self.state();
-                if awaited(&state) {
-                    if let Some(pending) = state.pending.as_mut() {
-                        pending.answers.push((from.clone(), families));
+                if let Some(pending) = state.pending.as_mut().filter(|p| p.id == id) {
+                    if pending.waiting.contains(&from.id()) {
+                        pending.answers.push((from.clone(), text.to_string()));
                         pending.answered(from.id());
                     }
                 }
