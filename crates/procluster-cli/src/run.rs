@@ -272,12 +272,17 @@ impl Primary {
                 .iter()
                 .fold(procluster::telemetry::Telemetry::builder(), |b, l| {
                     // The queue of a shared socket; per-slot sockets come
-                    // and go with their slots.
+                    // and go with their slots, and are read at each scrape.
                     match &l.sockets {
                         ListenerSockets::Shared(socket) => {
                             b.watch_socket(l.name.clone(), &**socket)
                         }
-                        ListenerSockets::PerSlot(_) => b,
+                        ListenerSockets::PerSlot(slots) => {
+                            let slots = slots.clone();
+                            b.watch_slot_sockets(l.name.clone(), move || {
+                                slots.lock().map(|s| s.inodes()).unwrap_or_default()
+                            })
+                        }
                     }
                 })
                 .metrics_addr(addr.clone())

@@ -370,6 +370,19 @@ impl SlotSockets {
         self.binder.local_addr()
     }
 
+    /// Each open slot socket's inode (`fstat`'s `st_ino`, as
+    /// `/proc/net/tcp` lists it), by slot.
+    pub fn inodes(&self) -> Vec<(usize, u64)> {
+        self.sockets
+            .iter()
+            .filter_map(|(slot, socket)| {
+                rustix::fs::fstat(&**socket)
+                    .ok()
+                    .map(|stat| (*slot, stat.st_ino))
+            })
+            .collect()
+    }
+
     /// Whether the sockets are stream (TCP) sockets.
     pub fn is_stream(&self) -> bool {
         self.binder.is_stream()

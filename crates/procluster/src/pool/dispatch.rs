@@ -153,6 +153,8 @@ impl Core {
         })
     }
 
+    // Used by the Redis backend only.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub(super) fn set_upstream(&self, upstream: Arc<dyn Upstream>) {
         let _ = self.upstream.set(upstream);
     }
@@ -161,12 +163,16 @@ impl Core {
         self.upstream.get().cloned()
     }
 
+    // Used by the Redis backend only.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub(super) fn config(&self) -> &PoolConfig {
         &self.config
     }
 
     /// How many more tasks the workers could start now: free places of
     /// the members taking tasks, less the tasks already waiting here.
+    // Used by the Redis backend only.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub(super) fn free_capacity(&self) -> usize {
         let state = self.lock();
         let limit = self.config.concurrency as usize;
@@ -181,6 +187,8 @@ impl Core {
 
     /// Queues a task read from upstream under `handle`, with the attempts
     /// it already had elsewhere; returns its id here.
+    // Used by the Redis backend only.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub(super) fn insert_upstream(
         &self,
         payload: Payload,
@@ -221,6 +229,8 @@ impl Core {
 
     /// When no worker takes tasks, the tasks from upstream waiting here,
     /// taken out of the pool (handle and attempts) to be given back.
+    // Used by the Redis backend only.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub(super) fn take_stranded(&self) -> Vec<(u64, Vec<Attempt>)> {
         let mut state = self.lock();
         if state.queue.is_empty() || state.members.values().any(|m| m.accepting) {
@@ -250,6 +260,8 @@ impl Core {
     }
 
     /// The answer to a worker's submission came from upstream.
+    // Used by the Redis backend only.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub(super) fn upstream_answered(&self, worker: WorkerId, submission: u64, outcome: Outcome) {
         let waited = remove_submission(&mut self.lock(), worker, submission).is_some();
         if waited {

@@ -30,6 +30,7 @@ pub(super) enum Sink {
     },
     /// A task read from the pool's upstream (Redis): its outcome goes back
     /// there, under this handle.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     Upstream(u64),
 }
 

@@ -86,6 +86,19 @@ pub struct TelemetryBuilder {
     logs: LogOutput,
     /// Listening sockets made outside the cluster's listeners: label, inode.
     sockets: Vec<(String, u64)>,
+    /// Per-slot listening sockets made outside the cluster's listeners:
+    /// label, and what reads their slots and inodes at each scrape.
+    slot_sockets: Vec<(String, SlotInodes)>,
+}
+
+/// Reads the slots and inodes of a listener's per-slot sockets.
+#[derive(Clone)]
+struct SlotInodes(Arc<dyn Fn() -> Vec<(usize, u64)> + Send + Sync>);
+
+impl std::fmt::Debug for SlotInodes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SlotInodes")
+    }
 }
 
 impl Default for TelemetryBuilder {
@@ -98,6 +111,7 @@ impl Default for TelemetryBuilder {
             scrape_timeout: DEFAULT_SCRAPE_TIMEOUT,
             logs: LogOutput::Tracing,
             sockets: Vec::new(),
+            slot_sockets: Vec::new(),
         }
     }
 }
@@ -158,6 +172,21 @@ impl TelemetryBuilder {
         if let Ok(stat) = rustix::fs::fstat(socket) {
             self.sockets.push((label.into(), stat.st_ino));
         }
+        self
+    }
+
+    /// Also reports the accept queues of per-slot listening sockets the
+    /// cluster did not bind itself (the command's reuseport slots, which
+    /// come and go with their slots), under `listener="label"` and
+    /// `slot="k"`. `slots` is called at each scrape and returns each slot's
+    /// socket inode (`fstat`'s `st_ino`, as `/proc/net/tcp` lists it).
+    pub fn watch_slot_sockets(
+        mut self,
+        label: impl Into<String>,
+        slots: impl Fn() -> Vec<(usize, u64)> + Send + Sync + 'static,
+    ) -> Self {
+        self.slot_sockets
+            .push((label.into(), SlotInodes(Arc::new(slots))));
         self
     }
 
@@ -545,6 +574,21 @@ impl Telemetry {
                 sockets: vec![(None, *inode)],
             }
         }));
+        listeners.extend(
+            self.shared
+                .config
+                .slot_sockets
+                .iter()
+                .map(|(label, slots)| crate::listeners::registry::GroupStats {
+                    address: label.clone(),
+                    accept_errors: 0,
+                    handed: Vec::new(),
+                    sockets: (slots.0)()
+                        .into_iter()
+                        .map(|(slot, inode)| (Some(slot), inode))
+                        .collect(),
+                }),
+        );
         let pids: Vec<u32> = workers.iter().map(WorkerHandle::pid).collect();
         lock(&self.shared.cpu).retain(&pids);
         let with_queues = !listeners.is_empty();

@@ -86,9 +86,8 @@ async fn logs_prints_recent_lines_by_worker_or_slot_and_follows_a_running_cluste
     run.ctl(&["stop"]).await;
 }
 
-#[tokio::test]
-async fn metrics_and_status_show_each_workers_cpu_and_memory() {
-    let mut run = tickers(&["--metrics", "127.0.0.1:0"]).await;
+/// The address of the command's metrics endpoint, from its log.
+fn metrics_addr(run: &Run) -> std::net::SocketAddr {
     let address = run
         .stderr
         .lock()
@@ -100,21 +99,35 @@ async fn metrics_and_status_show_each_workers_cpu_and_memory() {
                 .map(|a| a.trim_end_matches("/metrics").to_string())
         })
         .unwrap_or_else(|| panic!("the metrics address is logged\n{}", run.output()));
-    let addr: std::net::SocketAddr = address.parse().unwrap();
+    address.parse().unwrap()
+}
+
+/// One scrape of the command's metrics endpoint.
+async fn scrape(addr: std::net::SocketAddr) -> prometheus_parse::Scrape {
     let answer = procluster_tests::telemetry::http_get(addr, "/metrics", None).await;
     assert_eq!(answer.status, 200);
-    let scrape = prometheus_parse::Scrape::parse(answer.body.lines().map(|l| Ok(l.to_string())))
-        .expect("a Prometheus scrape");
-    let sample = |name: &str, labels: &[(&str, &str)]| {
-        scrape
-            .samples
-            .iter()
-            .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
-            .map(|s| match s.value {
-                prometheus_parse::Value::Gauge(v) | prometheus_parse::Value::Counter(v) => v,
-                _ => f64::NAN,
-            })
-    };
+    prometheus_parse::Scrape::parse(answer.body.lines().map(|l| Ok(l.to_string())))
+        .expect("a Prometheus scrape")
+}
+
+/// The value of the first sample of `name` with `labels`.
+fn sample(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .map(|s| match s.value {
+            prometheus_parse::Value::Gauge(v) | prometheus_parse::Value::Counter(v) => v,
+            _ => f64::NAN,
+        })
+}
+
+#[tokio::test]
+async fn metrics_and_status_show_each_workers_cpu_and_memory() {
+    let mut run = tickers(&["--metrics", "127.0.0.1:0"]).await;
+    let addr = metrics_addr(&run);
+    let scrape = scrape(addr).await;
+    let sample = |name: &str, labels: &[(&str, &str)]| sample(&scrape, name, labels);
     assert_eq!(sample("procluster_workers_ready", &[]), Some(2.0));
     for slot in ["0", "1"] {
         let rss = sample("procluster_worker_resident_memory_bytes", &[("slot", slot)]).unwrap();
@@ -143,6 +156,25 @@ async fn metrics_and_status_show_each_workers_cpu_and_memory() {
         human.contains("cpu%") && human.contains("memory"),
         "{human}"
     );
+    run.ctl(&["stop"]).await;
+    assert_eq!(run.exit_code().await, 0);
+}
+
+#[tokio::test]
+async fn each_reuseport_slots_queue_is_reported() {
+    let mut run = tickers(&["--metrics", "127.0.0.1:0", "--policy", "reuseport"]).await;
+    let scrape = scrape(metrics_addr(&run)).await;
+    for slot in ["0", "1"] {
+        assert_eq!(
+            sample(
+                &scrape,
+                "procluster_listen_queue_depth",
+                &[("listener", "web"), ("slot", slot)]
+            ),
+            Some(0.0),
+            "slot {slot}'s queue"
+        );
+    }
     run.ctl(&["stop"]).await;
     assert_eq!(run.exit_code().await, 0);
 }
