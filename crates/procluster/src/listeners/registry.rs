@@ -1338,10 +1338,12 @@ fn dispatch(key: u32, state: &mut GroupState) {
 }
 
 /// Watches a reuseport group's queues: a slot whose queue stops shrinking
-/// while connections wait in it has a worker that is not accepting (busy
-/// with long requests, or hung). New connections are steered to the other
-/// slots and the primary hands what waits there to the other workers, so no
-/// connection waits behind a busy worker while another is idle. After
+/// while connections wait in it gets no new connections until the next
+/// looks tell whether its worker still accepts; one whose queue then still
+/// does not shrink has a worker that is not accepting (busy with long
+/// requests, or hung), and the primary hands what waits there to the other
+/// workers, so no connection waits behind a busy worker while another is
+/// idle. After
 /// [`STUCK_RETRY`](super::saturation::STUCK_RETRY) the slot is tried again.
 async fn watch_queues(registry: Weak<Registry>, group: Arc<Group>) {
     let mut ticks = tokio::time::interval(QUEUE_POLL);
@@ -1384,13 +1386,14 @@ async fn watch_queues(registry: Weak<Registry>, group: Arc<Group>) {
                     state.distributor.add_target(worker);
                     changed = true;
                 }
+                Some(Change::Avoid(_)) => changed = true,
                 Some(Change::Stuck(slot)) => {
                     tracing::debug!(address = %group.address, ?slot, waiting, "a slot's worker is not accepting; its connections go to the others");
                     // Its own worker gets none of what the primary moves.
                     state.distributor.remove_target(worker);
                     changed = true;
                 }
-                None => {}
+                _ => {}
             }
         }
         if changed {
@@ -1449,7 +1452,7 @@ fn steer_without(group: &Group, state: &mut GroupState, closing: Option<Slot>) {
     }
     let eligible = state.order.indexes(|slot| {
         Some(*slot) != closing
-            && !state.queues.is_stuck(*slot)
+            && !state.queues.is_avoided(*slot)
             && state.sockets.get(slot).is_some_and(|s| s.holder.is_some())
     });
     let program = steering::spread(&eligible, state.order.len());

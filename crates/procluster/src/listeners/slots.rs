@@ -360,7 +360,7 @@ impl SlotSockets {
             let others_accepting = self
                 .workers
                 .keys()
-                .any(|other| *other != slot && !self.queues.is_stuck(*other));
+                .any(|other| *other != slot && !self.queues.is_avoided(*other));
             if let Some(change) = self.queues.observe(slot, waiting, now, others_accepting) {
                 if let Change::Stuck(slot) = change {
                     tracing::debug!(address = %self.binder.address(), slot, waiting, "a slot's worker is not accepting; new connections go to the others until it takes what waits for it");
@@ -377,7 +377,7 @@ impl SlotSockets {
     /// Whether `slot`'s worker was found not accepting (and is steered
     /// around).
     pub fn is_stuck(&self, slot: usize) -> bool {
-        self.queues.is_stuck(slot)
+        self.queues.is_avoided(slot)
     }
 
     fn steer(&mut self) {
@@ -397,7 +397,7 @@ impl SlotSockets {
         }
         let eligible = self.order.indexes(|slot| {
             self.workers.contains_key(slot)
-                && !self.queues.is_stuck(*slot)
+                && !self.queues.is_avoided(*slot)
                 && !self.retiring.contains(slot)
         });
         let program = steering::spread(&eligible, self.order.len());

@@ -4,7 +4,8 @@
 //! both formats a scraper may ask for (Prometheus text 0.0.4 and
 //! OpenMetrics 1.0).
 
-use std::collections::BTreeMap;
+use std::borrow::Cow;
+use std::collections::{HashMap, HashSet};
 use std::fmt::Write;
 
 /// The `Content-Type` of the Prometheus text format.
@@ -91,27 +92,31 @@ impl Kind {
     }
 }
 
+/// Text read from a worker's answer: borrowed from it where nothing had to
+/// be unescaped, so that reading thousands of series allocates little.
+pub(crate) type Text<'a> = Cow<'a, str>;
+
 /// Label names and values, in order.
-pub(crate) type Labels = Vec<(String, String)>;
+pub(crate) type Labels<'a> = Vec<(Text<'a>, Text<'a>)>;
 
 /// One sample line: its full name (`requests_total`, `latency_bucket`...),
 /// labels in order, and value.
 #[derive(Debug, Clone, PartialEq)]
-pub(crate) struct Sample {
-    pub(crate) name: String,
-    pub(crate) labels: Labels,
+pub(crate) struct Sample<'a> {
+    pub(crate) name: Text<'a>,
+    pub(crate) labels: Labels<'a>,
     pub(crate) value: f64,
 }
 
 /// A metric family: its name as OpenMetrics gives it (a counter's without
 /// `_total`), type, help, unit and samples.
 #[derive(Debug, Clone, PartialEq)]
-pub(crate) struct Family {
-    pub(crate) name: String,
+pub(crate) struct Family<'a> {
+    pub(crate) name: Text<'a>,
     pub(crate) kind: Kind,
-    pub(crate) help: String,
-    pub(crate) unit: String,
-    pub(crate) samples: Vec<Sample>,
+    pub(crate) help: Text<'a>,
+    pub(crate) unit: Text<'a>,
+    pub(crate) samples: Vec<Sample<'a>>,
 }
 
 /// Why a worker's metrics text was not understood.
@@ -125,8 +130,11 @@ pub(crate) struct ParseError {
 /// Reads OpenMetrics text (or Prometheus text) into families, in order.
 /// Samples that come without a `# TYPE` line form an `unknown` family of
 /// their own name.
-pub(crate) fn parse(text: &str) -> Result<Vec<Family>, ParseError> {
-    let mut families: Vec<Family> = Vec::new();
+pub(crate) fn parse(text: &str) -> Result<Vec<Family<'_>>, ParseError> {
+    let mut families: Vec<Family<'_>> = Vec::new();
+    // Where the family of each name declared last sits: a registry of
+    // thousands of families is read in one pass.
+    let mut named: HashMap<&str, usize> = HashMap::new();
     for (number, line) in text.lines().enumerate() {
         let error = |why: &str| ParseError {
             line: number + 1,
@@ -145,9 +153,11 @@ pub(crate) fn parse(text: &str) -> Result<Vec<Family>, ParseError> {
                 "TYPE" | "HELP" | "UNIT" if name.is_empty() => {
                     return Err(error("a metadata line without a metric name"));
                 }
-                "TYPE" => family_named(&mut families, name).kind = Kind::parse(rest.trim()),
-                "HELP" => family_named(&mut families, name).help = unescape(rest),
-                "UNIT" => family_named(&mut families, name).unit = rest.trim().to_string(),
+                "TYPE" => {
+                    family_named(&mut families, &mut named, name).kind = Kind::parse(rest.trim())
+                }
+                "HELP" => family_named(&mut families, &mut named, name).help = unescape(rest),
+                "UNIT" => family_named(&mut families, &mut named, name).unit = rest.trim().into(),
                 // `# EOF` and plain comments.
                 _ => {}
             }
@@ -158,11 +168,14 @@ pub(crate) fn parse(text: &str) -> Result<Vec<Family>, ParseError> {
             .iter()
             .rposition(|f| belongs_to(&sample.name, f))
             .unwrap_or_else(|| {
+                if let Cow::Borrowed(name) = sample.name {
+                    named.insert(name, families.len());
+                }
                 families.push(Family {
                     name: sample.name.clone(),
                     kind: Kind::Unknown,
-                    help: String::new(),
-                    unit: String::new(),
+                    help: Text::Borrowed(""),
+                    unit: Text::Borrowed(""),
                     samples: Vec::new(),
                 });
                 families.len() - 1
@@ -174,15 +187,20 @@ pub(crate) fn parse(text: &str) -> Result<Vec<Family>, ParseError> {
 
 /// The family `name` declared last, or a new one (metadata may come in any
 /// order before the samples).
-fn family_named<'a>(families: &'a mut Vec<Family>, name: &str) -> &'a mut Family {
-    let at = match families.iter().rposition(|f| f.name == name) {
-        Some(at) => at,
+fn family_named<'f, 'a>(
+    families: &'f mut Vec<Family<'a>>,
+    named: &mut HashMap<&'a str, usize>,
+    name: &'a str,
+) -> &'f mut Family<'a> {
+    let at = match named.get(name) {
+        Some(&at) => at,
         None => {
+            named.insert(name, families.len());
             families.push(Family {
-                name: name.to_string(),
+                name: name.into(),
                 kind: Kind::Unknown,
-                help: String::new(),
-                unit: String::new(),
+                help: Text::Borrowed(""),
+                unit: Text::Borrowed(""),
                 samples: Vec::new(),
             });
             families.len() - 1
@@ -194,7 +212,7 @@ fn family_named<'a>(families: &'a mut Vec<Family>, name: &str) -> &'a mut Family
 /// Whether a sample of that name is one of the family's (`_total`,
 /// `_bucket`... after the family's name, as its type allows).
 fn belongs_to(sample: &str, family: &Family) -> bool {
-    let Some(suffix) = sample.strip_prefix(family.name.as_str()) else {
+    let Some(suffix) = sample.strip_prefix(family.name.as_ref()) else {
         return false;
     };
     let allowed: &[&str] = match family.kind {
@@ -210,7 +228,7 @@ fn belongs_to(sample: &str, family: &Family) -> bool {
 }
 
 /// `name{a="1",b="2"} value [timestamp]`.
-fn parse_sample(line: &str) -> Result<Sample, String> {
+fn parse_sample(line: &str) -> Result<Sample<'_>, String> {
     let name_end = line.find(['{', ' ']).ok_or("a sample without a value")?;
     let name = &line[..name_end];
     if !valid_name(name) {
@@ -229,14 +247,14 @@ fn parse_sample(line: &str) -> Result<Sample, String> {
         .ok_or("a sample without a value")?;
     let value = parse_value(value_text).ok_or_else(|| format!("bad value {value_text:?}"))?;
     Ok(Sample {
-        name: name.to_string(),
+        name: name.into(),
         labels,
         value,
     })
 }
 
 /// Labels up to the closing `}`; returns them and what follows.
-fn parse_labels(mut text: &str) -> Result<(Labels, &str), String> {
+fn parse_labels(mut text: &str) -> Result<(Labels<'_>, &str), String> {
     let mut labels = Vec::new();
     loop {
         text = text.trim_start_matches([' ', ',']);
@@ -251,22 +269,33 @@ fn parse_labels(mut text: &str) -> Result<(Labels, &str), String> {
         let quoted = text[eq + 1..]
             .strip_prefix('"')
             .ok_or("a label value without quotes")?;
-        let mut value = String::new();
-        let mut chars = quoted.char_indices();
-        let end = loop {
-            match chars.next() {
-                None => return Err("an unterminated label value".into()),
-                Some((at, '"')) => break at,
-                Some((_, '\\')) => match chars.next() {
-                    Some((_, 'n')) => value.push('\n'),
-                    Some((_, c)) => value.push(c),
-                    None => return Err("an unterminated label value".into()),
-                },
-                Some((_, c)) => value.push(c),
-            }
-        };
-        labels.push((name.to_string(), value));
+        let (value, end) = label_value(quoted)?;
+        labels.push((name.into(), value));
         text = &quoted[end + 1..];
+    }
+}
+
+/// A label value up to its closing quote (borrowed unless it holds an
+/// escape), and where that quote is.
+fn label_value(quoted: &str) -> Result<(Text<'_>, usize), String> {
+    let unterminated = || "an unterminated label value".to_string();
+    let end = quoted.find(['"', '\\']).ok_or_else(unterminated)?;
+    if quoted.as_bytes()[end] == b'"' {
+        return Ok((Text::Borrowed(&quoted[..end]), end));
+    }
+    let mut value = String::from(&quoted[..end]);
+    let mut chars = quoted[end..].char_indices();
+    loop {
+        match chars.next() {
+            None => return Err(unterminated()),
+            Some((at, '"')) => return Ok((Text::Owned(value), end + at)),
+            Some((_, '\\')) => match chars.next() {
+                Some((_, 'n')) => value.push('\n'),
+                Some((_, c)) => value.push(c),
+                None => return Err(unterminated()),
+            },
+            Some((_, c)) => value.push(c),
+        }
     }
 }
 
@@ -287,7 +316,10 @@ fn parse_value(text: &str) -> Option<f64> {
     }
 }
 
-fn unescape(text: &str) -> String {
+fn unescape(text: &str) -> Text<'_> {
+    if !text.contains('\\') {
+        return text.into();
+    }
     let mut out = String::with_capacity(text.len());
     let mut chars = text.chars();
     while let Some(c) = chars.next() {
@@ -301,7 +333,7 @@ fn unescape(text: &str) -> String {
             None => out.push('\\'),
         }
     }
-    out
+    out.into()
 }
 
 /// How the families of several workers become one.
@@ -317,10 +349,10 @@ pub enum Aggregation {
 }
 
 /// One worker's families and the labels that name it.
-pub(crate) struct Contribution {
+pub(crate) struct Contribution<'a> {
     pub(crate) worker: String,
     pub(crate) slot: Option<String>,
-    pub(crate) families: Vec<Family>,
+    pub(crate) families: Vec<Family<'a>>,
 }
 
 /// What merging left out: families whose type differed from the first
@@ -332,19 +364,20 @@ pub(crate) struct MergeReport {
 
 /// Merges the workers' families by name, in the order they first appear;
 /// `reserved` names (the cluster's own families) are left out.
-pub(crate) fn merge(
-    contributions: Vec<Contribution>,
+pub(crate) fn merge<'a>(
+    contributions: Vec<Contribution<'a>>,
     how: Aggregation,
     reserved: &[&str],
-) -> (Vec<Family>, MergeReport) {
-    let mut merged: Vec<Family> = Vec::new();
-    let mut index: BTreeMap<String, usize> = BTreeMap::new();
+) -> (Vec<Family<'a>>, MergeReport) {
+    let reserved: HashSet<&str> = reserved.iter().copied().collect();
+    let mut merged: Vec<Family<'a>> = Vec::new();
+    let mut index: HashMap<Text<'a>, usize> = HashMap::new();
     // Per family: where each (sample name, labels) sits, to add up.
-    let mut positions: Vec<BTreeMap<(String, Labels), usize>> = Vec::new();
+    let mut positions: Vec<HashMap<(Text<'a>, Labels<'a>), usize>> = Vec::new();
     let mut report = MergeReport::default();
     for contribution in contributions {
         for family in contribution.families {
-            if reserved.contains(&family.name.as_str()) {
+            if reserved.contains(family.name.as_ref()) {
                 report.conflicts += 1;
                 continue;
             }
@@ -360,15 +393,16 @@ pub(crate) fn merge(
                         samples: Vec::new(),
                         ..family.clone()
                     });
-                    positions.push(BTreeMap::new());
+                    positions.push(HashMap::new());
                     merged.len() - 1
                 }
             };
             for (position, mut sample) in family.samples.into_iter().enumerate() {
                 if how == Aggregation::PerWorker {
-                    let mut labels = vec![("worker".to_string(), contribution.worker.clone())];
+                    let mut labels: Labels<'a> =
+                        vec![("worker".into(), contribution.worker.clone().into())];
                     if let Some(slot) = &contribution.slot {
-                        labels.push(("slot".to_string(), slot.clone()));
+                        labels.push(("slot".into(), slot.clone().into()));
                     }
                     labels.extend(
                         sample
@@ -402,7 +436,7 @@ pub(crate) fn merge(
 }
 
 /// Writes families in `dialect`; OpenMetrics text ends with `# EOF`.
-pub(crate) fn render(families: &[Family], dialect: Dialect, out: &mut String) {
+pub(crate) fn render(families: &[Family<'_>], dialect: Dialect, out: &mut String) {
     for family in families {
         match dialect {
             Dialect::OpenMetrics => render_openmetrics(family, out),
@@ -414,7 +448,7 @@ pub(crate) fn render(families: &[Family], dialect: Dialect, out: &mut String) {
     }
 }
 
-fn render_openmetrics(family: &Family, out: &mut String) {
+fn render_openmetrics(family: &Family<'_>, out: &mut String) {
     let _ = writeln!(out, "# HELP {} {}", family.name, escape(&family.help, true));
     let _ = writeln!(
         out,
@@ -430,13 +464,13 @@ fn render_openmetrics(family: &Family, out: &mut String) {
     }
 }
 
-fn render_text(family: &Family, out: &mut String) {
+fn render_text(family: &Family<'_>, out: &mut String) {
     // Prometheus text names a counter's family by its sample name, and
     // knows no `_created` samples.
     let name = match family.kind {
         Kind::Counter => format!("{}_total", family.name),
         Kind::Info => format!("{}_info", family.name),
-        _ => family.name.clone(),
+        _ => family.name.to_string(),
     };
     let _ = writeln!(out, "# HELP {name} {}", escape(&family.help, false));
     let _ = writeln!(out, "# TYPE {name} {}", family.kind.text_name());
@@ -448,7 +482,7 @@ fn render_text(family: &Family, out: &mut String) {
     }
 }
 
-fn render_sample(sample: &Sample, out: &mut String) {
+fn render_sample(sample: &Sample<'_>, out: &mut String) {
     out.push_str(&sample.name);
     if !sample.labels.is_empty() {
         out.push('{');
@@ -500,7 +534,7 @@ mod tests {
 
     const WORKER: &str = "# HELP jobs Jobs done.\n# TYPE jobs counter\njobs_total{queue=\"a\"} 3\njobs_total{queue=\"b\\\"x\"} 1\n# HELP temp Temperature.\n# TYPE temp gauge\n# UNIT temp celsius\ntemp 21.5\n# HELP latency Latency.\n# TYPE latency histogram\nlatency_sum 1.5\nlatency_count 2\nlatency_bucket{le=\"0.5\"} 1\nlatency_bucket{le=\"+Inf\"} 2\n# EOF\n";
 
-    fn contribution(worker: &str, text: &str) -> Contribution {
+    fn contribution<'a>(worker: &str, text: &'a str) -> Contribution<'a> {
         Contribution {
             worker: worker.into(),
             slot: Some(format!("{}", worker.parse::<u32>().unwrap() - 1)),
@@ -511,7 +545,7 @@ mod tests {
     #[test]
     fn openmetrics_text_reads_into_families() {
         let families = parse(WORKER).unwrap();
-        let names: Vec<_> = families.iter().map(|f| (f.name.as_str(), f.kind)).collect();
+        let names: Vec<_> = families.iter().map(|f| (f.name.as_ref(), f.kind)).collect();
         assert_eq!(
             names,
             [
@@ -554,7 +588,7 @@ mod tests {
         let values: Vec<(String, f64)> = merged[0]
             .samples
             .iter()
-            .map(|s| (s.labels[0].1.clone(), s.value))
+            .map(|s| (s.labels[0].1.to_string(), s.value))
             .collect();
         assert_eq!(
             values,
@@ -573,9 +607,9 @@ mod tests {
         assert_eq!(
             merged[0].samples[2].labels,
             [
-                ("worker".to_string(), "2".to_string()),
-                ("slot".to_string(), "1".to_string()),
-                ("queue".to_string(), "a".to_string())
+                ("worker".into(), "2".into()),
+                ("slot".into(), "1".into()),
+                ("queue".into(), "a".into())
             ]
         );
     }

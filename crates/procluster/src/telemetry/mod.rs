@@ -238,6 +238,7 @@ struct LogCounts {
 struct PendingScrape {
     id: u64,
     waiting: BTreeSet<WorkerId>,
+    /// Each worker's answer, as it came.
     answers: Vec<(WorkerHandle, String)>,
     done: Option<oneshot::Sender<()>>,
 }
@@ -445,9 +446,26 @@ impl Telemetry {
     }
 
     pub(crate) async fn scrape(&self, dialect: Dialect) -> String {
-        let (contributions, snapshot) = self.collect_workers().await;
-        let mut own = exposition::parse(&self.shared.metrics.encode(&snapshot)).unwrap_or_default();
-        let reserved: Vec<&str> = own.iter().map(|f| f.name.as_str()).collect();
+        let (answers, snapshot) = self.collect_workers().await;
+        // The families borrow their names and labels from the answers.
+        let contributions = answers
+            .iter()
+            .filter_map(|(worker, text)| match exposition::parse(text) {
+                Ok(families) => Some(Contribution {
+                    worker: worker.id().to_string(),
+                    slot: worker.index().map(|s| s.to_string()),
+                    families,
+                }),
+                Err(error) => {
+                    tracing::warn!(worker = %worker.id(), %error, "a worker's metrics do not parse; left out");
+                    self.shared.scrape_failures.fetch_add(1, Ordering::Relaxed);
+                    None
+                }
+            })
+            .collect();
+        let own_text = self.shared.metrics.encode(&snapshot);
+        let mut own = exposition::parse(&own_text).unwrap_or_default();
+        let reserved: Vec<&str> = own.iter().map(|f| f.name.as_ref()).collect();
         let (app, report) =
             exposition::merge(contributions, self.shared.config.aggregation, &reserved);
         self.shared
@@ -462,9 +480,9 @@ impl Telemetry {
     /// Asks every worker whose telemetry side is open for its registry,
     /// waiting up to the scrape timeout, and reads the cluster's own figures
     /// while the workers answer.
-    async fn collect_workers(&self) -> (Vec<Contribution>, metrics::Snapshot) {
+    async fn collect_workers(&self) -> (Vec<(WorkerHandle, String)>, metrics::Snapshot) {
         let Some(context) = self.shared.context.get() else {
-            return (Vec::new(), self.snapshot());
+            return (Vec::new(), self.snapshot().await);
         };
         let _one_at_a_time = self.shared.scrape_lock.lock().await;
         let id = self.shared.next_scrape.fetch_add(1, Ordering::Relaxed);
@@ -486,7 +504,7 @@ impl Telemetry {
             }
         }
         if waiting.is_empty() {
-            return (Vec::new(), self.snapshot());
+            return (Vec::new(), self.snapshot().await);
         }
         self.state().pending = Some(PendingScrape {
             id,
@@ -494,8 +512,11 @@ impl Telemetry {
             answers: Vec::new(),
             done: Some(done_tx),
         });
-        let snapshot = self.snapshot();
-        let _ = tokio::time::timeout(self.shared.config.scrape_timeout, done_rx).await;
+        // The cluster's own figures are read while the workers answer.
+        let (snapshot, _) = tokio::join!(
+            self.snapshot(),
+            tokio::time::timeout(self.shared.config.scrape_timeout, done_rx)
+        );
         let Some(pending) = self.state().pending.take() else {
             return (Vec::new(), snapshot);
         };
@@ -504,29 +525,15 @@ impl Telemetry {
             .fetch_add(pending.waiting.len() as u64, Ordering::Relaxed);
         let mut answers = pending.answers;
         answers.sort_by_key(|(worker, _)| worker.id());
-        let contributions = answers
-            .into_iter()
-            .filter_map(|(worker, text)| match exposition::parse(&text) {
-                Ok(families) => Some(Contribution {
-                    worker: worker.id().to_string(),
-                    slot: worker.index().map(|s| s.to_string()),
-                    families,
-                }),
-                Err(error) => {
-                    tracing::warn!(worker = %worker.id(), %error, "a worker's metrics do not parse; left out");
-                    self.shared.scrape_failures.fetch_add(1, Ordering::Relaxed);
-                    None
-                }
-            })
-            .collect();
-        (contributions, snapshot)
+        (answers, snapshot)
     }
 
-    /// Everything the cluster's own metrics need, read now.
-    fn snapshot(&self) -> metrics::Snapshot {
+    /// Everything the cluster's own metrics need, read now. `/proc` is read
+    /// on a blocking thread: a large cluster's tables take milliseconds,
+    /// which the primary's loop spends on its workers meanwhile.
+    async fn snapshot(&self) -> metrics::Snapshot {
         let context = self.shared.context.get();
         let workers = context.map(ServiceContext::workers).unwrap_or_default();
-        let table = crate::procfs::ProcessTable::read();
         let mut listeners = context
             .map(ServiceContext::listener_stats)
             .unwrap_or_default();
@@ -538,32 +545,38 @@ impl Telemetry {
                 sockets: vec![(None, *inode)],
             }
         }));
-        let queues = if listeners.is_empty() {
-            Default::default()
-        } else {
-            crate::procfs::listen_queues()
-        };
-        let state = self.state();
-        let mut cpu = lock(&self.shared.cpu);
         let pids: Vec<u32> = workers.iter().map(WorkerHandle::pid).collect();
-        cpu.retain(&pids);
+        lock(&self.shared.cpu).retain(&pids);
+        let with_queues = !listeners.is_empty();
+        let count = pids.len();
+        let (usages, queues) = tokio::task::spawn_blocking(move || {
+            let table = crate::procfs::ProcessTable::read();
+            let usages: Vec<_> = pids.iter().map(|&pid| table.tree_usage(pid)).collect();
+            let queues = if with_queues {
+                crate::procfs::listen_queues()
+            } else {
+                Default::default()
+            };
+            (usages, queues)
+        })
+        .await
+        .unwrap_or_else(|_| (vec![None; count], Default::default()));
+        let state = self.state();
         metrics::Snapshot {
             workers: workers
                 .iter()
-                .map(|w| {
-                    let usage = table.tree_usage(w.pid());
-                    metrics::WorkerSnapshot {
-                        id: w.id(),
-                        slot: w.index(),
-                        state: w.state(),
-                        ready: state.ready.contains(&w.id()),
-                        usage,
-                        channel: w.channel_stats(),
-                        logs: state
-                            .logs
-                            .get(&w.id())
-                            .map_or((0, 0), |c| (c.received, c.dropped)),
-                    }
+                .zip(usages)
+                .map(|(w, usage)| metrics::WorkerSnapshot {
+                    id: w.id(),
+                    slot: w.index(),
+                    state: w.state(),
+                    ready: state.ready.contains(&w.id()),
+                    usage,
+                    channel: w.channel_stats(),
+                    logs: state
+                        .logs
+                        .get(&w.id())
+                        .map_or((0, 0), |c| (c.received, c.dropped)),
                 })
                 .collect(),
             listeners,
