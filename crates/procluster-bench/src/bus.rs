@@ -294,13 +294,13 @@ async fn measure(args: &BusArgs, bus: Bus, store: Store) -> Figures {
 }
 
 /// A redis-server of the bench's own on a Unix socket.
-struct RedisServer {
+pub(crate) struct RedisServer {
     child: Child,
     dir: PathBuf,
 }
 
 impl RedisServer {
-    fn start() -> Option<Self> {
+    pub(crate) fn start() -> Option<Self> {
         let dir =
             std::env::temp_dir().join(format!("procluster-bench-redis-{}", std::process::id()));
         std::fs::create_dir_all(&dir).ok()?;
@@ -330,11 +330,11 @@ impl RedisServer {
         Some(server)
     }
 
-    fn socket(&self) -> PathBuf {
+    pub(crate) fn socket(&self) -> PathBuf {
         self.dir.join("redis.sock")
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("redis+unix://{}", self.socket().display())
     }
 }

@@ -1,7 +1,8 @@
 //! Work pool benchmarks: tiny tasks (throughput, submit→result latency
 //! beside the channel's own round trip), CPU tasks (speedup against the
 //! ideal), and large payloads (beside one `memcpy`), with the articles' Node
-//! broker, piscina and Python's `multiprocessing.Pool` in the same run.
+//! broker, piscina and Python's `multiprocessing.Pool` in the same run; and
+//! the pool on Redis beside BullMQ on the same `redis-server`.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -45,6 +46,19 @@ pub struct PoolArgs {
     /// Skip Node, piscina and Python.
     #[arg(long)]
     no_others: bool,
+    /// Tiny tasks in the Redis throughput run (the pool on Redis and
+    /// BullMQ).
+    #[arg(long, default_value_t = 20_000)]
+    redis_tasks: u64,
+    /// Tiny tasks submitted one at a time for the Redis latency run.
+    #[arg(long, default_value_t = 2_000)]
+    redis_rounds: usize,
+    /// Skip the Redis rows (the pool on Redis and BullMQ).
+    #[arg(long)]
+    no_redis: bool,
+    /// Skip the runs on the channel (for the Redis rows alone).
+    #[arg(long)]
+    redis_only: bool,
 }
 
 /// A task of the bench pool.
@@ -127,7 +141,10 @@ pub async fn worker_main(worker: Worker) -> Result<(), Box<dyn std::error::Error
 }
 
 async fn cluster(workers: usize, config: PoolConfig) -> (Cluster, Pool<Task, Answer>) {
-    let pool = Pool::new(POOL, config);
+    start(Pool::new(POOL, config), workers).await
+}
+
+async fn start(pool: Pool<Task, Answer>, workers: usize) -> (Cluster, Pool<Task, Answer>) {
     let mut cluster = Cluster::builder()
         .workers(workers)
         .format(procluster::Format::Binary)
@@ -152,11 +169,9 @@ async fn stop(mut cluster: Cluster) {
 }
 
 async fn tiny_throughput(args: &PoolArgs) -> f64 {
-    let config = PoolConfig {
-        concurrency: args.concurrency,
-        queue: 4096,
-        ..PoolConfig::default()
-    };
+    let mut config = PoolConfig::default();
+    config.concurrency = args.concurrency;
+    config.queue = 4096;
     let (cluster, pool) = cluster(args.workers, config).await;
     let start = Instant::now();
     let mut batch = pool.submit_all((0..args.tasks).map(Task::Echo), Order::Completed);
@@ -263,10 +278,8 @@ async fn payload(args: &PoolArgs) -> [f64; 4] {
     let memfd = Some(procluster::pool::DEFAULT_MEMFD_THRESHOLD);
     let mut medians = Vec::new();
     for (threshold, shared) in [(memfd, false), (memfd, true), (None, false)] {
-        let config = PoolConfig {
-            memfd_threshold: threshold,
-            ..PoolConfig::default()
-        };
+        let mut config = PoolConfig::default();
+        config.memfd_threshold = threshold;
         let (cluster, pool) = cluster(1, config).await;
         let mut trips = Vec::new();
         for _ in 0..5 {
@@ -293,6 +306,38 @@ async fn payload(args: &PoolArgs) -> [f64; 4] {
         medians[2],
         quantile(&mut copies, 0.5) / 1000.0,
     ]
+}
+
+/// The pool on Redis: tiny tasks' throughput (`tasks` as one batch on
+/// `workers` workers, `concurrency` each) and one-at-a-time submit→result
+/// p50 and p99 in µs.
+async fn redis_pool(
+    args: &PoolArgs,
+    url: &str,
+) -> Result<(f64, f64, f64), procluster::pool::PoolError> {
+    let mut config = PoolConfig::default();
+    config.concurrency = args.concurrency;
+    config.queue = 4096;
+    let pool = Pool::redis(POOL, config, url).await?;
+    let (cluster, pool) = start(pool, args.workers).await;
+    let begin = Instant::now();
+    let mut batch = pool.submit_all((0..args.redis_tasks).map(Task::Echo), Order::Completed);
+    while let Some(result) = batch.next().await {
+        result?;
+    }
+    let rate = args.redis_tasks as f64 / begin.elapsed().as_secs_f64();
+    let mut samples = Vec::with_capacity(args.redis_rounds);
+    for n in 0..args.redis_rounds as u64 {
+        let begin = Instant::now();
+        pool.submit(Task::Echo(n)).await?;
+        samples.push(begin.elapsed());
+    }
+    stop(cluster).await;
+    Ok((
+        rate,
+        quantile(&mut samples, 0.5),
+        quantile(&mut samples, 0.99),
+    ))
 }
 
 fn quantile(samples: &mut [Duration], q: f64) -> f64 {
@@ -371,7 +416,87 @@ fn field(value: &Option<serde_json::Value>, key: &str) -> Option<f64> {
     value.as_ref()?.get(key)?.as_f64()
 }
 
+/// The Redis rows: the pool on Redis and BullMQ on the same server, in
+/// the same run.
+async fn redis_rows(args: &PoolArgs) -> (Vec<Row>, serde_json::Value) {
+    let Some(server) = crate::bus::RedisServer::start() else {
+        return (Vec::new(), serde_json::Value::Null);
+    };
+    let ours = match redis_pool(args, &server.url()).await {
+        Ok(figures) => Some(figures),
+        Err(error) => {
+            eprintln!("the pool on Redis failed: {error}");
+            None
+        }
+    };
+    let bullmq = npm_package("bullmq@5", "bullmq").and_then(|modules| {
+        let script = bench_dir()
+            .join("node/pool-bullmq.js")
+            .display()
+            .to_string();
+        let args = vec![
+            script,
+            "--socket".into(),
+            server.socket().display().to_string(),
+            "--tasks".into(),
+            args.redis_tasks.to_string(),
+            "--rounds".into(),
+            args.redis_rounds.to_string(),
+            "--workers".into(),
+            args.workers.to_string(),
+            "--concurrency".into(),
+            args.concurrency.to_string(),
+        ];
+        run_json_with("node", &args, Some(&modules))
+    });
+    let Some((rate, p50, p99)) = ours else {
+        return (Vec::new(), serde_json::json!({ "bullmq": bullmq }));
+    };
+    let rows = vec![
+        Row::compared(
+            "Redis pool: tiny tasks, throughput vs BullMQ",
+            "tasks/s",
+            rate,
+            field(&bullmq, "tiny_per_sec"),
+            true,
+        ),
+        Row::compared(
+            "Redis pool: tiny task submit→result p50 vs BullMQ",
+            "µs",
+            p50,
+            field(&bullmq, "p50_us"),
+            false,
+        ),
+        Row::compared(
+            "Redis pool: tiny task submit→result p99 vs BullMQ",
+            "µs",
+            p99,
+            field(&bullmq, "p99_us"),
+            false,
+        ),
+    ];
+    let json = serde_json::json!({
+        "redis_pool_tiny_per_sec": rate, "redis_pool_p50_us": p50, "redis_pool_p99_us": p99,
+        "bullmq": bullmq,
+    });
+    (rows, json)
+}
+
 pub async fn run(args: PoolArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let (redis_rows, redis_json) = if args.no_redis {
+        (Vec::new(), serde_json::Value::Null)
+    } else {
+        redis_rows(&args).await
+    };
+    if args.redis_only {
+        print_table(&redis_rows, "procluster", "BullMQ");
+        let json = serde_json::json!({
+            "bench": "pool", "workers": args.workers, "redis": redis_json,
+            "rows": to_json(&redis_rows),
+        });
+        println!("{json}");
+        return Ok(());
+    }
     let others = !args.no_others;
     let common = vec![
         "--tasks".to_string(),
@@ -511,6 +636,7 @@ pub async fn run(args: PoolArgs) -> Result<(), Box<dyn std::error::Error>> {
             false,
         ),
     ];
+    rows.extend(redis_rows);
     rows.retain(|row| row.value.is_finite());
     print_table(&rows, "procluster", "other");
     let json = serde_json::json!({
@@ -518,6 +644,7 @@ pub async fn run(args: PoolArgs) -> Result<(), Box<dyn std::error::Error>> {
         "rows": to_json(&rows),
         "node_broker": broker, "piscina": piscina, "python_multiprocessing": python,
         "memcpy_ms": memcpy_ms, "plain_path_ms": plain_ms, "shared_bytes_ms": shared_ms, "channel_round_trip_p50_us": channel,
+        "redis": redis_json,
     });
     println!("{json}");
     Ok(())

@@ -252,6 +252,10 @@ pub struct PoolAnswer {
     /// What a `Shared` task came with.
     #[serde(default)]
     pub shared: Option<procluster::pool::SharedBytes>,
+    /// The pid of the primary of the worker that ran it (its host, in the
+    /// tests of the Redis backend).
+    #[serde(default)]
+    pub primary: u32,
 }
 
 /// Bytes serialised as one byte string (`serialize_bytes`): in the binary

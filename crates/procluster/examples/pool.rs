@@ -8,11 +8,20 @@
 //! curl 'http://127.0.0.1:3000/hash?rounds=100000&data=hello'
 //! ```
 //!
+//! Two "hosts" sharing one pool through Redis: a request on either port may
+//! be computed by a worker of the other.
+//!
+//! ```sh
+//! redis-server --port 6379 &
+//! cargo run --release --example pool -- --workers 2 --port 3000 --redis redis://127.0.0.1:6379 &
+//! cargo run --release --example pool -- --workers 2 --port 3001 --redis redis://127.0.0.1:6379 &
+//! ```
+//!
 //! The digest: h = the bytes of TEXT, then R times h = SHA-256(h) (the raw
 //! 32 bytes after the first round). Options: `--workers N|auto` (default
 //! auto), `--host H` (default 127.0.0.1), `--port P` (default 3000; 0 picks
 //! a free port), `--redis URL` (a pool shared by several primaries through
-//! Redis; this build has the channel backend only, and says so). Prints
+//! Redis: `redis://HOST:PORT` or `redis+unix:///path/to/socket`). Prints
 //! `listening on http://HOST:PORT` once every worker listens. The workers
 //! are supervised: one that dies is replaced and its tasks run elsewhere;
 //! SIGHUP reloads them one by one without failing a task; Ctrl-C stops.
@@ -116,13 +125,6 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
             std::process::exit(2);
         }
     };
-    if let Some(url) = &options.redis {
-        eprintln!(
-            "pool: --redis {url}: this build of procluster has the pool over the cluster's \
-             channels only; the Redis backend is not part of it yet"
-        );
-        std::process::exit(2);
-    }
     match procluster::role()? {
         Role::Primary => primary(options).await,
         Role::Worker(worker) => {
@@ -226,7 +228,10 @@ fn percent_decode(value: &str) -> String {
 }
 
 async fn primary(options: Options) -> Result<(), Box<dyn std::error::Error>> {
-    let pool: Pool<HashTask, Hashed> = Pool::new(POOL, PoolConfig::default());
+    let pool: Pool<HashTask, Hashed> = match &options.redis {
+        Some(url) => Pool::redis(POOL, PoolConfig::default(), url).await?,
+        None => Pool::new(POOL, PoolConfig::default()),
+    };
     let cluster = Cluster::builder()
         .own_process_group(true)
         .service(pool)

@@ -670,6 +670,7 @@ mod pool {
             worker: worker.id(),
             blob: None,
             shared: None,
+            primary: std::os::unix::process::parent_id(),
         };
         match task {
             PoolTask::Echo(n) => Ok(answer(n)),
@@ -699,12 +700,14 @@ mod pool {
                 worker: worker.id(),
                 blob: Some(blob),
                 shared: None,
+                primary: std::os::unix::process::parent_id(),
             }),
             PoolTask::Shared(bytes) => Ok(PoolAnswer {
                 n: bytes.len() as u64,
                 worker: worker.id(),
                 blob: None,
                 shared: Some(bytes),
+                primary: std::os::unix::process::parent_id(),
             }),
         }
     }

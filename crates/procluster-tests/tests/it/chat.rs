@@ -15,38 +15,9 @@ use tokio_tungstenite::tungstenite::Message;
 
 type Client = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
 
-/// Builds the example (nothing to do when the workspace's targets are
-/// built) and returns its path, beside this test binary.
+/// The chat example, built if needed.
 fn chat_example() -> PathBuf {
-    let exe = std::env::current_exe().expect("the test binary's path");
-    let profile_dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("target/<profile>");
-    let target_dir = profile_dir.parent().expect("target");
-    let profile = profile_dir
-        .file_name()
-        .and_then(|n| n.to_str())
-        .expect("profile");
-    let cargo = option_env!("CARGO").unwrap_or("cargo");
-    let mut build = std::process::Command::new(cargo);
-    build
-        .args(["build", "--quiet", "-p", "procluster", "--example", "chat"])
-        .arg("--target-dir")
-        .arg(target_dir);
-    if profile != "debug" {
-        build.args([
-            "--profile",
-            if profile == "release" {
-                "release"
-            } else {
-                profile
-            },
-        ]);
-    }
-    let status = build.status().expect("run cargo to build the chat example");
-    assert!(status.success(), "cannot build the chat example");
-    profile_dir.join("examples/chat")
+    crate::example("chat")
 }
 
 /// The example running with 2 workers on a free port.

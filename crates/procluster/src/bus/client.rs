@@ -104,18 +104,10 @@ impl Shared {
             })
     }
 
-    /// Sends a small frame without making the caller wait: in a task of its
-    /// own when the channel is full.
-    fn send_soon(self: &Arc<Self>, header: &Up<'_>) {
-        let frame = wire::frame(header, &[]);
-        if let Err(crate::Error::Channel(crate::ChannelError::Full)) =
-            self.port.try_send(Format::Binary, &frame, Vec::new())
-        {
-            let shared = self.clone();
-            tokio::spawn(async move {
-                let _ = shared.port.send(Format::Binary, &frame, Vec::new()).await;
-            });
-        }
+    /// Sends a small frame without making the caller wait.
+    fn send_soon(&self, header: &Up<'_>) {
+        self.port
+            .send_soon(Format::Binary, wire::frame(header, &[]));
     }
 }
 

@@ -2,19 +2,19 @@
 
 use std::time::Duration;
 
-/// How a pool runs its tasks. `PoolConfig::default()` is a good start:
+/// How a pool runs its tasks. Start from `PoolConfig::default()` and set
+/// fields (fields may be added in minor releases):
 ///
 /// ```
 /// use std::time::Duration;
 /// use procluster::pool::PoolConfig;
-/// let config = PoolConfig {
-///     concurrency: 4,
-///     timeout: Some(Duration::from_secs(10)),
-///     ..PoolConfig::default()
-/// };
+/// let mut config = PoolConfig::default();
+/// config.concurrency = 4;
+/// config.timeout = Some(Duration::from_secs(10));
 /// assert_eq!(config.max_attempts, 3);
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct PoolConfig {
     /// Attempts at a task whose worker dies or times out (or whose handler
     /// returns a retryable error) before it fails with the reason of each.
@@ -41,6 +41,18 @@ pub struct PoolConfig {
     /// (Workers learn it from the primary before their first task; a
     /// worker's submissions before that use the default.)
     pub memfd_threshold: Option<usize>,
+    /// A pool on Redis ([`Pool::redis`](super::Pool::redis)): how long a task
+    /// read by a primary may go without a sign of life from it (each primary
+    /// renews its tasks four times in this period) before another primary
+    /// takes it over and runs it, presuming the first one dead or stalled.
+    /// Ignored by a pool on the channel.
+    pub reclaim_after: Duration,
+    /// A pool on Redis: how many times a task may be taken over from a
+    /// primary that stopped answering before it fails with
+    /// [`PoolError::TooManyReclaims`](super::PoolError::TooManyReclaims) (a
+    /// task that ends every primary it reaches must not end them all).
+    /// Ignored by a pool on the channel.
+    pub max_reclaims: u32,
 }
 
 /// The default [`PoolConfig::memfd_threshold`]: 256 KiB.
@@ -54,6 +66,8 @@ impl Default for PoolConfig {
             queue: 1024,
             concurrency: 1,
             memfd_threshold: Some(DEFAULT_MEMFD_THRESHOLD),
+            reclaim_after: Duration::from_secs(30),
+            max_reclaims: 3,
         }
     }
 }
@@ -64,6 +78,7 @@ impl PoolConfig {
         self.max_attempts = self.max_attempts.max(1);
         self.queue = self.queue.clamp(1, tokio::sync::Semaphore::MAX_PERMITS);
         self.concurrency = self.concurrency.max(1);
+        self.reclaim_after = self.reclaim_after.max(Duration::from_millis(100));
         self
     }
 }

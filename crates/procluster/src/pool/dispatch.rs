@@ -7,7 +7,9 @@
 //! worker always sees a task's `Run` before its `Cancel`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::future::Future;
 use std::os::fd::OwnedFd;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::Instant;
@@ -28,6 +30,26 @@ use crate::{ChannelError, Error, ExitStatus, Format, Signal, WorkerId};
 /// a worker's side never sends more, and the primary refuses more.
 pub const MAX_WORKER_SUBMISSIONS: usize = 4096;
 
+/// A submission to an upstream on its way: the task's id there, or why it
+/// was refused (with the sink back).
+pub(super) type Submitting<'a> =
+    Pin<Box<dyn Future<Output = Result<u64, (PoolError, Sink)>> + Send + 'a>>;
+
+/// Where a pool's tasks are queued when it is shared beyond this primary
+/// (Redis): submissions go there, and tasks read from there run on this
+/// primary's workers as tasks of the pool with an [`Sink::Upstream`] sink.
+pub(super) trait Upstream: Send + Sync {
+    /// Queues a task whose outcome goes to `sink`; as [`Core::submit`].
+    fn submit(&self, payload: Payload, wait: bool, sink: Sink) -> Submitting<'_>;
+    /// The submitter of `id` stopped waiting.
+    fn cancel(&self, id: u64);
+    /// A task read from upstream under `handle` ended here with `outcome`.
+    /// Called under the pool's lock: it must not call back into the pool.
+    fn finished(&self, handle: u64, outcome: Outcome);
+    /// Fills in the counters the upstream keeps.
+    fn add_stats(&self, stats: &mut PoolStats);
+}
+
 /// The primary's side of one pool.
 pub(super) struct Core {
     pub(super) name: String,
@@ -40,6 +62,10 @@ pub(super) struct Core {
     timer: Arc<Notify>,
     timer_started: AtomicBool,
     me: Weak<Core>,
+    upstream: OnceLock<Arc<dyn Upstream>>,
+    /// Told when the workers' free capacity may have changed (with an
+    /// upstream only).
+    pub(super) changed: Notify,
 }
 
 #[derive(Default)]
@@ -106,6 +132,8 @@ enum Submission {
     /// Waiting for room in the queue.
     Waiting(tokio::task::AbortHandle),
     Queued(u64),
+    /// Submitted upstream under this id.
+    Upstream(u64),
 }
 
 impl Core {
@@ -120,7 +148,149 @@ impl Core {
             timer: Arc::new(Notify::new()),
             timer_started: AtomicBool::new(false),
             me: me.clone(),
+            upstream: OnceLock::new(),
+            changed: Notify::new(),
         })
+    }
+
+    pub(super) fn set_upstream(&self, upstream: Arc<dyn Upstream>) {
+        let _ = self.upstream.set(upstream);
+    }
+
+    pub(super) fn upstream(&self) -> Option<Arc<dyn Upstream>> {
+        self.upstream.get().cloned()
+    }
+
+    pub(super) fn config(&self) -> &PoolConfig {
+        &self.config
+    }
+
+    /// How many more tasks the workers could start now: free places of
+    /// the members taking tasks, less the tasks already waiting here.
+    pub(super) fn free_capacity(&self) -> usize {
+        let state = self.lock();
+        let limit = self.config.concurrency as usize;
+        let free: usize = state
+            .members
+            .values()
+            .filter(|m| m.accepting && !m.alone)
+            .map(|m| limit.saturating_sub(m.running.len()))
+            .sum();
+        free.saturating_sub(state.queue.len())
+    }
+
+    /// Queues a task read from upstream under `handle`, with the attempts
+    /// it already had elsewhere; returns its id here.
+    pub(super) fn insert_upstream(
+        &self,
+        payload: Payload,
+        handle: u64,
+        attempts: Vec<Attempt>,
+    ) -> u64 {
+        let mut state = self.lock();
+        state.next_task += 1;
+        let id = state.next_task;
+        // A task whose last attempt ended its worker runs alone, as here.
+        let suspect = attempts.last().is_some_and(|a| {
+            matches!(
+                a.failure,
+                AttemptFailure::WorkerEnded { .. } | AttemptFailure::TimedOut(_)
+            )
+        });
+        state.tasks.insert(
+            id,
+            Task {
+                payload,
+                sink: Some(Sink::Upstream(handle)),
+                attempts,
+                run: None,
+                submitted: Instant::now(),
+                suspect,
+                holds_place: false,
+                sent: 0,
+                origin: None,
+            },
+        );
+        if suspect {
+            state.suspects_queued += 1;
+        }
+        state.queue.push_back(id);
+        self.dispatch(&mut state);
+        id
+    }
+
+    /// When no worker takes tasks, the tasks from upstream waiting here,
+    /// taken out of the pool (handle and attempts) to be given back.
+    pub(super) fn take_stranded(&self) -> Vec<(u64, Vec<Attempt>)> {
+        let mut state = self.lock();
+        if state.queue.is_empty() || state.members.values().any(|m| m.accepting) {
+            return Vec::new();
+        }
+        let mut stranded = Vec::new();
+        for id in std::mem::take(&mut state.queue) {
+            let upstream = matches!(
+                state.tasks.get(&id).and_then(|t| t.sink.as_ref()),
+                Some(Sink::Upstream(_))
+            );
+            if !upstream {
+                state.queue.push_back(id);
+                continue;
+            }
+            let Some(task) = state.tasks.remove(&id) else {
+                continue;
+            };
+            if task.suspect {
+                state.suspects_queued = state.suspects_queued.saturating_sub(1);
+            }
+            if let Some(Sink::Upstream(handle)) = task.sink {
+                stranded.push((handle, task.attempts));
+            }
+        }
+        stranded
+    }
+
+    /// The answer to a worker's submission came from upstream.
+    pub(super) fn upstream_answered(&self, worker: WorkerId, submission: u64, outcome: Outcome) {
+        let waited = remove_submission(&mut self.lock(), worker, submission).is_some();
+        if waited {
+            self.answer(worker, submission, outcome);
+        }
+    }
+
+    /// A worker's submission was queued upstream (or refused).
+    fn upstream_submitted(
+        &self,
+        worker: WorkerId,
+        submission: u64,
+        submitted: Result<u64, (PoolError, Sink)>,
+    ) {
+        match submitted {
+            Ok(id) => {
+                let mut state = self.lock();
+                let entry = state
+                    .submissions
+                    .get_mut(&worker)
+                    .and_then(|s| s.get_mut(&submission));
+                match entry {
+                    Some(entry) if matches!(entry, Submission::Waiting(_)) => {
+                        *entry = Submission::Upstream(id);
+                    }
+                    // Withdrawn meanwhile, or already answered.
+                    _ => {
+                        drop(state);
+                        if let Some(upstream) = self.upstream.get() {
+                            upstream.cancel(id);
+                        }
+                    }
+                }
+            }
+            Err((error, _)) => {
+                let waited = remove_submission(&mut self.lock(), worker, submission).is_some();
+                if waited {
+                    self.answer(worker, submission, Err(error));
+                }
+            }
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -257,11 +427,17 @@ impl Core {
     }
 
     pub(super) fn stats(&self) -> PoolStats {
-        let state = self.lock();
-        let mut stats = state.stats.clone();
-        stats.queued = state.queue.len();
-        stats.running = state.members.values().map(|m| m.running.len()).sum();
-        stats.workers = state.members.values().filter(|m| m.accepting).count();
+        let mut stats = {
+            let state = self.lock();
+            let mut stats = state.stats.clone();
+            stats.queued = state.queue.len();
+            stats.running = state.members.values().map(|m| m.running.len()).sum();
+            stats.workers = state.members.values().filter(|m| m.accepting).count();
+            stats
+        };
+        if let Some(upstream) = self.upstream.get() {
+            upstream.add_stats(&mut stats);
+        }
         stats
     }
 
@@ -312,6 +488,11 @@ impl Core {
                 match remove_submission(&mut state, from.id(), submission) {
                     Some(Submission::Waiting(abort)) => abort.abort(),
                     Some(Submission::Queued(id)) => self.cancel_locked(&mut state, id),
+                    Some(Submission::Upstream(id)) => {
+                        if let Some(upstream) = self.upstream.get() {
+                            upstream.cancel(id);
+                        }
+                    }
                     None => {}
                 }
             }
@@ -428,6 +609,12 @@ impl Core {
             remove_submission(state, worker, submission);
         }
         let Some(sink) = task.sink else { return };
+        if let Sink::Upstream(handle) = sink {
+            if let Some(upstream) = self.upstream.get() {
+                upstream.finished(handle, outcome);
+            }
+            return;
+        }
         if let Some((worker, submission, outcome)) = sink.deliver(outcome) {
             self.answer(worker, submission, outcome);
         }
@@ -485,6 +672,22 @@ impl Core {
             );
             return;
         }
+        if let Some(upstream) = self.upstream() {
+            let Some(core) = self.me.upgrade() else {
+                return;
+            };
+            let mut state = self.lock();
+            let waiter = tokio::spawn(async move {
+                let submitted = upstream.submit(payload, wait, sink).await;
+                core.upstream_submitted(worker, submission, submitted);
+            });
+            state
+                .submissions
+                .entry(worker)
+                .or_default()
+                .insert(submission, Submission::Waiting(waiter.abort_handle()));
+            return;
+        }
         if let Ok(place) = self.room.try_acquire() {
             place.forget();
             self.insert(payload, sink, Some((worker, submission)));
@@ -537,6 +740,11 @@ impl Core {
                             task.origin = None;
                         }
                         self.cancel_locked(&mut state, id);
+                    }
+                    Submission::Upstream(id) => {
+                        if let Some(upstream) = self.upstream.get() {
+                            upstream.cancel(id);
+                        }
                     }
                 }
             }
@@ -640,6 +848,10 @@ impl Core {
 
     /// Sends queued tasks to workers with free capacity.
     fn dispatch(&self, state: &mut State) {
+        if self.upstream.get().is_some() {
+            // The upstream reader reads as capacity allows.
+            self.changed.notify_one();
+        }
         if state.suspects_queued == 0 {
             // No task waits to run alone: no worker needs keeping free.
             state.reserved = None;

@@ -35,6 +35,18 @@ pub enum PoolError {
     /// ([`MAX_WORKER_SUBMISSIONS`](super::MAX_WORKER_SUBMISSIONS)).
     #[error("this worker already has {0} submissions waiting, the most it may have")]
     TooManySubmissions(usize),
+    /// A pool on Redis: the task was taken over this many times from
+    /// primaries that stopped answering while they held it, more than
+    /// [`PoolConfig::max_reclaims`](super::PoolConfig::max_reclaims) allows;
+    /// it may be what ends them.
+    #[error(
+        "the task was taken over {0} times from primaries that stopped answering while they held it \
+         (more than max_reclaims allows); it may be what ends them"
+    )]
+    TooManyReclaims(u32),
+    /// A pool on Redis: the Redis server refused or could not be reached.
+    #[error("the pool's Redis backend failed: {0}")]
+    Backend(String),
 }
 
 fn describe_attempts(attempts: &[Attempt]) -> String {

@@ -88,12 +88,51 @@
 //!   a result for a task the worker is not running is ignored.
 //!
 //! Counters for the telemetry are in [`Pool::stats`].
+//!
+//! # On Redis
+//!
+//! With the `redis` feature, [`Pool::redis`] puts the pool's queue in a
+//! Redis stream read by a consumer group in which each primary is a
+//! consumer, so primaries on several hosts share one pool. The worker side
+//! and the API are the same; what differs:
+//!
+//! * A primary reads a task only when one of its workers has room for it,
+//!   runs it exactly as a pool on the channel does (retries on a worker's
+//!   death or timeout, `max_attempts`, poison tasks), and acks late: the
+//!   result goes to the submitter and the entry is acked in one script,
+//!   after the task finished.
+//! * A primary killed or stalled while it holds tasks loses none: another
+//!   primary takes them over once they were idle for
+//!   [`PoolConfig::reclaim_after`] (each primary renews its own four times
+//!   in that period), at most [`PoolConfig::max_reclaims`] times per task;
+//!   then the task fails with [`PoolError::TooManyReclaims`].
+//! * Tasks a primary read but none of its workers can take any more (all
+//!   left) go back to the stream at once, with their failed attempts; they
+//!   go to its end, so order between tasks is not kept.
+//! * The queue's bound is the stream's length less the entries being run:
+//!   `submit` waits (polling every 50 ms, sooner when results come) and
+//!   `try_submit` fails with [`PoolError::Full`].
+//! * Execution is at-least-once (a task taken over from a stalled primary
+//!   may have run there too); each submitter still gets one outcome per
+//!   submission. The queue's durability is Redis's persistence settings.
+//! * [`Pool::stats`] counts what this primary's workers ran (`done`,
+//!   `failed`, `retried`...) and what this process submitted (`submitted`,
+//!   `cancelled`, `refused_full`, `latency`); `queued` is what waits in Redis
+//!   for any primary, as read at most 50 ms ago.
+//! * Every primary of a pool must speak the same format; a task in another
+//!   one fails with [`PoolError::Codec`].
+//! * Cancelling removes a task nobody read yet and fires the token of a
+//!   running one (through `PUBLISH`). A submit future dropped while its
+//!   entry is being added, or a task cancelled after a primary gave it
+//!   back, still runs; its result is dropped.
 
 mod cancel;
 mod config;
 mod dispatch;
 mod error;
 mod payload;
+#[cfg(feature = "redis")]
+mod redis;
 mod shared;
 mod sink;
 mod stats;
@@ -162,6 +201,48 @@ where
             core: Core::new(name.into(), config),
             _types: PhantomData,
         }
+    }
+
+    /// A pool whose queue is in the Redis server at `url`
+    /// (`redis://HOST:PORT`, `redis+unix:///path/to/socket`), shared by every
+    /// primary that opens a pool of the same name there: tasks submitted on
+    /// any host run on the workers of any of them, with the guarantees of a
+    /// pool on the channel (late acks, retries, timeouts, attempts), and a
+    /// primary that dies or stalls while it holds tasks loses none: another
+    /// one takes them over after [`PoolConfig::reclaim_after`]. Add it to the
+    /// cluster as [`Pool::new`]'s; the workers' side is the same. Needs the
+    /// `redis` feature. See [the Redis backend](crate::pool#on-redis).
+    ///
+    /// # Errors
+    /// [`PoolError::Backend`] when the server cannot be reached.
+    #[cfg(feature = "redis")]
+    pub async fn redis(
+        name: impl Into<String>,
+        config: PoolConfig,
+        url: &str,
+    ) -> Result<Self, PoolError> {
+        Self::redis_prefixed(name, config, url, "procluster").await
+    }
+
+    /// [`Pool::redis`] with a prefix of its own for key names in Redis
+    /// (`procluster` by default).
+    ///
+    /// # Errors
+    /// As [`Pool::redis`].
+    #[cfg(feature = "redis")]
+    pub async fn redis_prefixed(
+        name: impl Into<String>,
+        config: PoolConfig,
+        url: &str,
+        prefix: &str,
+    ) -> Result<Self, PoolError> {
+        let core = Core::new(name.into(), config);
+        let upstream = redis::RedisPool::connect(&core, url, prefix).await?;
+        core.set_upstream(upstream);
+        Ok(Self {
+            core,
+            _types: PhantomData,
+        })
     }
 
     /// Submits a task and waits for its result, first for room in the queue

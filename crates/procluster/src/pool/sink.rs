@@ -28,6 +28,9 @@ pub(super) enum Sink {
         worker: WorkerId,
         submission: u64,
     },
+    /// A task read from the pool's upstream (Redis): its outcome goes back
+    /// there, under this handle.
+    Upstream(u64),
 }
 
 impl Sink {
@@ -44,6 +47,8 @@ impl Sink {
                 None
             }
             Sink::Worker { worker, submission } => Some((worker, submission, outcome)),
+            // The pool hands these to its upstream before delivering.
+            Sink::Upstream(_) => None,
         }
     }
 }

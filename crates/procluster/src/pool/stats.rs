@@ -8,6 +8,12 @@ use std::time::Duration;
 pub const LATENCY_BUCKETS: usize = 32;
 
 /// A snapshot of a pool's counters ([`Pool::stats`](super::Pool::stats)).
+///
+/// For a pool on Redis, the counters of running tasks (`running`, `done`,
+/// `failed`, `retried`, `requeued`, `recycled`) are this primary's workers';
+/// those of submissions (`submitted`, `cancelled`, `refused_full`,
+/// `latency`) are this process's; `queued` adds the tasks waiting in Redis
+/// for any primary, as read at most about 50 ms ago.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct PoolStats {
@@ -41,6 +47,12 @@ pub struct PoolStats {
     pub refused_worker_limit: u64,
     /// Workers the pool recycled (SIGKILL) because a task timed out.
     pub recycled: u64,
+    /// A pool on Redis: tasks this primary took over from another primary
+    /// that stopped answering while it held them.
+    pub reclaimed: u64,
+    /// A pool on Redis: tasks this primary had read and gave back to the
+    /// queue because none of its workers could take them.
+    pub given_back: u64,
     /// Time from submission to result of the tasks done.
     pub latency: Latency,
 }

@@ -41,20 +41,28 @@ impl Via {
         sink: Sink,
     ) -> Result<u64, (PoolError, Sink)> {
         match self {
-            Via::Primary(core) => core.submit(payload, wait, sink).await,
+            Via::Primary(core) => match core.upstream() {
+                Some(upstream) => upstream.submit(payload, wait, sink).await,
+                None => core.submit(payload, wait, sink).await,
+            },
             Via::Worker(side) => side.submit(payload, wait, sink).await,
         }
     }
 
     fn cancel(&self, id: u64) {
         match self {
-            Via::Primary(core) => core.cancel(id),
+            Via::Primary(core) => match core.upstream() {
+                Some(upstream) => upstream.cancel(id),
+                None => core.cancel(id),
+            },
             Via::Worker(side) => side.cancel(id),
         }
     }
 
     fn memfd_threshold(&self) -> Option<usize> {
         match self {
+            // Bytes for Redis are better in memory than in a memory file.
+            Via::Primary(core) if core.upstream().is_some() => None,
             Via::Primary(core) => core.memfd_threshold(),
             Via::Worker(side) => side.memfd_threshold(),
         }
@@ -159,8 +167,9 @@ pub struct Batch<R> {
     yielded: usize,
     total: Option<usize>,
     window: Arc<Semaphore>,
-    /// Tasks submitted and not finished, by index, to cancel on drop.
-    ids: Arc<Mutex<HashMap<usize, u64>>>,
+    /// Tasks submitted and not finished, by index, to cancel on drop
+    /// (`None` while the submission is on its way).
+    ids: Ids,
     feeder: tokio::task::JoinHandle<()>,
     _result: PhantomData<fn() -> R>,
 }
@@ -262,7 +271,7 @@ impl<R> Drop for Batch<R> {
         self.feeder.abort();
         let ids: Vec<u64> = crate::sync::lock(&self.ids)
             .drain()
-            .map(|(_, id)| id)
+            .filter_map(|(_, id)| id)
             .collect();
         for id in ids {
             self.via.cancel(id);
@@ -270,14 +279,26 @@ impl<R> Drop for Batch<R> {
     }
 }
 
+/// A batch's submitted tasks by index.
+type Ids = Arc<Mutex<HashMap<usize, Option<u64>>>>;
+
+/// How many submissions a batch has on their way at once to a pool on
+/// Redis (each is a round trip there; together they share them).
+const UPSTREAM_SUBMITS: usize = 64;
+
 /// Submits a batch's tasks in order, as the window and the queue allow.
 async fn feed<T: Serialize>(
     via: Via,
     tasks: impl Iterator<Item = T>,
     to: mpsc::UnboundedSender<BatchItem>,
     window: Arc<Semaphore>,
-    ids: Arc<Mutex<HashMap<usize, u64>>>,
+    ids: Ids,
 ) {
+    let in_flight = match &via {
+        Via::Primary(core) if core.upstream().is_some() => UPSTREAM_SUBMITS,
+        _ => 1,
+    };
+    let mut submitting = tokio::task::JoinSet::new();
     let mut count = 0;
     for task in tasks {
         let Ok(place) = window.acquire().await else {
@@ -297,14 +318,45 @@ async fn feed<T: Serialize>(
             to: to.clone(),
             index,
         };
-        match via.submit(payload, true, sink).await {
-            Ok(id) => {
-                crate::sync::lock(&ids).insert(index, id);
+        crate::sync::lock(&ids).insert(index, None);
+        let submitted = {
+            let (via, to, ids) = (via.clone(), to.clone(), ids.clone());
+            async move {
+                let submitted = via.submit(payload, true, sink).await;
+                submitted_one(index, submitted, &to, &ids);
             }
-            Err((error, _)) => {
-                let _ = to.send(BatchItem::Result(index, Err(error)));
+        };
+        if in_flight == 1 {
+            submitted.await;
+            continue;
+        }
+        submitting.spawn(submitted);
+        while submitting.len() >= in_flight {
+            let _ = submitting.join_next().await;
+        }
+        while submitting.try_join_next().is_some() {}
+    }
+    while submitting.join_next().await.is_some() {}
+    let _ = to.send(BatchItem::End(count));
+}
+
+/// Records a batch's submission, or hands its error over as its result.
+fn submitted_one(
+    index: usize,
+    submitted: Result<u64, (PoolError, Sink)>,
+    to: &mpsc::UnboundedSender<BatchItem>,
+    ids: &Ids,
+) {
+    match submitted {
+        Ok(id) => {
+            // Its result may have come already (and taken the index out).
+            if let Some(slot) = crate::sync::lock(ids).get_mut(&index) {
+                *slot = Some(id);
             }
         }
+        Err((error, _)) => {
+            crate::sync::lock(ids).remove(&index);
+            let _ = to.send(BatchItem::Result(index, Err(error)));
+        }
     }
-    let _ = to.send(BatchItem::End(count));
 }

@@ -101,16 +101,9 @@ impl Shared {
             })
     }
 
-    fn send_soon(self: &Arc<Self>, up: &Up) {
-        let frame = wire::encode(up);
-        if let Err(crate::Error::Channel(crate::ChannelError::Full)) =
-            self.port.try_send(Format::Binary, &frame, Vec::new())
-        {
-            let shared = self.clone();
-            tokio::spawn(async move {
-                let _ = shared.port.send(Format::Binary, &frame, Vec::new()).await;
-            });
-        }
+    /// Sends a small frame without making the caller wait.
+    fn send_soon(&self, up: &Up) {
+        self.port.send_soon(Format::Binary, wire::encode(up));
     }
 }
 

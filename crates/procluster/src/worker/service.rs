@@ -52,15 +52,22 @@ impl ServicePort {
     /// [`Error::ChannelClosed`] once the worker is cut off from its primary;
     /// the channel's errors (a body over the frame limit).
     pub async fn send(&self, format: Format, body: &[u8], fds: Vec<OwnedFd>) -> Result<(), Error> {
-        let index = self.index.to_le_bytes();
-        self.inner
-            .sender
-            .send_with(FrameKind::Service, format, fds, |buf| {
-                std::io::Write::write_all(buf, &index)?;
-                std::io::Write::write_all(buf, body)
-            })
-            .await
-            .map_err(|e| Error::from_send(e, Error::ChannelClosed))
+        send_on(&self.inner, self.index, format, body, fds).await
+    }
+
+    /// Sends a small frame without making the caller wait (a credit, an
+    /// unsubscription): at once while the channel has room, else from a
+    /// task of its own. Errors are dropped: they mean the primary is gone,
+    /// and with it what the frame was about.
+    pub(crate) fn send_soon(&self, format: Format, body: bytes::Bytes) {
+        if let Err(Error::Channel(crate::ChannelError::Full)) =
+            self.try_send(format, &body, Vec::new())
+        {
+            let (inner, index) = (self.inner.clone(), self.index);
+            tokio::spawn(async move {
+                let _ = send_on(&inner, index, format, &body, Vec::new()).await;
+            });
+        }
     }
 
     /// Sends `body` without waiting: refused with
@@ -88,6 +95,25 @@ impl ServicePort {
     pub async fn recv(&self) -> Option<ServiceFrame> {
         self.frames.lock().await.recv().await
     }
+}
+
+/// Sends `body` to service `index`, waiting while the channel is full.
+async fn send_on(
+    inner: &WorkerInner,
+    index: u16,
+    format: Format,
+    body: &[u8],
+    fds: Vec<OwnedFd>,
+) -> Result<(), Error> {
+    let index = index.to_le_bytes();
+    inner
+        .sender
+        .send_with(FrameKind::Service, format, fds, |buf| {
+            std::io::Write::write_all(buf, &index)?;
+            std::io::Write::write_all(buf, body)
+        })
+        .await
+        .map_err(|e| Error::from_send(e, Error::ChannelClosed))
 }
 
 impl Worker {
