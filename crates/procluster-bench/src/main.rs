@@ -9,6 +9,7 @@ mod pool;
 mod reliability;
 mod report;
 mod scale;
+mod sticky;
 mod supervision;
 mod telemetry;
 
@@ -64,6 +65,11 @@ enum Bench {
     /// and `supervision`).
     #[command(hide = true)]
     SupervisedServer(supervision::ServerArgs),
+    /// Sticky sessions: sticky:ip (the kernel's path and the primary's) and
+    /// sticky:cookie under keep-alive and Connection: close, beside
+    /// round-robin, reuseport, the ideal and Node's @socket.io/sticky, with
+    /// clients from 1000 loopback addresses with their own cookies.
+    Sticky(sticky::StickyArgs),
     /// Telemetry: a scrape of 64 workers × 100 series beside prom-client's
     /// AggregatorRegistry, log events forwarded per second, a worker's
     /// tracing call.
@@ -125,5 +131,6 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
             .await?
             .map_err(|e| e as Box<dyn std::error::Error>),
         Bench::Telemetry(args) => telemetry::run(args).await,
+        Bench::Sticky(args) => Ok(tokio::task::spawn_blocking(move || sticky::run(args)).await??),
     }
 }

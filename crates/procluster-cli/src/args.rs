@@ -81,8 +81,12 @@ pub struct RunArgs {
     /// slot's restarts; the kernel spreads new connections over the slots
     /// whose worker is ready and accepting. (`round-robin` needs a worker
     /// that takes connections from the primary: only library workers can.)
-    /// [default: shared]
-    #[arg(long, value_name = "shared|reuseport", value_parser = parse_policy)]
+    /// `sticky:ip`: reuseport, and the kernel sends each client address to
+    /// one slot, the same across restarts of its worker (a slot without a
+    /// worker keeps its clients 2 s, then they go elsewhere until it is
+    /// back); `sticky:ip/24/64` counts an address's first 24 (IPv4) or 64
+    /// (IPv6) bits. [default: shared]
+    #[arg(long, value_name = "shared|reuseport|sticky:ip", value_parser = parse_policy)]
     pub policy: Option<Policy>,
 
     /// When a worker counts as ready (for reloads, and systemd's READY=1):
@@ -361,10 +365,11 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(total)
 }
 
-/// `shared` or `reuseport`. Round-robin is refused with the reason: the
-/// primary would accept each connection and hand it over the worker's
-/// channel, and a program run by the command has no channel; it accepts on
-/// its own socket.
+/// `shared`, `reuseport` or `sticky:ip[/V4[/V6]]`. Round-robin and the
+/// sticky keys read from requests are refused with the reason: the primary
+/// would accept each connection and hand it over the worker's channel, and
+/// a program run by the command has no channel; it accepts on its own
+/// socket. Sticky by address needs none: the kernel routes each client.
 pub fn parse_policy(text: &str) -> Result<Policy, String> {
     match text.trim().parse::<Policy>() {
         Ok(Policy::RoundRobin) => Err(
@@ -373,8 +378,17 @@ pub fn parse_policy(text: &str) -> Result<Policy, String> {
              program of its own does not have; use `shared` or `reuseport`"
                 .into(),
         ),
+        Ok(Policy::Sticky(key)) if !key.is_address() => Err(format!(
+            "sticky:{key} is not available to programs run by the command: the primary would \
+             read each connection's first request for the key and hand the connection over a \
+             procluster worker's channel, which a program of its own does not have (it accepts \
+             on its own socket); use sticky:ip (the kernel routes each client by its address), \
+             or the library's Policy::Sticky in a Rust primary"
+        )),
         Ok(policy) => Ok(policy),
-        Err(error) => Err(format!("{error} (the command takes shared or reuseport)")),
+        Err(error) => Err(format!(
+            "{error} (the command takes shared, reuseport or sticky:ip[/V4[/V6]])"
+        )),
     }
 }
 
@@ -513,7 +527,39 @@ mod tests {
         assert!(
             parse_policy("fastest")
                 .unwrap_err()
-                .contains("shared or reuseport")
+                .contains("shared, reuseport or sticky:ip")
+        );
+    }
+
+    #[test]
+    fn sticky_by_address_is_taken_and_keys_read_from_requests_are_refused_with_the_reason() {
+        use procluster::sticky::StickyKey;
+        assert_eq!(
+            parse_policy("sticky:ip"),
+            Ok(Policy::Sticky(StickyKey::ADDRESS))
+        );
+        assert_eq!(
+            parse_policy("sticky:ip/24/64"),
+            Ok(Policy::Sticky(StickyKey::Address {
+                v4_prefix: 24,
+                v6_prefix: 64
+            }))
+        );
+        for refused in [
+            "sticky:cookie=sid",
+            "sticky:header=x-user",
+            "sticky:query=sid",
+        ] {
+            let error = parse_policy(refused).unwrap_err();
+            assert!(
+                error.contains("channel") && error.contains("sticky:ip"),
+                "{error}"
+            );
+        }
+        assert!(
+            parse_policy("sticky:ip/40")
+                .unwrap_err()
+                .contains("0 to 32")
         );
     }
 

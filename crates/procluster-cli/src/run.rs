@@ -792,7 +792,14 @@ fn open_listeners(
     backlog: Option<u32>,
 ) -> Result<Vec<Listener>, RunError> {
     let mut inherited = systemd::listen_fds();
-    let reuse_port = policy == Policy::ReusePort;
+    let by_address = match policy {
+        Policy::Sticky(procluster::sticky::StickyKey::Address {
+            v4_prefix,
+            v6_prefix,
+        }) => Some((v4_prefix, v6_prefix)),
+        _ => None,
+    };
+    let reuse_port = policy == Policy::ReusePort || by_address.is_some();
     if specs.is_empty() {
         return Ok(inherited
             .into_iter()
@@ -810,6 +817,11 @@ fn open_listeners(
                 || same_address(&procluster::listeners::describe_socket(&s.socket), spec)
         });
         if let Some(at) = passed {
+            if by_address.is_some() {
+                return Err(RunError::Usage(format!(
+                    "{policy} needs a socket per worker slot, which the command binds itself; listener {name:?} was passed by systemd as one socket (bind it here instead, or use --policy shared)"
+                )));
+            }
             listeners.push(Listener::shared(name, inherited.remove(at).socket));
             continue;
         }
@@ -826,7 +838,20 @@ fn open_listeners(
             address: bound.address,
             sockets: match bound.sockets {
                 Sockets::Shared(socket) => ListenerSockets::Shared(Arc::new(socket)),
-                Sockets::PerSlot(slots) => ListenerSockets::PerSlot(Arc::new(Mutex::new(*slots))),
+                Sockets::PerSlot(mut slots) => {
+                    if let Some((v4_prefix, v6_prefix)) = by_address {
+                        if slots.is_stream() {
+                            slots
+                                .stick_by_address(
+                                    v4_prefix,
+                                    v6_prefix,
+                                    procluster::sticky::DEFAULT_WAIT,
+                                )
+                                .map_err(|e| RunError::Start(format!("{policy}: {e}")))?;
+                        }
+                    }
+                    ListenerSockets::PerSlot(Arc::new(Mutex::new(*slots)))
+                }
             },
         });
     }

@@ -493,6 +493,8 @@ pub enum NetCommand {
     /// Drops the UDP socket or Unix listener reported as listening on
     /// `address`; the reply is `NetReply::Closed`.
     Close { address: String },
+    /// The reply is `NetReply::Token` with the worker's sticky token.
+    StickyToken,
 }
 
 /// How a worker in `net` mode serves a TCP listener.
@@ -507,6 +509,10 @@ pub enum Serve {
     Stall,
     /// Never calls `accept()`: connections wait in the socket's queue.
     Never,
+    /// `capacity` accept loops that serve each connection in a task of its
+    /// own: `worker <id>\n`, then every byte the client sends, echoed,
+    /// until it closes.
+    Echo,
 }
 
 /// What a worker in `net` mode reports.
@@ -521,6 +527,8 @@ pub enum NetReply {
     Datagram(String),
     /// The listener of a `Close` is dropped.
     Closed,
+    /// The worker's sticky token.
+    Token(String),
 }
 
 /// Reads the `worker <id>\n` greeting of a `net` mode worker.

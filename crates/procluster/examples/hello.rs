@@ -7,7 +7,10 @@
 //!
 //! Options (all optional): `--workers N|auto` (default auto), `--host H`
 //! (default 127.0.0.1), `--port P` (default 3000; 0 picks a free port),
-//! `--policy shared|round-robin|reuseport`, `--normal-scheduling` (keep the
+//! `--policy shared|round-robin|reuseport|sticky:KEY` (KEY: `ip`, `ip/24/64`,
+//! `cookie=NAME`, `header=NAME`, `query=NAME`), `--sticky-in-primary` (under
+//! `sticky:ip`, the primary routes each connection instead of the kernel),
+//! `--normal-scheduling` (keep the
 //! primary off `SCHED_BATCH`, see `ClusterBuilder::batch_scheduling`). Prints `listening on
 //! http://HOST:PORT` once every worker listens. The workers are supervised: a
 //! worker that dies is replaced, SIGHUP reloads them one by one without
@@ -30,6 +33,7 @@ struct Options {
     port: u16,
     policy: Option<Policy>,
     batch_scheduling: bool,
+    sticky_in_primary: bool,
 }
 
 fn parse_options() -> Result<Options, String> {
@@ -39,6 +43,7 @@ fn parse_options() -> Result<Options, String> {
         port: 3000,
         policy: None,
         batch_scheduling: true,
+        sticky_in_primary: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -56,6 +61,7 @@ fn parse_options() -> Result<Options, String> {
             }
             "--host" => options.host = value()?,
             "--normal-scheduling" => options.batch_scheduling = false,
+            "--sticky-in-primary" => options.sticky_in_primary = true,
             "--port" | "-p" => {
                 let v = value()?;
                 options.port = v
@@ -130,6 +136,11 @@ async fn primary(options: Options) -> Result<(), Box<dyn std::error::Error>> {
         .batch_scheduling(options.batch_scheduling);
     if let Some(policy) = options.policy {
         builder = builder.policy(policy);
+    }
+    if options.sticky_in_primary {
+        let mut sticky = procluster::sticky::StickyOptions::default();
+        sticky.kernel_routing = false;
+        builder = builder.sticky_options(sticky);
     }
     let cluster = builder.build()?;
     let workers = options.workers.resolve();

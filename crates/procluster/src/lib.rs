@@ -41,7 +41,7 @@
 //! | vocabulary | `process` ([`WorkerId`], [`Signal`], [`ExitStatus`]), `sys`, `sync` | the words for processes; the one module with `unsafe` code; locking that survives a panic |
 //! | protocol | `protocol` ([`Format`], [`Policy`]) | frames and control messages, no IO (fuzzed alone) |
 //! | channel | `channel`, [`message`], `handshake`, `error` ([`Error`]) | the socket that carries frames and descriptors; a worker's first frame; the crate's error |
-//! | port sharing | [`listeners`] | the primary's listener registry and a worker's listeners, which never see each other's process |
+//! | port sharing | [`listeners`], [`sticky`] | the primary's listener registry and a worker's listeners, which never see each other's process; the keys, hashing and limits of sticky sessions |
 //! | processes | [`primary`], [`worker`] | the cluster and its workers, their lifecycle and events |
 //! | supervision | [`supervisor`] | restarts, reloads, recycling, stopping |
 //! | delivery | `fanout` | bounded queues with credit from the primary to many subscribers |
@@ -80,6 +80,7 @@ mod procfs;
 pub mod protocol;
 #[cfg(not(feature = "fuzzing"))]
 mod protocol;
+pub mod sticky;
 pub mod store;
 pub mod supervisor;
 mod sync;
@@ -116,6 +117,8 @@ pub(crate) mod env_keys {
     pub(crate) const WORKER_ID: &str = "PROCLUSTER_WORKER_ID";
     /// A foreign program's slot.
     pub(crate) const WORKER_INDEX: &str = "PROCLUSTER_WORKER_INDEX";
+    /// A foreign program's sticky token.
+    pub(crate) const STICKY_TOKEN: &str = "PROCLUSTER_STICKY_TOKEN";
     /// Overrides the port-sharing policy: `shared`, `round-robin` or
     /// `reuseport`. Read by the primary.
     pub(crate) const SCHED_POLICY: &str = "PROCLUSTER_SCHED_POLICY";

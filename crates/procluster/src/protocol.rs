@@ -29,6 +29,8 @@ use std::os::fd::OwnedFd;
 use bytes::{Buf, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 
+use crate::sticky::StickyKey;
+
 /// First byte of every frame header.
 pub const MAGIC: u8 = 0xA7;
 /// Size of a frame header in bytes.
@@ -105,11 +107,13 @@ impl std::fmt::Display for Format {
 
 /// A name that is not one of the choices of a setting.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{given:?} is not a {what}: expected {expected}")]
+#[error("{given:?} is not a {what}: {}", reason.as_deref().map_or_else(|| format!("expected {expected}"), str::to_string))]
 pub struct UnknownName {
     given: String,
     what: &'static str,
     expected: &'static str,
+    /// Why, when the name is of the right kind but wrong.
+    reason: Option<String>,
 }
 
 impl std::str::FromStr for Format {
@@ -124,6 +128,7 @@ impl std::str::FromStr for Format {
                 given: name.to_string(),
                 what: "message format",
                 expected: "json or binary",
+                reason: None,
             }),
         }
     }
@@ -486,6 +491,12 @@ pub enum Policy {
     RoundRobin,
     /// One `SO_REUSEPORT` socket per worker slot.
     ReusePort,
+    /// The primary accepts, reads each connection's key (the client's
+    /// address, or a cookie, header or query parameter of its first
+    /// request) without consuming it, and hands the connection to the
+    /// worker of the slot the key maps to: the same client reaches the same
+    /// worker (see [`sticky`](crate::sticky)).
+    Sticky(StickyKey),
 }
 
 impl Policy {
@@ -495,7 +506,14 @@ impl Policy {
             Self::Shared => "shared",
             Self::RoundRobin => "round-robin",
             Self::ReusePort => "reuseport",
+            Self::Sticky(_) => "sticky",
         }
+    }
+
+    /// Whether the primary accepts connections and hands them to workers
+    /// (round-robin and sticky).
+    pub fn primary_accepts(self) -> bool {
+        matches!(self, Self::RoundRobin | Self::Sticky(_))
     }
 
     /// The default: `reuseport` on Linux, where the kernel balances
@@ -513,24 +531,37 @@ impl Policy {
 
 impl std::fmt::Display for Policy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
+        match self {
+            Self::Sticky(key) => write!(f, "sticky:{key}"),
+            other => f.write_str(other.name()),
+        }
     }
 }
 
 impl std::str::FromStr for Policy {
     type Err = UnknownName;
 
-    /// Parses [`Policy::name`] back; `rr` (Node's name) is round-robin too.
+    /// Parses what [`Policy`] displays back: `shared`, `round-robin` (or
+    /// `rr`, Node's name), `reuseport`, and `sticky:KEY` with a
+    /// [`StickyKey`] (`sticky:ip`, `sticky:ip/24/64`, `sticky:cookie=NAME`,
+    /// `sticky:header=NAME`, `sticky:query=NAME`; `sticky` alone is
+    /// `sticky:ip`).
     fn from_str(name: &str) -> Result<Self, Self::Err> {
+        let unknown = |reason| UnknownName {
+            given: name.to_string(),
+            what: "port-sharing policy",
+            expected: "shared, round-robin, reuseport or sticky:KEY (KEY: ip, ip/V4, ip/V4/V6, cookie=NAME, header=NAME, query=NAME)",
+            reason,
+        };
         match name {
             "shared" => Ok(Self::Shared),
             "round-robin" | "rr" => Ok(Self::RoundRobin),
             "reuseport" => Ok(Self::ReusePort),
-            _ => Err(UnknownName {
-                given: name.to_string(),
-                what: "port-sharing policy",
-                expected: "shared, round-robin or reuseport",
-            }),
+            "sticky" => Ok(Self::Sticky(StickyKey::ADDRESS)),
+            _ => match name.strip_prefix("sticky:") {
+                Some(key) => key.parse().map(Self::Sticky).map_err(|e| unknown(Some(e))),
+                None => Err(unknown(None)),
+            },
         }
     }
 }

@@ -373,6 +373,21 @@ mod net {
                                     let _ = rx.await;
                                 }
                                 Serve::Never => kept.push(listener),
+                                Serve::Echo => {
+                                    let mut ready = Vec::new();
+                                    for _ in 0..capacity.max(1) {
+                                        let (tx, rx) = oneshot::channel();
+                                        ready.push(rx);
+                                        serving.spawn(echo_loop(
+                                            listener.clone(),
+                                            worker.id().get(),
+                                            tx,
+                                        ));
+                                    }
+                                    for rx in ready {
+                                        let _ = rx.await;
+                                    }
+                                }
                             }
                             reply
                         }
@@ -438,6 +453,7 @@ mod net {
                         }
                     }
                 }
+                NetCommand::StickyToken => NetReply::Token(worker.sticky_token()),
                 NetCommand::Close { address } => {
                     for task in holders.remove(&address).unwrap_or_default() {
                         task.abort();
@@ -491,6 +507,45 @@ mod net {
             let Ok((stream, _)) = accepted else { return };
             greet_and_hold(stream, id).await;
         }
+    }
+
+    /// As `accept_loop`, serving each connection in a task of its own with
+    /// the greeting, then an echo of what the client sends.
+    async fn echo_loop(listener: Arc<TcpListener>, id: u32, ready: oneshot::Sender<()>) {
+        let mut ready = Some(ready);
+        let mut served = JoinSet::new();
+        loop {
+            let accepted = {
+                let accept = listener.accept();
+                tokio::pin!(accept);
+                match std::future::poll_fn(|cx| Poll::Ready(accept.as_mut().poll(cx))).await {
+                    Poll::Ready(accepted) => accepted,
+                    Poll::Pending => {
+                        if let Some(ready) = ready.take() {
+                            let _ = ready.send(());
+                        }
+                        accept.await
+                    }
+                }
+            };
+            if let Some(ready) = ready.take() {
+                let _ = ready.send(());
+            }
+            let Ok((mut stream, _)) = accepted else { break };
+            served.spawn(async move {
+                if stream
+                    .write_all(format!("worker {id}\n").as_bytes())
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                let (mut reader, mut writer) = stream.split();
+                let _ = tokio::io::copy(&mut reader, &mut writer).await;
+            });
+            while served.try_join_next().is_some() {}
+        }
+        while served.join_next().await.is_some() {}
     }
 
     /// Writes the greeting and waits until the client closes.

@@ -1258,6 +1258,99 @@ async fn round_robin_is_refused_with_the_reason() {
     );
 }
 
+/// One HTTP/1.0 GET on a new connection from `source` (a loopback
+/// address); the body (`ID PID INDEX`).
+fn get_from(port: u16, source: std::net::IpAddr) -> std::io::Result<String> {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    socket.bind(&std::net::SocketAddr::new(source, 0).into())?;
+    socket.connect(&std::net::SocketAddr::from(([127, 0, 0, 1], port)).into())?;
+    let mut stream = std::net::TcpStream::from(socket);
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    match response.split_once("\r\n\r\n") {
+        Some((head, body)) if head.contains(" 200 ") => Ok(body.trim().to_string()),
+        _ => Err(std::io::Error::other(format!("bad response {response:?}"))),
+    }
+}
+
+/// The slot (`INDEX`) that answers each of `sources`, asking each `rounds`
+/// times: one slot per source, or the test fails.
+async fn slots_by_source(port: u16, sources: &[std::net::IpAddr], rounds: usize) -> Vec<u64> {
+    let sources = sources.to_vec();
+    tokio::task::spawn_blocking(move || {
+        sources
+            .iter()
+            .map(|source| {
+                let answers: std::collections::BTreeSet<u64> = (0..rounds)
+                    .map(|_| {
+                        let body = get_from(port, *source).expect("a worker answers");
+                        body.split(' ').nth(2).unwrap().parse().unwrap()
+                    })
+                    .collect();
+                assert_eq!(answers.len(), 1, "{source} reached slots {answers:?}");
+                *answers.first().unwrap()
+            })
+            .collect()
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn sticky_ip_sends_each_client_address_to_one_slot_across_its_restarts() {
+    let run = Run::start(
+        &["-w", "3", "-l", "web=127.0.0.1:0", "--policy", "sticky:ip"],
+        &["python3", "worker.py"],
+        &[],
+    )
+    .await;
+    run.until_ready(3).await;
+    let status = run.try_status().await.unwrap();
+    assert_eq!(status["policy"], "sticky:ip");
+    let port = Run::port(&status);
+    let sources: Vec<std::net::IpAddr> = (0..60)
+        .map(|i| std::net::IpAddr::from([127, 40, 0, 1 + i]))
+        .collect();
+    let before = slots_by_source(port, &sources, 3).await;
+    let used: std::collections::BTreeSet<u64> = before.iter().copied().collect();
+    assert_eq!(used.len(), 3, "every slot gets clients: {before:?}");
+    // Slot 1's worker dies: its next worker gets its clients back.
+    let victim = slot_pid(&status, 1).unwrap();
+    kill_pid(victim, Signal::KILL);
+    run.status_until("slot 1 has a new ready worker", |s| {
+        slot_pid(s, 1).is_some_and(|p| p != victim)
+    })
+    .await;
+    let after = slots_by_source(port, &sources, 2).await;
+    assert_eq!(before, after);
+}
+
+#[tokio::test]
+async fn sticky_keys_read_from_requests_are_refused_by_the_command_with_the_reason() {
+    let mut run = Run::start(
+        &[
+            "-w",
+            "1",
+            "-l",
+            "127.0.0.1:0",
+            "--policy",
+            "sticky:cookie=sid",
+        ],
+        &["python3", "worker.py"],
+        &[],
+    )
+    .await;
+    assert_eq!(run.exit_code().await, 2);
+    let output = run.output();
+    assert!(
+        output.contains("not available to programs run by the command")
+            && output.contains("sticky:ip"),
+        "{output}"
+    );
+}
+
 /// Requests `count` times; every one must be answered.
 async fn serves(port: u16, count: usize) {
     for _ in 0..count {

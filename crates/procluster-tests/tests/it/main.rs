@@ -69,6 +69,7 @@ mod demo;
 mod listeners;
 mod pool;
 mod services;
+mod sticky;
 mod store;
 mod supervisor;
 mod telemetry;

@@ -5,7 +5,9 @@
 //! passes a `send` function to [`Distributor::dispatch`]. The distributor
 //! keeps each connection until the worker that got it acknowledges taking
 //! it, so a worker that refuses it or dies first costs nothing: the
-//! connection goes to another worker.
+//! connection goes to another worker. A connection can also be pinned to
+//! one worker (sticky sessions): it waits for that worker's credit, and if
+//! the worker goes, it comes back to the caller instead of going to another.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -54,7 +56,12 @@ pub(crate) struct Distributor<C> {
     targets: Vec<Target>,
     cursor: usize,
     queue: VecDeque<C>,
-    in_flight: HashMap<u64, (WorkerId, C)>,
+    /// Connections that only their worker may take.
+    pinned: HashMap<WorkerId, VecDeque<C>>,
+    /// Pinned connections whose worker went away, for the caller.
+    orphans: Vec<C>,
+    /// Handed out: to whom, the connection, whether it was pinned.
+    in_flight: HashMap<u64, (WorkerId, C, bool)>,
     next_seq: u64,
     max_batch: usize,
 }
@@ -66,6 +73,8 @@ impl<C> Distributor<C> {
             targets: Vec::new(),
             cursor: 0,
             queue: VecDeque::new(),
+            pinned: HashMap::new(),
+            orphans: Vec::new(),
             in_flight: HashMap::new(),
             next_seq: 1,
             max_batch: MAX_BATCH,
@@ -80,7 +89,7 @@ impl<C> Distributor<C> {
 
     /// Connections accepted but not handed to any worker yet.
     pub(crate) fn queued(&self) -> usize {
-        self.queue.len()
+        self.queue.len() + self.pinned.values().map(VecDeque::len).sum::<usize>()
     }
 
     /// Connections handed out and not yet acknowledged.
@@ -103,25 +112,48 @@ impl<C> Distributor<C> {
     }
 
     /// Forgets a worker; what it held unacknowledged goes back to the front
-    /// of the queue, in order.
+    /// of the queue, in order, except connections pinned to it, which wait
+    /// for [`take_orphans`](Self::take_orphans) with those still queued for it.
     pub(crate) fn remove_target(&mut self, worker: WorkerId) {
         self.targets.retain(|t| t.worker != worker);
-        let mut returned: Vec<(u64, C)> = Vec::new();
+        let mut returned: Vec<(u64, C, bool)> = Vec::new();
         let seqs: Vec<u64> = self
             .in_flight
             .iter()
-            .filter(|(_, (w, _))| *w == worker)
+            .filter(|(_, (w, _, _))| *w == worker)
             .map(|(s, _)| *s)
             .collect();
         for seq in seqs {
-            if let Some((_, conn)) = self.in_flight.remove(&seq) {
-                returned.push((seq, conn));
+            if let Some((_, conn, pinned)) = self.in_flight.remove(&seq) {
+                returned.push((seq, conn, pinned));
             }
         }
-        returned.sort_by_key(|(seq, _)| *seq);
-        for (_, conn) in returned.into_iter().rev() {
-            self.queue.push_front(conn);
+        returned.sort_by_key(|(seq, _, _)| *seq);
+        let mut orphans = Vec::new();
+        for (_, conn, pinned) in returned.into_iter().rev() {
+            if pinned {
+                orphans.push(conn);
+            } else {
+                self.queue.push_front(conn);
+            }
         }
+        orphans.reverse();
+        self.orphans.extend(orphans);
+        if let Some(queued) = self.pinned.remove(&worker) {
+            self.orphans.extend(queued);
+        }
+    }
+
+    /// A connection only `worker` may take; it waits for that worker's
+    /// credit.
+    pub(crate) fn offer_to(&mut self, worker: WorkerId, conn: C) {
+        self.pinned.entry(worker).or_default().push_back(conn);
+    }
+
+    /// Pinned connections whose worker went away (see
+    /// [`remove_target`](Self::remove_target)), oldest first.
+    pub(crate) fn take_orphans(&mut self) -> Vec<C> {
+        std::mem::take(&mut self.orphans)
     }
 
     /// The worker's application waits for `n` more connections.
@@ -140,10 +172,10 @@ impl<C> Distributor<C> {
     /// it was taken, so the caller can close its own copy.
     pub(crate) fn ack(&mut self, worker: WorkerId, seq: u64, accepted: bool) -> Option<C> {
         match self.in_flight.get(&seq) {
-            Some((holder, _)) if *holder == worker => {}
+            Some((holder, _, _)) if *holder == worker => {}
             _ => return None,
         }
-        let (_, conn) = self.in_flight.remove(&seq)?;
+        let (_, conn, pinned) = self.in_flight.remove(&seq)?;
         if let Some(target) = self.targets.iter_mut().find(|t| t.worker == worker) {
             target.unacked = target.unacked.saturating_sub(1);
         }
@@ -155,7 +187,11 @@ impl<C> Distributor<C> {
             if let Some(target) = self.targets.iter_mut().find(|t| t.worker == worker) {
                 target.credit = 0;
             }
-            self.queue.push_front(conn);
+            if pinned {
+                self.pinned.entry(worker).or_default().push_front(conn);
+            } else {
+                self.queue.push_front(conn);
+            }
             None
         }
     }
@@ -169,6 +205,7 @@ impl<C> Distributor<C> {
     pub(crate) fn dispatch(&mut self, mut send: impl FnMut(WorkerId, &[(u64, &C)]) -> bool) {
         loop {
             let mut batches: Vec<(WorkerId, Vec<u64>)> = Vec::new();
+            self.assign_pinned(&mut batches);
             while !self.queue.is_empty() {
                 let Some(index) = self.next_target() else {
                     break;
@@ -182,14 +219,8 @@ impl<C> Distributor<C> {
                 }
                 target.unacked += 1;
                 let worker = target.worker;
-                self.in_flight.insert(seq, (worker, conn));
-                match batches
-                    .iter_mut()
-                    .find(|(w, seqs)| *w == worker && seqs.len() < self.max_batch)
-                {
-                    Some((_, seqs)) => seqs.push(seq),
-                    None => batches.push((worker, vec![seq])),
-                }
+                self.in_flight.insert(seq, (worker, conn, false));
+                add_to_batches(&mut batches, worker, seq, self.max_batch);
             }
             let mut failed: Vec<WorkerId> = Vec::new();
             for (worker, seqs) in &batches {
@@ -198,7 +229,7 @@ impl<C> Distributor<C> {
                 }
                 let batch: Vec<(u64, &C)> = seqs
                     .iter()
-                    .filter_map(|seq| self.in_flight.get(seq).map(|(_, conn)| (*seq, conn)))
+                    .filter_map(|seq| self.in_flight.get(seq).map(|(_, conn, _)| (*seq, conn)))
                     .collect();
                 if !send(*worker, &batch) {
                     failed.push(*worker);
@@ -212,6 +243,40 @@ impl<C> Distributor<C> {
                 self.remove_target(worker);
             }
         }
+    }
+
+    /// Hands each target the connections pinned to it, as far as it can
+    /// take them.
+    fn assign_pinned(&mut self, batches: &mut Vec<(WorkerId, Vec<u64>)>) {
+        if self.pinned.is_empty() {
+            return;
+        }
+        for target in &mut self.targets {
+            let Some(queue) = self.pinned.get_mut(&target.worker) else {
+                continue;
+            };
+            while !queue.is_empty() {
+                let can_take = match self.mode {
+                    Mode::Push => target.unacked < PUSH_WINDOW,
+                    Mode::Credit => target.credit > 0,
+                };
+                if !can_take {
+                    break;
+                }
+                let Some(conn) = queue.pop_front() else {
+                    break;
+                };
+                let seq = self.next_seq;
+                self.next_seq += 1;
+                if self.mode == Mode::Credit {
+                    target.credit -= 1;
+                }
+                target.unacked += 1;
+                self.in_flight.insert(seq, (target.worker, conn, true));
+                add_to_batches(batches, target.worker, seq, self.max_batch);
+            }
+        }
+        self.pinned.retain(|_, queue| !queue.is_empty());
     }
 
     /// The next worker in round-robin order that can take a connection.
@@ -235,8 +300,21 @@ impl<C> Distributor<C> {
     /// Everything still held: queued and in flight (to close it).
     pub(crate) fn drain_all(&mut self) -> Vec<C> {
         let mut all: Vec<C> = self.queue.drain(..).collect();
-        all.extend(self.in_flight.drain().map(|(_, (_, c))| c));
+        all.extend(self.pinned.drain().flat_map(|(_, queue)| queue));
+        all.append(&mut self.orphans);
+        all.extend(self.in_flight.drain().map(|(_, (_, c, _))| c));
         all
+    }
+}
+
+/// Adds `seq` to `worker`'s batch, or starts another one when it is full.
+fn add_to_batches(batches: &mut Vec<(WorkerId, Vec<u64>)>, worker: WorkerId, seq: u64, max: usize) {
+    match batches
+        .iter_mut()
+        .find(|(w, seqs)| *w == worker && seqs.len() < max)
+    {
+        Some((_, seqs)) => seqs.push(seq),
+        None => batches.push((worker, vec![seq])),
     }
 }
 
@@ -434,5 +512,28 @@ mod tests {
         hand_out(&mut d);
         assert!(d.ack(WorkerId::new(2), 1, true).is_none());
         assert_eq!(d.in_flight(), 1);
+    }
+
+    #[test]
+    fn a_pinned_connection_waits_for_its_worker_and_no_other() {
+        let mut d = Distributor::new(Mode::Credit);
+        d.add_target(WorkerId::new(1));
+        d.add_target(WorkerId::new(2));
+        d.credit(WorkerId::new(2), 5);
+        d.offer_to(WorkerId::new(1), 10);
+        d.offer_to(WorkerId::new(1), 11);
+        assert!(hand_out(&mut d).is_empty(), "worker 1 has no credit");
+        assert_eq!(d.queued(), 2);
+        d.credit(WorkerId::new(1), 1);
+        let sent = hand_out(&mut d);
+        assert_eq!(sent, [(1, 1, 10)]);
+        // Refused: back to the front of worker 1's line.
+        d.ack(WorkerId::new(1), 1, false);
+        d.credit(WorkerId::new(1), 1);
+        assert_eq!(hand_out(&mut d), [(1, 2, 10)]);
+        // Worker 1 goes: its connections come back to the caller.
+        d.remove_target(WorkerId::new(1));
+        assert_eq!(d.take_orphans(), [10, 11]);
+        assert_eq!((d.queued(), d.in_flight()), (0, 0));
     }
 }

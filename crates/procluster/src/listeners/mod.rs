@@ -38,6 +38,7 @@ pub mod activation;
 pub mod bind;
 mod distributor;
 mod held;
+mod keyed;
 pub(crate) mod registry;
 pub mod saturation;
 pub mod slots;

@@ -20,12 +20,14 @@ use tokio::sync::Notify;
 
 use super::bind::{self, TcpBind};
 use super::distributor::{Distributor, Mode, batch_for_frame_limit};
+use super::keyed::{self, HasKey, Keyed, Peeked, RoutingKey};
 use super::saturation::{Change, QUEUE_POLL, QueueWatch, Rejoin};
 use super::slots::ReusePortBinder;
 use super::steering::{self, SocketOrder};
 use crate::WorkerId;
 use crate::channel::{ChannelSender, SharedFd};
 use crate::protocol::{Control, FrameKind, HandedConnection, ListenReply, ListenSpec, Policy};
+use crate::sticky::{StickyKey, StickyOptions};
 use crate::sync::lock;
 
 /// Connections the primary accepts ahead of the workers, per listener; past
@@ -37,11 +39,23 @@ const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 /// Most connections accepted in one go before they are handed out.
 const ACCEPT_BURST: usize = 64;
 
+/// Connections the primary may hold for sticky listeners (waiting for a
+/// worker, or for their slot's next worker), per listener.
+const MAX_QUEUED_STICKY: usize = 4 * MAX_QUEUED;
+
 /// A connection the primary accepted and holds until a worker takes it.
 #[derive(Debug)]
-struct Accepted {
+pub(crate) struct Accepted {
     fd: SharedFd,
     peer: Option<std::net::SocketAddr>,
+    /// Where a sticky listener routes it.
+    key: RoutingKey,
+}
+
+impl HasKey for Accepted {
+    fn routing_key(&self) -> RoutingKey {
+        self.key
+    }
 }
 
 /// Which socket of a group a worker gets.
@@ -101,12 +115,19 @@ struct GroupState {
     queues: QueueWatch<Slot>,
     /// The task that watches a reuseport group's queues.
     watcher: Option<tokio::task::JoinHandle<()>>,
+    /// A sticky group's routing.
+    keyed: Option<Keyed<Accepted>>,
+    /// The task that gives a sticky group's waiting slots up in time.
+    expiry: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// One listening address shared by workers.
 pub(crate) struct Group {
     key: u32,
     policy: Policy,
+    /// One reuseport socket per worker slot (reuseport, and sticky by
+    /// address routed by the kernel).
+    per_slot: bool,
     /// Address actually bound, e.g. `tcp://127.0.0.1:43121`.
     address: String,
     unix_path: Option<PathBuf>,
@@ -144,6 +165,8 @@ pub(crate) struct RegistryConfig {
     /// The descriptors the primary inherited through `LISTEN_FDS`, the only
     /// ones a worker may listen on by number.
     pub(crate) inherited_fds: Range<i32>,
+    /// The limits of the sticky policy.
+    pub(crate) sticky: StickyOptions,
 }
 
 /// A successful listen: the reply to send, the descriptors riding with it,
@@ -199,6 +222,9 @@ struct Tables {
     /// Worker slots removed from the cluster: their reuseport sockets close
     /// once they have no worker.
     retired: BTreeSet<usize>,
+    /// Worker slots a worker was forked for: sticky listeners keep their
+    /// keys for them.
+    expected: BTreeSet<usize>,
 }
 
 impl Registry {
@@ -314,15 +340,50 @@ impl Registry {
     /// reuseport sockets close as soon as no worker holds them, their
     /// queues drained to the other workers first.
     pub(crate) fn retire_slot(&self, index: usize) {
-        self.tables().retired.insert(index);
+        {
+            let mut tables = self.tables();
+            tables.retired.insert(index);
+            tables.expected.remove(&index);
+        }
         for group in self.groups() {
             let mut state = group.state();
+            let GroupState {
+                keyed, distributor, ..
+            } = &mut *state;
+            if let Some(keyed) = keyed {
+                keyed.retire(index as u64, distributor);
+                steer(&group, &mut state);
+                dispatch(group.key, &mut state);
+                if !group.per_slot {
+                    continue;
+                }
+            }
             let vacant = state
                 .sockets
                 .get(&Slot::Index(index))
                 .is_some_and(|s| s.holder.is_none());
             if vacant {
                 retire_socket(&group, &mut state, Slot::Index(index));
+            }
+        }
+    }
+
+    /// A worker is being forked for slot `index`: sticky listeners keep the
+    /// slot's keys for it (for the wait of the sticky settings), and the
+    /// slot is no longer retired.
+    pub(crate) fn expect_slot(self: &Arc<Self>, index: usize) {
+        {
+            let mut tables = self.tables();
+            tables.retired.remove(&index);
+            tables.expected.insert(index);
+        }
+        let until = std::time::Instant::now() + self.config.sticky.wait;
+        for group in self.groups() {
+            let mut state = group.state();
+            if let Some(keyed) = &mut state.keyed {
+                keyed.expect(index as u64, until);
+                steer(&group, &mut state);
+                schedule_expiry(Arc::downgrade(self), &group, &mut state);
             }
         }
     }
@@ -346,7 +407,7 @@ impl Registry {
                 continue;
             }
             state.closed = true;
-            let holding: BTreeSet<WorkerId> = if group.policy == Policy::RoundRobin {
+            let holding: BTreeSet<WorkerId> = if group.policy.primary_accepts() {
                 BTreeSet::new()
             } else {
                 state.holders.keys().copied().collect()
@@ -551,14 +612,21 @@ impl Registry {
             }
         }
         let key = tables.next_key;
-        let group = Arc::new(self.create_group(key, spec)?);
+        let group = Arc::new(self.create_group(key, spec, &tables.expected)?);
         tables.next_key += 1;
         tables.by_request.insert(request, group.clone());
         tables.by_key.insert(key, group.clone());
         Ok(group)
     }
 
-    fn create_group(&self, key: u32, spec: &ListenSpec) -> io::Result<Group> {
+    /// A new group for `spec`; a sticky group keeps the keys of the slots
+    /// in `expected` (workers were forked for them).
+    fn create_group(
+        &self,
+        key: u32,
+        spec: &ListenSpec,
+        expected: &BTreeSet<usize>,
+    ) -> io::Result<Group> {
         let mut policy = Policy::Shared;
         let mut unix_path = None;
         let socket = match spec {
@@ -569,17 +637,19 @@ impl Registry {
             } => {
                 policy = self.config.policy;
                 let addr = bind::parse_addr(addr)?;
+                let per_slot = policy == Policy::ReusePort || self.kernel_routes(policy);
                 let options = TcpBind {
                     backlog: *backlog,
                     ipv6_only: *ipv6_only,
-                    reuse_port: policy == Policy::ReusePort,
+                    reuse_port: per_slot,
                     first: true,
                 };
-                if policy == Policy::ReusePort {
+                if per_slot {
                     // Later sockets join the port the first one got.
                     let binder = ReusePortBinder::tcp(addr, options)?;
                     let address = binder.address().to_string();
-                    return Ok(self.new_group(key, policy, address, None, None, Some(binder)));
+                    let group = self.new_group(key, policy, address, None, None, Some(binder));
+                    return Ok(self.with_keys(group, expected));
                 }
                 bind::tcp(addr, options)?
             }
@@ -622,7 +692,8 @@ impl Registry {
             Some(path) => format!("unix:{}", path.display()),
             None => bind::describe_socket(&socket),
         };
-        Ok(self.new_group(key, policy, address, Some(socket), unix_path, None))
+        let group = self.new_group(key, policy, address, Some(socket), unix_path, None);
+        Ok(self.with_keys(group, expected))
     }
 
     /// A group with its one socket (shared, round-robin) or its reuseport
@@ -636,10 +707,17 @@ impl Registry {
         unix_path: Option<PathBuf>,
         reuseport: Option<ReusePortBinder>,
     ) -> Group {
-        let mode = if policy == Policy::RoundRobin {
+        let per_slot = reuseport.is_some();
+        // Workers that accept on a socket of their own take what the
+        // primary hands them without asking for it.
+        let mode = if policy.primary_accepts() && !per_slot {
             Mode::Credit
         } else {
             Mode::Push
+        };
+        let keyed = match policy {
+            Policy::Sticky(key) => Some(Keyed::new(key, self.config.sticky)),
+            _ => None,
         };
         let mut sockets = BTreeMap::new();
         if let Some(socket) = socket {
@@ -648,6 +726,7 @@ impl Registry {
         Group {
             key,
             policy,
+            per_slot,
             address,
             unix_path,
             state: Mutex::new(GroupState {
@@ -663,10 +742,33 @@ impl Registry {
                 handed: BTreeMap::new(),
                 queues: QueueWatch::new(Rejoin::AfterRetry),
                 watcher: None,
+                keyed,
+                expiry: None,
             }),
             room: Notify::new(),
             accept_errors: AtomicU64::new(0),
         }
+    }
+
+    /// Whether the kernel routes `policy`'s connections: sticky by address
+    /// where the kernel takes a reuseport program, unless the primary is
+    /// asked to.
+    fn kernel_routes(&self, policy: Policy) -> bool {
+        matches!(policy, Policy::Sticky(key) if key.is_address())
+            && self.config.sticky.kernel_routing
+            && steering::kernel_takes_programs()
+    }
+
+    /// A sticky group keeps the keys of the slots in `expected` (workers
+    /// were forked for them) for the wait of the sticky settings.
+    fn with_keys(&self, group: Group, expected: &BTreeSet<usize>) -> Group {
+        let until = std::time::Instant::now() + self.config.sticky.wait;
+        if let Some(keyed) = &mut group.state().keyed {
+            for index in expected {
+                keyed.expect(*index as u64, until);
+            }
+        }
+        group
     }
 
     /// A socket the primary inherited from systemd (`LISTEN_FDS`), shared as
@@ -717,14 +819,23 @@ impl Registry {
                 state.holders.insert(member.id, holder(Slot::All));
                 Ok((ListenReply::Socket { key, address }, vec![fd]))
             }
-            Policy::RoundRobin => {
+            Policy::RoundRobin | Policy::Sticky(_) if !group.per_slot => {
                 state.holders.insert(member.id, holder(Slot::All));
-                state.distributor.add_target(member.id);
+                let GroupState {
+                    keyed, distributor, ..
+                } = &mut *state;
+                match keyed {
+                    Some(keyed) => {
+                        let slot = crate::sticky::slot_id(member.index, member.id);
+                        keyed.joined(member.id, slot, distributor);
+                    }
+                    None => distributor.add_target(member.id),
+                }
                 self.ensure_acceptor(group, &mut state, Slot::All);
                 dispatch(key, &mut state);
                 Ok((ListenReply::RoundRobin { key, address }, Vec::new()))
             }
-            Policy::ReusePort => {
+            _ => {
                 let slot = member.index.map_or(Slot::Worker(member.id), Slot::Index);
                 if !state.sockets.contains_key(&slot) {
                     let socket = state
@@ -743,10 +854,21 @@ impl Registry {
                 }
                 state.holders.insert(member.id, holder(slot));
                 state.queues.forget(slot);
-                state.distributor.add_target(member.id);
+                let GroupState {
+                    keyed, distributor, ..
+                } = &mut *state;
+                match keyed {
+                    Some(keyed) => {
+                        let slot = crate::sticky::slot_id(member.index, member.id);
+                        keyed.joined(member.id, slot, distributor);
+                    }
+                    None => distributor.add_target(member.id),
+                }
                 steer(group, &mut state);
                 self.drain_vacant(group, &mut state);
-                if state.steering && state.watcher.is_none() {
+                // Sticky: the client's slot wins over a busy worker, so
+                // queues are not watched.
+                if state.steering && state.watcher.is_none() && state.keyed.is_none() {
                     state.watcher = Some(tokio::spawn(watch_queues(
                         Arc::downgrade(self),
                         group.clone(),
@@ -788,11 +910,14 @@ impl Registry {
         if !state.distributor.has_targets() {
             return;
         }
+        let keyed = state.keyed.as_ref();
         let vacant: Vec<Slot> = state
             .sockets
             .iter()
             .filter(|(_, s)| s.holder.is_none())
             .map(|(slot, _)| *slot)
+            // A sticky slot waiting for its next worker keeps its queue.
+            .filter(|slot| keyed.is_none_or(|k| !k.has_slot(routing_slot(*slot))))
             .collect();
         for slot in vacant {
             self.ensure_acceptor(group, state, slot);
@@ -810,6 +935,9 @@ impl Registry {
         }
         take_queues_once_released(group, &mut state);
         state.handed.remove(&worker);
+        if state.keyed.is_some() {
+            self.leave_keyed(group, &mut state, worker);
+        }
         state.distributor.remove_target(worker);
         if let Some(entry) = state.sockets.get_mut(&slot) {
             if entry.holder == Some(worker) {
@@ -831,12 +959,33 @@ impl Registry {
             return;
         }
         dispatch(group.key, &mut state);
-        if group.policy == Policy::ReusePort {
+        if group.per_slot {
             // New connections avoid the slot first; then what it queued is
             // handed to the others.
             steer(group, &mut state);
             self.drain_vacant(group, &mut state);
         }
+    }
+
+    /// A sticky group's worker left: its slot's keys wait for the slot's
+    /// next worker, unless the slot is gone for good.
+    fn leave_keyed(self: &Arc<Self>, group: &Arc<Group>, state: &mut GroupState, worker: WorkerId) {
+        let Some(slot) = state.keyed.as_ref().and_then(|k| k.slot_of(worker)) else {
+            return;
+        };
+        let retired = match crate::sticky::slot_index(slot) {
+            Some(index) => self.tables().retired.contains(&index),
+            // A worker forked outside any slot has no successor.
+            None => true,
+        };
+        let GroupState {
+            keyed, distributor, ..
+        } = state;
+        if let Some(keyed) = keyed {
+            let until = std::time::Instant::now() + keyed.options.wait;
+            keyed.left(worker, retired, until, distributor);
+        }
+        schedule_expiry(Arc::downgrade(self), group, state);
     }
 
     /// Nobody holds the group any more: stop accepting, close what was
@@ -853,7 +1002,13 @@ impl Registry {
         if let Some(watcher) = state.watcher.take() {
             watcher.abort();
         }
-        let leftovers = state.distributor.drain_all();
+        if let Some(expiry) = state.expiry.take() {
+            expiry.abort();
+        }
+        let mut leftovers = state.distributor.drain_all();
+        if let Some(keyed) = &mut state.keyed {
+            leftovers.extend(keyed.drain());
+        }
         state.sockets.clear();
         state.reuseport = None;
         drop(state);
@@ -906,7 +1061,15 @@ async fn accept_loop(registry: Weak<Registry>, group: Arc<Group>, socket: OwnedF
         let room = group.room.notified();
         tokio::pin!(room);
         room.as_mut().enable();
-        let room_left = MAX_QUEUED.saturating_sub(group.state().distributor.queued());
+        let room_left = {
+            let state = group.state();
+            match &state.keyed {
+                Some(keyed) => {
+                    MAX_QUEUED_STICKY.saturating_sub(state.distributor.queued() + keyed.held())
+                }
+                None => MAX_QUEUED.saturating_sub(state.distributor.queued()),
+            }
+        };
         if room_left == 0 {
             room.await;
             continue;
@@ -921,18 +1084,22 @@ async fn accept_loop(registry: Weak<Registry>, group: Arc<Group>, socket: OwnedF
                     .counters
                     .accepted_by_primary
                     .fetch_add(count, Ordering::Relaxed);
-                if group.policy == Policy::ReusePort {
+                if group.per_slot {
                     registry
                         .counters
                         .taken_from_slots
                         .fetch_add(count, Ordering::Relaxed);
                 }
+                let burst = match group.sticky() {
+                    Some(sticky) => look_for_keys(&registry, &group, &sticky, burst),
+                    None => burst,
+                };
                 let mut state = group.state();
                 if state.closed {
                     return;
                 }
                 for accepted in burst {
-                    state.distributor.offer(accepted);
+                    offer(&mut state, accepted);
                 }
                 dispatch(group.key, &mut state);
             }
@@ -976,6 +1143,7 @@ async fn accept_burst(
                 Ok(Ok((fd, peer))) => burst.push(Accepted {
                     fd: SharedFd::new(fd),
                     peer: peer.and_then(|p| std::net::SocketAddr::try_from(p).ok()),
+                    key: RoutingKey::default(),
                 }),
                 // What was accepted goes out; the error comes back next time.
                 Ok(Err(_)) if !burst.is_empty() => return Ok(burst),
@@ -988,6 +1156,146 @@ async fn accept_burst(
             return Ok(burst);
         }
     }
+}
+
+/// What a sticky group's acceptor needs to read keys without its lock.
+struct Sticky {
+    key: StickyKey,
+    options: StickyOptions,
+    pending: Arc<tokio::sync::Semaphore>,
+}
+
+impl Group {
+    fn sticky(&self) -> Option<Sticky> {
+        let state = self.state();
+        let keyed = state.keyed.as_ref()?;
+        Some(Sticky {
+            key: keyed.key,
+            options: keyed.options,
+            pending: keyed.pending.clone(),
+        })
+    }
+}
+
+/// Gives each connection of a burst its routing key: at once for an
+/// address key, or when its request head (peeked at once) has the key or
+/// cannot have it. The others wait for their key in a task each (at most
+/// `max_pending` at once; beyond, they are routed by their address).
+/// Returns the connections routed now.
+fn look_for_keys(
+    registry: &Arc<Registry>,
+    group: &Arc<Group>,
+    sticky: &Sticky,
+    burst: Vec<Accepted>,
+) -> Vec<Accepted> {
+    let mut routed = Vec::with_capacity(burst.len());
+    let by_address = |accepted: &Accepted| keyed::address_key(&sticky.key, accepted.peer);
+    for mut accepted in burst {
+        if sticky.key.is_address() {
+            accepted.key = by_address(&accepted);
+            routed.push(accepted);
+            continue;
+        }
+        match keyed::peek(accepted.fd.as_fd(), &sticky.key, sticky.options.max_head) {
+            Peeked::Key(key) => accepted.key = key,
+            Peeked::Fallback => accepted.key = by_address(&accepted),
+            Peeked::More => {
+                if let Ok(permit) = sticky.pending.clone().try_acquire_owned() {
+                    match Arc::try_unwrap(accepted.fd) {
+                        Ok(fd) => {
+                            let deadline = std::time::Instant::now() + sticky.options.key_timeout;
+                            tokio::spawn(wait_for_key(
+                                Arc::downgrade(registry),
+                                group.clone(),
+                                (fd, accepted.peer),
+                                (sticky.key, sticky.options.max_head, deadline),
+                                permit,
+                            ));
+                            continue;
+                        }
+                        Err(fd) => accepted.fd = fd,
+                    }
+                }
+                accepted.key = by_address(&accepted);
+            }
+        }
+        routed.push(accepted);
+    }
+    routed
+}
+
+/// Waits for a connection's key (see [`keyed::read_key`]), then routes it.
+async fn wait_for_key(
+    registry: Weak<Registry>,
+    group: Arc<Group>,
+    (fd, peer): (OwnedFd, Option<std::net::SocketAddr>),
+    (key, max_head, deadline): (StickyKey, usize, std::time::Instant),
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    let (fd, found) = keyed::read_key(fd, key, max_head, deadline).await;
+    drop(permit);
+    let Some(fd) = fd else { return };
+    let accepted = Accepted {
+        fd: SharedFd::new(fd),
+        peer,
+        key: found.unwrap_or_else(|| keyed::address_key(&key, peer)),
+    };
+    let mut state = group.state();
+    if state.closed || registry.upgrade().is_none() {
+        return;
+    }
+    offer(&mut state, accepted);
+    dispatch(group.key, &mut state);
+}
+
+/// Queues a connection for the workers: for its key's worker only under
+/// the sticky policy, for whichever worker can take it otherwise.
+fn offer(state: &mut GroupState, accepted: Accepted) {
+    let GroupState {
+        keyed, distributor, ..
+    } = state;
+    match keyed {
+        Some(keyed) => keyed.place(accepted, distributor),
+        None => distributor.offer(accepted),
+    }
+}
+
+/// Starts the task that gives a sticky group's waiting slots up once their
+/// time is over, if there are any and it is not running.
+fn schedule_expiry(registry: Weak<Registry>, group: &Arc<Group>, state: &mut GroupState) {
+    let Some(keyed) = &state.keyed else { return };
+    if keyed.next_deadline().is_none() || state.expiry.as_ref().is_some_and(|t| !t.is_finished()) {
+        return;
+    }
+    let group = group.clone();
+    state.expiry = Some(tokio::spawn(async move {
+        loop {
+            let deadline = {
+                let state = group.state();
+                match state.keyed.as_ref().and_then(Keyed::next_deadline) {
+                    Some(deadline) if !state.closed => deadline,
+                    _ => return,
+                }
+            };
+            tokio::time::sleep_until(deadline.into()).await;
+            let mut state = group.state();
+            let GroupState {
+                keyed, distributor, ..
+            } = &mut *state;
+            if let Some(keyed) = keyed {
+                keyed.expire(std::time::Instant::now(), distributor);
+            }
+            if group.per_slot {
+                // Their keys go to the other slots, and so does what waited
+                // in their queues.
+                steer(&group, &mut state);
+                if let Some(registry) = registry.upgrade() {
+                    registry.drain_vacant(&group, &mut state);
+                }
+            }
+            dispatch(group.key, &mut state);
+        }
+    }));
 }
 
 fn is_transient(error: &io::Error) -> bool {
@@ -1110,7 +1418,36 @@ fn steer(group: &Group, state: &mut GroupState) {
 
 /// [`steer`], also keeping new connections from slot `closing`.
 fn steer_without(group: &Group, state: &mut GroupState, closing: Option<Slot>) {
-    if group.policy != Policy::ReusePort || !state.steering {
+    if !group.per_slot || !state.steering {
+        return;
+    }
+    if let Some(keyed) = &state.keyed {
+        // Sticky by address: the kernel hashes each client to the slot the
+        // primary would, over the slots with a worker or waiting for one.
+        let StickyKey::Address {
+            v4_prefix,
+            v6_prefix,
+        } = keyed.key
+        else {
+            return;
+        };
+        let slots: Vec<(crate::sticky::SlotId, u32)> = keyed
+            .slots()
+            .filter_map(|id| {
+                let slot = slot_of_routing(id);
+                if Some(slot) == closing {
+                    return None;
+                }
+                Some((id, state.order.position(&slot)?))
+            })
+            .collect();
+        let program = steering::by_address(&slots, v4_prefix, v6_prefix);
+        if let Some(target) = state.sockets.values().next() {
+            if let Err(error) = steering::attach(&*target.socket, &program) {
+                state.steering = false;
+                tracing::error!(address = %group.address, %error, "the kernel refused the program that routes clients by address; they are spread by the kernel's own hash");
+            }
+        }
         return;
     }
     let eligible = state.order.indexes(|slot| {
@@ -1129,6 +1466,23 @@ fn steer_without(group: &Group, state: &mut GroupState, closing: Option<Slot>) {
             %error,
             "the kernel refused the reuseport steering program; new connections may queue for a slot whose worker is restarting, and are drained from there"
         );
+    }
+}
+
+/// The routing slot of a group's socket slot.
+fn routing_slot(slot: Slot) -> crate::sticky::SlotId {
+    match slot {
+        Slot::Index(index) => crate::sticky::slot_id(Some(index), WorkerId::new(0)),
+        Slot::Worker(id) => crate::sticky::slot_id(None, id),
+        Slot::All => u64::MAX,
+    }
+}
+
+/// The socket slot of a routing slot.
+fn slot_of_routing(id: crate::sticky::SlotId) -> Slot {
+    match crate::sticky::slot_index(id) {
+        Some(index) => Slot::Index(index),
+        None => Slot::Worker(WorkerId::new(id as u32)),
     }
 }
 
@@ -1175,10 +1529,22 @@ fn retire_socket(group: &Group, state: &mut GroupState, slot: Slot) {
             Ok((stream, peer)) => {
                 // Workers take connections as they come: non-blocking.
                 if stream.set_nonblocking(true).is_ok() {
-                    state.distributor.offer(Accepted {
-                        fd: SharedFd::new(OwnedFd::from(stream)),
-                        peer: peer.as_socket(),
-                    });
+                    let peer = peer.as_socket();
+                    // Nobody waits here for a key: a sticky listener
+                    // routes what is left by the client's address.
+                    let key = state
+                        .keyed
+                        .as_ref()
+                        .map(|k| keyed::address_key(&k.key, peer))
+                        .unwrap_or_default();
+                    offer(
+                        state,
+                        Accepted {
+                            fd: SharedFd::new(OwnedFd::from(stream)),
+                            peer,
+                            key,
+                        },
+                    );
                 }
             }
             Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
@@ -1186,7 +1552,7 @@ fn retire_socket(group: &Group, state: &mut GroupState, slot: Slot) {
         }
     }
     drop(entry);
-    if group.policy == Policy::ReusePort {
+    if group.per_slot {
         // The kernel moved its last socket into the closed one's place.
         state.order.closed(slot);
         steer(group, state);

@@ -178,6 +178,13 @@ impl TryFrom<Socket> for ReusePortBinder {
 /// [`watch_queues`](Self::watch_queues) also steers new connections around
 /// a slot whose worker stopped accepting, until it has taken what waits in
 /// its queue.
+///
+/// [`stick_by_address`](Self::stick_by_address) makes the kernel send each
+/// client address to one slot instead (sticky sessions by address): the
+/// rendezvous hashing of [`crate::sticky`], run by the kernel, so a slot's
+/// next worker gets its keys back. A slot whose worker is gone keeps its
+/// keys for the wait given, then they go to the other slots until it has a
+/// ready worker again.
 #[derive(Debug)]
 pub struct SlotSockets {
     binder: ReusePortBinder,
@@ -193,6 +200,21 @@ pub struct SlotSockets {
     /// Slots being removed: no new connections, closed once their worker
     /// has exited.
     retiring: BTreeSet<usize>,
+    /// Sticky by address, when asked for.
+    sticky: Option<StickySlots>,
+}
+
+/// The state of sticky steering by address.
+#[derive(Debug)]
+struct StickySlots {
+    v4_prefix: u8,
+    v6_prefix: u8,
+    /// How long a slot without a ready worker keeps its keys.
+    wait: std::time::Duration,
+    /// Slots without a ready worker, since when.
+    vacant_since: BTreeMap<usize, Instant>,
+    /// Vacant slots whose wait is over: their keys go elsewhere.
+    expired: BTreeSet<usize>,
 }
 
 impl SlotSockets {
@@ -208,13 +230,76 @@ impl SlotSockets {
             steering,
             queues: QueueWatch::new(Rejoin::WhenDrained),
             retiring: BTreeSet::new(),
+            sticky: None,
         }
     }
 
+    /// Makes the kernel send each client address (its first `v4_prefix` or
+    /// `v6_prefix` bits) to one slot, the same slot across restarts of its
+    /// worker; a slot without a ready worker keeps its keys for `wait`.
+    /// Slots whose worker stops accepting are no longer steered around:
+    /// the client's slot wins.
+    ///
+    /// # Errors
+    /// For UDP sockets, and when the kernel refuses the program (before
+    /// Linux 4.6, or a sandbox that forbids it).
+    pub fn stick_by_address(
+        &mut self,
+        v4_prefix: u8,
+        v6_prefix: u8,
+        wait: std::time::Duration,
+    ) -> io::Result<()> {
+        if !self.binder.is_stream() {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "sticky sessions are for TCP listeners",
+            ));
+        }
+        self.sticky = Some(StickySlots {
+            v4_prefix: v4_prefix.min(32),
+            v6_prefix: v6_prefix.min(128),
+            wait,
+            vacant_since: self.sockets.keys().map(|s| (*s, Instant::now())).collect(),
+            expired: BTreeSet::new(),
+        });
+        self.queues = QueueWatch::new(Rejoin::WhenDrained);
+        // A first socket to try the program on.
+        let slot = self.sockets.keys().next().copied().unwrap_or(0);
+        self.steering = false;
+        let socket = self.get_or_bind(slot)?;
+        self.steering = true;
+        let program = self.sticky_program();
+        steering::attach(&*socket, &program).map_err(|error| {
+            io::Error::new(
+                error.kind(),
+                format!(
+                    "the kernel refused the program that routes clients by address ({error}); sticky sessions by address need Linux 4.6 or later without a sandbox that forbids SO_ATTACH_REUSEPORT_CBPF"
+                ),
+            )
+        })
+    }
+
+    /// The sticky program for the slots keys go to now.
+    fn sticky_program(&self) -> Vec<steering::Instruction> {
+        let Some(sticky) = &self.sticky else {
+            return Vec::new();
+        };
+        let slots: Vec<(u64, u32)> = self
+            .sockets
+            .keys()
+            .filter(|slot| !self.retiring.contains(slot) && !sticky.expired.contains(slot))
+            .filter_map(|slot| Some((*slot as u64, self.order.position(slot)?)))
+            .collect();
+        steering::by_address(&slots, sticky.v4_prefix, sticky.v6_prefix)
+    }
     /// `worker` of `slot` is ready: the slot's socket gets new connections.
     pub fn worker_ready(&mut self, slot: usize, worker: WorkerId) {
         self.workers.entry(slot).or_default().insert(worker);
         self.queues.forget(slot);
+        if let Some(sticky) = &mut self.sticky {
+            sticky.vacant_since.remove(&slot);
+            sticky.expired.remove(&slot);
+        }
         self.steer();
     }
 
@@ -225,6 +310,9 @@ impl SlotSockets {
             ready.remove(&worker);
             if ready.is_empty() {
                 self.workers.remove(&slot);
+                if let Some(sticky) = &mut self.sticky {
+                    sticky.vacant_since.insert(slot, Instant::now());
+                }
             }
         }
         self.queues.forget(slot);
@@ -241,6 +329,25 @@ impl SlotSockets {
     /// whose state changed.
     pub fn watch_queues(&mut self, now: Instant) -> Vec<Change<usize>> {
         if !self.steering {
+            return Vec::new();
+        }
+        if let Some(sticky) = &mut self.sticky {
+            // Sticky: the client's slot wins over a busy worker; only a
+            // vacant slot's wait running out changes where keys go.
+            let over: Vec<usize> = sticky
+                .vacant_since
+                .iter()
+                .filter(|(slot, since)| {
+                    now.saturating_duration_since(**since) >= sticky.wait
+                        && !sticky.expired.contains(slot)
+                })
+                .map(|(slot, _)| *slot)
+                .collect();
+            if !over.is_empty() {
+                tracing::debug!(address = %self.binder.address(), ?over, "sticky slots without a worker give their keys to the others");
+                sticky.expired.extend(over);
+                self.steer();
+            }
             return Vec::new();
         }
         let ready: Vec<usize> = self.workers.keys().copied().collect();
@@ -275,6 +382,17 @@ impl SlotSockets {
 
     fn steer(&mut self) {
         if !self.steering {
+            return;
+        }
+        if self.sticky.is_some() {
+            let program = self.sticky_program();
+            let Some(socket) = self.sockets.values().next() else {
+                return;
+            };
+            if let Err(error) = steering::attach(&**socket, &program) {
+                tracing::error!(address = %self.binder.address(), %error, "the kernel refused the program that routes clients by address; they are spread by the kernel's own hash");
+                self.steering = false;
+            }
             return;
         }
         let eligible = self.order.indexes(|slot| {
@@ -315,6 +433,11 @@ impl SlotSockets {
         let socket = Arc::new(OwnedFd::from(self.binder.next_socket()?));
         self.sockets.insert(slot, socket.clone());
         self.order.listening(slot);
+        if let Some(sticky) = &mut self.sticky {
+            if !self.workers.contains_key(&slot) {
+                sticky.vacant_since.insert(slot, Instant::now());
+            }
+        }
         self.steer();
         Ok(socket)
     }
@@ -330,6 +453,10 @@ impl SlotSockets {
         let removed = self.sockets.remove(&slot);
         self.queues.forget(slot);
         self.retiring.remove(&slot);
+        if let Some(sticky) = &mut self.sticky {
+            sticky.vacant_since.remove(&slot);
+            sticky.expired.remove(&slot);
+        }
         if removed.is_some() {
             self.order.closed(slot);
             self.steer();

@@ -33,6 +33,12 @@ const ST: u16 = 0x02;
 const ALU: u16 = 0x04;
 const JMP: u16 = 0x05;
 const RET: u16 = 0x06;
+const MISC: u16 = 0x07;
+const TAX: u16 = 0x00;
+const IMM: u16 = 0x00;
+const AND: u16 = 0x50;
+const JGT: u16 = 0x20;
+const A: u16 = 0x10;
 const W: u16 = 0x00;
 const H: u16 = 0x08;
 const B: u16 = 0x10;
@@ -112,6 +118,14 @@ impl<T: PartialEq + Copy> SocketOrder<T> {
             .collect()
     }
 
+    /// The kernel's index of `socket`.
+    pub(crate) fn position(&self, socket: &T) -> Option<u32> {
+        self.sockets
+            .iter()
+            .position(|s| s == socket)
+            .map(|i| i as u32)
+    }
+
     /// How many sockets the group has.
     pub(crate) fn len(&self) -> usize {
         self.sockets.len()
@@ -158,6 +172,109 @@ pub(crate) fn spread(eligible: &[u32], total: usize) -> Vec<Instruction> {
     }
     program.push(op(RET | K, eligible[0]));
     program
+}
+
+/// Most slots a sticky program can weigh within the kernel's limit on a
+/// program's length.
+pub(crate) const MAX_STICKY_SLOTS: usize = 200;
+
+/// MurmurHash3's finaliser on the accumulator (see
+/// [`rendezvous::fmix`](crate::sticky::rendezvous::fmix)).
+fn push_fmix(program: &mut Vec<Instruction>) {
+    use crate::sticky::rendezvous::{FMIX1, FMIX2};
+    for (shift, multiply) in [(16, Some(FMIX1)), (13, Some(FMIX2)), (16, None)] {
+        program.push(op(MISC | TAX, 0));
+        program.push(op(ALU | RSH | K, shift));
+        program.push(op(ALU | XOR | X, 0));
+        if let Some(multiply) = multiply {
+            program.push(op(ALU | MUL | K, multiply));
+        }
+    }
+}
+
+/// A program that sends each new connection to the socket of the slot its
+/// client's address weighs most for, by the rendezvous hashing of
+/// [`crate::sticky`] (the primary computes the same): `slots` are the slots
+/// the keys are hashed over, in ascending order, each with its index in the
+/// kernel's array of sockets. The address counts by its first `v4_prefix`
+/// or `v6_prefix` bits. With no slot, or more than [`MAX_STICKY_SLOTS`],
+/// the kernel chooses.
+pub(crate) fn by_address(
+    slots: &[(crate::sticky::SlotId, u32)],
+    v4_prefix: u8,
+    v6_prefix: u8,
+) -> Vec<Instruction> {
+    use crate::sticky::rendezvous::{FOLD, mask, seed};
+    if slots.is_empty() || slots.len() > MAX_STICKY_SLOTS {
+        return vec![op(RET | K, KERNEL_CHOOSES)];
+    }
+    let mut program = vec![
+        // The IP version, from the first byte of the network header.
+        op(LD | B | ABS, NET),
+        op(ALU | RSH | K, 4),
+        jump(JMP | JEQ | K, 6, 3, 0),
+        // IPv4: the source address's prefix.
+        op(LD | W | ABS, NET.wrapping_add(12)),
+        op(ALU | AND | K, mask(v4_prefix)),
+    ];
+    // IPv6: the source address's four words, masked, folded.
+    let mut v6 = Vec::new();
+    for word in 0..4u8 {
+        let bits = v6_prefix.saturating_sub(32 * word).min(32);
+        v6.push(op(LD | W | ABS, NET.wrapping_add(8 + 4 * u32::from(word))));
+        v6.push(op(ALU | AND | K, mask(bits)));
+        if word > 0 {
+            v6.push(op(LDX | MEM, 0));
+            v6.push(op(ALU | XOR | X, 0));
+        }
+        v6.push(op(ALU | MUL | K, FOLD));
+        if word < 3 {
+            v6.push(op(ST, 0));
+        }
+    }
+    program.push(jump(JMP | JA, v6.len() as u32, 0, 0));
+    program.extend(v6);
+    // The key, in M[0].
+    push_fmix(&mut program);
+    program.push(op(ST, 0));
+    // Each slot's weight; the heaviest so far in M[1], its socket in M[2].
+    for (i, (slot, index)) in slots.iter().enumerate() {
+        program.push(op(LD | MEM, 0));
+        program.push(op(ALU | XOR | K, seed(*slot)));
+        push_fmix(&mut program);
+        if i > 0 {
+            program.push(op(LDX | MEM, 1));
+            program.push(jump(JMP | JGT | X, 0, 0, 3));
+        }
+        program.push(op(ST, 1));
+        program.push(op(LD | W | IMM, *index));
+        program.push(op(ST, 2));
+    }
+    program.push(op(LD | MEM, 2));
+    program.push(op(RET | A, 0));
+    program
+}
+
+/// Whether this kernel lets an unprivileged process attach a program to a
+/// reuseport group (tried once, on a socket of its own).
+pub(crate) fn kernel_takes_programs() -> bool {
+    static TAKES: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *TAKES.get_or_init(|| {
+        let probe = || -> io::Result<()> {
+            let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+            socket.set_reuse_port(true)?;
+            socket.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())?;
+            socket.listen(1)?;
+            attach(&socket, &by_address(&[(0, 0)], 32, 128))
+        };
+        match probe() {
+            Ok(()) => true,
+            Err(error) => {
+                tracing::warn!(%error, "the kernel refuses reuseport programs: sticky sessions by address are routed by the primary");
+                false
+            }
+        }
+    })
 }
 
 /// Attaches `program` to the reuseport group of `socket` (a listening
@@ -258,6 +375,80 @@ mod tests {
         assert_eq!(counts, [0, 50]);
         let by_index: BTreeMap<usize, u32> = [(2, 0), (1, 1)].into();
         assert_eq!(order.indexes(|i| *i == 2), [by_index[&2]]);
+    }
+
+    /// Connects from each of `sources` and says which socket's queue got
+    /// each connection.
+    fn landing(addr: SocketAddr, sockets: &[Socket], sources: &[std::net::IpAddr]) -> Vec<usize> {
+        let mut landed = Vec::new();
+        for source in sources {
+            let client = Socket::new(Domain::for_address(addr), Type::STREAM, None).unwrap();
+            client.bind(&SocketAddr::new(*source, 0).into()).unwrap();
+            client.connect(&addr.into()).unwrap();
+            let local = client.local_addr().unwrap().as_socket().unwrap();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            'found: loop {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "connection from {local} not seen"
+                );
+                for (i, socket) in sockets.iter().enumerate() {
+                    if let Ok((_, peer)) = socket.accept() {
+                        assert_eq!(peer.as_socket(), Some(local));
+                        landed.push(i);
+                        break 'found;
+                    }
+                }
+                std::thread::yield_now();
+            }
+        }
+        landed
+    }
+
+    #[test]
+    fn the_kernel_hashes_addresses_as_the_primary_does() {
+        use crate::sticky::rendezvous;
+        let first = reuseport_socket("127.0.0.1:0".parse().unwrap());
+        let addr = first.local_addr().unwrap().as_socket().unwrap();
+        let sockets = [first, reuseport_socket(addr), reuseport_socket(addr)];
+        // Slots 4, 7 and 9 hold the kernel's sockets 2, 0 and 1.
+        let slots = [(4, 2), (7, 0), (9, 1)];
+        for (v4_prefix, count) in [(32, 60), (24, 30)] {
+            attach(&sockets[0], &by_address(&slots, v4_prefix, 128)).unwrap();
+            let sources: Vec<std::net::IpAddr> = (0..count)
+                .map(|i| std::net::IpAddr::from([127, 3, i as u8, 1 + (i * 7 % 200) as u8]))
+                .collect();
+            let landed = landing(addr, &sockets, &sources);
+            for (source, socket) in sources.iter().zip(&landed) {
+                let key = rendezvous::address_key(*source, v4_prefix, 128);
+                let slot = rendezvous::choose(key, slots.iter().map(|(s, _)| *s)).unwrap();
+                let expected = slots.iter().find(|(s, _)| *s == slot).unwrap().1;
+                assert_eq!(*socket as u32, expected, "{source} /{v4_prefix}");
+            }
+            let used: std::collections::BTreeSet<usize> = landed.iter().copied().collect();
+            assert_eq!(used.len(), 3, "every slot gets keys: {landed:?}");
+        }
+    }
+
+    #[test]
+    fn the_kernel_hashes_ipv6_addresses_as_the_primary_does() {
+        use crate::sticky::rendezvous;
+        if std::net::TcpListener::bind("[::1]:0").is_err() {
+            assert!(std::env::var_os("CI").is_none(), "IPv6 loopback is missing");
+            return;
+        }
+        let first = reuseport_socket("[::1]:0".parse().unwrap());
+        let addr = first.local_addr().unwrap().as_socket().unwrap();
+        let sockets = [first, reuseport_socket(addr)];
+        let slots = [(0, 0), (1, 1)];
+        for v6_prefix in [128, 64] {
+            attach(&sockets[0], &by_address(&slots, 32, v6_prefix)).unwrap();
+            let source: std::net::IpAddr = "::1".parse().unwrap();
+            let landed = landing(addr, &sockets, &[source, source]);
+            let key = rendezvous::address_key(source, 32, v6_prefix);
+            let slot = rendezvous::choose(key, [0, 1]).unwrap();
+            assert_eq!(landed, [slot as usize, slot as usize], "/{v6_prefix}");
+        }
     }
 
     #[test]

@@ -226,6 +226,29 @@ impl ClusterBuilder {
         self
     }
 
+    /// The limits of the sticky policy: how long a restarting slot's keys
+    /// wait for its next worker, how long and how far the primary reads a
+    /// connection's request head for its key, how many connections may
+    /// wait for their key at once (see [`StickyOptions`](crate::sticky::StickyOptions)).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use procluster::primary::Cluster;
+    /// use procluster::sticky::{KeyName, StickyKey, StickyOptions};
+    /// use procluster::Policy;
+    ///
+    /// let mut sticky = StickyOptions::default();
+    /// sticky.wait = Duration::from_secs(5);
+    /// let builder = Cluster::builder()
+    ///     .policy(Policy::Sticky(StickyKey::Cookie(KeyName::new("sid").unwrap())))
+    ///     .sticky_options(sticky);
+    /// # drop(builder);
+    /// ```
+    pub fn sticky_options(mut self, options: crate::sticky::StickyOptions) -> Self {
+        self.settings.sticky = options;
+        self
+    }
+
     /// What kind of program workers run: a procluster program (default) or
     /// a foreign one without a channel (see [`Program::Foreign`]).
     pub fn program(mut self, program: Program) -> Self {
@@ -307,6 +330,7 @@ impl ClusterBuilder {
             policy: settings.policy,
             max_frame: settings.max_frame,
             inherited_fds: crate::listeners::activation::ListenFds::from_env().range(),
+            sticky: settings.sticky,
         });
         let inner = Arc::new(Inner {
             settings: self.settings,
@@ -468,6 +492,9 @@ impl Cluster {
                 .map_err(|e| Error::io(format!("cannot prepare worker {id}"), e))?;
         }
         check_fds(&self.inner.settings, &options.fds)?;
+        if let Some(index) = options.index {
+            self.inner.listeners.expect_slot(index);
+        }
         worker_task::fork(&self.inner, id, options).await
     }
 
@@ -655,7 +682,13 @@ pub(crate) fn worker_env(
     if !settings.program.is_foreign() {
         return vec![(crate::WORKER_MARKER, std::process::id().to_string())];
     }
-    let mut env = vec![(env_keys::WORKER_ID, id.to_string())];
+    let mut env = vec![
+        (env_keys::WORKER_ID, id.to_string()),
+        (
+            env_keys::STICKY_TOKEN,
+            crate::sticky::token_of(options.index, id),
+        ),
+    ];
     if let Some(index) = options.index {
         env.push((env_keys::WORKER_INDEX, index.to_string()));
     }

@@ -77,7 +77,8 @@ pub enum Program {
     Procluster,
     /// Any other program (Python, Node, Go, a shell script...). It gets no
     /// channel and no internal environment except `PROCLUSTER_WORKER_ID` and
-    /// `PROCLUSTER_WORKER_INDEX`, so every fd number from 3 up is free for
+    /// `PROCLUSTER_WORKER_INDEX` (and `PROCLUSTER_STICKY_TOKEN`, its
+    /// [sticky token](crate::sticky::token)), so every fd number from 3 up is free for
     /// [`Settings::fds`] and [`ForkOptions::fds`]. It is reported `Online`
     /// right after it is spawned, messages to it fail with
     /// [`Error::NotConnected`](crate::Error::NotConnected), and
@@ -175,6 +176,8 @@ pub struct Settings {
     pub workers: Workers,
     /// How TCP connections reach workers.
     pub policy: Policy,
+    /// The limits of [`Policy::Sticky`].
+    pub sticky: crate::sticky::StickyOptions,
     /// How often workers send heartbeats (`None`: never).
     pub heartbeat_interval: Option<Duration>,
     /// How long a disconnecting worker keeps serving connections it already
@@ -250,6 +253,7 @@ impl Default for Settings {
             own_process_group: false,
             workers: Workers::Auto,
             policy: Policy::platform_default(),
+            sticky: crate::sticky::StickyOptions::default(),
             heartbeat_interval: None,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             busy_poll: Duration::ZERO,

@@ -108,6 +108,13 @@ impl WorkerHandle {
         self.shared.index
     }
 
+    /// The worker's sticky token (see
+    /// [`Worker::sticky_token`](crate::worker::Worker::sticky_token)): the
+    /// same for every worker of its slot.
+    pub fn sticky_token(&self) -> String {
+        crate::sticky::token_of(self.shared.index, self.shared.id)
+    }
+
     /// The worker's process id.
     pub fn pid(&self) -> u32 {
         self.shared.lifecycle().pid.unwrap_or(0)

@@ -155,6 +155,23 @@ impl Worker {
         self.inner.index
     }
 
+    /// This worker's sticky token: used as the value of the cookie, header
+    /// or query parameter a [`Policy::Sticky`](crate::Policy::Sticky)
+    /// cluster routes by, it brings the client back to this worker's slot,
+    /// whichever worker holds the slot then (the token of a slot never
+    /// changes). A server that creates a session sets it, say as a cookie,
+    /// and the client's later connections come back.
+    ///
+    /// ```no_run
+    /// # fn f(worker: procluster::worker::Worker) {
+    /// // On the response that starts a session, under `sticky:cookie=pcs`:
+    /// let header = format!("Set-Cookie: pcs={}; Path=/; HttpOnly", worker.sticky_token());
+    /// # drop(header); }
+    /// ```
+    pub fn sticky_token(&self) -> String {
+        crate::sticky::token_of(self.inner.index, self.inner.id)
+    }
+
     /// Sends a message to the primary, which receives it attributed to this
     /// worker. Waits while the channel's buffer is full.
     ///
