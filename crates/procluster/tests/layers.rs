@@ -13,6 +13,7 @@ const LAYERS: &[(&str, u32)] = &[
     ("procfs", 0),
     ("sync", 0),
     ("sys", 1),
+    ("sticky", 1),
     ("protocol", 2),
     ("channel", 3),
     ("message", 3),
