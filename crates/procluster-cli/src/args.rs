@@ -96,6 +96,12 @@ pub struct RunArgs {
     #[arg(long, value_name = "MODE", value_parser = crate::readiness::ReadyMode::parse)]
     pub ready: Option<crate::readiness::ReadyMode>,
 
+    /// Under `sticky:ip`: how long the clients of a slot whose worker is
+    /// restarting wait for it before they go to other slots (until it is
+    /// back). [default: 2s]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub sticky_wait: Option<Duration>,
+
     /// How long a worker may take to become ready before it counts as
     /// failed. [default: 30s]
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]

@@ -20,6 +20,7 @@ pub struct RunConfig {
     pub policy: Policy,
     pub ready: ReadyMode,
     pub ready_timeout: Duration,
+    pub sticky_wait: Duration,
     pub kill_timeout: Duration,
     pub stop_signal: SignalArg,
     pub watchdog: Option<Duration>,
@@ -57,6 +58,8 @@ pub struct ConfigFile {
     ready: Option<StringValue<ReadyMode>>,
     #[serde(alias = "ready_timeout")]
     ready_timeout: Option<DurationValue>,
+    #[serde(alias = "sticky_wait")]
+    sticky_wait: Option<DurationValue>,
     #[serde(
         alias = "kill_timeout",
         alias = "graceful-timeout",
@@ -361,6 +364,10 @@ impl RunConfig {
                 .ready_timeout
                 .or(file.ready_timeout.map(|d| d.0))
                 .unwrap_or(DEFAULT_READY_TIMEOUT),
+            sticky_wait: args
+                .sticky_wait
+                .or(file.sticky_wait.map(|d| d.0))
+                .unwrap_or(procluster::sticky::DEFAULT_WAIT),
             kill_timeout: args
                 .kill_timeout
                 .or(file.kill_timeout.map(|d| d.0))
@@ -472,6 +479,7 @@ mod tests {
             policy = "reuseport"
             ready = "delay:2s"
             ready-timeout = "5s"
+            sticky-wait = "500ms"
             kill_timeout = 2
             stop-signal = "QUIT"
             log-format = "json"
@@ -485,6 +493,7 @@ mod tests {
         assert_eq!(config.policy, Policy::ReusePort);
         assert_eq!(config.ready, ReadyMode::Delay(Duration::from_secs(2)));
         assert_eq!(config.ready_timeout, Duration::from_secs(5));
+        assert_eq!(config.sticky_wait, Duration::from_millis(500));
         assert_eq!(config.kill_timeout, Duration::from_secs(2));
         assert_eq!(config.stop_signal.0, procluster::Signal::QUIT);
         assert_eq!(config.log_format, LogFormat::Json);

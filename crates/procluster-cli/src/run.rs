@@ -177,7 +177,12 @@ impl Primary {
                 "--watchdog needs --ready notify (workers ping with WATCHDOG=1)".into(),
             ));
         }
-        let listeners = open_listeners(&config.listen, config.policy, config.backlog)?;
+        let listeners = open_listeners(
+            &config.listen,
+            config.policy,
+            config.backlog,
+            config.sticky_wait,
+        )?;
         if listeners.is_empty() {
             tracing::warn!(
                 "no listener: give -l HOST:PORT (or run under systemd socket activation); \
@@ -790,6 +795,7 @@ fn open_listeners(
     specs: &[ListenSpec],
     policy: Policy,
     backlog: Option<u32>,
+    sticky_wait: Duration,
 ) -> Result<Vec<Listener>, RunError> {
     let mut inherited = systemd::listen_fds();
     let by_address = match policy {
@@ -842,11 +848,7 @@ fn open_listeners(
                     if let Some((v4_prefix, v6_prefix)) = by_address {
                         if slots.is_stream() {
                             slots
-                                .stick_by_address(
-                                    v4_prefix,
-                                    v6_prefix,
-                                    procluster::sticky::DEFAULT_WAIT,
-                                )
+                                .stick_by_address(v4_prefix, v6_prefix, sticky_wait)
                                 .map_err(|e| RunError::Start(format!("{policy}: {e}")))?;
                         }
                     }
