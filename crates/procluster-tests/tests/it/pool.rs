@@ -717,10 +717,12 @@ async fn two_primaries_share_a_pool_through_redis_and_one_sigkilled_mid_run_lose
     );
     let stats = pool.stats();
     assert!(kills >= 5, "only {kills} of host a's workers were killed");
-    assert!(
-        stats.reclaimed > 0,
-        "host a took over none of host b's tasks: {stats:?}"
-    );
+    // What host b held when it was killed could only come back through
+    // host a's reclaim: "every task came back" above checks that. Whether
+    // b held any at that instant is a race (once in five runs beside two CPU
+    // hogs it had just finished all it had read), so the count is reported,
+    // not required.
+    eprintln!("host a took over {} of host b's tasks", stats.reclaimed);
     assert!(
         stats.retried > 0,
         "no task was running on a killed worker: {stats:?}"
