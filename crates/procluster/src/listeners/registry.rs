@@ -821,16 +821,7 @@ impl Registry {
             }
             Policy::RoundRobin | Policy::Sticky(_) if !group.per_slot => {
                 state.holders.insert(member.id, holder(Slot::All));
-                let GroupState {
-                    keyed, distributor, ..
-                } = &mut *state;
-                match keyed {
-                    Some(keyed) => {
-                        let slot = crate::sticky::slot_id(member.index, member.id);
-                        keyed.joined(member.id, slot, distributor);
-                    }
-                    None => distributor.add_target(member.id),
-                }
+                take_connections(&mut state, member);
                 self.ensure_acceptor(group, &mut state, Slot::All);
                 dispatch(key, &mut state);
                 Ok((ListenReply::RoundRobin { key, address }, Vec::new()))
@@ -854,16 +845,7 @@ impl Registry {
                 }
                 state.holders.insert(member.id, holder(slot));
                 state.queues.forget(slot);
-                let GroupState {
-                    keyed, distributor, ..
-                } = &mut *state;
-                match keyed {
-                    Some(keyed) => {
-                        let slot = crate::sticky::slot_id(member.index, member.id);
-                        keyed.joined(member.id, slot, distributor);
-                    }
-                    None => distributor.add_target(member.id),
-                }
+                take_connections(&mut state, member);
                 steer(group, &mut state);
                 self.drain_vacant(group, &mut state);
                 // Sticky: the client's slot wins over a busy worker, so
@@ -1404,6 +1386,21 @@ async fn watch_queues(registry: Weak<Registry>, group: Arc<Group>) {
             }
             dispatch(group.key, &mut state);
         }
+    }
+}
+
+/// `member` takes connections the primary hands out: under a sticky key,
+/// those of its slot's keys; otherwise its turn in the rotation.
+fn take_connections(state: &mut GroupState, member: &Member) {
+    let GroupState {
+        keyed, distributor, ..
+    } = state;
+    match keyed {
+        Some(keyed) => {
+            let slot = crate::sticky::slot_id(member.index, member.id);
+            keyed.joined(member.id, slot, distributor);
+        }
+        None => distributor.add_target(member.id),
     }
 }
 
