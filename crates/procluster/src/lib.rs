@@ -80,6 +80,8 @@ mod procfs;
 pub mod protocol;
 #[cfg(not(feature = "fuzzing"))]
 mod protocol;
+#[cfg(feature = "redis")]
+mod redis_link;
 pub mod sticky;
 pub mod store;
 pub mod supervisor;

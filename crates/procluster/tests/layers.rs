@@ -14,6 +14,7 @@ const LAYERS: &[(&str, u32)] = &[
     ("sync", 0),
     ("sys", 1),
     ("sticky", 1),
+    ("redis_link", 1),
     ("protocol", 2),
     ("channel", 3),
     ("message", 3),

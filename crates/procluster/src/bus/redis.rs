@@ -28,6 +28,7 @@ use super::wire::{self, Down, ReplyTo};
 use super::{Backend, BoxFuture, BusConfig, BusError, BusService, Limits, RedisOptions, Sender};
 use crate::fanout::{Outlet, Sink};
 use crate::protocol::Format;
+use crate::redis_link::{connection_config, random_id};
 use crate::sync::lock;
 
 /// This machine's name and this process's pid: the default name of a host.
@@ -36,28 +37,6 @@ pub(crate) fn default_host() -> String {
         .map(|n| n.trim().to_string())
         .unwrap_or_else(|_| "host".into());
     format!("{name}/{}", std::process::id())
-}
-
-/// No response timeout: a long pipeline or a blocking read on a loaded
-/// machine is slow, not failed (the crate's default, 500 ms, would end the
-/// bus or the watches); a connection must be made within 30 s.
-fn connection_config() -> redis::AsyncConnectionConfig {
-    redis::AsyncConnectionConfig::new()
-        .set_response_timeout(None)
-        .set_connection_timeout(Some(Duration::from_secs(30)))
-}
-
-/// A number no other process is likely to pick.
-fn random_id() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u32(std::process::id());
-    hasher.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos()),
-    );
-    hasher.finish()
 }
 
 /// What precedes a message's body in Redis.

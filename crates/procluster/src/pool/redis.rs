@@ -42,6 +42,7 @@ use super::payload::{Payload, PayloadWriter};
 use super::sink::{Outcome, Sink};
 use super::stats::{Latency, PoolStats};
 use crate::Format;
+use crate::redis_link::{connection_config, random_id};
 use crate::sync::lock;
 
 /// The consumer group of the primaries.
@@ -181,29 +182,8 @@ impl Scripts {
     }
 }
 
-/// No response timeout: a blocking read or a large payload on a loaded
-/// machine is slow, not failed; a connection must be made within 30 s.
-fn connection_config() -> redis::AsyncConnectionConfig {
-    redis::AsyncConnectionConfig::new()
-        .set_response_timeout(None)
-        .set_connection_timeout(Some(Duration::from_secs(30)))
-}
-
 fn backend(error: redis::RedisError) -> PoolError {
     PoolError::Backend(error.to_string())
-}
-
-/// A number no other process is likely to pick.
-fn random_id() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u32(std::process::id());
-    hasher.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos()),
-    );
-    hasher.finish()
 }
 
 /// The Redis names of one pool.

@@ -24,6 +24,7 @@ use super::wire::{Blob, ChangeKind, Down, Op, Outcome, Watched};
 use super::{Backend, BoxFuture, Limits, StoreConfig, StoreError, StoreService};
 use crate::fanout::{Outlet, Sink};
 use crate::protocol::Format;
+use crate::redis_link::connection_config;
 use crate::sync::lock;
 
 /// Entries the change stream keeps at least (Redis trims it near there).
@@ -173,15 +174,6 @@ impl Scripts {
             start_watch: redis::Script::new(START_WATCH),
         }
     }
-}
-
-/// No response timeout: a long pipeline or a blocking read on a loaded
-/// machine is slow, not failed (the crate's default, 500 ms, would end the
-/// bus or the watches); a connection must be made within 30 s.
-fn connection_config() -> redis::AsyncConnectionConfig {
-    redis::AsyncConnectionConfig::new()
-        .set_response_timeout(None)
-        .set_connection_timeout(Some(Duration::from_secs(30)))
 }
 
 fn backend_error(error: redis::RedisError) -> StoreError {
